@@ -1,0 +1,16 @@
+//! bucketdisk volumes.
+//!
+//! The NBD server talks to a volume only through the [`BlockDevice`] trait defined here, so the
+//! protocol layer never learns where bytes live. [`FileVolume`] keeps a volume in one sparse local
+//! file; it is the baseline the object-storage engine is measured against.
+
+pub mod device;
+pub mod file_volume;
+pub mod metadata;
+
+pub use device::{
+    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,
+    ReadSegment, ZeroMode,
+};
+pub use file_volume::FileVolume;
+pub use metadata::VolumeMetadata;

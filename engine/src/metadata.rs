@@ -1,0 +1,38 @@
+//! `volume.json`: what a volume is (name, size, block size), stored beside its data.
+
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::path::Path;
+
+pub const METADATA_FILE: &str = "volume.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMetadata {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    /// Storage format; lets a future engine refuse a volume it cannot read.
+    pub format: String,
+}
+
+impl VolumeMetadata {
+    pub fn load(dir: &Path) -> io::Result<Self> {
+        let text = std::fs::read_to_string(dir.join(METADATA_FILE))?;
+        serde_json::from_str(&text).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", dir.join(METADATA_FILE).display()),
+            )
+        })
+    }
+
+    /// Writes the metadata atomically (temp file + rename + fsync of both).
+    pub fn store(&self, dir: &Path) -> io::Result<()> {
+        let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
+        let tmp = dir.join(format!("{METADATA_FILE}.tmp"));
+        std::fs::write(&tmp, text.as_bytes())?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join(METADATA_FILE))?;
+        std::fs::File::open(dir)?.sync_all()
+    }
+}

@@ -1,0 +1,1 @@
+//! The LTX file format (Litestream-compatible). Implemented in its own issue; see DESIGN.md §5.

@@ -1,0 +1,245 @@
+//! Listening sockets and per-connection lifecycle: TCP, Unix sockets, and systemd socket
+//! activation (LISTEN_FDS), with a graceful stop that answers in-flight requests first.
+
+use crate::exports::Exports;
+use crate::handshake::{self, HandshakeError};
+use crate::transmission;
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+/// Most simultaneous connections; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 1024;
+/// How long a stop waits for connections to finish their in-flight requests.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: Option<PathBuf>,
+    },
+}
+
+impl Listener {
+    pub async fn tcp(address: &str) -> io::Result<Self> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {address}: {e}")))?;
+        Ok(Listener::Tcp(listener))
+    }
+
+    /// Binds a Unix socket, replacing a stale socket file left by a dead server.
+    pub fn unix(path: PathBuf) -> io::Result<Self> {
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running server", path.display()),
+                ));
+            }
+            std::fs::remove_file(&path)?;
+        }
+        let listener = UnixListener::bind(&path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Listener::Unix {
+            listener,
+            path: Some(path),
+        })
+    }
+
+    /// The socket handed over by systemd-style socket activation, if any. Checks LISTEN_PID so a
+    /// socket meant for another process is never taken, then clears the variables so children
+    /// do not see them.
+    pub fn from_socket_activation() -> io::Result<Option<Self>> {
+        let pid_matches = std::env::var("LISTEN_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .is_some_and(|p| p == std::process::id());
+        let count = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        if !pid_matches || count == 0 {
+            return Ok(None);
+        }
+        // SAFETY: only touches this process's environment before any other thread reads it;
+        // called once at start-up.
+        unsafe {
+            std::env::remove_var("LISTEN_PID");
+            std::env::remove_var("LISTEN_FDS");
+            std::env::remove_var("LISTEN_FDNAMES");
+        }
+        const FIRST_FD: RawFd = 3;
+        if count > 1 {
+            tracing::warn!("socket activation passed {count} sockets; serving only the first");
+        }
+        let family = socket_family(FIRST_FD)?;
+        // SAFETY: the protocol hands this descriptor to us; we take sole ownership of it.
+        let listener = if family == libc::AF_UNIX {
+            let std = unsafe { std::os::unix::net::UnixListener::from_raw_fd(FIRST_FD) };
+            std.set_nonblocking(true)?;
+            Listener::Unix {
+                listener: UnixListener::from_std(std)?,
+                path: None,
+            }
+        } else {
+            let std = unsafe { std::net::TcpListener::from_raw_fd(FIRST_FD) };
+            std.set_nonblocking(true)?;
+            Listener::Tcp(TcpListener::from_std(std)?)
+        };
+        Ok(Some(listener))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp".into()),
+            Listener::Unix { path: Some(p), .. } => p.display().to_string(),
+            Listener::Unix { path: None, .. } => "activated unix socket".into(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix { path: Some(p), .. } = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: addr and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket activation: fd {fd} is not a socket: {}",
+                io::Error::last_os_error()
+            ),
+        ));
+    }
+    Ok(libc::c_int::from(addr.ss_family))
+}
+
+/// Accepts connections until `shutdown` fires, then waits (bounded) for open connections to
+/// answer what they have already read.
+pub async fn run(
+    listener: Listener,
+    exports: Arc<Exports>,
+    mut shutdown: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&slots).acquire_owned() => p.map_err(io::Error::other)?,
+            _ = shutdown.wait_for(|&s| s) => break,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            _ = shutdown.wait_for(|&s| s) => break,
+        };
+        // Reap finished connection tasks so the set does not grow forever.
+        while connections.try_join_next().is_some() {}
+        match accepted {
+            Ok((reader, writer, peer)) => {
+                let exports = Arc::clone(&exports);
+                let shutdown = shutdown.clone();
+                connections.spawn(async move {
+                    handle_connection(reader, writer, &peer, &exports, shutdown).await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    if tokio::time::timeout(DRAIN_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections still busy after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            let (r, w) = stream.into_split();
+            Ok((Box::new(r), Box::new(w), peer.to_string()))
+        }
+        Listener::Unix { listener, .. } => {
+            let (stream, _) = listener.accept().await?;
+            let (r, w) = stream.into_split();
+            Ok((Box::new(r), Box::new(w), "unix".to_string()))
+        }
+    }
+}
+
+async fn handle_connection(
+    reader: BoxRead,
+    mut writer: BoxWrite,
+    peer: &str,
+    exports: &Exports,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut reader = BufReader::with_capacity(256 * 1024, reader);
+    let negotiated = tokio::select! {
+        n = handshake::negotiate(&mut reader, &mut writer, exports) => n,
+        _ = shutdown.wait_for(|&s| s) => return,
+    };
+    let session = match negotiated {
+        Ok(Some(session)) => session,
+        Ok(None) | Err(HandshakeError::Aborted) => {
+            tracing::debug!(peer, "client left during the handshake");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(peer, "handshake failed: {e}");
+            return;
+        }
+    };
+    tracing::debug!(
+        peer,
+        export = session.export.name,
+        mode = ?session.mode,
+        "transmission started"
+    );
+    if let Err(e) = transmission::serve(reader, writer, session, shutdown).await {
+        tracing::info!(peer, "connection closed: {e}");
+    }
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything the test suite and benchmarks need on a fresh Debian 12 machine.
+# qemu-utils is deliberately pinned: the machine ships qemu-utils 10 and Debian 12's own
+# packages would downgrade it to 7.2, which lacks features the tests rely on.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+if dpkg -s qemu-utils >/dev/null 2>&1; then
+    $SUDO apt-mark hold qemu-utils qemu-block-extra >/dev/null 2>&1 || true
+fi
+
+packages=(
+    fio            # benchmark + verify workloads through its nbd engine
+    nbdkit         # peer server in benchmarks
+    libnbd-bin     # nbdinfo, nbdcopy
+    python3-libnbd # nbdsh and the python bindings used by protocol tests
+    e2fsprogs      # mkfs.ext4, e2fsck
+    fuse3          # qemu-storage-daemon --export type=fuse
+    util-linux     # losetup, fstrim
+    procps         # ps, pkill
+    netcat-openbsd # nc for raw-socket smoke checks
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
+    command -v "$tool" >/dev/null || { echo "missing $tool (qemu-utils 10 expected on this machine)" >&2; exit 1; }
+done
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+    cargo install --locked cargo-nextest
+fi
+echo "install-deps: ok"
