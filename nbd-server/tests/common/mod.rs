@@ -1,0 +1,273 @@
+//! Shared harness for the integration tests: runs the real `bucketdisk` binary and real clients.
+//!
+//! Tests that need an external tool call [`require_tool`], which fails loudly when the tool is
+//! missing: `scripts/install-deps.sh` installs them all, and a silently skipped test proves nothing.
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GIB: u64 = 1 << 30;
+pub const MIB: u64 = 1 << 20;
+
+/// Path of the binary under test (built by cargo for integration tests).
+pub fn bucketdisk_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_bucketdisk")
+}
+
+/// Panics with an install hint when a client tool is not on PATH.
+pub fn require_tool(tool: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(tool))
+            .find(|candidate| candidate.is_file())
+    });
+    found.unwrap_or_else(|| panic!("{tool} is not installed: run scripts/install-deps.sh"))
+}
+
+/// A free TCP port on loopback (the port is released before the server binds it; tests bind
+/// quickly and never share a port, so the race is harmless here).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Where a server listens.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Tcp(u16),
+    Unix(PathBuf),
+}
+
+/// A running `bucketdisk serve` with its own store directory. Stopped (SIGTERM, then SIGKILL)
+/// on drop; its log is printed if the test panicked, to explain the failure.
+pub struct Server {
+    pub child: Option<Child>,
+    pub endpoint: Endpoint,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub extra_args: Vec<String>,
+}
+
+pub struct ServerOptions {
+    pub unix_socket: bool,
+    pub size: &'static str,
+    pub volumes: Vec<&'static str>,
+    pub read_only: bool,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            unix_socket: false,
+            size: "1G",
+            volumes: vec![],
+            read_only: false,
+            extra_args: vec![],
+        }
+    }
+}
+
+impl Server {
+    /// Starts a server on a fresh store with a 1 GiB default volume, over TCP.
+    pub fn start() -> Self {
+        Self::start_with(ServerOptions::default())
+    }
+
+    pub fn start_with(options: ServerOptions) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = if options.unix_socket {
+            Endpoint::Unix(dir.path().join("nbd.sock"))
+        } else {
+            Endpoint::Tcp(free_port())
+        };
+        let mut args: Vec<String> = vec!["--size".into(), options.size.into()];
+        for v in &options.volumes {
+            args.push("--volume".into());
+            args.push((*v).into());
+        }
+        if options.read_only {
+            args.push("--read-only".into());
+        }
+        args.extend(options.extra_args);
+        let mut server = Server {
+            child: None,
+            endpoint,
+            log: dir.path().join("server.log"),
+            dir,
+            extra_args: args,
+        };
+        server.spawn();
+        server
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// (Re)starts the process on the same store and endpoint.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "server already running");
+        let mut cmd = Command::new(bucketdisk_bin());
+        cmd.arg("serve")
+            .arg("--store")
+            .arg(format!("file://{}", self.store_dir().display()));
+        match &self.endpoint {
+            Endpoint::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
+            Endpoint::Unix(path) => cmd.arg("--socket").arg(path),
+        };
+        cmd.args(&self.extra_args);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open server log");
+        cmd.env("BUCKETDISK_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log);
+        self.child = Some(cmd.spawn().expect("spawn bucketdisk"));
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = match &self.endpoint {
+                Endpoint::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+                Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+            };
+            if up {
+                return;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("bucketdisk exited early ({status}):\n{}", self.log_text());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bucketdisk did not start listening:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// NBD URI of the default export (or of `export`).
+    pub fn uri(&self) -> String {
+        self.uri_for("")
+    }
+
+    pub fn uri_for(&self, export: &str) -> String {
+        match &self.endpoint {
+            Endpoint::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
+            Endpoint::Unix(path) => format!("nbd+unix:///{export}?socket={}", path.display()),
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server running");
+        signal(&child, libc_sigterm());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("bucketdisk ignored SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no chance to flush.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// True while the process is alive (used to prove a bad client did not crash it).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- bucketdisk log ----\n{}", self.log_text());
+        }
+        if let Some(child) = self.child.as_ref() {
+            signal(child, libc_sigterm());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(c) = self.child.as_mut() {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        self.child = None;
+                        return;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+fn signal(child: &Child, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status();
+}
+
+/// Runs a command, panicking with its output if it fails. Returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let output = run_output(cmd);
+    assert!(
+        output.status.success(),
+        "command failed: {cmd:?}\nstatus: {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever the exit status.
+pub fn run_output(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Writes `len` bytes of deterministic, incompressible-looking data to `path`.
+pub fn write_pattern_file(path: &Path, len: usize, seed: u64) {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = vec![0u8; len];
+    for chunk in data.chunks_mut(8) {
+        // xorshift64*: fast, deterministic, good enough to defeat dedup and compression.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    std::fs::write(path, data).expect("write pattern file");
+}
