@@ -12,7 +12,7 @@ use engine::{DeviceError, ExtentKind, ReadSegment, ZeroMode};
 use std::io;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// Largest read or write payload accepted (and advertised through NBD_INFO_BLOCK_SIZE).
 pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
@@ -24,6 +24,12 @@ const MAX_EXTENTS: usize = 1 << 20;
 
 /// A reply, as the buffers to write in order.
 type Reply = Vec<Bytes>;
+
+/// A reply on its way to the socket, holding its share of the memory budget until written.
+struct Outgoing {
+    reply: Reply,
+    _budget: OwnedSemaphorePermit,
+}
 
 /// A request that passed validation, with its payload.
 struct Request {
@@ -44,7 +50,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let extended = session.mode == ReplyMode::Extended;
@@ -104,16 +110,21 @@ where
                         length = header.length,
                         "refused: {message}"
                     );
-                    let _ = tx.send(error_reply(&session, &header, error, &message));
+                    let _ = tx.send(Outgoing {
+                        reply: error_reply(&session, &header, error, &message),
+                        _budget: permit,
+                    });
                 }
                 Ok(()) => {
                     let tx = tx.clone();
                     let session = Arc::clone(&session);
                     tokio::spawn(async move {
                         let reply = execute(&session, request).await;
-                        drop(permit);
                         // The writer only goes away when the socket is dead; nothing to tell.
-                        let _ = tx.send(reply);
+                        let _ = tx.send(Outgoing {
+                            reply,
+                            _budget: permit,
+                        });
                     });
                 }
             }
@@ -145,11 +156,11 @@ fn budget_units(header: &RequestHeader, payload_len: u64) -> u32 {
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(reply) = rx.recv().await {
-        for buf in reply {
+    while let Some(outgoing) = rx.recv().await {
+        for buf in &outgoing.reply {
             out.write_all(&buf).await?;
         }
         // Batch replies that are already waiting; flush once the queue is empty.
