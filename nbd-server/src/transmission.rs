@@ -161,7 +161,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     let mut out = BufWriter::with_capacity(256 * 1024, writer);
     while let Some(outgoing) = rx.recv().await {
         for buf in &outgoing.reply {
-            out.write_all(&buf).await?;
+            out.write_all(buf).await?;
         }
         // Batch replies that are already waiting; flush once the queue is empty.
         if rx.is_empty() {

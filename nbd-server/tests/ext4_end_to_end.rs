@@ -1,0 +1,520 @@
+//! End to end, as a user would: a 100 GiB bucketdisk volume formatted with ext4, filled,
+//! trimmed, and mounted again after a server restart.
+//!
+//! There is no nbd kernel module here, so the block device is built from parts that are:
+//!
+//! ```text
+//! bucketdisk serve --store file://DIR/store --socket DIR/nbd.sock --size 100G
+//! touch TARGET
+//! qemu-storage-daemon \
+//!   --blockdev driver=nbd,node-name=nbd0,server.type=unix,server.path=DIR/nbd.sock,discard=unmap \
+//!   --export type=fuse,id=exp0,node-name=nbd0,mountpoint=TARGET,writable=on,allow-other=off
+//! losetup --find --show TARGET            # -> /dev/loopN
+//! mkfs.ext4 -F -q /dev/loopN && mount /dev/loopN MNT
+//! ```
+//!
+//! A discard on the loop device becomes `fallocate(PUNCH_HOLE)` on the FUSE file, which
+//! qemu-storage-daemon turns into a write-zeroes request that *may unmap*, which reaches the
+//! server as NBD_CMD_WRITE_ZEROES without NO_HOLE, and the server punches a hole in
+//! `<store>/disk/disk.raw`. `discard=unmap` on the blockdev is essential: without it qemu strips
+//! "may unmap", the server is asked for allocated zeroes (NO_HOLE), and every trim preallocates
+//! the trimmed range on the host; an fstrim of the empty 100 GiB filesystem then tries to
+//! allocate ~98 GiB. The test checks that discards really punch holes (on a small range) before
+//! it lets mkfs and fstrim discard the whole device.
+//!
+//! Everything set up here is torn down by [`Stack`]'s `Drop`, so a failing assertion never leaves
+//! a mount, a loop device or a FUSE export behind.
+
+mod common;
+use common::*;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VOLUME_BYTES: u64 = 100 * GIB;
+
+/// The loop device, FUSE export and ext4 mount stacked on one running server. Drop tears down
+/// whatever is still up, in order: unmount ext4, detach the loop device, stop
+/// qemu-storage-daemon, and lazily unmount a FUSE export it left behind.
+struct Stack {
+    target: PathBuf,
+    mnt: PathBuf,
+    qsd_log: PathBuf,
+    qsd: Option<Child>,
+    loop_dev: Option<String>,
+}
+
+impl Stack {
+    fn new(work: &Path) -> Self {
+        // Canonical, so the paths match /proc/self/mountinfo even if TMPDIR is a symlink.
+        let work = work.canonicalize().expect("canonicalize work dir");
+        let target = work.join("fuse-target");
+        let mnt = work.join("mnt");
+        std::fs::create_dir_all(&mnt).expect("create mount point");
+        File::create(&target).expect("create FUSE mount target");
+        Stack {
+            target,
+            mnt,
+            qsd_log: work.join("qsd.log"),
+            qsd: None,
+            loop_dev: None,
+        }
+    }
+
+    /// Exports the server's default volume as `target` and attaches a loop device to it.
+    fn up(&mut self, socket: &Path) {
+        assert!(
+            self.qsd.is_none() && self.loop_dev.is_none(),
+            "stack already up"
+        );
+        let log = File::create(&self.qsd_log).expect("create qsd log");
+        let blockdev = format!(
+            "driver=nbd,node-name=nbd0,server.type=unix,server.path={},discard=unmap",
+            socket.display()
+        );
+        let export = format!(
+            "type=fuse,id=exp0,node-name=nbd0,mountpoint={},writable=on,allow-other=off",
+            self.target.display()
+        );
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(&blockdev)
+            .arg("--export")
+            .arg(&export)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone qsd log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn qemu-storage-daemon");
+        self.qsd = Some(child);
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let len = std::fs::metadata(&self.target).map(|m| m.len()).ok();
+            if is_mounted(&self.target) && len == Some(VOLUME_BYTES) {
+                break;
+            }
+            if let Some(Ok(Some(status))) = self.qsd.as_mut().map(|c| c.try_wait()) {
+                self.qsd = None;
+                panic!(
+                    "qemu-storage-daemon exited early ({status}):\n{}",
+                    self.qsd_log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "FUSE export did not appear (size {len:?}):\n{}",
+                self.qsd_log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let dev = run(Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg(&self.target));
+        let dev = dev.trim().to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
+        self.loop_dev = Some(dev);
+    }
+
+    fn dev(&self) -> &str {
+        self.loop_dev.as_deref().expect("loop device attached")
+    }
+
+    fn mount(&mut self) {
+        run(Command::new("mount").arg(self.dev()).arg(&self.mnt));
+        assert!(is_mounted(&self.mnt));
+    }
+
+    fn umount(&mut self) {
+        run(Command::new("umount").arg(&self.mnt));
+        assert!(
+            !is_mounted(&self.mnt),
+            "{} still mounted",
+            self.mnt.display()
+        );
+    }
+
+    /// Orderly teardown that fails the test if any step fails.
+    fn down(&mut self) {
+        if is_mounted(&self.mnt) {
+            self.umount();
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            run(Command::new("losetup").arg("-d").arg(&dev));
+            wait_loop_detached(&dev);
+        }
+        if let Some(mut child) = self.qsd.take() {
+            let status = stop_child(&mut child);
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "qemu-storage-daemon did not exit cleanly on SIGTERM ({status:?}):\n{}",
+                self.qsd_log_text()
+            );
+        }
+        assert!(
+            !is_mounted(&self.target),
+            "FUSE export still mounted after qemu-storage-daemon exited"
+        );
+    }
+
+    fn qsd_log_text(&self) -> String {
+        std::fs::read_to_string(&self.qsd_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- qemu-storage-daemon log ----\n{}", self.qsd_log_text());
+        }
+        // Best effort, every step whatever happened before it.
+        if is_mounted(&self.mnt) {
+            let _ = run_output(Command::new("umount").arg("-l").arg(&self.mnt));
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            let _ = run_output(Command::new("losetup").arg("-d").arg(&dev));
+            wait_loop_detached(&dev);
+        }
+        if let Some(mut child) = self.qsd.take() {
+            stop_child(&mut child);
+        }
+        if is_mounted(&self.target) {
+            let _ = run_output(Command::new("umount").arg("-l").arg(&self.target));
+        }
+    }
+}
+
+/// SIGTERM, then SIGKILL after 10 s. Returns the exit status if the process exited by itself.
+fn stop_child(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let _ = run_output(
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string()),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Waits (up to 10 s) until the kernel has released the loop device's backing file.
+fn wait_loop_detached(dev: &str) {
+    let name = dev.trim_start_matches("/dev/");
+    let backing = PathBuf::from(format!("/sys/block/{name}/loop/backing_file"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backing.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True if `path` is a mount point (of anything) in this mount namespace.
+fn is_mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .any(|mount_point| mount_point == wanted)
+}
+
+/// Bytes the volume's data file really occupies on the server's disk.
+fn allocated(server: &Server) -> u64 {
+    let data = server.store_dir().join("disk").join("disk.raw");
+    std::fs::metadata(&data)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", data.display()))
+        .blocks()
+        * 512
+}
+
+/// Bytes the server reports as data (not hole) through NBD block status.
+fn mapped_data(server: &Server) -> u64 {
+    let totals = run(Command::new("nbdinfo")
+        .arg("--map")
+        .arg("--totals")
+        .arg(server.uri()));
+    // Lines look like "   5316608   0.0%   0 data" and "107368865792 100.0%   3 hole,zero".
+    totals
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [bytes, _, "0", "data"] => bytes.parse::<u64>().ok(),
+                _ => None,
+            }
+        })
+        .sum()
+}
+
+/// Files written to the filesystem; `keep` files survive the deletion before fstrim.
+struct TestFile {
+    rel: PathBuf,
+    keep: bool,
+}
+
+fn test_files() -> Vec<(TestFile, usize)> {
+    let mut files = Vec::new();
+    for i in 0..4 {
+        files.push((
+            TestFile {
+                rel: PathBuf::from(format!("big-{i}.bin")),
+                keep: i == 3,
+            },
+            (8 * MIB) as usize,
+        ));
+    }
+    files.push((
+        TestFile {
+            rel: PathBuf::from("odd/size-1MiB-plus-123.bin"),
+            keep: true,
+        },
+        (MIB + 123) as usize,
+    ));
+    for a in 0..3 {
+        for b in 0..3 {
+            for c in 0..4 {
+                files.push((
+                    TestFile {
+                        rel: PathBuf::from(format!("tree/d{a}/e{b}/file-{c}.dat")),
+                        keep: true,
+                    },
+                    1000 + 7919 * (a * 12 + b * 4 + c),
+                ));
+            }
+        }
+    }
+    files
+}
+
+/// Compares every kept file under `mnt` with its original in `originals`, and checks the deleted
+/// ones are gone.
+fn verify_files(mnt: &Path, originals: &Path, files: &[(TestFile, usize)], after_delete: bool) {
+    for (file, len) in files {
+        let on_fs = mnt.join(&file.rel);
+        if after_delete && !file.keep {
+            assert!(!on_fs.exists(), "{} came back", file.rel.display());
+            continue;
+        }
+        let got = std::fs::read(&on_fs).unwrap_or_else(|e| panic!("read {}: {e}", on_fs.display()));
+        let want = std::fs::read(originals.join(&file.rel)).expect("read original");
+        assert_eq!(got.len(), *len, "{} has the wrong size", file.rel.display());
+        assert!(got == want, "{} has the wrong content", file.rel.display());
+    }
+}
+
+fn e2fsck_clean(dev: &str) {
+    let out = run_output(Command::new("e2fsck").arg("-fn").arg(dev));
+    assert!(
+        out.status.success(),
+        "e2fsck -fn {dev} found problems ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ext4_on_100g_volume_survives_trim_and_restart() {
+    for tool in [
+        "qemu-storage-daemon",
+        "losetup",
+        "blkdiscard",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+        "fstrim",
+        "nbdinfo",
+        "sync",
+    ] {
+        require_tool(tool);
+    }
+    assert_eq!(
+        run(Command::new("id").arg("-u")).trim(),
+        "0",
+        "this test needs root (losetup, mount)"
+    );
+    assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
+    let test_start = Instant::now();
+
+    let mut server = Server::start_with(ServerOptions {
+        unix_socket: true,
+        size: "100G",
+        ..Default::default()
+    });
+    let Endpoint::Unix(socket) = server.endpoint.clone() else {
+        unreachable!("unix_socket: true")
+    };
+    let work = tempfile::Builder::new()
+        .prefix("bucketdisk-ext4-")
+        .tempdir()
+        .expect("tempdir");
+    let originals = work.path().join("originals");
+    // Declared after `server`, so it is torn down before the server stops.
+    let mut stack = Stack::new(work.path());
+    stack.up(&socket);
+    let dev = stack.dev().to_string();
+    println!("loop device {dev} on {}", stack.target.display());
+
+    // Canary: a discard on the loop device must punch a hole on the server. If it allocated
+    // instead, the whole-device discards of mkfs and fstrim would fill the host's disk.
+    let baseline = allocated(&server);
+    let canary_at = GIB;
+    let canary = vec![0x5a_u8; (16 * MIB) as usize];
+    {
+        let file = File::options()
+            .write(true)
+            .open(&dev)
+            .expect("open loop device");
+        file.write_all_at(&canary, canary_at).expect("write canary");
+        file.sync_all().expect("sync canary");
+    }
+    let with_canary = allocated(&server);
+    assert!(
+        with_canary >= baseline + 16 * MIB,
+        "16 MiB written to the loop device did not reach the server ({baseline} -> {with_canary})"
+    );
+    run(Command::new("blkdiscard")
+        .arg("--offset")
+        .arg(canary_at.to_string())
+        .arg("--length")
+        .arg((16 * MIB).to_string())
+        .arg(&dev));
+    let after_discard = allocated(&server);
+    assert!(
+        after_discard <= baseline,
+        "blkdiscard did not punch a hole on the server ({baseline} -> {with_canary} -> \
+         {after_discard} bytes allocated); refusing to run mkfs/fstrim, which discard 100 GiB"
+    );
+
+    // mkfs.ext4 discards the whole device first, then writes the metadata and zeroes the journal.
+    let mkfs_start = Instant::now();
+    run(Command::new("mkfs.ext4").arg("-F").arg("-q").arg(&dev));
+    let mkfs_time = mkfs_start.elapsed();
+    println!("mkfs.ext4 on 100 GiB took {mkfs_time:.2?}");
+    let after_mkfs = allocated(&server);
+    println!(
+        "after mkfs: {} MiB allocated on the server, {} MiB mapped as data",
+        after_mkfs / MIB,
+        mapped_data(&server) / MIB
+    );
+    // The 512 MiB journal is zeroed with NO_HOLE (allocated), the rest must stay thin.
+    assert!(
+        after_mkfs < 2 * GIB,
+        "a fresh filesystem should be thin, but {after_mkfs} bytes are allocated"
+    );
+
+    stack.mount();
+    let files = test_files();
+    for (seed, (file, len)) in files.iter().enumerate() {
+        let original = originals.join(&file.rel);
+        std::fs::create_dir_all(original.parent().expect("parent")).expect("mkdir originals");
+        write_pattern_file(&original, *len, seed as u64 + 1);
+        let target = stack.mnt.join(&file.rel);
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir on ext4");
+        std::fs::copy(&original, &target).expect("copy onto ext4");
+    }
+    run(Command::new("sync").arg("-f").arg(&stack.mnt));
+    verify_files(&stack.mnt, &originals, &files, false);
+
+    let written: u64 = files.iter().map(|(_, len)| *len as u64).sum();
+    let deleted: u64 = files
+        .iter()
+        .filter(|(f, _)| !f.keep)
+        .map(|(_, len)| *len as u64)
+        .sum();
+    let before_trim = allocated(&server);
+    let data_before_trim = mapped_data(&server);
+    println!(
+        "wrote {} MiB: {} MiB allocated on the server, {} MiB mapped as data",
+        written / MIB,
+        before_trim / MIB,
+        data_before_trim / MIB
+    );
+    assert!(
+        before_trim >= after_mkfs + written - MIB,
+        "the files did not reach the server ({after_mkfs} -> {before_trim} bytes allocated)"
+    );
+
+    for (file, _) in files.iter().filter(|(f, _)| !f.keep) {
+        std::fs::remove_file(stack.mnt.join(&file.rel)).expect("delete");
+    }
+    run(Command::new("sync").arg("-f").arg(&stack.mnt));
+    let trim_start = Instant::now();
+    let fstrim = run(Command::new("fstrim").arg("-v").arg(&stack.mnt));
+    println!(
+        "fstrim took {:.2?}: {}",
+        trim_start.elapsed(),
+        fstrim.trim()
+    );
+    let trimmed: u64 = fstrim
+        .split('(')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot parse fstrim output {fstrim:?}"));
+    assert!(trimmed >= deleted, "fstrim trimmed only {trimmed} bytes");
+    let after_trim = allocated(&server);
+    let data_after_trim = mapped_data(&server);
+    println!(
+        "deleted {} MiB + fstrim: {} MiB allocated on the server, {} MiB mapped as data",
+        deleted / MIB,
+        after_trim / MIB,
+        data_after_trim / MIB
+    );
+    assert!(
+        after_trim + deleted - MIB <= before_trim,
+        "fstrim did not release the deleted files on the server \
+         ({before_trim} -> {after_trim} bytes allocated, {deleted} deleted)"
+    );
+    assert!(
+        data_after_trim + deleted - MIB <= data_before_trim,
+        "block status still maps the deleted files as data \
+         ({data_before_trim} -> {data_after_trim} bytes, {deleted} deleted)"
+    );
+    verify_files(&stack.mnt, &originals, &files, true);
+
+    // Take everything down, restart the server on the same store, and bring it all back.
+    stack.umount();
+    e2fsck_clean(&dev);
+    stack.down();
+    let status = server.stop();
+    assert!(status.success(), "bucketdisk exited with {status}");
+    assert!(server.log_text().contains("stopped cleanly"));
+    server.spawn();
+
+    stack.up(&socket);
+    let dev = stack.dev().to_string();
+    e2fsck_clean(&dev);
+    stack.mount();
+    verify_files(&stack.mnt, &originals, &files, true);
+    let entries = std::fs::read_dir(stack.mnt.join("tree"))
+        .expect("read tree")
+        .count();
+    assert_eq!(entries, 3, "directory tree lost entries");
+
+    // Still writable after the restart.
+    let late = originals.join("after-restart.bin");
+    write_pattern_file(&late, (2 * MIB) as usize, 99);
+    std::fs::copy(&late, stack.mnt.join("after-restart.bin")).expect("write after restart");
+    run(Command::new("sync").arg("-f").arg(&stack.mnt));
+    assert!(
+        std::fs::read(stack.mnt.join("after-restart.bin")).expect("read")
+            == std::fs::read(&late).expect("read")
+    );
+    stack.umount();
+    e2fsck_clean(&dev);
+    stack.down();
+    let status = server.stop();
+    assert!(status.success(), "bucketdisk exited with {status}");
+    println!("test took {:.2?}", test_start.elapsed());
+}
