@@ -199,6 +199,11 @@ fn validate(session: &Session, h: &RequestHeader) -> Result<(), (NbdError, Strin
             "NBD_CMD_FLAG_PAYLOAD_LEN without extended headers".into(),
         ));
     }
+    // Before the advertised-flag checks, so a FUA write on a read-only export gets EPERM.
+    let writes = matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && advertised(TFLAG_READ_ONLY) {
+        return Err((Perm, format!("{name} on a read-only export")));
+    }
     let needs = |flag: u16, what: &str| {
         if advertised(flag) {
             Ok(())
@@ -214,10 +219,6 @@ fn validate(session: &Session, h: &RequestHeader) -> Result<(), (NbdError, Strin
     }
     if h.flags & CMD_FLAG_FAST_ZERO != 0 {
         needs(TFLAG_SEND_FAST_ZERO, "FAST_ZERO")?;
-    }
-    let writes = matches!(h.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-    if writes && advertised(TFLAG_READ_ONLY) {
-        return Err((Perm, format!("{name} on a read-only export")));
     }
     match h.command {
         CMD_FLUSH => return needs(TFLAG_SEND_FLUSH, "FLUSH"),
