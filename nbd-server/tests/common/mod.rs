@@ -27,8 +27,8 @@ pub fn require_tool(tool: &str) -> PathBuf {
     found.unwrap_or_else(|| panic!("{tool} is not installed: run scripts/install-deps.sh"))
 }
 
-/// A free TCP port on loopback (the port is released before the server binds it; tests bind
-/// quickly and never share a port, so the race is harmless here).
+/// A free TCP port on loopback, for peers that cannot report the port they bound. The port is
+/// released before the peer binds it, so prefer letting a server choose (port 0) where it can.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
@@ -82,7 +82,8 @@ impl Server {
         let endpoint = if options.unix_socket {
             Endpoint::Unix(dir.path().join("nbd.sock"))
         } else {
-            Endpoint::Tcp(free_port())
+            // Port 0: the server picks a free port and logs it, so tests never race for ports.
+            Endpoint::Tcp(0)
         };
         let mut args: Vec<String> = vec!["--size".into(), options.size.into()];
         for v in &options.volumes {
@@ -129,14 +130,30 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log);
+        let log_start = std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0);
         self.child = Some(cmd.spawn().expect("spawn bucketdisk"));
-        self.wait_ready();
+        self.wait_ready(log_start as usize);
     }
 
-    fn wait_ready(&mut self) {
+    /// The port this run of the server announced in its log (after byte `log_start`).
+    fn announced_port(&self, log_start: usize) -> Option<u16> {
+        let text = self.log_text();
+        let line = text.get(log_start..)?.lines().find(|l| l.contains("serving NBD on "))?;
+        let address = line.split("serving NBD on ").nth(1)?.trim();
+        address.rsplit(':').next()?.parse().ok()
+    }
+
+    fn wait_ready(&mut self, log_start: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Endpoint::Tcp(0) = self.endpoint {
+                if let Some(port) = self.announced_port(log_start) {
+                    // Restarts reuse the port, so URIs taken before a restart stay valid.
+                    self.endpoint = Endpoint::Tcp(port);
+                }
+            }
             let up = match &self.endpoint {
+                Endpoint::Tcp(0) => false,
                 Endpoint::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
                 Endpoint::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
             };
