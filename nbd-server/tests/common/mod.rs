@@ -138,7 +138,10 @@ impl Server {
     /// The port this run of the server announced in its log (after byte `log_start`).
     fn announced_port(&self, log_start: usize) -> Option<u16> {
         let text = self.log_text();
-        let line = text.get(log_start..)?.lines().find(|l| l.contains("serving NBD on "))?;
+        let line = text
+            .get(log_start..)?
+            .lines()
+            .find(|l| l.contains("serving NBD on "))?;
         let address = line.split("serving NBD on ").nth(1)?.trim();
         address.rsplit(':').next()?.parse().ok()
     }
