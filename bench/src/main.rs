@@ -1,1 +1,51 @@
-fn main() {}
+//! Benchmark driver: `cargo run -p bench --release -- <suite> [options]`.
+//!
+//! Modules, one job each: `subjects` (bucketdisk and its peers, started and stopped),
+//! `process` (child-process guards), `fio` (workloads, running fio, parsing its JSON), `stats`
+//! (medians and ranges), `machine` (hardware and tool versions), `report` (markdown + JSON),
+//! `volume` (the test volume) and `suites` (one module per suite).
+
+mod fio;
+mod machine;
+mod process;
+mod report;
+mod stats;
+mod subjects;
+mod suites;
+mod units;
+mod volume;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Benchmarks bucketdisk against its peers")]
+struct Cli {
+    #[command(subcommand)]
+    suite: Suite,
+}
+
+#[derive(Subcommand)]
+enum Suite {
+    /// fio 4k random and 1M sequential through the NBD engine: bucketdisk (local-file volume)
+    /// vs qemu-nbd vs nbdkit on the same file.
+    NbdLocal(suites::nbd_local::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    process::catch_interrupts();
+    let command = format!(
+        "cargo run -p bench --release -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let result = match cli.suite {
+        Suite::NbdLocal(args) => suites::nbd_local::run(args, command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

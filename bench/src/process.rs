@@ -1,0 +1,256 @@
+//! Child processes the benchmark owns: servers under test and fio.
+//!
+//! Every child is started with `PR_SET_PDEATHSIG`, so it dies with the benchmark even when the
+//! benchmark itself is killed with SIGKILL, and servers are wrapped in [`ServerProcess`], whose
+//! `Drop` stops them on every exit path (errors, panics, early returns).
+
+use anyhow::{Context, Result, bail};
+use std::fs::File;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(50);
+
+/// Makes `cmd`'s child receive SIGTERM when the benchmark exits, however it exits.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A free TCP port on the loopback interface (bound and released, so a small race remains).
+pub fn free_loopback_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the bound address")?
+        .port())
+}
+
+/// Runs a command to completion and returns its trimmed stdout, failing on a non-zero exit.
+pub fn output_of(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Waits for a child with a deadline; kills it (SIGKILL) if the deadline passes.
+pub fn wait_with_timeout(child: &mut Child, what: &str, timeout: Duration) -> Result<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {timeout:?}; killed it");
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A server under test. Output goes to a log file; dropping it stops the process.
+pub struct ServerProcess {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `cmd` with stdout and stderr written to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .with_context(|| format!("duplicating {}", log.display()))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        die_with_parent(&mut cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
+        Ok(ServerProcess {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits until the server answers on `addr` with the NBD greeting ("NBDMAGIC").
+    pub fn wait_until_serving(&mut self, addr: SocketAddr, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child
+                    .try_wait()
+                    .with_context(|| format!("checking on {}", self.name))?
+            {
+                bail!(
+                    "{} exited before serving ({status}); log tail:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            if nbd_greeting(addr).is_ok() {
+                // Another process may have taken the port between our probe for a free one and
+                // the server's bind; then the greeting is not ours, and our server has exited.
+                std::thread::sleep(Duration::from_millis(200));
+                return self.ensure_running();
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not start serving on {addr} within {timeout:?}; log tail:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Fails if the server has exited (it must stay up for as long as it is measured).
+    pub fn ensure_running(&mut self) -> Result<()> {
+        let child = self.child.as_mut().context("server already stopped")?;
+        if let Some(status) = child
+            .try_wait()
+            .with_context(|| format!("checking on {}", self.name))?
+        {
+            bail!(
+                "{} exited unexpectedly ({status}); log tail:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU time (user + system, all threads) the server has used so far.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        self.pid().and_then(|pid| process_cpu_time(pid).ok())
+    }
+
+    /// SIGTERM, then SIGKILL after a grace period. Returns the exit status.
+    pub fn stop(mut self) -> Result<ExitStatus> {
+        let child = self.child.take().context("server already stopped")?;
+        terminate(child, &self.name)
+    }
+
+    /// The last lines of the server's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take()
+            && let Err(e) = terminate(child, &self.name)
+        {
+            eprintln!("bench: stopping {}: {e:#}", self.name);
+        }
+    }
+}
+
+fn terminate(mut child: Child, name: &str) -> Result<ExitStatus> {
+    if let Some(status) = child.try_wait().context("checking the server")? {
+        return Ok(status);
+    }
+    let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
+    // SAFETY: kill(2) on our own child, which has not been reaped yet, so the pid is still ours.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_with_timeout(&mut child, name, STOP_GRACE)
+        .with_context(|| format!("{name} did not exit after SIGTERM"))
+}
+
+/// Connects and reads the 8-byte NBD greeting.
+fn nbd_greeting(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut magic = [0u8; 8];
+    stream.read_exact(&mut magic)?;
+    if &magic == b"NBDMAGIC" {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("not an NBD server"))
+    }
+}
+
+/// utime + stime of a process (all its threads) from /proc/PID/stat.
+pub fn process_cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may contain spaces and parentheses; split after the last ')'.
+    let (_, rest) = stat.rsplit_once(')').context("malformed /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime is field 14 and stime field 15 (1-based).
+    let ticks = |field: usize| -> Result<u64> {
+        fields
+            .get(field - 3)
+            .context("short /proc stat")?
+            .parse::<u64>()
+            .context("non-numeric /proc stat field")
+    };
+    let total = ticks(14)? + ticks(15)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Ok(Duration::from_secs_f64(total as f64 / hz as f64))
+}
+
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Turns SIGINT/SIGTERM into a flag, so the benchmark unwinds normally: servers are stopped by
+/// their guards and the temporary volume is deleted. (Children in the same process group get
+/// the terminal's SIGINT themselves; fio stops early and its run fails.)
+pub fn catch_interrupts() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Fails once SIGINT or SIGTERM has arrived.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}

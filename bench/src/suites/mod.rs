@@ -1,0 +1,3 @@
+//! Benchmark suites, one module each.
+
+pub mod nbd_local;
