@@ -92,16 +92,12 @@ where
                 .acquire_many_owned(units)
                 .await
                 .map_err(|_| io::Error::other("budget semaphore closed"))?;
-            let mut payload = BytesMut::zeroed(payload_len as usize);
-            reader.read_exact(&mut payload).await?;
+            let payload = read_payload(&mut reader, payload_len as usize).await?;
 
             if header.command == CMD_DISC {
                 return Ok(());
             }
-            let request = Request {
-                header,
-                payload: payload.freeze(),
-            };
+            let request = Request { header, payload };
             match validate(&session, &request.header) {
                 Err((error, message)) => {
                     tracing::debug!(
@@ -138,6 +134,22 @@ where
         .await
         .map_err(|e| io::Error::other(format!("reply writer failed: {e}")))?;
     result.and(written)
+}
+
+/// Reads exactly `len` payload bytes into a fresh buffer without zero-filling it first.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Bytes> {
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        let remaining = len - payload.len();
+        if reader
+            .read_buf(&mut (&mut payload).limit(remaining))
+            .await?
+            == 0
+        {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload.freeze())
 }
 
 fn protocol_error(message: &str) -> io::Error {
