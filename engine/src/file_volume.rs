@@ -247,21 +247,13 @@ impl BlockDevice for FileVolume {
 
     async fn read(&self, offset: u64, length: u32) -> DeviceResult<Vec<ReadSegment>> {
         check_range(offset, u64::from(length), self.size())?;
-        if length <= INLINE_IO_MAX && length < SPARSE_READ_THRESHOLD {
-            return Ok(vec![ReadSegment::Data(read_bytes(
-                &self.file,
-                offset,
-                length as usize,
-            )?)]);
+        // Small reads skip the hole lookup and run inline (see INLINE_IO_MAX).
+        const _: () = assert!(SPARSE_READ_THRESHOLD <= INLINE_IO_MAX);
+        if length < SPARSE_READ_THRESHOLD {
+            let data = read_bytes(&self.file, offset, length as usize)?;
+            return Ok(vec![ReadSegment::Data(data)]);
         }
         self.blocking(move |file, _| {
-            if length < SPARSE_READ_THRESHOLD {
-                return Ok(vec![ReadSegment::Data(read_bytes(
-                    file,
-                    offset,
-                    length as usize,
-                )?)]);
-            }
             let mut segments = Vec::new();
             let mut pos = offset;
             for extent in map_extents(file, offset, u64::from(length))? {
