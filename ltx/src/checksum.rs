@@ -4,16 +4,18 @@
 //! The database checksum is the XOR of per-page checksums of (pgno ‖ page), lock page excluded,
 //! which lets it be updated page by page as transactions change pages.
 
-use crc::{CRC_64_GO_ISO, Crc, Digest};
+use crc::{CRC_64_GO_ISO, Crc, Digest, Table};
 
 pub type Checksum = u64;
 
 /// Set on every checksum value so a real checksum is never zero.
 pub const CHECKSUM_FLAG: Checksum = 1 << 63;
 
-pub(crate) const CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_GO_ISO);
+/// Slice-by-16 tables: several times faster than byte-at-a-time, which would cap decoding speed.
+pub(crate) type Crc64Impl = Table<16>;
+pub(crate) const CRC64: Crc<u64, Crc64Impl> = Crc::<u64, Crc64Impl>::new(&CRC_64_GO_ISO);
 
-pub(crate) fn hasher() -> Digest<'static, u64> {
+pub(crate) fn hasher() -> Digest<'static, u64, Crc64Impl> {
     CRC64.digest()
 }
 

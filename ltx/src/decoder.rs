@@ -8,7 +8,6 @@ use crate::frame::{compress_bound, decompress_block, read_lz4_frame};
 use crate::header::{HEADER_SIZE, Header, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, TRAILER_SIZE, Trailer};
 use crate::page_index::{IndexEntry, PageIndex};
 use crate::varint;
-use crc::Digest;
 use std::io::{BufReader, Read};
 
 /// What a complete, verified (or freshly written) LTX file contains.
@@ -26,7 +25,7 @@ pub struct FileSummary {
 /// good once `finish` succeeds.
 pub struct Decoder<R: Read> {
     input: BufReader<R>,
-    digest: Digest<'static, u64>,
+    digest: crc::Digest<'static, u64, crate::checksum::Crc64Impl>,
     read: u64,
     header: Header,
     prev_pgno: u32,

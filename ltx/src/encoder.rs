@@ -6,7 +6,6 @@ use crate::error::{Error, Result};
 use crate::frame::{compress_bound, compress_page};
 use crate::header::{HEADER_SIZE, Header, PAGE_FLAG_SIZE, PAGE_HEADER_SIZE, Trailer};
 use crate::page_index::{IndexEntry, PageIndex};
-use crc::Digest;
 use std::io::Write;
 
 /// Writes one LTX file. Pages must come in ascending page-number order; a snapshot (min TXID 1)
@@ -14,7 +13,7 @@ use std::io::Write;
 /// page plus 24 bytes of index per page.
 pub struct Encoder<W: Write> {
     out: W,
-    digest: Digest<'static, u64>,
+    digest: crc::Digest<'static, u64, crate::checksum::Crc64Impl>,
     written: u64,
     header: Header,
     prev_pgno: u32,
