@@ -185,13 +185,14 @@ pub fn write_database<R: Read, W: Write>(inputs: Vec<R>, mut out: W) -> Result<H
         out.write_all(page)?;
         next = pgno + 1;
     }
-    if next <= last.commit && !(next == last.commit && next == last.lock_pgno()) {
+    if next <= last.last_snapshot_pgno() {
         return Err(Error::Restore(format!(
             "pages {next}..={} are missing",
             last.commit
         )));
     }
-    if next == last.commit && next == last.lock_pgno() {
+    if next == last.commit {
+        // The database ends with the lock page, which is never stored.
         out.write_all(&zeros)?;
     }
     out.flush()?;

@@ -167,11 +167,7 @@ impl<R: Read> Decoder<R> {
             ));
         }
         if h.is_snapshot() {
-            let expected = if self.prev_pgno + 1 == lock {
-                self.prev_pgno + 2
-            } else {
-                self.prev_pgno + 1
-            };
+            let expected = h.next_snapshot_pgno(self.prev_pgno);
             if pgno != expected {
                 return fail(format!(
                     "snapshot pages must be consecutive: expected page {expected}, found {pgno}"
@@ -191,12 +187,7 @@ impl<R: Read> Decoder<R> {
         if !h.is_snapshot() {
             return Ok(());
         }
-        let last = if h.commit == h.lock_pgno() {
-            h.commit - 1
-        } else {
-            h.commit
-        };
-        if self.prev_pgno != last {
+        if self.prev_pgno != h.last_snapshot_pgno() {
             return Err(self.invalid_page(
                 offset,
                 format!(

@@ -77,10 +77,7 @@ impl<W: Write> Encoder<W> {
             return usage(format!("page {pgno} is the lock page and is never stored"));
         }
         if h.is_snapshot() {
-            let expected = match self.prev_pgno {
-                p if p + 1 == lock => p + 2,
-                p => p + 1,
-            };
+            let expected = h.next_snapshot_pgno(self.prev_pgno);
             if pgno != expected {
                 return usage(format!(
                     "snapshot pages must be consecutive: expected page {expected}, got {pgno}"
@@ -122,18 +119,11 @@ impl<W: Write> Encoder<W> {
     /// and a description of the file written.
     pub fn finish(mut self, post_apply_checksum: Checksum) -> Result<(W, FileSummary)> {
         let h = self.header;
-        if h.is_snapshot() {
-            let last = if h.commit == h.lock_pgno() {
-                h.commit - 1
-            } else {
-                h.commit
-            };
-            if self.prev_pgno != last {
-                return Err(Error::Usage(format!(
-                    "snapshot ends at page {} but the database has {} pages",
-                    self.prev_pgno, h.commit
-                )));
-            }
+        if h.is_snapshot() && self.prev_pgno != h.last_snapshot_pgno() {
+            return Err(Error::Usage(format!(
+                "snapshot ends at page {} but the database has {} pages",
+                self.prev_pgno, h.commit
+            )));
         }
         if let Some(sum) = self.database_checksum {
             if sum.value() != post_apply_checksum {

@@ -59,6 +59,25 @@ impl Header {
         lock_pgno(self.page_size)
     }
 
+    /// The page a snapshot must hold after page `prev` (0 before its first page): pages are
+    /// consecutive except that the lock page is skipped.
+    pub fn next_snapshot_pgno(&self, prev: u32) -> u32 {
+        if prev + 1 == self.lock_pgno() {
+            prev + 2
+        } else {
+            prev + 1
+        }
+    }
+
+    /// The last page a snapshot holds: `commit`, or the page before it if that is the lock page.
+    pub fn last_snapshot_pgno(&self) -> u32 {
+        if self.commit == self.lock_pgno() {
+            self.commit - 1
+        } else {
+            self.commit
+        }
+    }
+
     pub fn encode(&self) -> [u8; HEADER_SIZE] {
         let mut b = [0u8; HEADER_SIZE];
         b[0..4].copy_from_slice(MAGIC);
@@ -260,6 +279,32 @@ mod tests {
         for h in broken {
             assert!(h.validate().is_err(), "{h:?}");
         }
+    }
+
+    #[test]
+    fn snapshots_skip_the_lock_page() {
+        let h = Header {
+            page_size: 65536,
+            min_txid: 1,
+            commit: 16_385,
+            ..header()
+        };
+        assert_eq!(h.next_snapshot_pgno(0), 1);
+        assert_eq!(h.next_snapshot_pgno(16_383), 16_384);
+        assert_eq!(h.next_snapshot_pgno(16_384), 16_386);
+        assert_eq!(
+            h.last_snapshot_pgno(),
+            16_384,
+            "a database ending on the lock page"
+        );
+        assert_eq!(
+            Header {
+                commit: 16_390,
+                ..h
+            }
+            .last_snapshot_pgno(),
+            16_390
+        );
     }
 
     #[test]
