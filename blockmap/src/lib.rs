@@ -7,6 +7,7 @@
 //! or the Litestream-compatible VFS over object storage) is the caller's choice of connection.
 
 mod map;
+pub mod replica;
 mod schema;
 
 pub use map::{BlockLocation, BlockMap, ChunkStats, Error, MapChange, Result};

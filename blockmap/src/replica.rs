@@ -1,0 +1,274 @@
+//! A Litestream-layout replica of a database in object storage: list its LTX files, publish new
+//! ones create-only, and read single pages through the files' page indexes with ranged GETs.
+//!
+//! Opening costs two round trips per file, all files in parallel (header + tail, then index),
+//! and nothing proportional to the database size: pages are fetched when asked for.
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use ltx::page_index::TAIL_LEN;
+use ltx::{FileName, Header, IndexEntry, LtxFile, PageIndex, RestoreTarget, plan_restore};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// How many index fetches run at once when opening a replica.
+const OPEN_PARALLELISM: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("{path}: {source}")]
+    Ltx { path: String, source: ltx::Error },
+    #[error("{0} already exists: another writer published this TXID first")]
+    Conflict(String),
+    #[error("page {0} is not in the replica")]
+    MissingPage(u32),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type ReplicaResult<T> = std::result::Result<T, ReplicaError>;
+
+/// Where levels live under the replica root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `ltx/<level>/`, as Litestream writes to file:// replicas.
+    File,
+    /// `<level as %04x>/`, as on S3-style object stores.
+    ObjectStore,
+}
+
+/// One LTX object in the replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaFile {
+    pub level: u8,
+    pub name: FileName,
+    pub size: u64,
+    pub last_modified_ms: i64,
+    pub path: Path,
+}
+
+impl ReplicaFile {
+    fn as_ltx(&self) -> LtxFile {
+        LtxFile {
+            level: self.level,
+            min_txid: self.name.min_txid,
+            max_txid: self.name.max_txid,
+            size: self.size,
+            created_at_ms: self.last_modified_ms,
+        }
+    }
+}
+
+pub struct Replica {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    layout: Layout,
+}
+
+impl Replica {
+    pub fn new(store: Arc<dyn ObjectStore>, root: Path, layout: Layout) -> Self {
+        Replica {
+            store,
+            root,
+            layout,
+        }
+    }
+
+    fn level_path(&self, level: u8) -> Path {
+        let dir = ltx::level_dir(level, self.layout == Layout::ObjectStore);
+        dir.split('/')
+            .fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    /// Every LTX file of every level (0–9), listed in parallel.
+    pub async fn list(&self) -> ReplicaResult<Vec<ReplicaFile>> {
+        let levels = stream::iter(0..=ltx::naming::SNAPSHOT_LEVEL)
+            .map(|level| self.list_level(level))
+            .buffer_unordered(10)
+            .try_collect::<Vec<_>>()
+            .await?;
+        let mut files: Vec<ReplicaFile> = levels.into_iter().flatten().collect();
+        files.sort_by_key(|f| (f.level, f.name));
+        Ok(files)
+    }
+
+    pub async fn list_level(&self, level: u8) -> ReplicaResult<Vec<ReplicaFile>> {
+        let prefix = self.level_path(level);
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|meta| {
+                // Only direct children named like LTX files; anything else is not ours.
+                let name = FileName::parse(meta.location.filename()?)?;
+                (meta.location.prefix_match(&prefix)?.count() == 1).then(|| ReplicaFile {
+                    level,
+                    name,
+                    size: meta.size,
+                    last_modified_ms: meta.last_modified.timestamp_millis(),
+                    path: meta.location.clone(),
+                })
+            })
+            .collect())
+    }
+
+    /// Publishes an LTX file create-only: if the key exists, another writer got there first and
+    /// this one must stop (it has been fenced).
+    pub async fn publish(&self, level: u8, bytes: Bytes) -> ReplicaResult<Path> {
+        let header = ltx::Decoder::new(&bytes[..])
+            .map_err(|source| ReplicaError::Ltx {
+                path: "new file".into(),
+                source,
+            })?
+            .header()
+            .to_owned();
+        let name = FileName {
+            min_txid: header.min_txid,
+            max_txid: header.max_txid,
+        };
+        let path = self.level_path(level).join(name.to_string());
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => Ok(path),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                Err(ReplicaError::Conflict(path.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Header and page index of one file: one ranged GET for the header and the tail, one for
+    /// the index.
+    pub async fn read_index(&self, file: &ReplicaFile) -> ReplicaResult<(Header, PageIndex)> {
+        let ltx_err = |source| ReplicaError::Ltx {
+            path: file.path.to_string(),
+            source,
+        };
+        if file.size < (ltx::HEADER_SIZE + TAIL_LEN) as u64 {
+            return Err(ltx_err(ltx::Error::Truncated(format!(
+                "{} bytes",
+                file.size
+            ))));
+        }
+        let ranges = [
+            0..ltx::HEADER_SIZE as u64,
+            file.size - TAIL_LEN as u64..file.size,
+        ];
+        let parts = self.store.get_ranges(&file.path, &ranges).await?;
+        let header_bytes: &[u8; ltx::HEADER_SIZE] = parts[0]
+            .as_ref()
+            .try_into()
+            .map_err(|_| ReplicaError::Invalid("short header read".into()))?;
+        let header = Header::decode(header_bytes).map_err(ltx_err)?;
+        header.validate().map_err(ltx_err)?;
+        let (start, len) = PageIndex::locate(file.size, &parts[1]).map_err(ltx_err)?;
+        let index_bytes = self.store.get_range(&file.path, start..start + len).await?;
+        let index =
+            PageIndex::decode(&index_bytes, PageIndex::frames_end(start)).map_err(ltx_err)?;
+        Ok((header, index))
+    }
+}
+
+/// Where each page of one database state lives: built from the restore plan's indexes, newest
+/// file winning. Reading a page is then one ranged GET.
+pub struct PageMap {
+    files: Vec<ReplicaFile>,
+    pages: HashMap<u32, (usize, IndexEntry)>,
+    pub page_size: u32,
+    /// Database size in pages.
+    pub commit: u32,
+    pub txid: u64,
+}
+
+impl PageMap {
+    /// Plans the files for `target` and fetches their indexes in parallel.
+    pub async fn open(replica: &Replica, target: RestoreTarget) -> ReplicaResult<Self> {
+        let listing = replica.list().await?;
+        let plan = plan_restore(
+            &listing.iter().map(ReplicaFile::as_ltx).collect::<Vec<_>>(),
+            target,
+        )
+        .map_err(|source| ReplicaError::Ltx {
+            path: "restore plan".into(),
+            source,
+        })?;
+        let files: Vec<ReplicaFile> = plan
+            .iter()
+            .map(|p| {
+                listing
+                    .iter()
+                    .find(|f| f.as_ltx() == *p)
+                    .cloned()
+                    .expect("planned files come from the listing")
+            })
+            .collect();
+        let indexes: Vec<(Header, PageIndex)> = stream::iter(&files)
+            .map(|f| replica.read_index(f))
+            .buffered(OPEN_PARALLELISM)
+            .try_collect()
+            .await?;
+        let last = indexes
+            .last()
+            .map(|(h, _)| *h)
+            .ok_or_else(|| ReplicaError::Invalid("empty plan".into()))?;
+        let mut pages = HashMap::new();
+        for (i, (header, index)) in indexes.iter().enumerate() {
+            if header.page_size != last.page_size {
+                return Err(ReplicaError::Invalid(format!(
+                    "{}: page size differs",
+                    files[i].path
+                )));
+            }
+            for entry in &index.entries {
+                if entry.pgno <= last.commit {
+                    pages.insert(entry.pgno, (i, *entry)); // later (newer) files overwrite
+                }
+            }
+        }
+        Ok(PageMap {
+            files,
+            pages,
+            page_size: last.page_size,
+            commit: last.commit,
+            txid: last.max_txid,
+        })
+    }
+
+    /// One page, fetched with a ranged GET and decoded. The lock page reads as zeros.
+    pub async fn read_page(&self, replica: &Replica, pgno: u32) -> ReplicaResult<Vec<u8>> {
+        let mut page = vec![0u8; self.page_size as usize];
+        if pgno == ltx::lock_pgno(self.page_size) && pgno <= self.commit {
+            return Ok(page);
+        }
+        let (file, entry) = self
+            .pages
+            .get(&pgno)
+            .ok_or(ReplicaError::MissingPage(pgno))?;
+        let path = &self.files[*file].path;
+        let frame = replica
+            .store
+            .get_range(path, entry.offset..entry.offset + entry.size)
+            .await?;
+        let found =
+            ltx::frame::decode_frame(&frame, &mut page).map_err(|source| ReplicaError::Ltx {
+                path: path.to_string(),
+                source,
+            })?;
+        if found != pgno {
+            return Err(ReplicaError::Invalid(format!(
+                "{path}: index says page {pgno}, frame holds {found}"
+            )));
+        }
+        Ok(page)
+    }
+}
