@@ -1,0 +1,92 @@
+//! Writer leases with create-only objects alone, so fencing works on every store, including
+//! object_store's local directory store, which has create-only puts but no If-Match updates.
+//!
+//! A writer takes the volume by creating `lease/<epoch as %016x>` for the next epoch; creation is
+//! atomic, so two writers never hold the same epoch. The highest epoch holds the volume. A writer
+//! whose epoch is no longer the highest has been fenced: it must stop writing and say so. Its
+//! LTX uploads are create-only too, so even a fenced writer that has not noticed yet can never
+//! overwrite a file, and the new writer claims the next TXID before writing anything else.
+
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use std::sync::Arc;
+
+/// Attempts before giving up when other writers keep taking the next epoch first.
+const ACQUIRE_ATTEMPTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("object store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("fenced: this writer holds epoch {held}, but epoch {current} has taken the volume")]
+    Fenced { held: u64, current: u64 },
+    #[error("could not take the lease: other writers took {ACQUIRE_ATTEMPTS} epochs in a row")]
+    Contended,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub epoch: u64,
+    pub holder: String,
+}
+
+fn lease_dir(root: &Path) -> Path {
+    root.clone().join("lease")
+}
+
+/// The highest epoch taken so far (0 if none).
+pub async fn current_epoch(store: &dyn ObjectStore, root: &Path) -> Result<u64, LeaseError> {
+    let dir = lease_dir(root);
+    let objects: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    Ok(objects
+        .iter()
+        .filter_map(|m| m.location.filename())
+        .filter(|name| name.len() == 16)
+        .filter_map(|name| u64::from_str_radix(name, 16).ok())
+        .max()
+        .unwrap_or(0))
+}
+
+/// Takes the next epoch. `holder` names this writer in the lease object (host, pid) for people
+/// reading the bucket.
+pub async fn acquire(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    holder: &str,
+) -> Result<Lease, LeaseError> {
+    for _ in 0..ACQUIRE_ATTEMPTS {
+        let epoch = current_epoch(store.as_ref(), root).await? + 1;
+        let path = lease_dir(root).join(format!("{epoch:016x}"));
+        let body = format!("{{\"epoch\":{epoch},\"holder\":{holder:?}}}\n");
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match store.put_opts(&path, PutPayload::from(body), options).await {
+            Ok(_) => {
+                return Ok(Lease {
+                    epoch,
+                    holder: holder.to_string(),
+                });
+            }
+            Err(object_store::Error::AlreadyExists { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(LeaseError::Contended)
+}
+
+impl Lease {
+    /// Fails with `Fenced` if a newer writer has taken the volume.
+    pub async fn check(&self, store: &dyn ObjectStore, root: &Path) -> Result<(), LeaseError> {
+        let current = current_epoch(store, root).await?;
+        if current > self.epoch {
+            return Err(LeaseError::Fenced {
+                held: self.epoch,
+                current,
+            });
+        }
+        Ok(())
+    }
+}
