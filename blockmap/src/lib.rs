@@ -6,6 +6,7 @@
 //! nothing. The map is an ordinary SQLite database; how that database is stored (a local file,
 //! or the Litestream-compatible VFS over object storage) is the caller's choice of connection.
 
+pub mod compaction;
 pub mod lease;
 mod map;
 pub mod replica;

@@ -52,7 +52,7 @@ pub struct ReplicaFile {
 }
 
 impl ReplicaFile {
-    fn as_ltx(&self) -> LtxFile {
+    pub fn as_ltx(&self) -> LtxFile {
         LtxFile {
             level: self.level,
             min_txid: self.name.min_txid,
@@ -143,6 +143,18 @@ impl Replica {
             Err(object_store::Error::AlreadyExists { .. }) => {
                 Err(ReplicaError::Conflict(path.to_string()))
             }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A whole LTX file.
+    pub async fn fetch(&self, file: &ReplicaFile) -> ReplicaResult<Bytes> {
+        Ok(self.store.get(&file.path).await?.bytes().await?)
+    }
+
+    pub async fn delete(&self, file: &ReplicaFile) -> ReplicaResult<()> {
+        match self.store.delete(&file.path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }

@@ -1,0 +1,132 @@
+//! Keeping a replica cheap to open: compaction of one level into the next, full snapshots at
+//! level 9, and retention.
+//!
+//! Compacted files are published create-only like everything else, so two compactors racing
+//! on one replica cannot overwrite each other; the loser gets `Conflict` and can simply list
+//! again.
+
+use crate::replica::{Replica, ReplicaError, ReplicaFile, ReplicaResult};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use ltx::naming::SNAPSHOT_LEVEL;
+use ltx::{CompactOptions, LtxFile, RestoreTarget, plan_restore};
+
+/// Downloads of source files running at once.
+const FETCH_PARALLELISM: usize = 16;
+
+async fn fetch_all(replica: &Replica, files: &[ReplicaFile]) -> ReplicaResult<Vec<Bytes>> {
+    stream::iter(files)
+        .map(|f| replica.fetch(f))
+        .buffered(FETCH_PARALLELISM)
+        .try_collect()
+        .await
+}
+
+fn merge(replica_inputs: Vec<Bytes>) -> ReplicaResult<Bytes> {
+    let readers: Vec<&[u8]> = replica_inputs.iter().map(|b| &b[..]).collect();
+    let (out, _) =
+        ltx::compact(readers, Vec::new(), CompactOptions::default()).map_err(|source| {
+            ReplicaError::Ltx {
+                path: "compaction".into(),
+                source,
+            }
+        })?;
+    Ok(Bytes::from(out))
+}
+
+/// Compacts the files of `from` that come after everything in `to` into one new file in `to`.
+/// Returns `None` when there is nothing new. The source files must continue `to` without a gap.
+pub async fn compact_level(
+    replica: &Replica,
+    from: u8,
+    to: u8,
+) -> ReplicaResult<Option<ReplicaFile>> {
+    let done = replica
+        .list_level(to)
+        .await?
+        .iter()
+        .map(|f| f.name.max_txid)
+        .max()
+        .unwrap_or(0);
+    let mut sources: Vec<ReplicaFile> = replica
+        .list_level(from)
+        .await?
+        .into_iter()
+        .filter(|f| f.name.max_txid > done)
+        .collect();
+    sources.sort_by_key(|f| f.name);
+    let Some(first) = sources.first() else {
+        return Ok(None);
+    };
+    if first.name.min_txid > done + 1 && done > 0 {
+        return Err(ReplicaError::Invalid(format!(
+            "level {to} ends at TXID {done:016x} but level {from} resumes at {:016x}",
+            first.name.min_txid
+        )));
+    }
+    let merged = merge(fetch_all(replica, &sources).await?)?;
+    let path = replica.publish(to, merged).await?;
+    Ok(replica
+        .list_level(to)
+        .await?
+        .into_iter()
+        .find(|f| f.path == path))
+}
+
+/// Writes a full snapshot (level 9) of the latest state, unless the newest snapshot is current.
+pub async fn snapshot(replica: &Replica) -> ReplicaResult<Option<ReplicaFile>> {
+    let listing = replica.list().await?;
+    let infos: Vec<LtxFile> = listing.iter().map(ReplicaFile::as_ltx).collect();
+    let plan = plan_restore(&infos, RestoreTarget::Latest).map_err(|source| ReplicaError::Ltx {
+        path: "restore plan".into(),
+        source,
+    })?;
+    if plan.len() == 1 && plan[0].level == SNAPSHOT_LEVEL {
+        return Ok(None);
+    }
+    let files: Vec<ReplicaFile> = plan
+        .iter()
+        .filter_map(|p| listing.iter().find(|f| f.as_ltx() == *p).cloned())
+        .collect();
+    let merged = merge(fetch_all(replica, &files).await?)?;
+    let path = replica.publish(SNAPSHOT_LEVEL, merged).await?;
+    Ok(replica
+        .list_level(SNAPSHOT_LEVEL)
+        .await?
+        .into_iter()
+        .find(|f| f.path == path))
+}
+
+/// Keeps the newest `keep_snapshots` snapshots (at least one) and every file still needed to
+/// restore any TXID after the oldest of them; deletes the rest. Returns what was deleted.
+pub async fn enforce_retention(
+    replica: &Replica,
+    keep_snapshots: usize,
+) -> ReplicaResult<Vec<ReplicaFile>> {
+    let listing = replica.list().await?;
+    let mut snapshots: Vec<&ReplicaFile> = listing
+        .iter()
+        .filter(|f| f.level == SNAPSHOT_LEVEL)
+        .collect();
+    snapshots.sort_by_key(|f| std::cmp::Reverse(f.name.max_txid));
+    let keep = keep_snapshots.max(1);
+    let Some(oldest_kept) = snapshots.get(keep - 1).or(snapshots.last()) else {
+        return Ok(Vec::new()); // no snapshot: everything is still needed
+    };
+    let horizon = oldest_kept.name.max_txid;
+    let doomed: Vec<ReplicaFile> = listing
+        .iter()
+        .filter(|f| {
+            if f.level == SNAPSHOT_LEVEL {
+                f.name.max_txid < horizon
+            } else {
+                f.name.max_txid <= horizon
+            }
+        })
+        .cloned()
+        .collect();
+    for f in &doomed {
+        replica.delete(f).await?;
+    }
+    Ok(doomed)
+}
