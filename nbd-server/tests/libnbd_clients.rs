@@ -97,20 +97,6 @@ fn nbdcopy(args: &[&str]) {
     run(Command::new("nbdcopy").args(args));
 }
 
-/// Deterministic, incompressible bytes.
-fn pattern(len: u64, seed: u64) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut data = vec![0u8; len as usize];
-    for chunk in data.chunks_mut(8) {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
-    data
-}
-
 /// A piece of a test image.
 enum Piece {
     /// Pattern bytes from this seed.
@@ -129,7 +115,7 @@ fn write_image(path: &Path, pieces: &[Piece]) -> Vec<u8> {
     for piece in pieces {
         match *piece {
             Piece::Data(len, seed) => {
-                let bytes = pattern(len, seed);
+                let bytes = pattern(len as usize, seed);
                 file.write_all(&bytes).expect("write image data");
                 contents.extend_from_slice(&bytes);
             }

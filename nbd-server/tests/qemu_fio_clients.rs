@@ -1089,22 +1089,6 @@ fn fio_data_verifies_after_a_restart() {
 // Mixed workloads checked against a model
 // ---------------------------------------------------------------------------------------------
 
-/// xorshift64*, deterministic across runs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// First differing byte of two equally long buffers.
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     assert_eq!(a.len(), b.len(), "lengths differ");

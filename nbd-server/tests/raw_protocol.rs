@@ -1498,24 +1498,6 @@ fn unread_read_replies_stay_within_the_memory_budget() {
 // ---------------------------------------------------------------------------------------------
 // Garbage
 
-/// xorshift64*: a tiny seeded generator, so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Reads whatever the server sends for a short while (replies, then maybe a close).
 fn drain_briefly(s: &mut TcpStream) {
     s.set_read_timeout(Some(Duration::from_millis(100)))

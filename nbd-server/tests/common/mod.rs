@@ -277,17 +277,38 @@ pub fn run_output(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
-/// Writes `len` bytes of deterministic, incompressible-looking data to `path`.
-pub fn write_pattern_file(path: &Path, len: usize, seed: u64) {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+/// xorshift64*: a tiny seeded generator, so failing runs reproduce. Good enough to defeat
+/// dedup and compression; not for anything else.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// `len` bytes of deterministic, incompressible-looking data.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mut data = vec![0u8; len];
     for chunk in data.chunks_mut(8) {
-        // xorshift64*: fast, deterministic, good enough to defeat dedup and compression.
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        let v = state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
+        chunk.copy_from_slice(&rng.next().to_le_bytes()[..chunk.len()]);
     }
-    std::fs::write(path, data).expect("write pattern file");
+    data
+}
+
+/// Writes [`pattern`] data to `path`.
+pub fn write_pattern_file(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, pattern(len, seed)).expect("write pattern file");
 }
