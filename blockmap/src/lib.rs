@@ -11,5 +11,6 @@ pub mod lease;
 mod map;
 pub mod replica;
 mod schema;
+pub mod vfs;
 
 pub use map::{BlockLocation, BlockMap, ChunkStats, Error, MapChange, Result};

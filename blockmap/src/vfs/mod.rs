@@ -1,0 +1,8 @@
+//! The writable, Litestream-compatible SQLite VFS that stores the block map (DESIGN.md §5).
+//!
+//! [`state`] is the part SQLite's file callbacks drive: one [`state::DatabaseState`] per
+//! database, shared by every connection, holding committed-but-unsynced pages over a base page
+//! source (the replica, or the hydrated local file) and turning them into L0 LTX files. The
+//! `sqlite3_vfs` registration that calls into it is built on top of this.
+
+pub mod state;
