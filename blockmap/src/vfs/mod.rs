@@ -5,4 +5,5 @@
 //! source (the replica, or the hydrated local file) and turning them into L0 LTX files. The
 //! `sqlite3_vfs` registration that calls into it is built on top of this.
 
+pub mod ffi;
 pub mod state;
