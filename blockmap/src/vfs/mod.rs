@@ -6,4 +6,5 @@
 //! `sqlite3_vfs` registration that calls into it is built on top of this.
 
 pub mod ffi;
+pub mod remote;
 pub mod state;

@@ -2,9 +2,13 @@
 //!
 //! SQLite writes the main database file only while it holds the EXCLUSIVE lock, so at any time
 //! there is at most one writer's *pending* pages. When the writer drops the lock the pending
-//! pages become *committed*: a new TXID, visible to every connection, and queued for the next L0
-//! file. The database size is derived from page counts, never from what was last uploaded, so it
-//! cannot shrink under a reader after a sync.
+//! pages become *committed*: visible to every connection and queued for the next upload. The
+//! database size is derived from page counts, never from what was last uploaded, so it cannot
+//! shrink under a reader after a sync.
+//!
+//! A TXID is one upload (a group of SQLite commits), and every L0 file holds exactly one TXID.
+//! Two writers that race for the same TXID therefore race for the same object name, and the
+//! create-only PUT lets exactly one of them win: that is what fences a stale writer.
 
 use ltx::{Encoder, HEADER_FLAG_NO_CHECKSUM, Header};
 use std::collections::BTreeMap;
@@ -26,6 +30,8 @@ pub trait PageSource: Send + Sync {
 pub struct PendingUpload {
     pub bytes: Vec<u8>,
     pub max_txid: u64,
+    /// The last commit this upload carries.
+    commit_seq: u64,
 }
 
 struct Inner {
@@ -34,13 +40,15 @@ struct Inner {
     /// Every page committed since the database was opened (newest content). Pages stay here
     /// after upload: the base source still describes the state at open.
     committed: BTreeMap<u32, Arc<Vec<u8>>>,
-    /// Pages committed but not uploaded yet, with the TXID that last changed each.
+    /// Pages committed but not uploaded yet, with the commit that last changed each.
     unsynced: BTreeMap<u32, u64>,
+    /// Commits so far, and the last one already uploaded.
+    commit_seq: u64,
+    uploaded_seq: u64,
     /// Database size in pages as of the last commit.
     commit_pages: u32,
+    /// The TXID the replica holds: everything up to it is uploaded.
     txid: u64,
-    /// TXID the replica holds (everything up to it is uploaded).
-    synced_txid: u64,
     /// The current writer's pages and size, not yet committed.
     pending: BTreeMap<u32, Vec<u8>>,
     pending_pages: Option<u32>,
@@ -68,9 +76,10 @@ impl DatabaseState {
                 base,
                 committed: BTreeMap::new(),
                 unsynced: BTreeMap::new(),
+                commit_seq: 0,
+                uploaded_seq: 0,
                 commit_pages,
                 txid,
-                synced_txid: txid,
                 pending: BTreeMap::new(),
                 pending_pages: None,
             }),
@@ -87,6 +96,7 @@ impl DatabaseState {
         self.lock().page_size
     }
 
+    /// The TXID the replica holds (the last upload, or the base's at open).
     pub fn txid(&self) -> u64 {
         self.lock().txid
     }
@@ -180,37 +190,37 @@ impl DatabaseState {
     }
 
     /// The writer released the database: its pages become one committed transaction. Returns
-    /// the new TXID, or `None` if it wrote nothing.
+    /// the commit's sequence number, or `None` if it wrote nothing.
     pub fn commit(&self) -> Option<u64> {
         let mut inner = self.lock();
         let pages = inner.pending_pages.take()?;
-        let txid = inner.txid + 1;
+        let seq = inner.commit_seq + 1;
         let pending = std::mem::take(&mut inner.pending);
         for (pgno, page) in pending {
             inner.committed.insert(pgno, Arc::new(page));
-            inner.unsynced.insert(pgno, txid);
+            inner.unsynced.insert(pgno, seq);
         }
         inner.committed.retain(|p, _| *p <= pages);
         inner.unsynced.retain(|p, _| *p <= pages);
         inner.commit_pages = pages;
-        inner.txid = txid;
-        Some(txid)
+        inner.commit_seq = seq;
+        Some(seq)
     }
 
-    /// Encodes everything committed since the last upload as one L0 file (TXIDs
-    /// `synced+1..=txid`). `None` when there is nothing new. Call [`Self::uploaded`] once the file
-    /// is safely in the store.
+    /// Encodes everything committed since the last upload as one L0 file for TXID `txid()+1`.
+    /// `None` when nothing was committed since. Call [`Self::uploaded`] once the file is safely in
+    /// the store.
     pub fn prepare_upload(&self, timestamp_ms: i64) -> io::Result<Option<PendingUpload>> {
         let inner = self.lock();
-        if inner.txid == inner.synced_txid {
+        if inner.commit_seq == inner.uploaded_seq {
             return Ok(None);
         }
         let header = Header {
             flags: HEADER_FLAG_NO_CHECKSUM,
             page_size: inner.page_size,
             commit: inner.commit_pages,
-            min_txid: inner.synced_txid + 1,
-            max_txid: inner.txid,
+            min_txid: inner.txid + 1,
+            max_txid: inner.txid + 1,
             timestamp: timestamp_ms,
             ..Header::default()
         };
@@ -223,6 +233,7 @@ impl DatabaseState {
             .collect();
         let committed = inner.committed.clone();
         let base = inner.base.clone();
+        let commit_seq = inner.commit_seq;
         drop(inner);
         let to_io = |e: ltx::Error| io::Error::other(e.to_string());
         let mut encoder = Encoder::new(Vec::new(), header).map_err(to_io)?;
@@ -247,17 +258,19 @@ impl DatabaseState {
         Ok(Some(PendingUpload {
             bytes,
             max_txid: header.max_txid,
+            commit_seq,
         }))
     }
 
-    /// The upload up to `max_txid` is durable: its pages no longer need uploading, unless a
-    /// later commit changed them again.
-    pub fn uploaded(&self, max_txid: u64) {
+    /// `upload` is durable in the store: the replica is at its TXID, and its pages no longer
+    /// need uploading unless a later commit changed them again.
+    pub fn uploaded(&self, upload: &PendingUpload) {
         let mut inner = self.lock();
-        inner.synced_txid = inner.synced_txid.max(max_txid);
+        inner.txid = inner.txid.max(upload.max_txid);
+        inner.uploaded_seq = inner.uploaded_seq.max(upload.commit_seq);
         inner
             .unsynced
-            .retain(|_, changed_at| *changed_at > max_txid);
+            .retain(|_, changed_at| *changed_at > upload.commit_seq);
     }
 }
 
@@ -330,7 +343,7 @@ mod tests {
         let (h, pages) = decode(&up.bytes);
         assert_eq!((h.min_txid, h.max_txid, h.commit), (1, 1, 2));
         assert_eq!(pages.len(), 2, "the first file is a snapshot");
-        s.uploaded(up.max_txid);
+        s.uploaded(&up);
         assert!(s.prepare_upload(2).expect("prepare").is_none());
 
         // A partial write changes only its bytes; the next L0 carries only that page.
@@ -352,7 +365,7 @@ mod tests {
         let up = s.prepare_upload(1).expect("prepare").expect("upload");
         s.write(0, &page(7)).expect("write");
         s.commit();
-        s.uploaded(up.max_txid);
+        s.uploaded(&up);
         let up = s
             .prepare_upload(2)
             .expect("prepare")
@@ -370,12 +383,12 @@ mod tests {
         assert_eq!(read_page(&s, 3), page(3));
         s.write(u64::from(PS), &page(20)).expect("write");
         s.write(3 * u64::from(PS), &page(40)).expect("grow");
-        assert_eq!(s.commit(), Some(10));
+        assert_eq!(s.commit(), Some(1));
         let up = s.prepare_upload(1).expect("prepare").expect("upload");
         let (h, pages) = decode(&up.bytes);
         assert_eq!((h.min_txid, h.commit), (10, 4));
         assert_eq!(pages.keys().copied().collect::<Vec<_>>(), vec![2, 4]);
-        s.uploaded(up.max_txid);
+        s.uploaded(&up);
         // After the upload the base still describes TXID 9: reads must not fall back to it.
         assert_eq!(read_page(&s, 2), page(20));
         assert_eq!(s.file_size(), 4 * u64::from(PS));
