@@ -128,3 +128,102 @@ fn reopen_from_the_replica_and_fence_the_old_writer() {
     assert_eq!(map_c.get(2500).expect("get"), None);
     assert_eq!(map_c.get(100).expect("get"), Some(loc(100)));
 }
+
+#[test]
+fn hydration_switches_reads_to_a_verified_local_copy_without_losing_new_commits() {
+    use blockmap::vfs::hydrate::{Progress, hydrate};
+    use blockmap::vfs::state::PageSource;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let replica = Arc::new(Replica::new(
+        store,
+        Path::from("vol/blockmap"),
+        Layout::File,
+    ));
+
+    let a = Arc::new(DatabaseState::new(None, 4096).expect("state"));
+    attach("hydrate-host-a", Arc::clone(&a));
+    let mut map_a = BlockMap::new(open_connection("hydrate-host-a").expect("open")).expect("map");
+    let puts: Vec<MapChange> = (0..5000)
+        .map(|i| MapChange::Put {
+            block: i,
+            location: loc(i),
+        })
+        .collect();
+    map_a.apply(&[(1, 1 << 30)], &puts).expect("apply");
+    rt.block_on(sync_once(&a, &replica, 1))
+        .expect("sync")
+        .expect("uploaded");
+    drop(map_a);
+
+    let source = rt
+        .block_on(RemoteSource::open(
+            Arc::clone(&replica),
+            RestoreTarget::Latest,
+            rt.handle().clone(),
+        ))
+        .expect("open replica");
+    let opened_at = source.txid();
+    let b = Arc::new(DatabaseState::new(Some(Arc::new(source)), 4096).expect("state"));
+    attach("hydrate-host-b", Arc::clone(&b));
+    let mut map_b = BlockMap::new(open_connection("hydrate-host-b").expect("open")).expect("map");
+    // Commits made while hydration runs stay in the overlay.
+    map_b
+        .apply(
+            &[],
+            &[MapChange::Delete {
+                first: 4000,
+                count: 1000,
+            }],
+        )
+        .expect("trim");
+
+    let progress = Progress::default();
+    let local = rt
+        .block_on(hydrate(
+            &replica,
+            opened_at,
+            &dir.path().join("hydrated.db"),
+            &progress,
+        ))
+        .expect("hydrate");
+    assert_eq!(progress.fraction(), 1.0);
+    b.replace_base(Arc::new(local))
+        .expect("switch to the local copy");
+    map_b
+        .apply(&[], &[MapChange::Delete { first: 0, count: 1 }])
+        .expect("write after the switch");
+
+    assert_eq!(
+        map_b.get(4500).expect("get"),
+        None,
+        "the trim made during hydration survives"
+    );
+    assert_eq!(map_b.get(0).expect("get"), None);
+    assert_eq!(map_b.get(3999).expect("get"), Some(loc(3999)));
+    assert_eq!(map_b.usage().expect("usage"), (3999, 3999 * 100));
+    let check: String = map_b
+        .connection()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("check");
+    assert_eq!(check, "ok");
+
+    // A copy of some other state is refused.
+    rt.block_on(sync_once(&b, &replica, 2))
+        .expect("sync")
+        .expect("uploaded");
+    let newer = rt
+        .block_on(hydrate(
+            &replica,
+            opened_at + 1,
+            &dir.path().join("newer.db"),
+            &Progress::default(),
+        ))
+        .expect("hydrate newer");
+    assert!(b.replace_base(Arc::new(newer)).is_err());
+}

@@ -92,6 +92,28 @@ impl DatabaseState {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Replaces the base with another source holding the same state (the hydrated local copy
+    /// of what the replica held at open). Refused if it describes a different state.
+    pub fn replace_base(&self, new_base: Arc<dyn PageSource>) -> io::Result<()> {
+        let mut inner = self.lock();
+        let same = match &inner.base {
+            Some(old) => {
+                (old.page_size(), old.commit(), old.txid())
+                    == (new_base.page_size(), new_base.commit(), new_base.txid())
+            }
+            None => false,
+        };
+        if !same {
+            return Err(invalid(format!(
+                "the new base (TXID {}, {} pages) is not the state this database was opened at",
+                new_base.txid(),
+                new_base.commit()
+            )));
+        }
+        inner.base = Some(new_base);
+        Ok(())
+    }
+
     pub fn page_size(&self) -> u32 {
         self.lock().page_size
     }
