@@ -26,6 +26,19 @@ pub trait PageSource: Send + Sync {
     fn read_page(&self, pgno: u32) -> io::Result<Vec<u8>>;
 }
 
+/// Databases replicated by Litestream are in WAL mode (header bytes 18 and 19 are 2). This VFS
+/// has no WAL: reads show such databases as rollback-journal databases (1 and 1), as the
+/// Litestream VFS does, and SQLite writes them back that way on the next change of page 1.
+fn present_as_rollback_journal(offset: u64, buf: &mut [u8]) {
+    for field in [18u64, 19] {
+        if let Some(i) = field.checked_sub(offset).map(|i| i as usize) {
+            if i < buf.len() && buf[i] == 2 {
+                buf[i] = 1;
+            }
+        }
+    }
+}
+
 /// An L0 file ready to publish, and the TXID it brings the replica to.
 pub struct PendingUpload {
     pub bytes: Vec<u8>,
@@ -161,6 +174,9 @@ impl DatabaseState {
             buf.copy_from_slice(&page[within..within + buf.len()]);
         } else {
             buf.fill(0); // a page past the base that was never written
+        }
+        if pgno == 1 {
+            present_as_rollback_journal(offset, buf);
         }
         Ok(buf.len())
     }
