@@ -7,6 +7,7 @@
 //! or the Litestream-compatible VFS over object storage) is the caller's choice of connection.
 
 pub mod compaction;
+pub mod faulty_store;
 pub mod lease;
 mod map;
 pub mod replica;

@@ -15,6 +15,41 @@ use std::sync::Arc;
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
+/// Reads that fail transiently are retried this many times, backing off from 50 ms.
+const READ_RETRIES: u32 = 5;
+
+/// Errors worth retrying: everything but answers that another try cannot change.
+fn transient(e: &object_store::Error) -> bool {
+    !matches!(
+        e,
+        object_store::Error::NotFound { .. }
+            | object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. }
+            | object_store::Error::NotImplemented { .. }
+            | object_store::Error::InvalidPath { .. }
+    )
+}
+
+/// Runs `op` until it succeeds, fails permanently, or runs out of retries.
+async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> object_store::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = object_store::Result<T>>,
+{
+    let mut delay = std::time::Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Err(e) if transient(&e) && attempt < READ_RETRIES => {
+                attempt += 1;
+                tracing::warn!("{what}: attempt {attempt} failed, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            result => return result,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -98,7 +133,10 @@ impl Replica {
 
     pub async fn list_level(&self, level: u8) -> ReplicaResult<Vec<ReplicaFile>> {
         let prefix = self.level_path(level);
-        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
+        let objects: Vec<_> = with_retries("list LTX files", || {
+            self.store.list(Some(&prefix)).try_collect::<Vec<_>>()
+        })
+        .await?;
         Ok(objects
             .into_iter()
             .filter_map(|meta| {
@@ -149,7 +187,10 @@ impl Replica {
 
     /// A whole LTX file.
     pub async fn fetch(&self, file: &ReplicaFile) -> ReplicaResult<Bytes> {
-        Ok(self.store.get(&file.path).await?.bytes().await?)
+        Ok(with_retries("fetch LTX file", || async {
+            self.store.get(&file.path).await?.bytes().await
+        })
+        .await?)
     }
 
     pub async fn delete(&self, file: &ReplicaFile) -> ReplicaResult<()> {
@@ -176,7 +217,10 @@ impl Replica {
             0..ltx::HEADER_SIZE as u64,
             file.size - TAIL_LEN as u64..file.size,
         ];
-        let parts = self.store.get_ranges(&file.path, &ranges).await?;
+        let parts = with_retries("read LTX header and tail", || {
+            self.store.get_ranges(&file.path, &ranges)
+        })
+        .await?;
         let header_bytes: &[u8; ltx::HEADER_SIZE] = parts[0]
             .as_ref()
             .try_into()
@@ -184,7 +228,10 @@ impl Replica {
         let header = Header::decode(header_bytes).map_err(ltx_err)?;
         header.validate().map_err(ltx_err)?;
         let (start, len) = PageIndex::locate(file.size, &parts[1]).map_err(ltx_err)?;
-        let index_bytes = self.store.get_range(&file.path, start..start + len).await?;
+        let index_bytes = with_retries("read LTX page index", || {
+            self.store.get_range(&file.path, start..start + len)
+        })
+        .await?;
         let index =
             PageIndex::decode(&index_bytes, PageIndex::frames_end(start)).map_err(ltx_err)?;
         Ok((header, index))
@@ -267,10 +314,11 @@ impl PageMap {
             .get(&pgno)
             .ok_or(ReplicaError::MissingPage(pgno))?;
         let path = &self.files[*file].path;
-        let frame = replica
-            .store
-            .get_range(path, entry.offset..entry.offset + entry.size)
-            .await?;
+        let range = entry.offset..entry.offset + entry.size;
+        let frame = with_retries("read page frame", || {
+            replica.store.get_range(path, range.clone())
+        })
+        .await?;
         let found =
             ltx::frame::decode_frame(&frame, &mut page).map_err(|source| ReplicaError::Ltx {
                 path: path.to_string(),

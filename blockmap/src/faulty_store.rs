@@ -1,0 +1,145 @@
+//! An `ObjectStore` wrapper that adds first-byte latency and injected failures, and counts
+//! requests: for fault tests and for benchmarks against a "remote" store on one machine.
+
+use async_trait::async_trait;
+use futures::stream::{self, BoxStream, StreamExt};
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
+};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    latency_us: AtomicU64,
+    failures_left: AtomicU32,
+    requests: AtomicU64,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        FaultyStore {
+            inner,
+            latency_us: AtomicU64::new(0),
+            failures_left: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+        }
+    }
+
+    /// Delay added before every request is answered.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_us
+            .store(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The next `n` requests fail with a transient error.
+    pub fn fail_next(&self, n: u32) {
+        self.failures_left.store(n, Ordering::Relaxed);
+    }
+
+    /// Requests seen so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    async fn enter(&self) -> Result<()> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let latency = self.latency_us.load(Ordering::Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
+        let failing = self
+            .failures_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(object_store::Error::Generic {
+                store: "faulty",
+                source: "injected failure".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for FaultyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FaultyStore({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> Result<PutResult> {
+        self.enter().await?;
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> Result<Box<dyn MultipartUpload>> {
+        self.enter().await?;
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+        self.enter().await?;
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, Result<Path>>,
+    ) -> BoxStream<'static, Result<Path>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let latency = Duration::from_micros(self.latency_us.load(Ordering::Relaxed));
+        let failing = self
+            .failures_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        let listing = self.inner.list(prefix);
+        stream::once(async move {
+            tokio::time::sleep(latency).await;
+            if failing {
+                stream::once(async {
+                    Err(object_store::Error::Generic {
+                        store: "faulty",
+                        source: "injected failure".into(),
+                    })
+                })
+                .boxed()
+            } else {
+                listing
+            }
+        })
+        .flatten()
+        .boxed()
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+        self.enter().await?;
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+        self.enter().await?;
+        self.inner.copy_opts(from, to, options).await
+    }
+}

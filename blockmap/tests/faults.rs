@@ -1,0 +1,46 @@
+//! A flaky store: transient failures are retried and invisible; a dead store is a clear error,
+//! never garbage; service resumes when the store does.
+
+use blockmap::faulty_store::FaultyStore;
+use blockmap::replica::{Layout, PageMap, Replica};
+use ltx::RestoreTarget;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use std::sync::Arc;
+
+#[tokio::test]
+async fn transient_failures_are_retried_and_outages_are_errors() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    let local = Arc::new(LocalFileSystem::new_with_prefix(data.join("replica")).expect("store"));
+    let faulty = Arc::new(FaultyStore::new(local));
+    let replica = Replica::new(Arc::clone(&faulty) as _, Path::from(""), Layout::File);
+    let expected = std::fs::read(data.join("final_state.db")).expect("final_state.db");
+
+    faulty.fail_next(3);
+    let map = PageMap::open(&replica, RestoreTarget::Latest)
+        .await
+        .expect("open despite failures");
+    faulty.fail_next(2);
+    let mut image = Vec::new();
+    for pgno in 1..=map.commit {
+        image.extend(
+            map.read_page(&replica, pgno)
+                .await
+                .expect("page despite failures"),
+        );
+    }
+    assert_eq!(image, expected);
+
+    faulty.fail_next(1000);
+    let err = map
+        .read_page(&replica, 1)
+        .await
+        .expect_err("the store is down");
+    assert!(err.to_string().contains("injected failure"), "{err}");
+
+    faulty.fail_next(0);
+    assert_eq!(
+        map.read_page(&replica, 1).await.expect("recovered"),
+        expected[..4096].to_vec()
+    );
+}
