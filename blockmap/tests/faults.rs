@@ -44,3 +44,39 @@ async fn transient_failures_are_retried_and_outages_are_errors() {
         expected[..4096].to_vec()
     );
 }
+
+#[test]
+fn the_shared_page_cache_saves_repeat_fetches_and_stays_bounded() {
+    use blockmap::vfs::remote::RemoteSource;
+    use blockmap::vfs::state::PageSource;
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    let local = Arc::new(LocalFileSystem::new_with_prefix(data.join("replica")).expect("store"));
+    let faulty = Arc::new(FaultyStore::new(local));
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&faulty) as _,
+        Path::from(""),
+        Layout::File,
+    ));
+    let source = rt
+        .block_on(RemoteSource::open(
+            replica,
+            RestoreTarget::Latest,
+            rt.handle().clone(),
+        ))
+        .expect("open")
+        .with_cache_pages(2);
+    let before = faulty.requests();
+    let first = source.read_page(1).expect("page");
+    assert_eq!(faulty.requests(), before + 1);
+    assert_eq!(source.read_page(1).expect("cached"), first);
+    assert_eq!(faulty.requests(), before + 1, "served from the cache");
+    source.read_page(2).expect("page");
+    source.read_page(3).expect("page"); // evicts page 1
+    source.read_page(1).expect("page");
+    assert_eq!(
+        faulty.requests(),
+        before + 4,
+        "page 1 was evicted and fetched again"
+    );
+}

@@ -9,14 +9,46 @@
 use super::state::{DatabaseState, PageSource};
 use crate::replica::{PageMap, Replica, ReplicaError, ReplicaResult};
 use ltx::RestoreTarget;
+use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
+
+/// Pages kept in memory by default (16 MiB of 4 KiB pages).
+pub const DEFAULT_CACHE_PAGES: usize = 4096;
 
 pub struct RemoteSource {
     replica: Arc<Replica>,
     map: Arc<PageMap>,
     runtime: Handle,
+    cache: Mutex<PageCache>,
+}
+
+/// A bounded page cache shared by every connection to the database. Eviction is first-in
+/// first-out: SQLite's own per-connection cache already keeps the hottest pages, so this one
+/// mostly saves repeat fetches across connections and after SQLite evicts.
+struct PageCache {
+    capacity: usize,
+    pages: HashMap<u32, Arc<Vec<u8>>>,
+    order: VecDeque<u32>,
+}
+
+impl PageCache {
+    fn get(&self, pgno: u32) -> Option<Arc<Vec<u8>>> {
+        self.pages.get(&pgno).cloned()
+    }
+
+    fn insert(&mut self, pgno: u32, page: Arc<Vec<u8>>) {
+        if self.capacity == 0 || self.pages.insert(pgno, page).is_some() {
+            return;
+        }
+        self.order.push_back(pgno);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.pages.remove(&old);
+            }
+        }
+    }
 }
 
 impl RemoteSource {
@@ -31,7 +63,22 @@ impl RemoteSource {
             replica,
             map: Arc::new(map),
             runtime,
+            cache: Mutex::new(PageCache {
+                capacity: DEFAULT_CACHE_PAGES,
+                pages: HashMap::new(),
+                order: VecDeque::new(),
+            }),
         })
+    }
+
+    /// Sets how many pages the shared cache holds (0 disables it).
+    pub fn with_cache_pages(self, pages: usize) -> Self {
+        self.cache().capacity = pages;
+        self
+    }
+
+    fn cache(&self) -> MutexGuard<'_, PageCache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -49,6 +96,17 @@ impl PageSource for RemoteSource {
     }
 
     fn read_page(&self, pgno: u32) -> io::Result<Vec<u8>> {
+        if let Some(page) = self.cache().get(pgno) {
+            return Ok(page.as_ref().clone());
+        }
+        let page = self.fetch(pgno)?;
+        self.cache().insert(pgno, Arc::new(page.clone()));
+        Ok(page)
+    }
+}
+
+impl RemoteSource {
+    fn fetch(&self, pgno: u32) -> io::Result<Vec<u8>> {
         let (replica, map) = (Arc::clone(&self.replica), Arc::clone(&self.map));
         let task = self
             .runtime
