@@ -29,6 +29,9 @@ enum Suite {
     /// fio 4k random and 1M sequential through the NBD engine: bucketdisk (local-file volume)
     /// vs qemu-nbd vs nbdkit on the same file.
     NbdLocal(suites::nbd_local::Args),
+    /// The block map: cold open from object storage with injected latency, hydration, lookups,
+    /// sustained updates; litestream restore as the peer.
+    Blockmap(suites::blockmap::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -40,6 +43,7 @@ fn main() -> std::process::ExitCode {
     );
     let result = match cli.suite {
         Suite::NbdLocal(args) => suites::nbd_local::run(args, command),
+        Suite::Blockmap(args) => suites::blockmap::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,4 @@
 //! Benchmark suites, one module each.
 
+pub mod blockmap;
 pub mod nbd_local;
