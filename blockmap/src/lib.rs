@@ -13,5 +13,6 @@ mod map;
 pub mod replica;
 mod schema;
 pub mod vfs;
+pub mod writer;
 
 pub use map::{BlockLocation, BlockMap, ChunkStats, Error, MapChange, Result};

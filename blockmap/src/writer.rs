@@ -1,0 +1,145 @@
+//! The writer side of a replicated block map: take the lease, open the map from its replica
+//! (or start a new one), claim the next TXID so no older writer can publish again, and sync
+//! committed transactions to the replica.
+
+use crate::lease::{self, Lease, LeaseError};
+use crate::replica::{Replica, ReplicaError};
+use crate::vfs::ffi::{attach, detach, open_connection};
+use crate::vfs::remote::{RemoteSource, sync_once};
+use crate::vfs::state::{DatabaseState, PageSource};
+use ltx::RestoreTarget;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::runtime::Handle;
+
+/// Page size of new block maps.
+pub const PAGE_SIZE: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("block map state: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub struct MapWriter {
+    name: String,
+    state: Arc<DatabaseState>,
+    replica: Arc<Replica>,
+    store: Arc<dyn ObjectStore>,
+    lease_root: Path,
+    lease: Lease,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl MapWriter {
+    /// Takes the lease under `lease_root`, opens the replica's latest state through the VFS as
+    /// database `name`, and claims the next TXID with a no-op transaction so a previous writer's
+    /// next upload collides and fails.
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        replica: Arc<Replica>,
+        lease_root: Path,
+        name: &str,
+        holder: &str,
+        runtime: Handle,
+    ) -> Result<Self, WriterError> {
+        let lease = lease::acquire(&store, &lease_root, holder).await?;
+        let state = if replica.list().await?.is_empty() {
+            DatabaseState::new(None, PAGE_SIZE)?
+        } else {
+            let source =
+                RemoteSource::open(Arc::clone(&replica), RestoreTarget::Latest, runtime).await?;
+            DatabaseState::new(Some(Arc::new(source) as Arc<dyn PageSource>), PAGE_SIZE)?
+        };
+        let state = Arc::new(state);
+        attach(name, Arc::clone(&state));
+        let writer = MapWriter {
+            name: name.to_string(),
+            state,
+            replica,
+            store,
+            lease_root,
+            lease,
+        };
+        writer.claim().await?;
+        Ok(writer)
+    }
+
+    /// Publishes page 1 unchanged as the next TXID (nothing to claim in an empty database: the
+    /// first upload then races for TXID 1 and create-only settles it).
+    async fn claim(&self) -> Result<(), WriterError> {
+        if self.state.file_size() == 0 {
+            return Ok(());
+        }
+        let task = {
+            let state = Arc::clone(&self.state);
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                let mut page = vec![0u8; state.page_size() as usize];
+                state.read(0, &mut page)?;
+                state.write(0, &page)?;
+                state.commit();
+                Ok(())
+            })
+        };
+        task.await
+            .map_err(|e| std::io::Error::other(format!("claim task failed: {e}")))??;
+        self.sync().await?;
+        Ok(())
+    }
+
+    /// A new connection to the map (SQLite, through the VFS).
+    pub fn connection(&self) -> rusqlite::Result<rusqlite::Connection> {
+        open_connection(&self.name)
+    }
+
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The TXID the replica holds for this writer.
+    pub fn txid(&self) -> u64 {
+        self.state.txid()
+    }
+
+    /// Uploads what was committed since the last sync. A collision means another writer took
+    /// the volume: the lease check then reports `Fenced`, and this writer must stop.
+    pub async fn sync(&self) -> Result<Option<u64>, WriterError> {
+        match sync_once(&self.state, &self.replica, now_ms()).await {
+            Err(ReplicaError::Conflict(path)) => {
+                self.lease
+                    .check(self.store.as_ref(), &self.lease_root)
+                    .await?;
+                Err(ReplicaError::Conflict(path).into())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Syncs every `interval` until a sync fails (for example because this writer was fenced).
+    pub async fn sync_every(&self, interval: Duration) -> WriterError {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.sync().await {
+                return e;
+            }
+        }
+    }
+
+    /// Final sync, then the database is detached from the VFS.
+    pub async fn close(self) -> Result<(), WriterError> {
+        let result = self.sync().await.map(|_| ());
+        detach(&self.name);
+        result
+    }
+}
