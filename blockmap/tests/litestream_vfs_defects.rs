@@ -90,6 +90,10 @@ async fn hydration_verifies_checksums() {
         !dir.path().join("h.db").exists(),
         "no local copy is left behind"
     );
+    assert!(
+        !dir.path().join("h.hydrating").exists(),
+        "nor a partial one"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -98,13 +98,17 @@ pub async fn hydrate(
     let io_err = |e: io::Error| ReplicaError::Invalid(format!("{}: {e}", tmp.display()));
     let out = File::create(&tmp).map_err(io_err)?;
     let readers: Vec<&[u8]> = downloaded.iter().map(|b| &b[..]).collect();
-    let header =
-        ltx::compactor::write_database(readers, io::BufWriter::new(&out)).map_err(|source| {
-            ReplicaError::Ltx {
+    let header = match ltx::compactor::write_database(readers, io::BufWriter::new(&out)) {
+        Ok(header) => header,
+        Err(source) => {
+            // Never leave a half-written or unverified copy behind.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ReplicaError::Ltx {
                 path: "hydration".into(),
                 source,
-            }
-        })?;
+            });
+        }
+    };
     out.sync_all().map_err(io_err)?;
     std::fs::rename(&tmp, path).map_err(io_err)?;
     let file = File::open(path).map_err(io_err)?;
