@@ -61,6 +61,19 @@ pub fn detach(name: &str) {
     registry().remove(name);
 }
 
+/// Runs `f` on an attached database while no connection holds any lock on it (no reader mid
+/// transaction, no writer), keeping new locks out until it returns. `None` if the database is
+/// busy or not attached: try again later.
+pub fn with_quiet_database<T>(name: &str, f: impl FnOnce(&DatabaseState) -> T) -> Option<T> {
+    let entry = registry().get(name).cloned()?;
+    let locks = entry.locks();
+    let quiet = locks.shared == 0
+        && locks.reserved.is_none()
+        && locks.pending.is_none()
+        && locks.exclusive.is_none();
+    quiet.then(|| f(&entry.state))
+}
+
 /// Registers the VFS with SQLite (once per process).
 pub fn register() -> rusqlite::Result<()> {
     static REGISTERED: OnceLock<c_int> = OnceLock::new();

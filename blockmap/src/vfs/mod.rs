@@ -6,6 +6,7 @@
 //! `sqlite3_vfs` registration that calls into it is built on top of this.
 
 pub mod ffi;
+pub mod follower;
 pub mod hydrate;
 pub mod remote;
 pub mod state;

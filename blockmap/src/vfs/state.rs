@@ -300,6 +300,34 @@ impl DatabaseState {
         }))
     }
 
+    /// Applies a transaction another writer published (read-only followers): its pages become
+    /// committed content, the database takes its size and TXID. Only call with no reader inside
+    /// a transaction (see `ffi::with_quiet_database`).
+    pub fn apply_remote(
+        &self,
+        pages: Vec<(u32, Vec<u8>)>,
+        commit: u32,
+        txid: u64,
+    ) -> io::Result<()> {
+        let mut inner = self.lock();
+        if inner.pending_pages.is_some() {
+            return Err(invalid("a follower cannot have local writes".into()));
+        }
+        if txid <= inner.txid {
+            return Err(invalid(format!("TXID {txid} is not after {}", inner.txid)));
+        }
+        for (pgno, page) in pages {
+            if page.len() != inner.page_size as usize {
+                return Err(invalid(format!("page {pgno} has the wrong size")));
+            }
+            inner.committed.insert(pgno, Arc::new(page));
+        }
+        inner.committed.retain(|p, _| *p <= commit);
+        inner.commit_pages = commit;
+        inner.txid = txid;
+        Ok(())
+    }
+
     /// `upload` is durable in the store: the replica is at its TXID, and its pages no longer
     /// need uploading unless a later commit changed them again.
     pub fn uploaded(&self, upload: &PendingUpload) {
