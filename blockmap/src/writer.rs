@@ -126,6 +126,15 @@ impl MapWriter {
         }
     }
 
+    /// Keeps the replica cheap to open: compacts level 0 into level 1, writes a snapshot of the
+    /// latest state, and drops what the older of the two newest snapshots makes unnecessary.
+    pub async fn maintain(&self) -> Result<(), WriterError> {
+        crate::compaction::compact_level(&self.replica, 0, 1).await?;
+        crate::compaction::snapshot(&self.replica).await?;
+        crate::compaction::enforce_retention(&self.replica, 2).await?;
+        Ok(())
+    }
+
     /// Syncs every `interval` until a sync fails (for example because this writer was fenced).
     pub async fn sync_every(&self, interval: Duration) -> WriterError {
         loop {

@@ -103,3 +103,75 @@ async fn a_new_writer_fences_the_old_one() {
         "w1's late trim is not"
     );
 }
+
+/// After many syncs and a maintenance pass, opening the map costs a handful of requests, not
+/// one per transaction ever written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_keeps_the_open_cheap() {
+    use blockmap::faulty_store::FaultyStore;
+    use blockmap::replica::PageMap;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let counted = Arc::new(FaultyStore::new(local));
+    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as _;
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        Path::from("vol/blockmap"),
+        Layout::File,
+    ));
+    let w = MapWriter::open(
+        Arc::clone(&store),
+        Arc::clone(&replica),
+        Path::from("vol"),
+        "writer-test-maintain",
+        "host",
+        tokio::runtime::Handle::current(),
+    )
+    .await
+    .expect("open");
+    let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
+    map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
+    for i in 0..60u64 {
+        map.apply(
+            &[],
+            &[MapChange::Put {
+                block: i,
+                location: loc(i),
+            }],
+        )
+        .expect("apply");
+        w.sync().await.expect("sync");
+    }
+    let open_cost = |replica: Arc<Replica>| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let before = counted.requests();
+            let map = PageMap::open(&replica, ltx::RestoreTarget::Latest)
+                .await
+                .expect("open");
+            (counted.requests() - before, map.txid)
+        }
+    };
+    let (before, txid) = open_cost(Arc::clone(&replica)).await;
+    w.maintain().await.expect("maintain");
+    let (after, txid_after) = open_cost(Arc::clone(&replica)).await;
+    assert_eq!(txid, txid_after);
+    assert!(before > 60, "60 L0 files cost {before} requests to open");
+    assert!(
+        after <= 14,
+        "after maintenance the open costs {after} requests"
+    );
+    let w2 = MapWriter::open(
+        Arc::clone(&store),
+        Arc::clone(&replica),
+        Path::from("vol"),
+        "writer-test-maintain-2",
+        "host2",
+        tokio::runtime::Handle::current(),
+    )
+    .await
+    .expect("reopen");
+    let map2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    assert_eq!(map2.get(59).expect("get"), Some(loc(59)));
+}
