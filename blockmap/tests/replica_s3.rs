@@ -4,73 +4,12 @@
 
 use blockmap::replica::{Layout, PageMap, Replica, ReplicaError};
 use ltx::RestoreTarget;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use object_store::{ObjectStoreExt, PutPayload};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server is not installed: run scripts/install-deps.sh");
-    let moto = Moto { child, port };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    moto
-}
-
-/// Creates a bucket with a plain HTTP PUT (moto does not check signatures).
-fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
-}
-
-fn s3(port: u16, bucket: &str) -> Arc<dyn ObjectStore> {
-    Arc::new(
-        AmazonS3Builder::new()
-            .with_endpoint(format!("http://127.0.0.1:{port}"))
-            .with_allow_http(true)
-            .with_bucket_name(bucket)
-            .with_region("us-east-1")
-            .with_access_key_id("test")
-            .with_secret_access_key("test")
-            .build()
-            .expect("S3 store"),
-    )
-}
+mod common;
+use common::{create_bucket, s3, start_moto};
 
 fn testdata() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx")
@@ -153,4 +92,64 @@ async fn replica_over_s3() {
             .count();
         assert_eq!((wins, conflicts), (1, 1), "TXID {txid}: {results:?}");
     }
+}
+
+/// Two writers on one S3 map: distinct lease epochs, and the older one is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_over_s3_fence_each_other() {
+    use blockmap::lease::LeaseError;
+    use blockmap::writer::{MapWriter, WriterError};
+    use blockmap::{BlockLocation, BlockMap, MapChange};
+    let moto = start_moto();
+    create_bucket(moto.port, "fencing");
+    let store = s3(moto.port, "fencing");
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        Path::from("vol/blockmap"),
+        Layout::ObjectStore,
+    ));
+    let open = |name: &'static str| {
+        MapWriter::open(
+            Arc::clone(&store),
+            Arc::clone(&replica),
+            Path::from("vol"),
+            name,
+            name,
+            tokio::runtime::Handle::current(),
+        )
+    };
+    let loc = BlockLocation {
+        chunk: 1,
+        offset: 0,
+        length: 1,
+        checksum: 0,
+    };
+    let w1 = open("s3-writer-1").await.expect("w1");
+    let mut m1 = BlockMap::new(w1.connection().expect("conn")).expect("map");
+    m1.apply(
+        &[(1, 10)],
+        &[MapChange::Put {
+            block: 1,
+            location: loc,
+        }],
+    )
+    .expect("apply");
+    w1.sync().await.expect("sync");
+    let w2 = open("s3-writer-2").await.expect("w2");
+    assert_eq!((w1.lease().epoch, w2.lease().epoch), (1, 2));
+    let m2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    assert_eq!(m2.get(1).expect("get"), Some(loc));
+    m1.apply(
+        &[],
+        &[MapChange::Delete {
+            first: 0,
+            count: 10,
+        }],
+    )
+    .expect("late write");
+    let err = w1.sync().await.expect_err("fenced");
+    assert!(
+        matches!(err, WriterError::Lease(LeaseError::Fenced { .. })),
+        "{err}"
+    );
 }
