@@ -135,12 +135,21 @@ impl MapWriter {
         Ok(())
     }
 
-    /// Syncs every `interval` until a sync fails (for example because this writer was fenced).
-    pub async fn sync_every(&self, interval: Duration) -> WriterError {
+    /// Syncs every `interval`, and runs [`Self::maintain`] every `maintain_every` syncs, until a
+    /// sync fails (for example because this writer was fenced). Maintenance failures are logged
+    /// and retried next time: they never stop the syncs.
+    pub async fn sync_every(&self, interval: Duration, maintain_every: u32) -> WriterError {
+        let mut syncs = 0u32;
         loop {
             tokio::time::sleep(interval).await;
             if let Err(e) = self.sync().await {
                 return e;
+            }
+            syncs += 1;
+            if maintain_every > 0 && syncs % maintain_every == 0 {
+                if let Err(e) = self.maintain().await {
+                    tracing::warn!("block map maintenance failed, will retry: {e}");
+                }
             }
         }
     }
