@@ -1,0 +1,259 @@
+//! Chunks: immutable objects holding many blocks, each compressed on its own so that one block
+//! is one ranged GET, with a self-describing index at the end (for GC and recovery without the
+//! block map).
+//!
+//! ```text
+//! "BDCHUNK1" · block payloads · index entries · u32 entry count · u32 CRC-32C of the index · "BDCHUNK1"
+//! entry: block u64 · offset u64 · length u32 · checksum u32           (little-endian)
+//! ```
+//!
+//! A payload is the block's LZ4 block encoding, or the raw block when compression would not
+//! make it smaller (then its length equals the block size). Every block's checksum is the
+//! CRC-32C of its uncompressed content; it is stored in the block map row and verified on every
+//! read from storage, so a corrupt or misplaced block is an error, never data.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use crc::{CRC_32_ISCSI, Crc};
+
+const MAGIC: &[u8; 8] = b"BDCHUNK1";
+const ENTRY_LEN: usize = 24;
+const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
+
+/// CRC-32C of a block's content, as stored in the block map.
+pub fn block_checksum(data: &[u8]) -> u32 {
+    CRC32C.checksum(data)
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("block checksum mismatch: the map says {expected:08x}, the data gives {actual:08x}")]
+    Checksum { expected: u32, actual: u32 },
+    #[error("block payload does not decode: {0}")]
+    Decode(String),
+    #[error("chunk is malformed: {0}")]
+    Malformed(String),
+}
+
+/// Where a block landed in its chunk: exactly what the block map stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkEntry {
+    pub block: u64,
+    pub offset: u64,
+    pub length: u32,
+    pub checksum: u32,
+}
+
+/// Builds one chunk from blocks of a fixed size.
+pub struct ChunkBuilder {
+    block_size: usize,
+    body: BytesMut,
+    entries: Vec<ChunkEntry>,
+    scratch: Vec<u8>,
+}
+
+impl ChunkBuilder {
+    pub fn new(block_size: u32) -> Self {
+        let mut body = BytesMut::with_capacity(4 << 20);
+        body.put_slice(MAGIC);
+        ChunkBuilder {
+            block_size: block_size as usize,
+            body,
+            entries: Vec::new(),
+            scratch: vec![0u8; lz4_flex::block::get_maximum_output_size(block_size as usize)],
+        }
+    }
+
+    /// Bytes written so far (to decide when the chunk is big enough).
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Appends one block (exactly `block_size` bytes).
+    pub fn add(&mut self, block: u64, data: &[u8]) -> Result<ChunkEntry, ChunkError> {
+        if data.len() != self.block_size {
+            return Err(ChunkError::Malformed(format!(
+                "block {block} is {} bytes, the block size is {}",
+                data.len(),
+                self.block_size
+            )));
+        }
+        let compressed = lz4_flex::block::compress_into(data, &mut self.scratch)
+            .map_err(|e| ChunkError::Decode(e.to_string()))?;
+        let payload = if compressed < self.block_size {
+            &self.scratch[..compressed]
+        } else {
+            data // incompressible: stored raw, recognisable by its full length
+        };
+        let entry = ChunkEntry {
+            block,
+            offset: self.body.len() as u64,
+            length: payload.len() as u32,
+            checksum: block_checksum(data),
+        };
+        self.body.put_slice(payload);
+        self.entries.push(entry);
+        Ok(entry)
+    }
+
+    /// Writes the index and trailer; returns the chunk and its entries.
+    pub fn finish(mut self) -> (Bytes, Vec<ChunkEntry>) {
+        let index_start = self.body.len();
+        for e in &self.entries {
+            self.body.put_u64_le(e.block);
+            self.body.put_u64_le(e.offset);
+            self.body.put_u32_le(e.length);
+            self.body.put_u32_le(e.checksum);
+        }
+        let crc = CRC32C.checksum(&self.body[index_start..]);
+        self.body.put_u32_le(self.entries.len() as u32);
+        self.body.put_u32_le(crc);
+        self.body.put_slice(MAGIC);
+        (self.body.freeze(), self.entries)
+    }
+}
+
+/// Decodes one block payload (as fetched with a ranged GET) and verifies it against the
+/// checksum from the block map.
+pub fn decode_block(payload: &[u8], block_size: u32, checksum: u32) -> Result<Vec<u8>, ChunkError> {
+    let size = block_size as usize;
+    let data = if payload.len() == size {
+        payload.to_vec()
+    } else {
+        let mut out = vec![0u8; size];
+        let n = lz4_flex::block::decompress_into(payload, &mut out)
+            .map_err(|e| ChunkError::Decode(e.to_string()))?;
+        if n != size {
+            return Err(ChunkError::Decode(format!(
+                "{n} bytes, expected a {size}-byte block"
+            )));
+        }
+        out
+    };
+    let actual = block_checksum(&data);
+    if actual != checksum {
+        return Err(ChunkError::Checksum {
+            expected: checksum,
+            actual,
+        });
+    }
+    Ok(data)
+}
+
+/// Reads a whole chunk's index (for GC rewrites and recovery).
+pub fn read_index(chunk: &[u8]) -> Result<Vec<ChunkEntry>, ChunkError> {
+    let bad = |m: &str| ChunkError::Malformed(m.to_string());
+    if chunk.len() < 2 * MAGIC.len() + 8
+        || &chunk[..8] != MAGIC
+        || &chunk[chunk.len() - 8..] != MAGIC
+    {
+        return Err(bad("missing chunk magic"));
+    }
+    let tail = chunk.len() - 8;
+    let count = u32::from_le_bytes(chunk[tail - 8..tail - 4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(chunk[tail - 4..tail].try_into().expect("4 bytes"));
+    let index_len = count
+        .checked_mul(ENTRY_LEN)
+        .ok_or_else(|| bad("entry count overflows"))?;
+    let index_start = (tail - 8)
+        .checked_sub(index_len)
+        .filter(|s| *s >= 8)
+        .ok_or_else(|| bad("index larger than the chunk"))?;
+    let index = &chunk[index_start..tail - 8];
+    if CRC32C.checksum(index) != crc {
+        return Err(bad("index checksum mismatch"));
+    }
+    let entries: Vec<ChunkEntry> = index
+        .chunks_exact(ENTRY_LEN)
+        .map(|e| ChunkEntry {
+            block: u64::from_le_bytes(e[0..8].try_into().expect("8 bytes")),
+            offset: u64::from_le_bytes(e[8..16].try_into().expect("8 bytes")),
+            length: u32::from_le_bytes(e[16..20].try_into().expect("4 bytes")),
+            checksum: u32::from_le_bytes(e[20..24].try_into().expect("4 bytes")),
+        })
+        .collect();
+    if entries
+        .iter()
+        .any(|e| e.offset < 8 || e.offset + u64::from(e.length) > index_start as u64)
+    {
+        return Err(bad("an entry points outside the block area"));
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn block(seed: u64, compressible: bool, size: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..size)
+            .map(|i| {
+                if compressible {
+                    (i / 64) as u8 ^ seed as u8
+                } else {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn blocks_round_trip_through_ranged_reads(kinds in prop::collection::vec(any::<bool>(), 1..40), shift in 12u32..17) {
+            let size = 1usize << shift;
+            let mut builder = ChunkBuilder::new(size as u32);
+            let blocks: Vec<Vec<u8>> = kinds.iter().enumerate().map(|(i, c)| block(i as u64 + 1, *c, size)).collect();
+            for (i, b) in blocks.iter().enumerate() {
+                builder.add(i as u64 * 3, b).expect("add");
+            }
+            let (chunk, entries) = builder.finish();
+            prop_assert_eq!(read_index(&chunk).expect("index"), entries.clone());
+            for (e, b) in entries.iter().zip(&blocks) {
+                let payload = &chunk[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
+                prop_assert_eq!(&decode_block(payload, size as u32, e.checksum).expect("decode"), b);
+            }
+        }
+    }
+
+    #[test]
+    fn corruption_is_an_error_never_data() {
+        let mut builder = ChunkBuilder::new(4096);
+        let e = builder.add(7, &block(1, true, 4096)).expect("add");
+        let raw = builder.add(8, &block(2, false, 4096)).expect("add");
+        assert_eq!(raw.length, 4096, "incompressible blocks are stored raw");
+        let (chunk, _) = builder.finish();
+        let payload = chunk[e.offset as usize..(e.offset + u64::from(e.length)) as usize].to_vec();
+        // Wrong checksum (a map row pointing at the wrong block).
+        assert!(matches!(
+            decode_block(&payload, 4096, e.checksum ^ 1),
+            Err(ChunkError::Checksum { .. })
+        ));
+        // A flipped bit in the payload.
+        let mut bad = payload.clone();
+        let middle = bad.len() / 2;
+        bad[middle] ^= 0x10;
+        assert!(decode_block(&bad, 4096, e.checksum).is_err());
+        let mut raw_bad = chunk[raw.offset as usize..(raw.offset + 4096) as usize].to_vec();
+        raw_bad[100] ^= 1;
+        assert!(matches!(
+            decode_block(&raw_bad, 4096, raw.checksum),
+            Err(ChunkError::Checksum { .. })
+        ));
+        // A damaged index.
+        let mut damaged = chunk.to_vec();
+        let at = damaged.len() - 20;
+        damaged[at] ^= 1;
+        assert!(read_index(&damaged).is_err());
+        assert!(read_index(b"short").is_err());
+        assert!(ChunkBuilder::new(4096).add(1, &[0u8; 10]).is_err());
+    }
+}
