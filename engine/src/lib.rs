@@ -7,6 +7,7 @@
 pub mod chunk;
 pub mod device;
 pub mod file_volume;
+pub mod journal;
 pub mod metadata;
 
 pub use device::{
