@@ -361,7 +361,7 @@ mod tests {
         j.release(2).expect("release");
         let first = j.segments[0].first_seq;
         assert!(
-            first >= 2 && first <= 3,
+            (2..=3).contains(&first),
             "segments holding only seq ≤ 2 are gone (first now {first})"
         );
         drop(j);
