@@ -11,6 +11,7 @@ pub mod faulty_store;
 pub mod lease;
 mod map;
 pub mod replica;
+pub mod retry;
 mod schema;
 pub mod vfs;
 pub mod writer;

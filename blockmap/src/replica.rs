@@ -4,6 +4,7 @@
 //! Opening costs two round trips per file, all files in parallel (header + tail, then index),
 //! and nothing proportional to the database size: pages are fetched when asked for.
 
+use crate::retry::with_retries;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use ltx::page_index::TAIL_LEN;
@@ -15,42 +16,6 @@ use std::sync::Arc;
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
-/// Reads that fail transiently are retried this many times, backing off from 50 ms.
-const READ_RETRIES: u32 = 5;
-
-/// Errors worth retrying: everything but answers that another try cannot change.
-fn transient(e: &object_store::Error) -> bool {
-    !matches!(
-        e,
-        object_store::Error::NotFound { .. }
-            | object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. }
-            | object_store::Error::NotImplemented { .. }
-            | object_store::Error::InvalidPath { .. }
-    )
-}
-
-/// Runs `op` until it succeeds, fails permanently, or runs out of retries.
-async fn with_retries<T, F, Fut>(what: &str, mut op: F) -> object_store::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = object_store::Result<T>>,
-{
-    let mut delay = std::time::Duration::from_millis(50);
-    let mut attempt = 0;
-    loop {
-        match op().await {
-            Err(e) if transient(&e) && attempt < READ_RETRIES => {
-                attempt += 1;
-                tracing::warn!("{what}: attempt {attempt} failed, retrying in {delay:?}: {e}");
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
-            result => return result,
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("object store: {0}")]

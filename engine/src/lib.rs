@@ -5,6 +5,7 @@
 //! file; it is the baseline the object-storage engine is measured against.
 
 pub mod chunk;
+pub mod chunk_store;
 pub mod device;
 pub mod file_volume;
 pub mod journal;

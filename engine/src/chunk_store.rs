@@ -1,0 +1,159 @@
+//! Chunks in object storage: `<volume>/chunks/<id as %016x>`, written once and never
+//! overwritten, read one block at a time with ranged GETs that are verified against the block
+//! map's checksum (invariant I5: a mismatch is an error, never data).
+
+use crate::chunk::{ChunkError, decode_block};
+use blockmap::BlockLocation;
+use blockmap::retry::with_retries;
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::io;
+use std::sync::Arc;
+
+pub struct ChunkStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    block_size: u32,
+}
+
+fn to_io(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+impl ChunkStore {
+    /// Chunks of the volume whose objects live under `volume_prefix`.
+    pub fn new(store: Arc<dyn ObjectStore>, volume_prefix: &Path, block_size: u32) -> Self {
+        ChunkStore {
+            store,
+            prefix: volume_prefix.clone().join("chunks"),
+            block_size,
+        }
+    }
+
+    pub fn path(&self, chunk: u64) -> Path {
+        self.prefix.clone().join(format!("{chunk:016x}"))
+    }
+
+    /// Uploads a chunk create-only, retrying transient failures. A retry that finds the object
+    /// already there checks it is ours (a lost response to a PUT that succeeded); anything else
+    /// under this id is an error: chunk keys are never written twice.
+    pub async fn put(&self, chunk: u64, bytes: Bytes) -> io::Result<()> {
+        let path = self.path(chunk);
+        let options = || PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let mut attempts = 0u32;
+        let result = with_retries("upload chunk", || {
+            attempts += 1;
+            self.store
+                .put_opts(&path, PutPayload::from(bytes.clone()), options())
+        })
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::AlreadyExists { .. }) if attempts > 1 => {
+                let existing = self.fetch(chunk).await?;
+                if existing == bytes {
+                    Ok(())
+                } else {
+                    Err(to_io(
+                        &format!("chunk {path}"),
+                        "a different object already exists",
+                    ))
+                }
+            }
+            Err(e) => Err(to_io(&format!("upload chunk {path}"), e)),
+        }
+    }
+
+    /// A whole chunk (GC rewrites, recovery).
+    pub async fn fetch(&self, chunk: u64) -> io::Result<Bytes> {
+        let path = self.path(chunk);
+        with_retries("fetch chunk", || async {
+            self.store.get(&path).await?.bytes().await
+        })
+        .await
+        .map_err(|e| to_io(&format!("fetch chunk {path}"), e))
+    }
+
+    /// One block, fetched with a ranged GET and verified.
+    pub async fn read_block(&self, location: &BlockLocation) -> io::Result<Vec<u8>> {
+        let path = self.path(location.chunk);
+        let range = location.offset..location.offset + u64::from(location.length);
+        let payload = with_retries("read block", || self.store.get_range(&path, range.clone()))
+            .await
+            .map_err(|e| to_io(&format!("read {path} {range:?}"), e))?;
+        decode_block(&payload, self.block_size, location.checksum).map_err(|e| match e {
+            ChunkError::Checksum { .. } => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{path} at {}: {e}", location.offset),
+            ),
+            other => to_io(&format!("{path} at {}", location.offset), other),
+        })
+    }
+
+    pub async fn delete(&self, chunk: u64) -> io::Result<()> {
+        match self.store.delete(&self.path(chunk)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(to_io("delete chunk", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkBuilder;
+    use blockmap::faulty_store::FaultyStore;
+    use object_store::local::LocalFileSystem;
+
+    #[tokio::test]
+    async fn blocks_round_trip_and_bad_checksums_are_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+        let faulty = Arc::new(FaultyStore::new(local));
+        let chunks = ChunkStore::new(Arc::clone(&faulty) as _, &Path::from("disk"), 4096);
+        let mut builder = ChunkBuilder::new(4096);
+        let blocks: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 4096]).collect();
+        let entries: Vec<_> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| builder.add(i as u64, b).expect("add"))
+            .collect();
+        let (bytes, _) = builder.finish();
+        faulty.fail_next(2);
+        chunks
+            .put(1, bytes.clone())
+            .await
+            .expect("upload despite failures");
+        assert!(
+            chunks.put(1, Bytes::from_static(b"other")).await.is_err(),
+            "never overwritten"
+        );
+        for (e, b) in entries.iter().zip(&blocks) {
+            let loc = BlockLocation {
+                chunk: 1,
+                offset: e.offset,
+                length: e.length,
+                checksum: e.checksum,
+            };
+            assert_eq!(&chunks.read_block(&loc).await.expect("read"), b);
+        }
+        let e = entries[3];
+        let wrong = BlockLocation {
+            chunk: 1,
+            offset: e.offset,
+            length: e.length,
+            checksum: e.checksum ^ 1,
+        };
+        let err = chunks
+            .read_block(&wrong)
+            .await
+            .expect_err("checksum mismatch");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        chunks.delete(1).await.expect("delete");
+        chunks.delete(1).await.expect("deleting twice is fine");
+    }
+}
