@@ -4,6 +4,7 @@
 //! protocol layer never learns where bytes live. [`FileVolume`] keeps a volume in one sparse local
 //! file; it is the baseline the object-storage engine is measured against.
 
+pub mod cache;
 pub mod chunk;
 pub mod chunk_store;
 pub mod device;

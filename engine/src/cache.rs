@@ -1,0 +1,349 @@
+//! The local block cache: a sparse file of fixed-size slots holding blocks fetched from object
+//! storage, keyed by (chunk, offset) — chunks are immutable, so a key never goes stale and the
+//! cache stays valid across restarts (its index is saved on clean close).
+//!
+//! Eviction is S3-FIFO, which resists scans: new blocks enter a small FIFO and are promoted to
+//! the main FIFO only if they are read again; a block evicted from the small queue leaves a
+//! "ghost" so that a quick return goes straight to main. A one-time sequential read of a whole
+//! disk therefore cannot flush the working set. Every block read back is checked against its
+//! checksum: a damaged cache costs a refetch, never wrong data.
+
+use crate::chunk::block_checksum;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// Identity of a cached block: where its bytes live in object storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub chunk: u64,
+    pub offset: u64,
+}
+
+struct Entry {
+    slot: u32,
+    checksum: u32,
+    /// Reads since insertion or last demotion, capped at 3.
+    freq: u8,
+    in_main: bool,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<CacheKey, Entry>,
+    small: VecDeque<CacheKey>,
+    main: VecDeque<CacheKey>,
+    ghosts: VecDeque<CacheKey>,
+    ghost_set: HashSet<CacheKey>,
+    free: Vec<u32>,
+}
+
+pub struct BlockCache {
+    file: File,
+    index_path: PathBuf,
+    block_size: u32,
+    slots: u32,
+    state: Mutex<State>,
+}
+
+impl BlockCache {
+    /// Opens the cache in `dir` with room for `capacity_bytes`, reusing a clean close's index.
+    pub fn open(dir: &Path, block_size: u32, capacity_bytes: u64) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let slots = u32::try_from((capacity_bytes / u64::from(block_size)).max(1))
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "cache too large"))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("blocks.cache"))?;
+        file.set_len(u64::from(slots) * u64::from(block_size))?;
+        let cache = BlockCache {
+            file,
+            index_path: dir.join("blocks.index"),
+            block_size,
+            slots,
+            state: Mutex::new(State::default()),
+        };
+        cache.load_index()?;
+        Ok(cache)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loads the saved index (entries all go to the main queue), then deletes it: a crash
+    /// before the next clean close must not trust slots written since.
+    fn load_index(&self) -> io::Result<()> {
+        let mut state = self.state();
+        let mut used = vec![false; self.slots as usize];
+        if let Ok(f) = File::open(&self.index_path) {
+            for line in io::BufReader::new(f).lines() {
+                let line = line?;
+                let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
+                let [slot, chunk, offset, checksum] = fields[..] else {
+                    continue;
+                };
+                let slot = slot as u32;
+                if slot >= self.slots || used[slot as usize] {
+                    continue;
+                }
+                used[slot as usize] = true;
+                let key = CacheKey { chunk, offset };
+                state.entries.insert(
+                    key,
+                    Entry {
+                        slot,
+                        checksum: checksum as u32,
+                        freq: 0,
+                        in_main: true,
+                    },
+                );
+                state.main.push_back(key);
+            }
+            std::fs::remove_file(&self.index_path)?;
+        }
+        state.free = (0..self.slots)
+            .rev()
+            .filter(|s| !used[*s as usize])
+            .collect();
+        Ok(())
+    }
+
+    /// Saves the index for the next start (clean close only).
+    pub fn save_index(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        let state = self.state();
+        let tmp = self.index_path.with_extension("tmp");
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        for key in state.main.iter().chain(state.small.iter()) {
+            if let Some(e) = state.entries.get(key) {
+                writeln!(
+                    out,
+                    "{} {} {} {}",
+                    e.slot, key.chunk, key.offset, e.checksum
+                )?;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &self.index_path)
+    }
+
+    /// A cached block, verified against `checksum`; `None` on a miss or a damaged slot.
+    pub fn get(&self, key: CacheKey, checksum: u32) -> io::Result<Option<Vec<u8>>> {
+        let slot = {
+            let mut state = self.state();
+            match state.entries.get_mut(&key) {
+                Some(e) if e.checksum == checksum => {
+                    e.freq = (e.freq + 1).min(3);
+                    e.slot
+                }
+                _ => return Ok(None),
+            }
+        };
+        let mut data = vec![0u8; self.block_size as usize];
+        self.file
+            .read_exact_at(&mut data, u64::from(slot) * u64::from(self.block_size))?;
+        if block_checksum(&data) != checksum {
+            self.remove(key);
+            return Ok(None);
+        }
+        Ok(Some(data))
+    }
+
+    /// Caches a block (a no-op if it is already there).
+    pub fn insert(&self, key: CacheKey, data: &[u8]) -> io::Result<()> {
+        if data.len() != self.block_size as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "wrong block size",
+            ));
+        }
+        let slot = {
+            let mut state = self.state();
+            if state.entries.contains_key(&key) {
+                return Ok(());
+            }
+            let Some(slot) = state.free.pop().or_else(|| self.evict(&mut state)) else {
+                return Ok(());
+            };
+            let returning = state.ghost_set.remove(&key);
+            state.entries.insert(
+                key,
+                Entry {
+                    slot,
+                    checksum: block_checksum(data),
+                    freq: 0,
+                    in_main: returning,
+                },
+            );
+            if returning {
+                state.main.push_back(key);
+            } else {
+                state.small.push_back(key);
+            }
+            slot
+        };
+        self.file
+            .write_all_at(data, u64::from(slot) * u64::from(self.block_size))
+    }
+
+    fn remove(&self, key: CacheKey) {
+        let mut state = self.state();
+        if let Some(e) = state.entries.remove(&key) {
+            state.free.push(e.slot);
+            // The queues drop the stale key lazily when it reaches their head.
+        }
+    }
+
+    /// Frees one slot (S3-FIFO). `None` only if the cache holds nothing evictable.
+    fn evict(&self, state: &mut State) -> Option<u32> {
+        let small_target = (self.slots as usize / 10).max(1);
+        for _ in 0..4 * (self.slots as usize + 1) {
+            let from_small = state.small.len() > small_target || state.main.is_empty();
+            let key = if from_small {
+                state.small.pop_front()
+            } else {
+                state.main.pop_front()
+            }?;
+            let Some(entry) = state.entries.get_mut(&key) else {
+                continue;
+            };
+            if from_small {
+                if entry.freq > 0 {
+                    entry.freq = 0;
+                    entry.in_main = true;
+                    state.main.push_back(key);
+                    continue;
+                }
+                let slot = entry.slot;
+                state.entries.remove(&key);
+                state.ghosts.push_back(key);
+                state.ghost_set.insert(key);
+                while state.ghosts.len() > self.slots as usize {
+                    if let Some(old) = state.ghosts.pop_front() {
+                        state.ghost_set.remove(&old);
+                    }
+                }
+                return Some(slot);
+            }
+            if entry.freq > 0 {
+                entry.freq -= 1;
+                state.main.push_back(key);
+                continue;
+            }
+            let slot = entry.slot;
+            state.entries.remove(&key);
+            return Some(slot);
+        }
+        None
+    }
+
+    /// Blocks currently cached.
+    pub fn len(&self) -> usize {
+        self.state().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: u32 = 4096;
+
+    fn block(n: u64) -> Vec<u8> {
+        (0..BS).map(|i| (n as u8).wrapping_add(i as u8)).collect()
+    }
+
+    fn key(n: u64) -> CacheKey {
+        CacheKey {
+            chunk: n / 100,
+            offset: n % 100 * 8192,
+        }
+    }
+
+    fn get(c: &BlockCache, n: u64) -> Option<Vec<u8>> {
+        c.get(key(n), block_checksum(&block(n))).expect("get")
+    }
+
+    #[test]
+    fn hits_misses_and_capacity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 100 * u64::from(BS)).expect("open");
+        assert_eq!(get(&c, 1), None);
+        c.insert(key(1), &block(1)).expect("insert");
+        assert_eq!(get(&c, 1), Some(block(1)));
+        assert_eq!(
+            c.get(key(1), 12345).expect("get"),
+            None,
+            "another checksum is another block"
+        );
+        for n in 2..1000 {
+            c.insert(key(n), &block(n)).expect("insert");
+        }
+        assert!(c.len() <= 100, "bounded: {}", c.len());
+        let file = std::fs::metadata(dir.path().join("blocks.cache"))
+            .expect("stat")
+            .len();
+        assert_eq!(file, 100 * u64::from(BS));
+    }
+
+    #[test]
+    fn a_scan_does_not_flush_the_working_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 100 * u64::from(BS)).expect("open");
+        for n in 0..50 {
+            c.insert(key(n), &block(n)).expect("insert");
+        }
+        for _ in 0..3 {
+            for n in 0..50 {
+                assert!(get(&c, n).is_some());
+            }
+        }
+        for n in 10_000..12_000 {
+            c.insert(key(n), &block(n)).expect("scan");
+        }
+        let kept = (0..50).filter(|n| get(&c, *n).is_some()).count();
+        assert!(
+            kept >= 45,
+            "only {kept} of the 50 hot blocks survived a 2000-block scan"
+        );
+    }
+
+    #[test]
+    fn survives_a_clean_restart_and_ignores_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+            for n in 0..5 {
+                c.insert(key(n), &block(n)).expect("insert");
+            }
+            c.save_index().expect("save");
+        }
+        // Damage one slot's bytes behind the cache's back.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("blocks.cache"))
+            .expect("open");
+        f.write_all_at(&[0xff; 16], 0).expect("damage");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        let hits = (0..5).filter(|n| get(&c, *n).is_some()).count();
+        assert_eq!(
+            hits, 4,
+            "the damaged block is a miss, the others survived the restart"
+        );
+        // Without a clean close the index is not trusted.
+        drop(c);
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert!(c.is_empty());
+    }
+}
