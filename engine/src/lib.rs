@@ -11,6 +11,7 @@ pub mod device;
 pub mod file_volume;
 pub mod journal;
 pub mod metadata;
+pub mod overlay;
 
 pub use device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,

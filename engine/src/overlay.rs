@@ -1,0 +1,336 @@
+//! Journaled writes that are not in object storage yet, by block, so reads see them at once and
+//! the uploader knows what to pack. Whole-block zeroing is kept as ranges, so trimming a whole
+//! 100 GiB disk is one entry, not 1.6 million.
+//!
+//! Every change carries its journal sequence number. A block's content is: zeros if the newest
+//! zero range covering it is newer than all of its edits' base, else the stored base; then the
+//! block's own edits newer than that range, in order. Once the uploader has stored everything
+//! up to seq S in the block map, [`Overlay::drop_through`] forgets it.
+
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::io;
+
+#[derive(Debug, Clone)]
+enum Edit {
+    Data { seq: u64, at: u32, bytes: Bytes },
+    Zero { seq: u64, at: u32, len: u32 },
+}
+
+impl Edit {
+    fn seq(&self) -> u64 {
+        match self {
+            Edit::Data { seq, .. } | Edit::Zero { seq, .. } => *seq,
+        }
+    }
+
+    fn covers_whole(&self, block_size: u32) -> bool {
+        match self {
+            Edit::Data { at, bytes, .. } => *at == 0 && bytes.len() == block_size as usize,
+            Edit::Zero { at, len, .. } => *at == 0 && *len == block_size,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ZeroRange {
+    first: u64,
+    end: u64,
+    seq: u64,
+}
+
+pub struct Overlay {
+    block_size: u32,
+    blocks: BTreeMap<u64, Vec<Edit>>,
+    zeros: Vec<ZeroRange>,
+}
+
+/// What the uploader must store for everything up to a sequence number.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PendingWork {
+    /// Blocks with edits to materialise and pack.
+    pub blocks: Vec<u64>,
+    /// Whole-block ranges `[first, end)` whose map rows must be deleted.
+    pub zero_ranges: Vec<(u64, u64)>,
+}
+
+impl Overlay {
+    pub fn new(block_size: u32) -> Self {
+        Overlay {
+            block_size,
+            blocks: BTreeMap::new(),
+            zeros: Vec::new(),
+        }
+    }
+
+    /// Records a write of `data` at byte `offset`.
+    pub fn write(&mut self, seq: u64, offset: u64, data: Bytes) {
+        let bs = u64::from(self.block_size);
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let abs = offset + pos as u64;
+            let (block, at) = (abs / bs, (abs % bs) as usize);
+            let n = (self.block_size as usize - at).min(data.len() - pos);
+            self.push(
+                block,
+                Edit::Data {
+                    seq,
+                    at: at as u32,
+                    bytes: data.slice(pos..pos + n),
+                },
+            );
+            pos += n;
+        }
+    }
+
+    /// Records that `[offset, offset+length)` reads as zeros.
+    pub fn zero(&mut self, seq: u64, offset: u64, length: u64) {
+        let bs = u64::from(self.block_size);
+        let end = offset + length;
+        let first_whole = offset.div_ceil(bs);
+        let end_whole = end / bs;
+        if first_whole < end_whole {
+            self.zeros.push(ZeroRange {
+                first: first_whole,
+                end: end_whole,
+                seq,
+            });
+            // Edits inside the range are now older than it and irrelevant.
+            let inside: Vec<u64> = self
+                .blocks
+                .range(first_whole..end_whole)
+                .map(|(b, _)| *b)
+                .collect();
+            for b in inside {
+                self.blocks.remove(&b);
+            }
+        }
+        let mut partial = |from: u64, to: u64| {
+            if from < to {
+                let block = from / bs;
+                let at = (from % bs) as u32;
+                self.push(
+                    block,
+                    Edit::Zero {
+                        seq,
+                        at,
+                        len: (to - from) as u32,
+                    },
+                );
+            }
+        };
+        if first_whole >= end_whole {
+            // Within one block, or spanning a boundary without a whole block.
+            let split = (offset / bs + 1) * bs;
+            partial(offset, end.min(split));
+            partial(split.max(offset), end);
+        } else {
+            partial(offset, first_whole * bs);
+            partial(end_whole * bs, end);
+        }
+    }
+
+    fn push(&mut self, block: u64, edit: Edit) {
+        let whole = edit.covers_whole(self.block_size);
+        let edits = self.blocks.entry(block).or_default();
+        if whole {
+            edits.clear(); // a whole-block edit supersedes everything before it
+        }
+        edits.push(edit);
+    }
+
+    /// Newest zero range covering `block`, by seq.
+    fn zeroed_at(&self, block: u64) -> Option<u64> {
+        self.zeros
+            .iter()
+            .filter(|z| z.first <= block && block < z.end)
+            .map(|z| z.seq)
+            .max()
+    }
+
+    /// Whether the overlay knows anything about `block`.
+    pub fn touches(&self, block: u64) -> bool {
+        self.blocks.contains_key(&block) || self.zeroed_at(block).is_some()
+    }
+
+    /// The block's current content, or `None` if the overlay never touched it. `base` supplies
+    /// the stored content and is called only when edits do not cover the whole block.
+    pub fn materialize(
+        &self,
+        block: u64,
+        base: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let zero_seq = self.zeroed_at(block);
+        let edits: Vec<&Edit> = self
+            .blocks
+            .get(&block)
+            .map(|e| {
+                e.iter()
+                    .filter(|e| zero_seq.is_none_or(|z| e.seq() > z))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if zero_seq.is_none() && edits.is_empty() {
+            return Ok(None);
+        }
+        let covered = edits
+            .first()
+            .is_some_and(|e| e.covers_whole(self.block_size));
+        let mut data = if zero_seq.is_some() || covered {
+            vec![0u8; self.block_size as usize]
+        } else {
+            base()?
+        };
+        for edit in edits {
+            match edit {
+                Edit::Data { at, bytes, .. } => {
+                    data[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes)
+                }
+                Edit::Zero { at, len, .. } => data[*at as usize..(*at + *len) as usize].fill(0),
+            }
+        }
+        Ok(Some(data))
+    }
+
+    /// Everything recorded with seq ≤ `through`, for one upload.
+    pub fn pending_through(&self, through: u64) -> PendingWork {
+        PendingWork {
+            blocks: self
+                .blocks
+                .iter()
+                .filter(|(_, e)| e.iter().any(|e| e.seq() <= through))
+                .map(|(b, _)| *b)
+                .collect(),
+            zero_ranges: self
+                .zeros
+                .iter()
+                .filter(|z| z.seq <= through)
+                .map(|z| (z.first, z.end))
+                .collect(),
+        }
+    }
+
+    /// Forgets what is now stored (seq ≤ `through`).
+    pub fn drop_through(&mut self, through: u64) {
+        self.zeros.retain(|z| z.seq > through);
+        self.blocks.retain(|_, edits| {
+            edits.retain(|e| e.seq() > through);
+            !edits.is_empty()
+        });
+    }
+
+    /// Bytes of data held (for back-pressure).
+    pub fn data_bytes(&self) -> usize {
+        self.blocks
+            .values()
+            .flatten()
+            .map(|e| match e {
+                Edit::Data { bytes, .. } => bytes.len(),
+                Edit::Zero { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const BS: u32 = 512;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write(u64, Vec<u8>),
+        Zero(u64, u64),
+        Upload,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..8000, prop::collection::vec(any::<u8>(), 1..1500)).prop_map(|(o, d)| Op::Write(o, d)),
+            2 => (0u64..8000, 1u64..3000).prop_map(|(o, l)| Op::Zero(o, l)),
+            1 => Just(Op::Upload),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// The overlay over a "stored" image always reads like a plain byte array that received
+        /// the same operations; uploading (store what is pending, drop it) changes nothing.
+        #[test]
+        fn reads_match_a_flat_model(ops in prop::collection::vec(op(), 1..40)) {
+            let size = 12_000usize;
+            let mut model = vec![0xAAu8; size];
+            let mut stored = model.clone();
+            let mut overlay = Overlay::new(BS);
+            let mut seq = 0u64;
+            for op in ops {
+                seq += 1;
+                match op {
+                    Op::Write(o, d) => {
+                        let o = o as usize;
+                        let n = d.len().min(size - o);
+                        model[o..o + n].copy_from_slice(&d[..n]);
+                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
+                    }
+                    Op::Zero(o, l) => {
+                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
+                        model[o..o + l].fill(0);
+                        overlay.zero(seq, o as u64, l as u64);
+                    }
+                    Op::Upload => {
+                        let work = overlay.pending_through(seq);
+                        for (first, end) in &work.zero_ranges {
+                            for b in *first..*end {
+                                let s = (b as usize * BS as usize).min(size);
+                                let e = ((b + 1) as usize * BS as usize).min(size);
+                                stored[s..e].fill(0);
+                            }
+                        }
+                        for b in &work.blocks {
+                            let s = *b as usize * BS as usize;
+                            let e = (s + BS as usize).min(size);
+                            let mut base = vec![0u8; BS as usize];
+                            base[..e - s].copy_from_slice(&stored[s..e]);
+                            let data = overlay.materialize(*b, || Ok(base)).expect("materialize").expect("dirty");
+                            stored[s..e].copy_from_slice(&data[..e - s]);
+                        }
+                        overlay.drop_through(seq);
+                    }
+                }
+            }
+            for b in 0..(size as u64).div_ceil(u64::from(BS)) {
+                let s = b as usize * BS as usize;
+                let e = (s + BS as usize).min(size);
+                let mut base = vec![0u8; BS as usize];
+                base[..e - s].copy_from_slice(&stored[s..e]);
+                let got = overlay.materialize(b, || Ok(base.clone())).expect("read").unwrap_or(base);
+                prop_assert_eq!(&got[..e - s], &model[s..e], "block {}", b);
+            }
+        }
+    }
+
+    #[test]
+    fn trimming_a_whole_disk_is_one_entry() {
+        let mut o = Overlay::new(65536);
+        o.write(1, 4096, Bytes::from_static(b"data"));
+        o.zero(2, 0, 100 << 30);
+        assert_eq!(o.zeros.len(), 1);
+        assert!(o.blocks.is_empty());
+        assert_eq!(
+            o.materialize(12345, unreachable_base).expect("read"),
+            Some(vec![0u8; 65536])
+        );
+        assert_eq!(
+            o.pending_through(2).zero_ranges,
+            vec![(0, (100 << 30) / 65536)]
+        );
+        o.drop_through(2);
+        assert!(!o.touches(0));
+    }
+
+    fn unreachable_base() -> io::Result<Vec<u8>> {
+        Err(io::Error::other("the base must not be needed"))
+    }
+}
