@@ -130,7 +130,25 @@ impl BlockMap {
     /// Applies one batch atomically: registers `new_chunks` as `(chunk, total_bytes)`, then the
     /// changes in order. Per-chunk live bytes and blocks stay exact.
     pub fn apply(&mut self, new_chunks: &[(u64, u64)], changes: &[MapChange]) -> Result<()> {
+        self.apply_with_meta(new_chunks, changes, &[])
+    }
+
+    /// [`BlockMap::apply`] that also sets metadata keys in the same transaction (for example the
+    /// journal position an upload covers, so recovery knows exactly what the map holds).
+    pub fn apply_with_meta(
+        &mut self,
+        new_chunks: &[(u64, u64)],
+        changes: &[MapChange],
+        meta: &[(&str, &str)],
+    ) -> Result<()> {
         let tx = self.conn.transaction()?;
+        for (key, value) in meta {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )?
+            .execute([key, value])?;
+        }
         for &(chunk, total) in new_chunks {
             tx.prepare_cached(
                 "INSERT INTO chunks (chunk, total_bytes, live_bytes, live_blocks) VALUES (?1, ?2, 0, 0)",
@@ -372,6 +390,35 @@ mod tests {
         .expect("apply");
         assert!(matches!(map.remove_chunk(9), Err(Error::ChunkInUse { .. })));
         assert!(map.get(u64::MAX).is_err(), "out of range");
+    }
+
+    #[test]
+    fn metadata_commits_with_the_batch_or_not_at_all() {
+        let mut map = BlockMap::in_memory().expect("map");
+        map.apply_with_meta(
+            &[(1, 10)],
+            &[MapChange::Put {
+                block: 1,
+                location: loc(1, 0, 10),
+            }],
+            &[("journal_seq", "7")],
+        )
+        .expect("apply");
+        assert_eq!(map.meta("journal_seq").expect("meta").as_deref(), Some("7"));
+        let failed = map.apply_with_meta(
+            &[],
+            &[MapChange::Put {
+                block: 2,
+                location: loc(99, 0, 10),
+            }],
+            &[("journal_seq", "8")],
+        );
+        assert!(failed.is_err(), "unknown chunk");
+        assert_eq!(
+            map.meta("journal_seq").expect("meta").as_deref(),
+            Some("7"),
+            "rolled back together"
+        );
     }
 
     #[test]
