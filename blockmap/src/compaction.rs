@@ -9,7 +9,7 @@ use crate::replica::{Replica, ReplicaError, ReplicaFile, ReplicaResult};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use ltx::naming::SNAPSHOT_LEVEL;
-use ltx::{CompactOptions, LtxFile, RestoreTarget, plan_restore};
+use ltx::{CompactOptions, RestoreTarget};
 
 /// Downloads of source files running at once.
 const FETCH_PARALLELISM: usize = 16;
@@ -75,19 +75,10 @@ pub async fn compact_level(
 
 /// Writes a full snapshot (level 9) of the latest state, unless the newest snapshot is current.
 pub async fn snapshot(replica: &Replica) -> ReplicaResult<Option<ReplicaFile>> {
-    let listing = replica.list().await?;
-    let infos: Vec<LtxFile> = listing.iter().map(ReplicaFile::as_ltx).collect();
-    let plan = plan_restore(&infos, RestoreTarget::Latest).map_err(|source| ReplicaError::Ltx {
-        path: "restore plan".into(),
-        source,
-    })?;
-    if plan.len() == 1 && plan[0].level == SNAPSHOT_LEVEL {
+    let files = replica.plan(RestoreTarget::Latest).await?;
+    if files.len() == 1 && files[0].level == SNAPSHOT_LEVEL {
         return Ok(None);
     }
-    let files: Vec<ReplicaFile> = plan
-        .iter()
-        .filter_map(|p| listing.iter().find(|f| f.as_ltx() == *p).cloned())
-        .collect();
     let merged = merge(fetch_all(replica, &files).await?)?;
     let path = replica.publish(SNAPSHOT_LEVEL, merged).await?;
     Ok(replica

@@ -118,6 +118,20 @@ impl Replica {
             .collect())
     }
 
+    /// The files that rebuild the database at `target`, oldest first (see `ltx::plan_restore`).
+    pub async fn plan(&self, target: RestoreTarget) -> ReplicaResult<Vec<ReplicaFile>> {
+        let listing = self.list().await?;
+        let infos: Vec<LtxFile> = listing.iter().map(ReplicaFile::as_ltx).collect();
+        let plan = plan_restore(&infos, target).map_err(|source| ReplicaError::Ltx {
+            path: "restore plan".into(),
+            source,
+        })?;
+        Ok(plan
+            .iter()
+            .filter_map(|p| listing.iter().find(|f| f.as_ltx() == *p).cloned())
+            .collect())
+    }
+
     /// Publishes an LTX file create-only: if the key exists, another writer got there first and
     /// this one must stop (it has been fenced).
     pub async fn publish(&self, level: u8, bytes: Bytes) -> ReplicaResult<Path> {
@@ -217,25 +231,7 @@ pub struct PageMap {
 impl PageMap {
     /// Plans the files for `target` and fetches their indexes in parallel.
     pub async fn open(replica: &Replica, target: RestoreTarget) -> ReplicaResult<Self> {
-        let listing = replica.list().await?;
-        let plan = plan_restore(
-            &listing.iter().map(ReplicaFile::as_ltx).collect::<Vec<_>>(),
-            target,
-        )
-        .map_err(|source| ReplicaError::Ltx {
-            path: "restore plan".into(),
-            source,
-        })?;
-        let files: Vec<ReplicaFile> = plan
-            .iter()
-            .map(|p| {
-                listing
-                    .iter()
-                    .find(|f| f.as_ltx() == *p)
-                    .cloned()
-                    .expect("planned files come from the listing")
-            })
-            .collect();
+        let files = replica.plan(target).await?;
         let indexes: Vec<(Header, PageIndex)> = stream::iter(&files)
             .map(|f| replica.read_index(f))
             .buffered(OPEN_PARALLELISM)

@@ -6,8 +6,8 @@
 //! (page order, index, CRC-64 file checksum) before the switch.
 
 use super::state::PageSource;
-use crate::replica::{Replica, ReplicaError, ReplicaFile, ReplicaResult};
-use ltx::{LtxFile, RestoreTarget, plan_restore};
+use crate::replica::{Replica, ReplicaError, ReplicaResult};
+use ltx::RestoreTarget;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -72,22 +72,12 @@ pub async fn hydrate(
     path: &Path,
     progress: &Progress,
 ) -> ReplicaResult<LocalSource> {
-    let listing = replica.list().await?;
-    let infos: Vec<LtxFile> = listing.iter().map(ReplicaFile::as_ltx).collect();
-    let plan =
-        plan_restore(&infos, RestoreTarget::Txid(txid)).map_err(|source| ReplicaError::Ltx {
-            path: "restore plan".into(),
-            source,
-        })?;
-    let files: Vec<&ReplicaFile> = plan
-        .iter()
-        .filter_map(|p| listing.iter().find(|f| f.as_ltx() == *p))
-        .collect();
+    let files = replica.plan(RestoreTarget::Txid(txid)).await?;
     progress
         .total_bytes
         .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
     let mut downloaded = Vec::with_capacity(files.len());
-    for f in files {
+    for f in &files {
         let bytes = replica.fetch(f).await?;
         progress
             .downloaded_bytes
