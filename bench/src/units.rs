@@ -1,32 +1,12 @@
-//! Sizes on the command line: 4096, 256M, 2G, 2GiB, 1T (binary multiples).
+//! Sizes on the command line, parsed as `bucketdisk` parses them; a benchmark volume must not
+//! be empty.
 
-/// Parses a size with an optional K/M/G/T suffix (powers of 1024; "iB"/"B" allowed).
+/// `nbd_server::units::parse_size`, refusing zero.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("unknown size suffix in {text:?}")),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a size: {text:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .filter(|&v| v > 0)
-        .ok_or_else(|| format!("size out of range: {text:?}"))
+    match nbd_server::units::parse_size(text)? {
+        0 => Err(format!("size out of range: {text:?}")),
+        n => Ok(n),
+    }
 }
 
 #[cfg(test)]
