@@ -8,6 +8,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::litestream_restore;
+
 const PAGE: usize = 4096;
 
 /// A database image after each transaction: page counts grow and shrink, contents change.
@@ -127,17 +130,6 @@ async fn compaction_snapshots_and_retention_keep_every_state_readable() {
 
     // The real Litestream restores the compacted replica.
     let out = dir.path().join("restored.db");
-    let status = std::process::Command::new("litestream")
-        .arg("restore")
-        .arg("-o")
-        .arg(&out)
-        .arg(format!("file://{}", dir.path().display()))
-        .output()
-        .expect("litestream is not installed: run scripts/install-deps.sh");
-    assert!(
-        status.status.success(),
-        "{}",
-        String::from_utf8_lossy(&status.stderr)
-    );
+    litestream_restore(dir.path(), &out);
     assert_eq!(std::fs::read(&out).expect("restored"), flat(15));
 }

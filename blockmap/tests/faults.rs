@@ -8,9 +8,12 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::testdata;
+
 #[tokio::test]
 async fn transient_failures_are_retried_and_outages_are_errors() {
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    let data = testdata();
     let local = Arc::new(LocalFileSystem::new_with_prefix(data.join("replica")).expect("store"));
     let faulty = Arc::new(FaultyStore::new(local));
     let replica = Replica::new(Arc::clone(&faulty) as _, Path::from(""), Layout::File);
@@ -50,7 +53,7 @@ fn the_shared_page_cache_saves_repeat_fetches_and_stays_bounded() {
     use blockmap::vfs::remote::RemoteSource;
     use blockmap::vfs::state::PageSource;
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    let data = testdata();
     let local = Arc::new(LocalFileSystem::new_with_prefix(data.join("replica")).expect("store"));
     let faulty = Arc::new(FaultyStore::new(local));
     let replica = Arc::new(Replica::new(

@@ -14,17 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn testdata() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx")
-}
+mod common;
+use common::{litestream_restore, runtime, testdata};
 
 fn summary(conn: &rusqlite::Connection) -> (i64, i64, String) {
     conn.query_row(
@@ -56,21 +47,6 @@ fn open_through_vfs(
         Arc::new(DatabaseState::new(Some(Arc::new(source)), 4096).expect("state")),
     );
     (open_connection(name).expect("open"), txid)
-}
-
-fn litestream_restore(replica_dir: &std::path::Path, out: &std::path::Path) {
-    let result = Command::new("litestream")
-        .arg("restore")
-        .arg("-o")
-        .arg(out)
-        .arg(format!("file://{}", replica_dir.display()))
-        .output()
-        .expect("litestream is not installed: run scripts/install-deps.sh");
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
 }
 
 #[test]

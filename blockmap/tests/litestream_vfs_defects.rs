@@ -10,6 +10,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::testdata;
+
 /// Two connections writing alternately share one state and produce one well-formed L0 file.
 #[test]
 fn two_connections_never_corrupt_one_l0_file() {
@@ -64,8 +67,7 @@ fn file_size_never_shrinks_after_a_growing_sync() {
 /// silently different local copy.
 #[tokio::test]
 async fn hydration_verifies_checksums() {
-    let data =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx/replica");
+    let data = testdata().join("replica");
     let dir = tempfile::tempdir().expect("tempdir");
     let copy = dir.path().join("replica");
     for entry in walk(&data) {

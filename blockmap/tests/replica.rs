@@ -7,15 +7,8 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 
-fn testdata() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
-    assert!(
-        dir.join("MANIFEST.md").is_file(),
-        "LTX test vectors not found at {}",
-        dir.display()
-    );
-    dir
-}
+mod common;
+use common::testdata;
 
 fn replica_at(dir: &std::path::Path) -> Replica {
     let store = LocalFileSystem::new_with_prefix(dir).expect("local store");

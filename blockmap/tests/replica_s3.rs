@@ -9,11 +9,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use std::sync::Arc;
 
 mod common;
-use common::{create_bucket, s3, start_moto};
-
-fn testdata() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx")
-}
+use common::{create_bucket, s3, start_moto, testdata};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_over_s3() {

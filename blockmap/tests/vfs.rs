@@ -7,6 +7,9 @@ use blockmap::{BlockLocation, BlockMap, MapChange};
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::litestream_restore;
+
 fn upload(state: &DatabaseState, replica: &Path) -> u64 {
     let up = state
         .prepare_upload(1_700_000_000_000)
@@ -24,19 +27,8 @@ fn upload(state: &DatabaseState, replica: &Path) -> u64 {
     up.max_txid
 }
 
-fn litestream_restore(replica: &Path, out: &Path) -> rusqlite::Connection {
-    let result = std::process::Command::new("litestream")
-        .arg("restore")
-        .arg("-o")
-        .arg(out)
-        .arg(format!("file://{}", replica.display()))
-        .output()
-        .expect("litestream is not installed: run scripts/install-deps.sh");
-    assert!(
-        result.status.success(),
-        "{}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+fn restore_and_check(replica: &Path, out: &Path) -> rusqlite::Connection {
+    litestream_restore(replica, out);
     let conn = rusqlite::Connection::open(out).expect("open restored");
     let check: String = conn
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
@@ -103,7 +95,7 @@ fn a_block_map_written_through_the_vfs_restores_with_litestream() {
     let second = upload(&state, &replica);
     assert!(second > first);
 
-    let restored = litestream_restore(&replica, &dir.path().join("restored.db"));
+    let restored = restore_and_check(&replica, &dir.path().join("restored.db"));
     let restored = BlockMap::new(restored).expect("restored map");
     assert_eq!(restored.get(5).expect("get"), Some(moved));
     assert_eq!(restored.get(150).expect("get"), None);

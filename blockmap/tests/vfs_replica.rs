@@ -12,6 +12,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 
+mod common;
+use common::runtime;
+
 fn loc(i: u64) -> BlockLocation {
     BlockLocation {
         chunk: 1,
@@ -23,11 +26,7 @@ fn loc(i: u64) -> BlockLocation {
 
 #[test]
 fn reopen_from_the_replica_and_fence_the_old_writer() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
     let replica = Arc::new(Replica::new(
@@ -133,11 +132,7 @@ fn reopen_from_the_replica_and_fence_the_old_writer() {
 fn hydration_switches_reads_to_a_verified_local_copy_without_losing_new_commits() {
     use blockmap::vfs::hydrate::{Progress, hydrate};
     use blockmap::vfs::state::PageSource;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
     let replica = Arc::new(Replica::new(

@@ -67,3 +67,39 @@ pub fn s3(port: u16, bucket: &str) -> Arc<dyn ObjectStore> {
             .expect("S3 store"),
     )
 }
+
+/// `shared/testdata/ltx` beside the checkout: real files written by Litestream 0.5.17.
+pub fn testdata() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    assert!(
+        dir.join("MANIFEST.md").is_file(),
+        "LTX test vectors not found at {}",
+        dir.display()
+    );
+    dir
+}
+
+/// A two-worker runtime for tests that call async code from synchronous SQLite callbacks.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Runs the real `litestream restore` of a file-layout replica into `out`; panics on failure.
+pub fn litestream_restore(replica_dir: &std::path::Path, out: &std::path::Path) {
+    let result = Command::new("litestream")
+        .arg("restore")
+        .arg("-o")
+        .arg(out)
+        .arg(format!("file://{}", replica_dir.display()))
+        .output()
+        .expect("litestream is not installed: run scripts/install-deps.sh");
+    assert!(
+        result.status.success(),
+        "litestream restore failed: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
