@@ -64,8 +64,6 @@ fn build_map(dir: &Path, rows: u64) -> Result<(PathBuf, u64)> {
         let last = (first + batch).min(rows);
         let chunks: Vec<(u64, u64)> = (first / 256 + 1..=(last - 1) / 256 + 1)
             .map(|c| (c, 256 * 40_000))
-            .collect::<Vec<_>>()
-            .into_iter()
             .filter(|(c, _)| map.chunk(*c).ok().flatten().is_none())
             .collect();
         let changes: Vec<MapChange> = (first..last)
