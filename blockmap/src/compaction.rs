@@ -15,8 +15,10 @@ use ltx::{CompactOptions, RestoreTarget};
 const FETCH_PARALLELISM: usize = 16;
 
 async fn fetch_all(replica: &Replica, files: &[ReplicaFile]) -> ReplicaResult<Vec<Bytes>> {
-    stream::iter(files)
-        .map(|f| replica.fetch(f))
+    // Owned items: a closure over `&ReplicaFile` makes callers' futures fail rustc's `Send`
+    // check when they are spawned.
+    stream::iter(files.to_vec())
+        .map(|f| async move { replica.fetch(&f).await })
         .buffered(FETCH_PARALLELISM)
         .try_collect()
         .await

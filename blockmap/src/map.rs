@@ -78,6 +78,15 @@ impl BlockMap {
         Ok(BlockMap { conn })
     }
 
+    /// Uses `conn` as an existing map without writing to it (read-only views, followers).
+    pub fn open_read_only(conn: Connection) -> Result<Self> {
+        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(Error::NewerSchema { found });
+        }
+        Ok(BlockMap { conn })
+    }
+
     /// An in-memory map (tests, tools).
     pub fn in_memory() -> Result<Self> {
         Self::new(Connection::open_in_memory()?)

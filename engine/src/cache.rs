@@ -29,6 +29,14 @@ struct Entry {
     /// Reads since insertion or last demotion, capped at 3.
     freq: u8,
     in_main: bool,
+    /// The slot's bytes were checked against `checksum` in this process (or written by it).
+    /// Only then may a partial read skip verifying the whole block.
+    verified: bool,
+    /// Its bytes are being written: readers treat it as a miss and eviction skips it.
+    writing: bool,
+    /// Unique per insertion: a partial read that skips verification re-checks it afterwards,
+    /// so a slot evicted and reused while it was being read is a miss, not another block.
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -39,6 +47,7 @@ struct State {
     ghosts: VecDeque<CacheKey>,
     ghost_set: HashSet<CacheKey>,
     free: Vec<u32>,
+    generations: u64,
 }
 
 pub struct BlockCache {
@@ -102,6 +111,9 @@ impl BlockCache {
                         checksum: checksum as u32,
                         freq: 0,
                         in_main: true,
+                        verified: false,
+                        writing: false,
+                        generation: 0,
                     },
                 );
                 state.main.push_back(key);
@@ -139,7 +151,7 @@ impl BlockCache {
         let slot = {
             let mut state = self.state();
             match state.entries.get_mut(&key) {
-                Some(e) if e.checksum == checksum => {
+                Some(e) if e.checksum == checksum && !e.writing => {
                     e.freq = (e.freq + 1).min(3);
                     e.slot
                 }
@@ -154,6 +166,46 @@ impl BlockCache {
             return Ok(None);
         }
         Ok(Some(data))
+    }
+
+    /// Reads `buf.len()` bytes at `at` within a cached block into `buf`; `false` on a miss or a
+    /// damaged slot. A slot is verified against `checksum` in full the first time it is read
+    /// after a restart; after that only the requested bytes are read.
+    pub fn read_at(
+        &self,
+        key: CacheKey,
+        checksum: u32,
+        at: usize,
+        buf: &mut [u8],
+    ) -> io::Result<bool> {
+        let (slot, verified, generation) = {
+            let mut state = self.state();
+            match state.entries.get_mut(&key) {
+                Some(e) if e.checksum == checksum && !e.writing => {
+                    e.freq = (e.freq + 1).min(3);
+                    (e.slot, e.verified, e.generation)
+                }
+                _ => return Ok(false),
+            }
+        };
+        let slot_start = u64::from(slot) * u64::from(self.block_size);
+        if verified {
+            self.file.read_exact_at(buf, slot_start + at as u64)?;
+            let unchanged = self
+                .state()
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.slot == slot && e.generation == generation);
+            return Ok(unchanged);
+        }
+        let Some(block) = self.get(key, checksum)? else {
+            return Ok(false);
+        };
+        if let Some(e) = self.state().entries.get_mut(&key) {
+            e.verified = true;
+        }
+        buf.copy_from_slice(&block[at..at + buf.len()]);
+        Ok(true)
     }
 
     /// Caches a block (a no-op if it is already there).
@@ -173,6 +225,8 @@ impl BlockCache {
                 return Ok(());
             };
             let returning = state.ghost_set.remove(&key);
+            state.generations += 1;
+            let generation = state.generations;
             state.entries.insert(
                 key,
                 Entry {
@@ -180,6 +234,9 @@ impl BlockCache {
                     checksum: block_checksum(data),
                     freq: 0,
                     in_main: returning,
+                    verified: true,
+                    writing: true,
+                    generation,
                 },
             );
             if returning {
@@ -189,8 +246,24 @@ impl BlockCache {
             }
             slot
         };
-        self.file
-            .write_all_at(data, u64::from(slot) * u64::from(self.block_size))
+        let written = self
+            .file
+            .write_all_at(data, u64::from(slot) * u64::from(self.block_size));
+        let mut state = self.state();
+        match written {
+            Ok(()) => {
+                if let Some(e) = state.entries.get_mut(&key) {
+                    e.writing = false;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                if state.entries.remove(&key).is_some() {
+                    state.free.push(slot);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn remove(&self, key: CacheKey) {
@@ -214,6 +287,14 @@ impl BlockCache {
             let Some(entry) = state.entries.get_mut(&key) else {
                 continue;
             };
+            if entry.writing {
+                if from_small {
+                    state.small.push_back(key);
+                } else {
+                    state.main.push_back(key);
+                }
+                continue;
+            }
             if from_small {
                 if entry.freq > 0 {
                     entry.freq = 0;
@@ -242,6 +323,11 @@ impl BlockCache {
             return Some(slot);
         }
         None
+    }
+
+    /// Whether a block is cached (without counting as a read).
+    pub fn contains(&self, key: CacheKey) -> bool {
+        self.state().entries.contains_key(&key)
     }
 
     /// Blocks currently cached.

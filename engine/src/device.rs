@@ -130,6 +130,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn block_status(&self, offset: u64, length: u64) -> DeviceResult<Vec<Extent>>;
     /// Hints that a range will be read soon.
     async fn cache(&self, offset: u64, length: u64) -> DeviceResult<()>;
+    /// Clean shutdown: stops background work and makes every completed write durable.
+    async fn close(&self) -> DeviceResult<()> {
+        if self.capabilities().read_only {
+            Ok(())
+        } else {
+            self.flush().await
+        }
+    }
 }
 
 /// Refuses a range that does not lie inside a device of `size` bytes.

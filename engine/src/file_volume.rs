@@ -104,6 +104,7 @@ impl FileVolume {
             size,
             block_size,
             format: FORMAT.to_string(),
+            uuid: crate::metadata::random_id()?,
         };
         // Metadata last: a volume without volume.json was never completely created.
         meta.store(&dir)?;

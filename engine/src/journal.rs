@@ -94,6 +94,15 @@ impl Journal {
         let count = segments.len();
         for (i, segment) in segments.iter().enumerate() {
             let last = i + 1 == count;
+            // A segment may start after a gap (see `skip_to`), never before its predecessor ends.
+            if segment.first_seq < next_seq {
+                return Err(corrupt(
+                    &segment.path,
+                    0,
+                    &format!("starts at seq {}, before {next_seq}", segment.first_seq),
+                ));
+            }
+            next_seq = segment.first_seq;
             let valid_len = replay_segment(&segment.path, &mut next_seq, last, &mut replay)?;
             if last {
                 // Cut a torn, never-acknowledged tail.
@@ -138,7 +147,12 @@ impl Journal {
         let header_crc = CRC32C.checksum(&record);
         record.extend_from_slice(&header_crc.to_le_bytes());
         record.extend_from_slice(data);
-        self.current.write_all(&record)?;
+        if let Err(e) = self.current.write_all(&record) {
+            // A partly written record (a full disk) must not stay in front of later ones: on
+            // the next open it would read as corruption in the middle of the log.
+            let _ = self.current.set_len(self.current_len);
+            return Err(e);
+        }
         self.current_len += record.len() as u64;
         self.next_seq += 1;
         Ok(seq)
@@ -157,6 +171,35 @@ impl Journal {
     /// Makes every appended record durable (FLUSH, FUA).
     pub fn sync(&mut self) -> io::Result<()> {
         self.current.sync_data()
+    }
+
+    /// A handle to fdatasync the current segment without holding the journal: appends go on
+    /// meanwhile. Earlier segments were synced when they were rotated out.
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.current.try_clone()
+    }
+
+    /// Makes the next record's seq at least `seq`: a journal that starts empty on a volume
+    /// whose block map already records journal position `seq - 1` must not reuse those numbers.
+    pub fn skip_to(&mut self, seq: u64) -> io::Result<()> {
+        if self.next_seq >= seq {
+            return Ok(());
+        }
+        if self.current_len == 0 {
+            // Rename the empty current segment after its new first seq.
+            let last = self.segments.len() - 1;
+            let path = segment_path(&self.dir, seq);
+            std::fs::rename(&self.segments[last].path, &path)?;
+            self.segments[last] = Segment {
+                first_seq: seq,
+                path,
+            };
+            self.next_seq = seq;
+            File::open(&self.dir)?.sync_all()
+        } else {
+            self.next_seq = seq;
+            self.rotate()
+        }
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -290,6 +333,23 @@ mod tests {
             Ok(())
         })?;
         Ok((j, records))
+    }
+
+    #[test]
+    fn skip_to_leaves_a_gap_that_replays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut j, _) = replayed(dir.path()).expect("open");
+            j.skip_to(100).expect("skip on an empty journal");
+            assert_eq!(j.append_write(0, b"a").expect("append"), 100);
+            j.skip_to(500).expect("skip on a used journal");
+            assert_eq!(j.append_zero(0, 4096).expect("append"), 500);
+            j.sync().expect("sync");
+        }
+        let (j, records) = replayed(dir.path()).expect("reopen");
+        let seqs: Vec<u64> = records.iter().map(Record::seq).collect();
+        assert_eq!(seqs, vec![100, 500]);
+        assert_eq!(j.next_seq(), 501);
     }
 
     #[test]

@@ -7,11 +7,14 @@
 pub mod cache;
 pub mod chunk;
 pub mod chunk_store;
+pub mod counting_store;
 pub mod device;
 pub mod file_volume;
 pub mod journal;
 pub mod metadata;
+pub mod object_volume;
 pub mod overlay;
+pub mod store_url;
 
 pub use device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,
@@ -19,3 +22,4 @@ pub use device::{
 };
 pub use file_volume::FileVolume;
 pub use metadata::VolumeMetadata;
+pub use object_volume::{Durability, ObjectVolume, VolumeConfig};

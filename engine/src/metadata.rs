@@ -13,6 +13,19 @@ pub struct VolumeMetadata {
     pub block_size: u32,
     /// Storage format; lets a future engine refuse a volume it cannot read.
     pub format: String,
+    /// Random identity given at creation. Local state (journal, cache) records the volume it
+    /// belongs to, so a volume deleted and created again under the same name never replays
+    /// another volume's journal.
+    #[serde(default)]
+    pub uuid: String,
+}
+
+/// 128 random bits as hex, from the kernel's generator.
+pub fn random_id() -> io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl VolumeMetadata {

@@ -90,20 +90,13 @@ impl Overlay {
         let first_whole = offset.div_ceil(bs);
         let end_whole = end / bs;
         if first_whole < end_whole {
+            // Edits inside the range stay until they are uploaded: an upload that stops before
+            // this range's seq must still store them (prefix consistency, I1).
             self.zeros.push(ZeroRange {
                 first: first_whole,
                 end: end_whole,
                 seq,
             });
-            // Edits inside the range are now older than it and irrelevant.
-            let inside: Vec<u64> = self
-                .blocks
-                .range(first_whole..end_whole)
-                .map(|(b, _)| *b)
-                .collect();
-            for b in inside {
-                self.blocks.remove(&b);
-            }
         }
         let mut partial = |from: u64, to: u64| {
             if from < to {
@@ -130,27 +123,60 @@ impl Overlay {
         }
     }
 
+    /// Edits arrive in seq order (the caller appends to the journal and to the overlay under
+    /// one lock), so each block's list is sorted by seq. Superseded edits are kept until they
+    /// are uploaded, for the same reason as in [`Overlay::zero`].
     fn push(&mut self, block: u64, edit: Edit) {
-        let whole = edit.covers_whole(self.block_size);
-        let edits = self.blocks.entry(block).or_default();
-        if whole {
-            edits.clear(); // a whole-block edit supersedes everything before it
-        }
-        edits.push(edit);
+        self.blocks.entry(block).or_default().push(edit);
     }
 
-    /// Newest zero range covering `block`, by seq.
-    fn zeroed_at(&self, block: u64) -> Option<u64> {
+    /// Newest zero range covering `block` with seq ≤ `through`.
+    fn zeroed_at(&self, block: u64, through: u64) -> Option<u64> {
         self.zeros
             .iter()
-            .filter(|z| z.first <= block && block < z.end)
+            .filter(|z| z.first <= block && block < z.end && z.seq <= through)
             .map(|z| z.seq)
             .max()
     }
 
     /// Whether the overlay knows anything about `block`.
     pub fn touches(&self, block: u64) -> bool {
-        self.blocks.contains_key(&block) || self.zeroed_at(block).is_some()
+        self.blocks.contains_key(&block) || self.zeroed_at(block, u64::MAX).is_some()
+    }
+
+    /// How to build the block as of `through`: `None` if untouched, else whether to start from
+    /// zeros (`true`) or from the stored base, and the edits to apply on top, in order.
+    fn plan(&self, block: u64, through: u64) -> Option<(bool, Vec<&Edit>)> {
+        let zero_seq = self.zeroed_at(block, through);
+        let edits: Vec<&Edit> = self
+            .blocks
+            .get(&block)
+            .map(|e| {
+                e.iter()
+                    .filter(|e| e.seq() <= through && zero_seq.is_none_or(|z| e.seq() > z))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if zero_seq.is_none() && edits.is_empty() {
+            return None;
+        }
+        match edits.iter().rposition(|e| e.covers_whole(self.block_size)) {
+            Some(last_whole) => Some((true, edits[last_whole..].to_vec())),
+            None => Some((zero_seq.is_some(), edits)),
+        }
+    }
+
+    /// What the overlay says about a block now: `None` if untouched, `Some(false)` if it reads
+    /// as zeros without any data, `Some(true)` if it has data.
+    pub fn state(&self, block: u64) -> Option<bool> {
+        self.plan(block, u64::MAX).map(|(from_zeros, edits)| {
+            !from_zeros || edits.iter().any(|e| matches!(e, Edit::Data { .. }))
+        })
+    }
+
+    /// Whether building the block as of `through` needs its stored content.
+    pub fn needs_base(&self, block: u64, through: u64) -> bool {
+        matches!(self.plan(block, through), Some((false, _)))
     }
 
     /// The block's current content, or `None` if the overlay never touched it. `base` supplies
@@ -160,23 +186,21 @@ impl Overlay {
         block: u64,
         base: impl FnOnce() -> io::Result<Vec<u8>>,
     ) -> io::Result<Option<Vec<u8>>> {
-        let zero_seq = self.zeroed_at(block);
-        let edits: Vec<&Edit> = self
-            .blocks
-            .get(&block)
-            .map(|e| {
-                e.iter()
-                    .filter(|e| zero_seq.is_none_or(|z| e.seq() > z))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if zero_seq.is_none() && edits.is_empty() {
+        self.materialize_through(block, u64::MAX, base)
+    }
+
+    /// The block's content as of journal position `through` (changes with a larger seq are
+    /// left out), so an upload stores exactly a prefix of the write history.
+    pub fn materialize_through(
+        &self,
+        block: u64,
+        through: u64,
+        base: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<Option<Vec<u8>>> {
+        let Some((from_zeros, edits)) = self.plan(block, through) else {
             return Ok(None);
-        }
-        let covered = edits
-            .first()
-            .is_some_and(|e| e.covers_whole(self.block_size));
-        let mut data = if zero_seq.is_some() || covered {
+        };
+        let mut data = if from_zeros {
             vec![0u8; self.block_size as usize]
         } else {
             base()?
@@ -311,13 +335,78 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Uploading through any earlier seq stores exactly the image as of that seq (a prefix
+        /// of the history, invariant I1), and after dropping it reads still show the latest data.
+        #[test]
+        fn uploads_through_a_seq_store_that_prefix(
+            ops in prop::collection::vec(op(), 1..40),
+            cut in 0usize..40,
+        ) {
+            let size = 12_000usize;
+            let mut model = vec![0xAAu8; size];
+            let mut history = vec![model.clone()];
+            let mut overlay = Overlay::new(BS);
+            let mut seq = 0u64;
+            for op in ops {
+                seq += 1;
+                match op {
+                    Op::Write(o, d) => {
+                        let o = o as usize;
+                        let n = d.len().min(size - o);
+                        model[o..o + n].copy_from_slice(&d[..n]);
+                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
+                    }
+                    Op::Zero(o, l) => {
+                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
+                        model[o..o + l].fill(0);
+                        overlay.zero(seq, o as u64, l as u64);
+                    }
+                    Op::Upload => {}
+                }
+                history.push(model.clone());
+            }
+            let through = (cut as u64).min(seq);
+            let mut stored = history[0].clone();
+            let work = overlay.pending_through(through);
+            for (first, end) in &work.zero_ranges {
+                for b in *first..*end {
+                    let s = (b as usize * BS as usize).min(size);
+                    let e = ((b + 1) as usize * BS as usize).min(size);
+                    stored[s..e].fill(0);
+                }
+            }
+            let before_blocks = stored.clone();
+            for b in &work.blocks {
+                let s = *b as usize * BS as usize;
+                let e = (s + BS as usize).min(size);
+                let mut base = vec![0u8; BS as usize];
+                base[..e - s].copy_from_slice(&before_blocks[s..e]);
+                prop_assert_eq!(overlay.needs_base(*b, through), overlay.materialize_through(*b, through, unreachable_base).is_err());
+                if let Some(data) = overlay.materialize_through(*b, through, || Ok(base)).expect("materialize") {
+                    stored[s..e].copy_from_slice(&data[..e - s]);
+                }
+            }
+            prop_assert_eq!(&stored, &history[through as usize], "stored image as of seq {}", through);
+            overlay.drop_through(through);
+            for b in 0..(size as u64).div_ceil(u64::from(BS)) {
+                let s = b as usize * BS as usize;
+                let e = (s + BS as usize).min(size);
+                let mut base = vec![0u8; BS as usize];
+                base[..e - s].copy_from_slice(&stored[s..e]);
+                let got = overlay.materialize(b, || Ok(base.clone())).expect("read").unwrap_or(base);
+                prop_assert_eq!(&got[..e - s], &model[s..e], "block {}", b);
+            }
+        }
+    }
+
     #[test]
     fn trimming_a_whole_disk_is_one_entry() {
         let mut o = Overlay::new(65536);
         o.write(1, 4096, Bytes::from_static(b"data"));
         o.zero(2, 0, 100 << 30);
         assert_eq!(o.zeros.len(), 1);
-        assert!(o.blocks.is_empty());
         assert_eq!(
             o.materialize(12345, unreachable_base).expect("read"),
             Some(vec![0u8; 65536])
@@ -328,6 +417,7 @@ mod tests {
         );
         o.drop_through(2);
         assert!(!o.touches(0));
+        assert!(o.blocks.is_empty());
     }
 
     fn unreachable_base() -> io::Result<Vec<u8>> {

@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use engine::{BlockDevice, FileVolume};
+use engine::object_volume::{ObjectVolume, VolumeConfig, catalog};
+use engine::store_url::{StoreLocation, open_store};
+use engine::{BlockDevice, Durability, FileVolume};
 use nbd_server::exports::{Export, Exports};
 use nbd_server::server::{self, Listener};
 use nbd_server::units::{format_size, parse_duration, parse_size};
@@ -40,10 +42,15 @@ enum Command {
 
 #[derive(Args)]
 struct StoreArgs {
-    /// Where volumes live: file:///absolute/path or a directory path.
+    /// Where volumes live: file:///absolute/path, a directory path, s3://bucket/prefix (AWS_*
+    /// environment for endpoint and credentials) or memory://.
     /// [default: ./bucketdisk-data/store]
     #[arg(long, env = "BUCKETDISK_STORE")]
     store: Option<String>,
+    /// Storage engine: "object" (chunks + block map in the store, local journal and cache) or
+    /// "file" (one sparse local file per volume; the local baseline, directory stores only).
+    #[arg(long, env = "BUCKETDISK_ENGINE", default_value = "object", value_parser = ["object", "file"])]
+    engine: String,
 }
 
 #[derive(Args)]
@@ -72,13 +79,13 @@ struct ServeArgs {
     /// Export read-only: writes, trims and zeroing fail with EPERM.
     #[arg(long)]
     read_only: bool,
-    /// Local cache size limit (object-storage engine; the local-file engine has no cache).
+    /// Local block cache size limit per volume.
     #[arg(long, value_parser = parse_size)]
     cache_size: Option<u64>,
-    /// How often dirty data is uploaded (object-storage engine).
+    /// How often dirty data is uploaded to the store.
     #[arg(long, value_parser = parse_duration)]
     sync_interval: Option<Duration>,
-    /// What FLUSH waits for: local (journal) or remote (object storage) (object-storage engine).
+    /// What FLUSH waits for: local (journal on disk) or remote (uploaded to the store).
     #[arg(long, value_parser = ["local", "remote"])]
     durability: Option<String>,
     /// Pull every block into the local cache in the background (object-storage engine).
@@ -87,6 +94,10 @@ struct ServeArgs {
     /// Prometheus metrics address (not served yet).
     #[arg(long)]
     metrics: Option<String>,
+    /// Testing and benchmarks: delay every object-store request by this much (simulates a
+    /// remote store's first-byte latency on a local one).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    inject_latency: Option<Duration>,
 }
 
 #[derive(Args)]
@@ -106,6 +117,9 @@ struct InfoArgs {
     name: String,
     #[command(flatten)]
     store: StoreArgs,
+    /// Local directory whose journal state to report. [default: ./bucketdisk-data/cache]
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -134,7 +148,29 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Resolves `--store` to a local directory. Only local-directory stores exist in this engine.
+fn store_url(args: &StoreArgs) -> String {
+    args.store
+        .clone()
+        .unwrap_or_else(|| format!("{DEFAULT_DATA_DIR}/store"))
+}
+
+fn object_store(args: &StoreArgs) -> Result<StoreLocation> {
+    let url = store_url(args);
+    open_store(&url).with_context(|| format!("--store {url}"))
+}
+
+fn file_engine(args: &StoreArgs) -> bool {
+    args.engine == "file"
+}
+
+fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves `--store` to a local directory (the local-file engine).
 fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
     let Some(url) = args.store.as_deref() else {
         return Ok(PathBuf::from(DEFAULT_DATA_DIR).join("store"));
@@ -146,10 +182,7 @@ fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
         return Ok(PathBuf::from(path));
     }
     if url.contains("://") {
-        bail!(
-            "--store {url}: only local-directory stores (file:///path) are supported by the \
-             local-file engine"
-        );
+        bail!("--store {url}: --engine file needs a local directory (file:///path)");
     }
     Ok(PathBuf::from(url))
 }
@@ -159,19 +192,46 @@ fn block_size(value: u64) -> Result<u32> {
 }
 
 fn create(args: CreateArgs) -> Result<()> {
-    let store = store_dir(&args.store)?;
-    let volume = FileVolume::create(&store, &args.name, args.size, block_size(args.block_size)?)
+    if file_engine(&args.store) {
+        let store = store_dir(&args.store)?;
+        let volume =
+            FileVolume::create(&store, &args.name, args.size, block_size(args.block_size)?)
+                .with_context(|| format!("creating volume {}", args.name))?;
+        println!(
+            "created volume {} ({}) in {}",
+            args.name,
+            format_size(volume.size()),
+            store.display()
+        );
+        return Ok(());
+    }
+    let location = object_store(&args.store)?;
+    let block_size = block_size(args.block_size)?;
+    new_runtime()?.block_on(async {
+        ObjectVolume::create(
+            location.store.as_ref(),
+            &location.prefix,
+            &args.name,
+            args.size,
+            block_size,
+        )
+        .await
         .with_context(|| format!("creating volume {}", args.name))?;
-    println!(
-        "created volume {} ({}) in {}",
-        args.name,
-        format_size(volume.size()),
-        store.display()
-    );
-    Ok(())
+        println!(
+            "created volume {} ({}, {} blocks) in {}",
+            args.name,
+            format_size(args.size),
+            format_size(u64::from(block_size)),
+            location.description
+        );
+        Ok(())
+    })
 }
 
 fn info(args: InfoArgs) -> Result<()> {
+    if !file_engine(&args.store) {
+        return object_info(args);
+    }
     let store = store_dir(&args.store)?;
     let volume = FileVolume::open(&store, &args.name, true)
         .with_context(|| format!("opening volume {}", args.name))?;
@@ -206,40 +266,142 @@ fn info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
-    let store = store_dir(&args.store)?;
+/// `info` for the object engine: opens the volume read-only (it does not disturb a running
+/// writer) and reports the block map's view plus the local journal's size.
+fn object_info(args: InfoArgs) -> Result<()> {
+    let location = object_store(&args.store)?;
     let cache_dir = args
         .cache_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
-    warn_engine_only_flags(&args, &cache_dir);
-    let block_size = block_size(args.block_size)?;
+    let journal_bytes = journal_bytes(&cache_dir.join(&args.name).join("journal"));
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    new_runtime()?.block_on(async {
+        let mut config = VolumeConfig::new(scratch.path().join("info"));
+        config.read_only = true;
+        config.cache_bytes = 1 << 20;
+        let volume = ObjectVolume::open(
+            location.store,
+            &location.prefix,
+            location.layout,
+            &args.name,
+            config,
+        )
+        .await
+        .with_context(|| format!("opening volume {}", args.name))?;
+        let meta = volume.metadata().clone();
+        let stats = volume.stats().await?;
+        let allocated = stats.allocated_blocks * u64::from(meta.block_size);
+        if args.json {
+            let value = serde_json::json!({
+                "name": meta.name,
+                "size": meta.size,
+                "block_size": meta.block_size,
+                "allocated": allocated,
+                "allocated_blocks": stats.allocated_blocks,
+                "stored_bytes": stats.allocated_stored_bytes,
+                "chunks": stats.chunks,
+                "map_txid": stats.map_txid,
+                "local_journal_bytes": journal_bytes,
+                "format": meta.format,
+                "store": location.description,
+            });
+            println!("{value}");
+        } else {
+            println!("volume:        {}", meta.name);
+            println!(
+                "size:          {} ({} bytes)",
+                format_size(meta.size),
+                meta.size
+            );
+            println!("block size:    {}", format_size(u64::from(meta.block_size)));
+            println!(
+                "allocated:     {} ({} blocks, {} stored after compression)",
+                format_size(allocated),
+                stats.allocated_blocks,
+                format_size(stats.allocated_stored_bytes)
+            );
+            println!("chunks:        {}", stats.chunks);
+            println!("map txid:      {}", stats.map_txid);
+            println!(
+                "local journal: {} in {}",
+                format_size(journal_bytes),
+                cache_dir.join(&args.name).display()
+            );
+            println!("format:        {}", meta.format);
+            println!("store:         {}", location.description);
+        }
+        Ok(())
+    })
+}
 
-    let mut exports = Vec::new();
+fn journal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
+    let block_size = block_size(args.block_size)?;
+    let mut names: Vec<&String> = Vec::new();
     for name in &args.volumes {
-        if exports.iter().any(|e: &Export| &e.name == name) {
+        if names.contains(&name) {
             bail!("--volume {name} given twice");
         }
-        let volume = open_volume(&store, name, args.size, block_size, args.read_only)?;
-        tracing::info!(
-            volume = name,
-            size = %format_size(volume.size()),
-            read_only = args.read_only,
-            "volume ready"
-        );
-        exports.push(Export {
-            name: name.clone(),
-            description: format!("bucketdisk volume {name}"),
-            device: Arc::new(volume),
-        });
+        names.push(name);
     }
-    let exports = Arc::new(Exports::new(exports));
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = new_runtime()?;
     runtime.block_on(async move {
+        let mut exports = Vec::new();
+        let location = if file_engine(&args.store) {
+            warn_engine_only_flags(&args, &cache_dir);
+            None
+        } else {
+            let mut location = object_store(&args.store)?;
+            if let Some(latency) = args.inject_latency {
+                tracing::warn!(
+                    "every object-store request is delayed by {latency:?} (--inject-latency)"
+                );
+                location.store = engine::store_url::with_latency(location.store, latency);
+            }
+            Some(location)
+        };
+        for name in &args.volumes {
+            let device: Arc<dyn BlockDevice> = match &location {
+                None => Arc::new(open_file_volume(
+                    &store_dir(&args.store)?,
+                    name,
+                    args.size,
+                    block_size,
+                    args.read_only,
+                )?),
+                Some(location) => Arc::new(
+                    open_object_volume(location, name, &args, &cache_dir, block_size).await?,
+                ),
+            };
+            tracing::info!(
+                volume = name,
+                size = %format_size(device.size()),
+                read_only = args.read_only,
+                engine = %args.store.engine,
+                "volume ready"
+            );
+            exports.push(Export {
+                name: name.clone(),
+                description: format!("bucketdisk volume {name}"),
+                device,
+            });
+        }
+        let exports = Arc::new(Exports::new(exports));
         let listener = match Listener::from_socket_activation()? {
             Some(l) => l,
             None => match &args.socket {
@@ -256,20 +418,78 @@ fn serve(args: ServeArgs) -> Result<()> {
         });
         server::run(listener, Arc::clone(&exports), stop_rx).await?;
         for export in exports.iter() {
-            if !export.device.capabilities().read_only {
-                export
-                    .device
-                    .flush()
-                    .await
-                    .with_context(|| format!("flushing volume {}", export.name))?;
-            }
+            export
+                .device
+                .close()
+                .await
+                .with_context(|| format!("closing volume {}", export.name))?;
         }
         tracing::info!("stopped cleanly");
         Ok(())
     })
 }
 
-fn open_volume(
+/// Opens (creating on first start) an object-storage volume.
+async fn open_object_volume(
+    location: &StoreLocation,
+    name: &str,
+    args: &ServeArgs,
+    cache_dir: &Path,
+    block_size: u32,
+) -> Result<ObjectVolume> {
+    let exists = catalog::load(location.store.as_ref(), &location.prefix, name)
+        .await
+        .with_context(|| format!("reading volume {name}"))?
+        .is_some();
+    if !exists {
+        if args.read_only {
+            bail!("volume {name} does not exist in {}", location.description);
+        }
+        ObjectVolume::create(
+            location.store.as_ref(),
+            &location.prefix,
+            name,
+            args.size,
+            block_size,
+        )
+        .await
+        .with_context(|| format!("creating volume {name}"))?;
+        tracing::info!(volume = name, size = %format_size(args.size), "created volume");
+    }
+    let mut config = VolumeConfig::new(cache_dir.join(name));
+    if let Some(bytes) = args.cache_size {
+        config.cache_bytes = bytes;
+    }
+    if let Some(interval) = args.sync_interval {
+        config.sync_interval = interval;
+    }
+    if args.durability.as_deref() == Some("remote") {
+        config.durability = Durability::Remote;
+    }
+    config.read_only = args.read_only;
+    config.hydrate = args.hydrate;
+    config.holder = format!("{} pid {}", hostname(), std::process::id());
+    if args.metrics.is_some() {
+        tracing::warn!("--metrics is not served yet");
+    }
+    ObjectVolume::open(
+        Arc::clone(&location.store),
+        &location.prefix,
+        location.layout,
+        name,
+        config,
+    )
+    .await
+    .with_context(|| format!("opening volume {name} in {}", location.description))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+fn open_file_volume(
     store: &Path,
     name: &str,
     size: u64,
@@ -297,7 +517,7 @@ fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
     if !ignored.is_empty() {
         tracing::warn!(
             cache_dir = %cache_dir.display(),
-            "{} apply to the object-storage engine; the local-file engine ignores them \
+            "{} apply to the object engine; --engine file ignores them \
              (writes are durable at FLUSH via fdatasync)",
             ignored.join(", ")
         );

@@ -372,7 +372,11 @@ fn nbdinfo_can_and_is_exit_statuses() {
 fn nbdinfo_map_follows_writes_discards_and_zeroes() {
     require_tool("nbdinfo");
     require_tool("qemu-io");
-    let server = Server::start();
+    // Allocation is tracked per block: 4 KiB blocks make the expected map exact.
+    let server = Server::start_with(ServerOptions {
+        extra_args: vec!["--block-size".into(), "4K".into()],
+        ..ServerOptions::default()
+    });
     let uri = server.uri();
 
     assert_eq!(
@@ -520,6 +524,8 @@ fn data_survives_a_restart() {
     );
     let mut server = Server::start_with(ServerOptions {
         size: "16M",
+        // Allocation is tracked per block: 4 KiB blocks make the expected map exact.
+        extra_args: vec!["--block-size".into(), "4K".into()],
         ..ServerOptions::default()
     });
     let uri = server.uri();

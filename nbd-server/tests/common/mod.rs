@@ -109,13 +109,20 @@ impl Server {
         self.dir.path().join("store")
     }
 
+    /// The server's local directory (journal, cache); deleting it simulates a lost host disk.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
     /// (Re)starts the process on the same store and endpoint.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
         let mut cmd = Command::new(bucketdisk_bin());
         cmd.arg("serve")
             .arg("--store")
-            .arg(format!("file://{}", self.store_dir().display()));
+            .arg(format!("file://{}", self.store_dir().display()))
+            .arg("--cache-dir")
+            .arg(self.cache_dir());
         match &self.endpoint {
             Endpoint::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
             Endpoint::Unix(path) => cmd.arg("--socket").arg(path),

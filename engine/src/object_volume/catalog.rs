@@ -1,0 +1,89 @@
+//! A volume's description in the object store: `<prefix>/<name>/volume.json`, written once
+//! (create-only) so that any host can serve the volume with nothing but the store URL.
+
+use crate::metadata::{METADATA_FILE, VolumeMetadata};
+use blockmap::retry::with_retries;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::io;
+
+/// Format name of volumes kept as chunks and a block map in object storage.
+pub const FORMAT: &str = "object-v1";
+
+/// Where everything of volume `name` lives under the store prefix.
+pub fn volume_root(prefix: &Path, name: &str) -> Path {
+    prefix.clone().join(name)
+}
+
+fn metadata_path(prefix: &Path, name: &str) -> Path {
+    volume_root(prefix, name).join(METADATA_FILE)
+}
+
+/// The volume's metadata, or `None` if no such volume exists in the store.
+pub async fn load(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    name: &str,
+) -> io::Result<Option<VolumeMetadata>> {
+    let path = metadata_path(prefix, name);
+    let got = with_retries("read volume.json", || async {
+        store.get(&path).await?.bytes().await
+    })
+    .await;
+    let bytes = match got {
+        Ok(bytes) => bytes,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(io::Error::other(format!("reading {path}: {e}"))),
+    };
+    let meta: VolumeMetadata = serde_json::from_slice(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{path}: volume format {:?}; this engine reads {FORMAT:?}",
+                meta.format
+            ),
+        ));
+    }
+    Ok(Some(meta))
+}
+
+/// Stores new metadata; fails with `AlreadyExists` if the volume exists.
+pub async fn create(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    meta: &VolumeMetadata,
+) -> io::Result<()> {
+    let path = metadata_path(prefix, &meta.name);
+    let text = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(&path, PutPayload::from(text), options).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("volume {} already exists ({path})", meta.name),
+        )),
+        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    }
+}
+
+/// Checks the shape of a new volume: a size that is a non-zero multiple of the block size, and
+/// a block size that is a power of two from 4 KiB to 4 MiB (DESIGN.md §2).
+pub fn validate_geometry(size: u64, block_size: u32) -> io::Result<()> {
+    let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    if !block_size.is_power_of_two() || !(4096..=4 << 20).contains(&block_size) {
+        return Err(invalid(format!(
+            "block size {block_size} must be a power of two from 4 KiB to 4 MiB"
+        )));
+    }
+    if size == 0 || size % 4096 != 0 {
+        return Err(invalid(format!(
+            "volume size {size} must be a non-zero multiple of 4096"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,738 @@
+//! A volume whose blocks live in object storage (DESIGN.md §2–§7).
+//!
+//! - Writes are appended to a local journal and recorded in an in-memory [`Overlay`]; FLUSH
+//!   and FUA fdatasync the journal (`Durability::Local`) or also wait for the upload
+//!   (`Durability::Remote`).
+//! - An uploader ([`upload`]) regularly packs the latest content of dirty blocks into
+//!   immutable chunks, PUTs them, commits one block-map transaction for the journal range and
+//!   syncs the map to the store as LTX; only then does it release the journal range.
+//! - Reads ([`read`]) see the overlay first, then the block map: a cached block, a ranged GET of
+//!   the one compressed block (verified), or zeros for a block that has no row.
+//! - On open, the journal is replayed on top of what the block map says was uploaded, so a
+//!   kill -9 loses nothing acknowledged (I2); with an empty local directory the volume is served
+//!   from the store alone, as of the last upload (I1).
+//!
+//! Everything that touches SQLite runs on blocking threads: a block-map page that is not local
+//! yet is fetched from the store by the calling thread.
+
+pub mod catalog;
+mod local_state;
+mod read;
+mod upload;
+
+use crate::cache::{BlockCache, CacheKey};
+use crate::chunk_store::ChunkStore;
+use crate::device::{
+    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ReadSegment,
+    ZeroMode, check_range,
+};
+use crate::journal::{Journal, Record};
+use crate::metadata::VolumeMetadata;
+use crate::overlay::Overlay;
+use async_trait::async_trait;
+use blockmap::BlockMap;
+use blockmap::replica::{Layout, Replica};
+use blockmap::vfs::follower::Follower;
+use blockmap::writer::MapWriter;
+use bytes::Bytes;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+use tokio::sync::{Notify, OnceCell, Semaphore, watch};
+use tokio::task::JoinHandle;
+
+/// Largest read or write payload accepted in one request.
+pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
+
+/// Block-map metadata key: the last journal seq whose writes the map holds.
+const META_JOURNAL_SEQ: &str = "journal_seq";
+/// Block-map metadata key: the instance id of the local directory that uploaded it.
+const META_JOURNAL_OWNER: &str = "journal_owner";
+
+/// What FLUSH and FUA wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The local journal is on disk (I2). Losing the host loses at most the un-uploaded tail.
+    Local,
+    /// Chunks and block map are in object storage (I4).
+    Remote,
+}
+
+/// How an object volume runs on this host.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// This volume's local directory: journal, block cache, identity files.
+    pub local_dir: PathBuf,
+    /// Size limit of the block cache.
+    pub cache_bytes: u64,
+    /// How often dirty data is uploaded.
+    pub sync_interval: Duration,
+    pub durability: Durability,
+    pub read_only: bool,
+    /// Target size of a chunk object.
+    pub chunk_bytes: usize,
+    /// Journaled data not yet uploaded above which writers wait for the uploader.
+    pub max_dirty_bytes: u64,
+    /// Pull every block into the cache in the background.
+    pub hydrate: bool,
+    /// Name of this process in the writer lease (host and pid).
+    pub holder: String,
+}
+
+impl VolumeConfig {
+    pub fn new(local_dir: PathBuf) -> Self {
+        VolumeConfig {
+            local_dir,
+            cache_bytes: 8 << 30,
+            sync_interval: Duration::from_secs(1),
+            durability: Durability::Local,
+            read_only: false,
+            chunk_bytes: 8 << 20,
+            max_dirty_bytes: 128 << 20,
+            hydrate: false,
+            holder: format!("pid {}", std::process::id()),
+        }
+    }
+}
+
+/// Counters for `info` and metrics.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VolumeStats {
+    pub uploaded_seq: u64,
+    pub journal_next_seq: u64,
+    pub journal_bytes: u64,
+    pub dirty_bytes: u64,
+    pub cached_blocks: u64,
+    pub map_txid: u64,
+    pub allocated_blocks: u64,
+    pub allocated_stored_bytes: u64,
+    pub chunks: u64,
+    pub uploads: u64,
+    pub chunks_deleted: u64,
+}
+
+/// The block map, as this process holds it.
+enum MapRole {
+    /// The single writer: took the lease, uploads.
+    Writer(MapWriter),
+    /// A read-only view of the latest replicated state (does not fence the writer).
+    Follower(#[allow(dead_code)] Follower),
+    /// Read-only and nothing was ever uploaded: every block is a hole.
+    Empty,
+}
+
+/// A fetch of one block from the store that concurrent readers share.
+type SharedFetch = Arc<OnceCell<Result<Bytes, (io::ErrorKind, String)>>>;
+
+/// State shared by the device, the uploader and background tasks.
+pub(crate) struct Shared {
+    meta: VolumeMetadata,
+    config: VolumeConfig,
+    instance: String,
+    /// The journal; the overlay is updated while this lock is held so that both see changes
+    /// in the same (seq) order.
+    journal: Mutex<Option<Journal>>,
+    overlay: RwLock<Overlay>,
+    /// Bumped whenever uploaded edits leave the overlay: a read that combined an overlay edit
+    /// with a stored base looked up before that moment must start over.
+    overlay_generation: AtomicU64,
+    dirty_bytes: AtomicU64,
+    /// Connection for lookups (reads, block status).
+    lookups: Mutex<BlockMap>,
+    /// Connection for the uploader's transactions (writers only).
+    updates: Option<Mutex<BlockMap>>,
+    map: MapRole,
+    replica: Arc<Replica>,
+    chunks: ChunkStore,
+    cache: BlockCache,
+    fetches: Mutex<HashMap<CacheKey, SharedFetch>>,
+    /// Highest journal seq whose writes are in object storage.
+    uploaded: watch::Sender<u64>,
+    upload_now: Notify,
+    /// Set when this volume must stop accepting writes (fenced by another writer).
+    failure: Mutex<Option<String>>,
+    next_chunk: AtomicU64,
+    chunk_epoch: u64,
+    /// Block after the last one readahead asked for.
+    readahead_until: AtomicU64,
+    /// Block after the end of the previous read (sequential detection).
+    last_read_end: AtomicU64,
+    prefetch_slots: Semaphore,
+    stats: Mutex<VolumeStats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn overlay(&self) -> RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn overlay_mut(&self) -> RwLockWriteGuard<'_, Overlay> {
+        self.overlay.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn block_size(&self) -> u64 {
+        u64::from(self.meta.block_size)
+    }
+
+    fn check_writable(&self) -> DeviceResult<()> {
+        if self.config.read_only {
+            return Err(DeviceError::ReadOnly);
+        }
+        if let Some(why) = lock(&self.failure).as_ref() {
+            return Err(DeviceError::Io(io::Error::other(why.clone())));
+        }
+        Ok(())
+    }
+
+    fn fail(&self, why: String) {
+        tracing::error!(volume = %self.meta.name, "{why}; refusing further writes");
+        *lock(&self.failure) = Some(why);
+        // Wake writers waiting for the uploader so that they see the failure.
+        self.uploaded.send_modify(|_| {});
+    }
+}
+
+pub struct ObjectVolume {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("{what}: {e}"))
+}
+
+/// Runs blocking work (SQLite, file I/O) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| other("blocking task failed", e))?
+}
+
+impl ObjectVolume {
+    /// Creates a new volume in the store (fails if it exists).
+    pub async fn create(
+        store: &dyn ObjectStore,
+        prefix: &Path,
+        name: &str,
+        size: u64,
+        block_size: u32,
+    ) -> io::Result<VolumeMetadata> {
+        crate::file_volume::validate_volume_name(name)?;
+        catalog::validate_geometry(size, block_size)?;
+        let meta = VolumeMetadata {
+            name: name.to_string(),
+            size,
+            block_size,
+            format: catalog::FORMAT.to_string(),
+            uuid: crate::metadata::random_id()?,
+        };
+        catalog::create(store, prefix, &meta).await?;
+        Ok(meta)
+    }
+
+    /// Opens volume `name`: takes the writer lease (unless read-only), opens the block map
+    /// through the VFS, replays the local journal and starts the uploader.
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        prefix: &Path,
+        layout: Layout,
+        name: &str,
+        config: VolumeConfig,
+    ) -> io::Result<ObjectVolume> {
+        let meta = catalog::load(store.as_ref(), prefix, name)
+            .await?
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no volume {name} in the store"),
+                )
+            })?;
+        let root = catalog::volume_root(prefix, name);
+        let dir = config.local_dir.clone();
+        let uuid = meta.uuid.clone();
+        let instance = blocking(move || local_state::prepare(&dir, &uuid)).await?;
+        let replica = Arc::new(Replica::new(
+            Arc::clone(&store),
+            root.clone().join("blockmap"),
+            layout,
+        ));
+        // One VFS database per volume and process.
+        let db_name = format!("{root}#{}", meta.uuid);
+        let runtime = tokio::runtime::Handle::current();
+        let map = if config.read_only {
+            let empty = replica
+                .list()
+                .await
+                .map_err(|e| other("listing the block map", e))?
+                .is_empty();
+            if empty {
+                MapRole::Empty
+            } else {
+                MapRole::Follower(
+                    Follower::open(Arc::clone(&replica), &db_name, runtime)
+                        .await
+                        .map_err(|e| other("opening the block map", e))?,
+                )
+            }
+        } else {
+            MapRole::Writer(
+                MapWriter::open(
+                    Arc::clone(&store),
+                    Arc::clone(&replica),
+                    root.clone(),
+                    &db_name,
+                    &config.holder,
+                    runtime,
+                )
+                .await
+                .map_err(|e| other("taking the volume", e))?,
+            )
+        };
+        let chunk_epoch = match &map {
+            MapRole::Writer(w) => w.lease().epoch,
+            _ => 0,
+        };
+        let (lookups, updates, uploaded_seq, owner) = {
+            let name = db_name.clone();
+            let role = match &map {
+                MapRole::Writer(_) => 0,
+                MapRole::Follower(_) => 1,
+                MapRole::Empty => 2,
+            };
+            blocking(move || {
+                let (lookups, updates) = open_maps(&name, role)?;
+                let read = |e| other("reading the block map", e);
+                let seq = lookups
+                    .meta(META_JOURNAL_SEQ)
+                    .map_err(read)?
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                let owner = lookups.meta(META_JOURNAL_OWNER).map_err(read)?;
+                Ok((lookups, updates, seq, owner))
+            })
+            .await?
+        };
+
+        // Replay the journal on top of what the map holds.
+        let block_size = meta.block_size;
+        let (journal, overlay) = if config.read_only {
+            (None, Overlay::new(block_size))
+        } else {
+            let dir = config.local_dir.clone();
+            let instance = instance.clone();
+            blocking(move || {
+                local_state::check_journal_owner(&dir, &instance, owner.as_deref())?;
+                let mut overlay = Overlay::new(block_size);
+                let mut replayed = 0u64;
+                let mut journal = Journal::open(&local_state::journal_dir(&dir), |record| {
+                    if record.seq() > uploaded_seq {
+                        replayed += 1;
+                        match record {
+                            Record::Write { seq, offset, data } => {
+                                overlay.write(seq, offset, Bytes::from(data))
+                            }
+                            Record::Zero {
+                                seq,
+                                offset,
+                                length,
+                            } => overlay.zero(seq, offset, length),
+                        }
+                    }
+                    Ok(())
+                })?;
+                journal.skip_to(uploaded_seq + 1)?;
+                if replayed > 0 {
+                    tracing::info!(
+                        "replayed {replayed} journal records after seq {uploaded_seq}; \
+                         they will be uploaded"
+                    );
+                }
+                Ok((Some(journal), overlay))
+            })
+            .await?
+        };
+        let cache_dir = local_state::cache_dir(&config.local_dir);
+        let cache_bytes = config.cache_bytes;
+        let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
+        let dirty = overlay.data_bytes() as u64;
+        let (uploaded, _) = watch::channel(uploaded_seq);
+        let shared = Arc::new(Shared {
+            chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
+            meta,
+            instance,
+            journal: Mutex::new(journal),
+            overlay: RwLock::new(overlay),
+            overlay_generation: AtomicU64::new(0),
+            dirty_bytes: AtomicU64::new(dirty),
+            lookups: Mutex::new(lookups),
+            updates: updates.map(Mutex::new),
+            map,
+            replica,
+            cache,
+            fetches: Mutex::new(HashMap::new()),
+            uploaded,
+            upload_now: Notify::new(),
+            failure: Mutex::new(None),
+            next_chunk: AtomicU64::new(0),
+            chunk_epoch,
+            readahead_until: AtomicU64::new(0),
+            last_read_end: AtomicU64::new(u64::MAX),
+            prefetch_slots: Semaphore::new(read::PREFETCH_CONCURRENCY),
+            stats: Mutex::new(VolumeStats::default()),
+            config,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        if !shared.config.read_only {
+            tasks.push(tokio::spawn(upload::run(
+                Arc::clone(&shared),
+                stop_rx.clone(),
+            )));
+        }
+        if shared.config.hydrate {
+            tasks.push(tokio::spawn(read::hydrate(Arc::clone(&shared), stop_rx)));
+        }
+        Ok(ObjectVolume {
+            shared,
+            stop,
+            tasks: Mutex::new(tasks),
+        })
+    }
+
+    pub fn metadata(&self) -> &VolumeMetadata {
+        &self.shared.meta
+    }
+
+    /// A snapshot of the volume's counters (queries the block map).
+    pub async fn stats(&self) -> io::Result<VolumeStats> {
+        let shared = Arc::clone(&self.shared);
+        blocking(move || {
+            let mut stats = lock(&shared.stats).clone();
+            stats.uploaded_seq = *shared.uploaded.borrow();
+            if let Some(j) = lock(&shared.journal).as_ref() {
+                stats.journal_next_seq = j.next_seq();
+                stats.journal_bytes = j.size_bytes()?;
+            }
+            stats.dirty_bytes = shared.dirty_bytes.load(Ordering::Relaxed);
+            stats.cached_blocks = shared.cache.len() as u64;
+            stats.map_txid = match &shared.map {
+                MapRole::Writer(w) => w.txid(),
+                MapRole::Follower(f) => f.txid(),
+                MapRole::Empty => 0,
+            };
+            let map = lock(&shared.lookups);
+            let (blocks, bytes) = map.usage().map_err(|e| other("block map", e))?;
+            stats.allocated_blocks = blocks;
+            stats.allocated_stored_bytes = bytes;
+            stats.chunks = map
+                .connection()
+                .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
+                .map_err(|e| other("block map", e))? as u64;
+            Ok(stats)
+        })
+        .await
+    }
+
+    /// Uploads everything journaled so far and waits for it (tests, tools).
+    pub async fn sync_to_store(&self) -> io::Result<()> {
+        let through = self.shared.journaled_through();
+        self.shared.wait_uploaded(through).await
+    }
+
+    fn check(&self, offset: u64, length: u64) -> DeviceResult<()> {
+        check_range(offset, length, self.shared.meta.size)
+    }
+
+    /// Appends a change to the journal and the overlay under one lock; returns its seq.
+    async fn journal_change(&self, change: Change) -> DeviceResult<u64> {
+        self.shared.check_writable()?;
+        self.shared.wait_for_room().await?;
+        let shared = Arc::clone(&self.shared);
+        let small = change.len() <= 64 * 1024;
+        let append = move || -> io::Result<u64> {
+            let mut journal = lock(&shared.journal);
+            let journal = journal
+                .as_mut()
+                .ok_or_else(|| io::Error::other("volume is read-only"))?;
+            match change {
+                Change::Write { offset, data } => {
+                    let seq = journal.append_write(offset, &data)?;
+                    shared
+                        .dirty_bytes
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    shared.overlay_mut().write(seq, offset, data);
+                    Ok(seq)
+                }
+                Change::Zero { offset, length } => {
+                    let seq = journal.append_zero(offset, length)?;
+                    shared.overlay_mut().zero(seq, offset, length);
+                    Ok(seq)
+                }
+            }
+        };
+        // Small appends cost microseconds (the page cache absorbs them): not worth a hand-off.
+        let seq = if small {
+            append()
+        } else {
+            blocking(append).await
+        };
+        seq.map_err(device_error)
+    }
+
+    async fn durable(&self, seq: u64) -> DeviceResult<()> {
+        self.shared.sync_journal().await.map_err(device_error)?;
+        if self.shared.config.durability == Durability::Remote {
+            self.shared.wait_uploaded(seq).await.map_err(device_error)?;
+        }
+        Ok(())
+    }
+}
+
+enum Change {
+    Write { offset: u64, data: Bytes },
+    Zero { offset: u64, length: u64 },
+}
+
+impl Change {
+    fn len(&self) -> usize {
+        match self {
+            Change::Write { data, .. } => data.len(),
+            Change::Zero { .. } => 0,
+        }
+    }
+}
+
+/// Full disk → ENOSPC; everything else is an I/O error.
+fn device_error(e: io::Error) -> DeviceError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => DeviceError::NoSpace(e.to_string()),
+        _ => DeviceError::Io(e),
+    }
+}
+
+/// Opens the lookup connection and, for a writer, the update connection.
+fn open_maps(name: &str, role: u8) -> io::Result<(BlockMap, Option<BlockMap>)> {
+    let sql = |e: rusqlite::Error| other("opening the block map", e);
+    let map = |e: blockmap::Error| other("opening the block map", e);
+    match role {
+        0 => {
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            // The uploader's transactions touch many pages; keep them in memory until commit.
+            conn.pragma_update(None, "cache_size", -32768)
+                .map_err(sql)?;
+            let updates = BlockMap::new(conn).map_err(map)?;
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            Ok((BlockMap::new(conn).map_err(map)?, Some(updates)))
+        }
+        1 => {
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            conn.pragma_update(None, "query_only", true).map_err(sql)?;
+            Ok((BlockMap::open_read_only(conn).map_err(map)?, None))
+        }
+        _ => Ok((BlockMap::in_memory().map_err(map)?, None)),
+    }
+}
+
+impl Shared {
+    /// The seq of the last change appended to the journal.
+    fn journaled_through(&self) -> u64 {
+        lock(&self.journal)
+            .as_ref()
+            .map_or(0, |j| j.next_seq().saturating_sub(1))
+    }
+
+    async fn sync_journal(&self) -> io::Result<()> {
+        let handle = match lock(&self.journal).as_ref() {
+            Some(j) => j.sync_handle()?,
+            None => return Ok(()),
+        };
+        blocking(move || handle.sync_data()).await
+    }
+
+    /// Waits until the uploader has stored everything through `seq`.
+    async fn wait_uploaded(&self, seq: u64) -> io::Result<()> {
+        let mut rx = self.uploaded.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= seq {
+                return Ok(());
+            }
+            if let Some(why) = lock(&self.failure).as_ref() {
+                return Err(io::Error::other(why.clone()));
+            }
+            self.upload_now.notify_one();
+            rx.changed()
+                .await
+                .map_err(|_| io::Error::other("the uploader stopped"))?;
+        }
+    }
+
+    /// Back-pressure: while more than `max_dirty_bytes` wait for upload, writers wait (at most
+    /// a minute, then EIO: the store is not keeping up, and the client should hear about it).
+    async fn wait_for_room(&self) -> DeviceResult<()> {
+        let limit = self.config.max_dirty_bytes;
+        if self.dirty_bytes.load(Ordering::Relaxed) < limit {
+            if self.dirty_bytes.load(Ordering::Relaxed) >= limit / 4 {
+                self.upload_now.notify_one();
+            }
+            return Ok(());
+        }
+        let mut rx = self.uploaded.subscribe();
+        let wait = async {
+            while self.dirty_bytes.load(Ordering::Relaxed) >= limit {
+                if let Some(why) = lock(&self.failure).as_ref() {
+                    return Err(DeviceError::Io(io::Error::other(why.clone())));
+                }
+                self.upload_now.notify_one();
+                if rx.changed().await.is_err() {
+                    return Err(DeviceError::Io(io::Error::other("the uploader stopped")));
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(60), wait).await {
+            Ok(result) => result,
+            Err(_) => Err(DeviceError::Io(io::Error::other(
+                "object storage is not keeping up: uploads have been stalled for 60 s",
+            ))),
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for ObjectVolume {
+    fn size(&self) -> u64 {
+        self.shared.meta.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let writable = !self.shared.config.read_only;
+        Capabilities {
+            read_only: !writable,
+            flush: writable,
+            fua: writable,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            cache: true,
+            block_status: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: MAX_PAYLOAD,
+        }
+    }
+
+    async fn read(&self, offset: u64, length: u32) -> DeviceResult<Vec<ReadSegment>> {
+        self.check(offset, u64::from(length))?;
+        if length == 0 {
+            return Ok(Vec::new());
+        }
+        read::read(&self.shared, offset, length)
+            .await
+            .map_err(DeviceError::Io)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let seq = self.journal_change(Change::Write { offset, data }).await?;
+        if fua {
+            self.durable(seq).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> DeviceResult<()> {
+        if self.shared.config.read_only {
+            return Ok(());
+        }
+        let seq = self.shared.journaled_through();
+        self.durable(seq).await
+    }
+
+    async fn trim(&self, offset: u64, length: u64, fua: bool) -> DeviceResult<()> {
+        self.write_zeroes(offset, length, ZeroMode::default(), fua)
+            .await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        _mode: ZeroMode,
+        fua: bool,
+    ) -> DeviceResult<()> {
+        // Zeros are never stored: the blocks lose their map rows. That is as fast as it gets,
+        // so FAST_ZERO is always honoured, and NO_HOLE is satisfied (the range reads as zeros;
+        // a thin volume provisions nothing either way).
+        self.check(offset, length)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let seq = self.journal_change(Change::Zero { offset, length }).await?;
+        if fua {
+            self.durable(seq).await?;
+        }
+        Ok(())
+    }
+
+    async fn block_status(&self, offset: u64, length: u64) -> DeviceResult<Vec<Extent>> {
+        self.check(offset, length)?;
+        read::block_status(&self.shared, offset, length)
+            .await
+            .map_err(DeviceError::Io)
+    }
+
+    async fn cache(&self, offset: u64, length: u64) -> DeviceResult<()> {
+        self.check(offset, length)?;
+        read::prefetch(&self.shared, offset, length)
+            .await
+            .map_err(DeviceError::Io)
+    }
+
+    async fn close(&self) -> DeviceResult<()> {
+        let writable = !self.shared.config.read_only;
+        if writable {
+            self.flush().await?;
+        }
+        let _ = self.stop.send(true);
+        let tasks: Vec<JoinHandle<()>> = std::mem::take(&mut *lock(&self.tasks));
+        for task in tasks {
+            let _ = task.await;
+        }
+        if writable && lock(&self.shared.failure).is_none() {
+            // Store everything, so the next start (anywhere) needs nothing local.
+            upload::upload_all(&self.shared)
+                .await
+                .map_err(DeviceError::Io)?;
+        }
+        let shared = Arc::clone(&self.shared);
+        blocking(move || shared.cache.save_index())
+            .await
+            .map_err(DeviceError::Io)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! The read path (DESIGN.md §4): overlay (journaled, not uploaded) → block cache → one ranged
+//! GET per missing block, verified against the map's checksum; holes cost nothing. Concurrent
+//! misses on one block share one GET; sequential reads trigger readahead.
+
+use super::{Shared, blocking, lock, other};
+use crate::cache::CacheKey;
+use crate::device::{Extent, ExtentKind, ReadSegment};
+use blockmap::BlockLocation;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// GETs that readahead and `NBD_CMD_CACHE` may have in flight.
+pub(super) const PREFETCH_CONCURRENCY: usize = 64;
+/// How far ahead of a sequential reader blocks are fetched.
+const READAHEAD_BYTES: u64 = 8 << 20;
+/// Block status answers for at most this many blocks per request (clients ask again).
+const STATUS_MAX_BLOCKS: u64 = 16384;
+/// Concurrent GETs of background disk hydration: few, so foreground reads keep the bandwidth.
+const HYDRATE_CONCURRENCY: usize = 4;
+
+/// One block's share of a read.
+struct Piece {
+    block: u64,
+    /// Byte range within the block.
+    at: usize,
+    len: usize,
+    part: Part,
+}
+
+enum Part {
+    Zero,
+    Data(Bytes),
+    /// Stored and not cached.
+    Fetch(BlockLocation),
+    /// Overlay edits on top of the stored block (if any).
+    Merge(Option<BlockLocation>),
+}
+
+fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
+fn no_base() -> io::Result<Vec<u8>> {
+    Err(io::Error::other(
+        "internal: overlay needed a base it said it did not need",
+    ))
+}
+
+/// Decides where each block of the read comes from. The overlay is consulted before the map:
+/// the uploader commits the map before it drops edits from the overlay, so a block missing
+/// from the overlay here is already in the map.
+fn plan(shared: &Shared, offset: u64, length: u32) -> io::Result<(u64, Vec<Piece>)> {
+    let bs = shared.block_size();
+    let generation = shared.overlay_generation.load(Ordering::Acquire);
+    let end = offset + u64::from(length);
+    let mut pieces = Vec::with_capacity((u64::from(length) / bs + 2) as usize);
+    let mut pos = offset;
+    while pos < end {
+        let block = pos / bs;
+        let at = pos % bs;
+        let len = (bs - at).min(end - pos);
+        pieces.push(Piece {
+            block,
+            at: at as usize,
+            len: len as usize,
+            part: Part::Zero,
+        });
+        pos += len;
+    }
+    let mut need_map = Vec::new();
+    {
+        let overlay = shared.overlay();
+        for (i, piece) in pieces.iter_mut().enumerate() {
+            if !overlay.touches(piece.block) {
+                need_map.push(i);
+            } else if overlay.needs_base(piece.block, u64::MAX) {
+                piece.part = Part::Merge(None);
+                need_map.push(i);
+            } else {
+                let data = overlay
+                    .materialize(piece.block, no_base)?
+                    .unwrap_or_default();
+                piece.part = slice_of(data, piece.at, piece.len);
+            }
+        }
+    }
+    if need_map.is_empty() {
+        return Ok((generation, pieces));
+    }
+    let first = pieces[0].block;
+    let count = pieces[pieces.len() - 1].block - first + 1;
+    let rows: HashMap<u64, BlockLocation> = lock(&shared.lookups)
+        .range(first, count)
+        .map_err(|e| other("block map lookup", e))?
+        .into_iter()
+        .collect();
+    for i in need_map {
+        let piece = &mut pieces[i];
+        let location = rows.get(&piece.block).copied();
+        piece.part = match (&piece.part, location) {
+            (Part::Merge(_), location) => Part::Merge(location),
+            (_, None) => Part::Zero,
+            (_, Some(loc)) => {
+                let mut buf = vec![0u8; piece.len];
+                let key = CacheKey {
+                    chunk: loc.chunk,
+                    offset: loc.offset,
+                };
+                if shared
+                    .cache
+                    .read_at(key, loc.checksum, piece.at, &mut buf)?
+                {
+                    Part::Data(Bytes::from(buf))
+                } else {
+                    Part::Fetch(loc)
+                }
+            }
+        };
+    }
+    Ok((generation, pieces))
+}
+
+fn slice_of(block: Vec<u8>, at: usize, len: usize) -> Part {
+    let part = &block[at..at + len];
+    if is_zero(part) {
+        Part::Zero
+    } else {
+        Part::Data(Bytes::from(block).slice(at..at + len))
+    }
+}
+
+pub(super) async fn read(
+    shared: &Arc<Shared>,
+    offset: u64,
+    length: u32,
+) -> io::Result<Vec<ReadSegment>> {
+    for _attempt in 0..5 {
+        let s = Arc::clone(shared);
+        let (generation, mut pieces) = blocking(move || plan(&s, offset, length)).await?;
+        let wanted: Vec<(usize, BlockLocation)> = pieces
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| match p.part {
+                Part::Fetch(loc) | Part::Merge(Some(loc)) => Some((i, loc)),
+                _ => None,
+            })
+            .collect();
+        let fetches: Vec<_> = wanted
+            .iter()
+            .map(|&(i, loc)| {
+                let shared = Arc::clone(shared);
+                async move { (i, fetch_block(&shared, loc).await) }
+            })
+            .collect();
+        let fetched = futures::future::join_all(fetches).await;
+        let mut bases: HashMap<usize, Bytes> = HashMap::new();
+        let mut retry = false;
+        for (i, result) in fetched {
+            match result {
+                Ok(data) => {
+                    bases.insert(i, data);
+                }
+                // GC deleted a chunk this read had looked up just before: look again.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => retry = true,
+                Err(e) => return Err(e),
+            }
+        }
+        if retry {
+            continue;
+        }
+        if !merge(shared, generation, &mut pieces, &mut bases)? {
+            continue; // the uploader moved edits out of the overlay meanwhile
+        }
+        note_read(shared, &pieces);
+        return Ok(segments(pieces));
+    }
+    Err(io::Error::other(
+        "read kept racing with uploads and garbage collection; giving up",
+    ))
+}
+
+/// Fills fetched and merged pieces. `false` if the overlay changed since planning.
+fn merge(
+    shared: &Shared,
+    generation: u64,
+    pieces: &mut [Piece],
+    bases: &mut HashMap<usize, Bytes>,
+) -> io::Result<bool> {
+    let overlay = pieces
+        .iter()
+        .any(|p| matches!(p.part, Part::Merge(_)))
+        .then(|| shared.overlay());
+    if overlay.is_some() && shared.overlay_generation.load(Ordering::Acquire) != generation {
+        return Ok(false);
+    }
+    let bs = shared.block_size() as usize;
+    for (i, piece) in pieces.iter_mut().enumerate() {
+        match piece.part {
+            Part::Fetch(_) => {
+                let data = bases.remove(&i).unwrap_or_default();
+                piece.part = if data.len() == bs {
+                    slice_bytes(data, piece.at, piece.len)
+                } else {
+                    return Err(io::Error::other("internal: a fetched block is missing"));
+                };
+            }
+            Part::Merge(_) => {
+                let Some(overlay) = overlay.as_ref() else {
+                    return Ok(false);
+                };
+                let base = bases.remove(&i);
+                let block = overlay.materialize(piece.block, || {
+                    Ok(base.map_or_else(|| vec![0u8; bs], |b| b.to_vec()))
+                })?;
+                match block {
+                    Some(block) => piece.part = slice_of(block, piece.at, piece.len),
+                    None => return Ok(false),
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(true)
+}
+
+fn slice_bytes(block: Bytes, at: usize, len: usize) -> Part {
+    if is_zero(&block[at..at + len]) {
+        Part::Zero
+    } else {
+        Part::Data(block.slice(at..at + len))
+    }
+}
+
+/// Pieces as protocol segments, runs of zeros merged.
+fn segments(pieces: Vec<Piece>) -> Vec<ReadSegment> {
+    let mut out: Vec<ReadSegment> = Vec::with_capacity(pieces.len());
+    for piece in pieces {
+        match piece.part {
+            Part::Data(data) => out.push(ReadSegment::Data(data)),
+            _ => match out.last_mut() {
+                Some(ReadSegment::Zero(n)) => *n += piece.len as u64,
+                _ => out.push(ReadSegment::Zero(piece.len as u64)),
+            },
+        }
+    }
+    out
+}
+
+/// Fetches one block from the store (once, however many readers want it), verifies it and
+/// puts it in the cache.
+pub(super) async fn fetch_block(shared: &Shared, loc: BlockLocation) -> io::Result<Bytes> {
+    let key = CacheKey {
+        chunk: loc.chunk,
+        offset: loc.offset,
+    };
+    if let Some(data) = shared.cache.get(key, loc.checksum)? {
+        return Ok(Bytes::from(data));
+    }
+    let cell = Arc::clone(lock(&shared.fetches).entry(key).or_default());
+    let result = cell
+        .get_or_init(|| async {
+            shared
+                .chunks
+                .read_block(&loc)
+                .await
+                .map(Bytes::from)
+                .map_err(|e| {
+                    tracing::error!(volume = %shared.meta.name, "reading a block from the store failed: {e}");
+                    (e.kind(), e.to_string())
+                })
+        })
+        .await
+        .clone();
+    if let Ok(data) = &result {
+        // Into the cache before the shared fetch is forgotten, so nobody fetches it again.
+        if let Err(e) = shared.cache.insert(key, data) {
+            tracing::warn!("cannot cache a block: {e}");
+        }
+    }
+    {
+        let mut fetches = lock(&shared.fetches);
+        if fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fetches.remove(&key);
+        }
+    }
+    result.map_err(|(kind, message)| io::Error::new(kind, message))
+}
+
+/// Sequential reads: keep `READAHEAD_BYTES` ahead of the reader in flight.
+fn note_read(shared: &Arc<Shared>, pieces: &[Piece]) {
+    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
+        return;
+    };
+    let previous_end = shared.last_read_end.swap(last.block + 1, Ordering::Relaxed);
+    let sequential = first.block == previous_end || first.block + 1 == previous_end;
+    if !sequential {
+        return;
+    }
+    let window = (READAHEAD_BYTES / shared.block_size()).max(4);
+    let ahead = shared.readahead_until.load(Ordering::Relaxed);
+    let next = last.block + 1;
+    if ahead >= next + window / 2 {
+        return;
+    }
+    let from = ahead.max(next);
+    let until = next + window;
+    shared.readahead_until.store(until, Ordering::Relaxed);
+    let total_blocks = shared.meta.size.div_ceil(shared.block_size());
+    if from >= total_blocks {
+        return;
+    }
+    let count = until.min(total_blocks) - from;
+    tokio::spawn(prefetch_blocks(Arc::clone(shared), from, count));
+}
+
+/// `NBD_CMD_CACHE`: starts fetching the range's stored blocks into the cache.
+pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> io::Result<()> {
+    if length == 0 {
+        return Ok(());
+    }
+    let bs = shared.block_size();
+    let first = offset / bs;
+    let count = (offset + length).div_ceil(bs) - first;
+    tokio::spawn(prefetch_blocks(Arc::clone(shared), first, count));
+    Ok(())
+}
+
+/// Stored, uncached blocks of `first..first+count` that the overlay does not hide.
+fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<BlockLocation>> {
+    let rows = lock(&shared.lookups)
+        .range(first, count)
+        .map_err(|e| other("block map lookup", e))?;
+    let overlay = shared.overlay();
+    Ok(rows
+        .into_iter()
+        .filter(|(block, loc)| {
+            !overlay.touches(*block)
+                && !shared.cache.contains(CacheKey {
+                    chunk: loc.chunk,
+                    offset: loc.offset,
+                })
+        })
+        .map(|(_, loc)| loc)
+        .collect())
+}
+
+async fn prefetch_blocks(shared: Arc<Shared>, first: u64, count: u64) {
+    let s = Arc::clone(&shared);
+    let missing = match blocking(move || missing_blocks(&s, first, count)).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!("readahead lookup failed: {e}");
+            return;
+        }
+    };
+    for loc in missing {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let Ok(_permit) = shared.prefetch_slots.acquire().await else {
+                return;
+            };
+            if let Err(e) = fetch_block(&shared, loc).await {
+                tracing::debug!("readahead fetch failed: {e}");
+            }
+        });
+    }
+}
+
+/// Allocation of a range: overlay first, then the map (holes come straight from it).
+pub(super) async fn block_status(
+    shared: &Arc<Shared>,
+    offset: u64,
+    length: u64,
+) -> io::Result<Vec<Extent>> {
+    let s = Arc::clone(shared);
+    blocking(move || {
+        let bs = s.block_size();
+        let end = offset + length;
+        let first = offset / bs;
+        let end_block = end.div_ceil(bs).min(first + STATUS_MAX_BLOCKS);
+        let runs = lock(&s.lookups)
+            .allocated_runs(first, end_block - first)
+            .map_err(|e| other("block map lookup", e))?;
+        let mut stored = vec![false; (end_block - first) as usize];
+        for (start, len) in runs {
+            for b in start..start + len {
+                stored[(b - first) as usize] = true;
+            }
+        }
+        let overlay = s.overlay();
+        let mut extents: Vec<Extent> = Vec::new();
+        for block in first..end_block {
+            let data = overlay
+                .state(block)
+                .unwrap_or(stored[(block - first) as usize]);
+            let kind = if data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Hole
+            };
+            let from = (block * bs).max(offset);
+            let to = ((block + 1) * bs).min(end);
+            match extents.last_mut() {
+                Some(last) if last.kind == kind => last.length += to - from,
+                _ => extents.push(Extent {
+                    length: to - from,
+                    kind,
+                }),
+            }
+        }
+        Ok(extents)
+    })
+    .await
+}
+
+/// The stored content of blocks (the uploader's bases for partial writes); absent blocks are
+/// zeros and left out.
+pub(super) async fn stored_blocks(
+    shared: &Arc<Shared>,
+    blocks: Vec<u64>,
+) -> io::Result<HashMap<u64, Bytes>> {
+    if blocks.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let s = Arc::clone(shared);
+    let locations: Vec<(u64, BlockLocation)> = blocking(move || {
+        let map = lock(&s.lookups);
+        let mut found = Vec::new();
+        for block in blocks {
+            if let Some(loc) = map.get(block).map_err(|e| other("block map lookup", e))? {
+                found.push((block, loc));
+            }
+        }
+        Ok(found)
+    })
+    .await?;
+    let fetches: Vec<_> = locations
+        .iter()
+        .map(|&(block, loc)| {
+            let shared = Arc::clone(shared);
+            async move { (block, fetch_block(&shared, loc).await) }
+        })
+        .collect();
+    let fetched = futures::future::join_all(fetches).await;
+    fetched
+        .into_iter()
+        .map(|(block, data)| data.map(|d| (block, d)))
+        .collect()
+}
+
+/// `--hydrate`: pulls every stored block into the cache, a few at a time, pausing while
+/// foreground reads miss the cache.
+pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let started = Instant::now();
+    let total_blocks = shared.meta.size.div_ceil(shared.block_size());
+    let slots = Arc::new(tokio::sync::Semaphore::new(HYDRATE_CONCURRENCY));
+    let mut next = 0u64;
+    let mut fetched = 0u64;
+    while next < total_blocks {
+        if *stop.borrow() {
+            return;
+        }
+        let s = Arc::clone(&shared);
+        let count = 4096.min(total_blocks - next);
+        let missing = match blocking(move || missing_blocks(&s, next, count)).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!("hydration lookup failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for loc in missing {
+            let permit = tokio::select! {
+                p = Arc::clone(&slots).acquire_owned() => p,
+                _ = stop.changed() => return,
+            };
+            let Ok(permit) = permit else { return };
+            let shared = Arc::clone(&shared);
+            fetched += 1;
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Err(e) = fetch_block(&shared, loc).await {
+                    tracing::warn!("hydration fetch failed (will be fetched on demand): {e}");
+                }
+            });
+        }
+        next += count;
+    }
+    let _ = slots.acquire_many(HYDRATE_CONCURRENCY as u32).await;
+    tracing::info!(
+        volume = %shared.meta.name,
+        blocks = fetched,
+        seconds = started.elapsed().as_secs_f64(),
+        "disk hydration complete"
+    );
+}

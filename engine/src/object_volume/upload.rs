@@ -1,0 +1,346 @@
+//! The uploader (DESIGN.md §3): every sync interval, or sooner when enough is dirty, it takes
+//! the journal position `p`, builds the content of every dirty block as of `p` (so the store
+//! always holds exactly a prefix of the write history, I1), packs the blocks into chunks, PUTs
+//! them (I3: before any map row points at them), commits one block-map transaction that also
+//! records `p`, syncs the map to the store, and only then forgets the journal range.
+//!
+//! Garbage collection runs here too, after block-map maintenance: a chunk none of whose blocks
+//! is live is deleted once no block-map state that can still be restored refers to it.
+
+use super::read::stored_blocks;
+use super::{META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other};
+use crate::chunk::ChunkBuilder;
+use blockmap::writer::WriterError;
+use blockmap::{BlockLocation, MapChange};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// Level of LTX snapshots in a Litestream replica.
+const SNAPSHOT_LEVEL: u8 = 9;
+
+/// Chunk PUTs in flight per upload.
+const PUT_CONCURRENCY: usize = 4;
+/// Block-map maintenance (compaction, snapshot, retention) and GC every this many uploads.
+const MAINTAIN_EVERY: u64 = 60;
+
+pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut uploads = 0u64;
+    let mut dead_seen: HashMap<u64, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(shared.config.sync_interval) => {}
+            _ = shared.upload_now.notified() => {}
+            _ = stop.changed() => return,
+        }
+        if lock(&shared.failure).is_some() {
+            return;
+        }
+        match boxed(upload_once(&shared)).await {
+            Ok(false) => continue,
+            Ok(true) => uploads += 1,
+            Err(e) => {
+                tracing::warn!(volume = %shared.meta.name, "upload failed, will retry: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        if uploads % MAINTAIN_EVERY == 0 {
+            if let MapRole::Writer(writer) = &shared.map {
+                if let Err(e) = boxed(writer.maintain()).await {
+                    tracing::warn!("block map maintenance failed, will retry: {e}");
+                }
+            }
+            if let Err(e) = boxed(collect_garbage(&shared, &mut dead_seen)).await {
+                tracing::warn!("garbage collection failed, will retry: {e}");
+            }
+        }
+    }
+}
+
+/// Pins a future as `Send` at its concrete lifetime: without this, rustc fails to prove the
+/// uploader's future `Send` for every lifetime when it is spawned (a known compiler limitation).
+fn boxed<'a, T>(
+    f: impl std::future::Future<Output = T> + Send + 'a,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
+    Box::pin(f)
+}
+
+/// Uploads until everything journaled is stored (clean shutdown).
+pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
+    for _ in 0..10 {
+        if !upload_once(shared).await? {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn next_chunk_id(shared: &Shared) -> u64 {
+    // Unique across writers and restarts: the writer's lease epoch is never reused.
+    (shared.chunk_epoch << 32) | shared.next_chunk.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One upload of everything journaled so far. `Ok(false)` if there was nothing to do.
+pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
+    let through = shared.journaled_through();
+    if through <= *shared.uploaded.borrow() {
+        return Ok(false);
+    }
+    let work = shared.overlay().pending_through(through);
+    let mut changes: Vec<MapChange> = work
+        .zero_ranges
+        .iter()
+        .map(|&(first, end)| MapChange::Delete {
+            first,
+            count: end - first,
+        })
+        .collect();
+    let mut new_chunks: Vec<(u64, u64)> = Vec::new();
+    let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
+    let mut builder = ChunkBuilder::new(shared.meta.block_size);
+    let batch = (shared.config.chunk_bytes as u64 / shared.block_size()).max(1) as usize;
+    for start in (0..work.blocks.len()).step_by(batch) {
+        let blocks: Vec<u64> = work.blocks[start..(start + batch).min(work.blocks.len())].to_vec();
+        let needs_base: Vec<u64> = {
+            let overlay = shared.overlay();
+            blocks
+                .iter()
+                .copied()
+                .filter(|&b| overlay.needs_base(b, through))
+                .collect()
+        };
+        let mut bases = stored_blocks(shared, needs_base).await?;
+        let contents: Vec<(u64, Option<Vec<u8>>)> = {
+            let overlay = shared.overlay();
+            let bs = shared.meta.block_size as usize;
+            blocks
+                .iter()
+                .map(|&b| {
+                    let base = bases.remove(&b);
+                    overlay
+                        .materialize_through(b, through, || {
+                            Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
+                        })
+                        .map(|data| (b, data))
+                })
+                .collect::<io::Result<_>>()?
+        };
+        for (block, data) in contents {
+            let Some(data) = data else { continue };
+            if data.iter().all(|&b| b == 0) {
+                // Zeros are not stored: the block becomes a hole.
+                changes.push(MapChange::Delete {
+                    first: block,
+                    count: 1,
+                });
+                continue;
+            }
+            builder
+                .add(block, &data)
+                .map_err(|e| other("building a chunk", e))?;
+            if builder.len() >= shared.config.chunk_bytes {
+                let full =
+                    std::mem::replace(&mut builder, ChunkBuilder::new(shared.meta.block_size));
+                seal(shared, full, &mut changes, &mut new_chunks, &mut puts).await?;
+            }
+        }
+    }
+    if !builder.is_empty() {
+        seal(shared, builder, &mut changes, &mut new_chunks, &mut puts).await?;
+    }
+    while let Some(done) = puts.join_next().await {
+        done.map_err(|e| other("chunk upload task", e))??;
+    }
+    commit(shared, through, new_chunks, changes).await?;
+    sync_map(shared).await?;
+    {
+        let mut overlay = shared.overlay_mut();
+        overlay.drop_through(through);
+        shared.overlay_generation.fetch_add(1, Ordering::Release);
+        shared
+            .dirty_bytes
+            .store(overlay.data_bytes() as u64, Ordering::Relaxed);
+    }
+    shared.uploaded.send_replace(through);
+    lock(&shared.stats).uploads += 1;
+    let s = Arc::clone(shared);
+    blocking(move || match lock(&s.journal).as_mut() {
+        Some(journal) => journal.release(through),
+        None => Ok(()),
+    })
+    .await?;
+    Ok(true)
+}
+
+/// Finishes a chunk and starts its PUT (waiting if `PUT_CONCURRENCY` are in flight).
+async fn seal(
+    shared: &Arc<Shared>,
+    builder: ChunkBuilder,
+    changes: &mut Vec<MapChange>,
+    new_chunks: &mut Vec<(u64, u64)>,
+    puts: &mut JoinSet<io::Result<()>>,
+) -> io::Result<()> {
+    let id = next_chunk_id(shared);
+    let (bytes, entries) = builder.finish();
+    new_chunks.push((id, bytes.len() as u64));
+    changes.extend(entries.iter().map(|e| MapChange::Put {
+        block: e.block,
+        location: BlockLocation {
+            chunk: id,
+            offset: e.offset,
+            length: e.length,
+            checksum: e.checksum,
+        },
+    }));
+    while puts.len() >= PUT_CONCURRENCY {
+        if let Some(done) = puts.join_next().await {
+            done.map_err(|e| other("chunk upload task", e))??;
+        }
+    }
+    let shared = Arc::clone(shared);
+    puts.spawn(async move { shared.chunks.put(id, bytes).await });
+    Ok(())
+}
+
+/// One block-map transaction for the journal range, recording how far it goes.
+async fn commit(
+    shared: &Arc<Shared>,
+    through: u64,
+    new_chunks: Vec<(u64, u64)>,
+    changes: Vec<MapChange>,
+) -> io::Result<()> {
+    let s = Arc::clone(shared);
+    blocking(move || {
+        let updates = s
+            .updates
+            .as_ref()
+            .ok_or_else(|| io::Error::other("read-only volume"))?;
+        let seq = through.to_string();
+        lock(updates)
+            .apply_with_meta(
+                &new_chunks,
+                &changes,
+                &[
+                    (META_JOURNAL_SEQ, seq.as_str()),
+                    (META_JOURNAL_OWNER, s.instance.as_str()),
+                ],
+            )
+            .map_err(|e| other("block map transaction", e))
+    })
+    .await
+}
+
+/// Syncs the block map to the store, retrying transient failures until it works. Being fenced
+/// (another writer took the volume) stops this volume's writes for good.
+async fn sync_map(shared: &Shared) -> io::Result<()> {
+    let MapRole::Writer(writer) = &shared.map else {
+        return Err(io::Error::other("read-only volume"));
+    };
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match writer.sync().await {
+            Ok(_) => return Ok(()),
+            Err(
+                e @ (WriterError::Lease(_)
+                | WriterError::Replica(blockmap::replica::ReplicaError::Conflict(_))),
+            ) => {
+                let why = format!("another writer took volume {}: {e}", shared.meta.name);
+                shared.fail(why.clone());
+                return Err(io::Error::other(why));
+            }
+            Err(e) => {
+                tracing::warn!(volume = %shared.meta.name, "block map sync failed, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Deletes chunks with no live block once no restorable block-map state can refer to them.
+/// `dead_seen` remembers the map TXID at which each dead chunk was first seen dead: states from
+/// that TXID on do not use it (chunk ids are never reused), so it may go once the oldest
+/// restorable state is at least that new.
+async fn collect_garbage(
+    shared: &Arc<Shared>,
+    dead_seen: &mut HashMap<u64, u64>,
+) -> io::Result<()> {
+    let MapRole::Writer(writer) = &shared.map else {
+        return Ok(());
+    };
+    let txid = writer.txid();
+    let s = Arc::clone(shared);
+    let dead: Vec<u64> = blocking(move || {
+        let map = lock(&s.lookups);
+        Ok(map
+            .chunks_at_most_live(0.0)
+            .map_err(|e| other("block map", e))?
+            .into_iter()
+            .filter(|c| c.live_blocks == 0)
+            .map(|c| c.chunk)
+            .collect())
+    })
+    .await?;
+    for chunk in &dead {
+        dead_seen.entry(*chunk).or_insert(txid);
+    }
+    dead_seen.retain(|chunk, _| dead.contains(chunk));
+    let oldest = oldest_restorable_txid(shared).await?;
+    let deletable: Vec<u64> = dead_seen
+        .iter()
+        .filter(|&(_, &seen)| seen <= oldest)
+        .map(|(&chunk, _)| chunk)
+        .collect();
+    if deletable.is_empty() {
+        return Ok(());
+    }
+    for &chunk in &deletable {
+        shared.chunks.delete(chunk).await?;
+    }
+    let s = Arc::clone(shared);
+    let removed = deletable.clone();
+    blocking(move || {
+        let updates = s
+            .updates
+            .as_ref()
+            .ok_or_else(|| io::Error::other("read-only volume"))?;
+        let mut map = lock(updates);
+        for chunk in removed {
+            map.remove_chunk(chunk).map_err(|e| other("block map", e))?;
+        }
+        Ok(())
+    })
+    .await?;
+    sync_map(shared).await?;
+    for chunk in &deletable {
+        dead_seen.remove(chunk);
+    }
+    lock(&shared.stats).chunks_deleted += deletable.len() as u64;
+    tracing::info!(volume = %shared.meta.name, chunks = deletable.len(), "deleted dead chunks");
+    Ok(())
+}
+
+/// The oldest block-map TXID a restore can still reach: the older retained snapshot, or 1 while
+/// a history from the beginning is still in the store.
+async fn oldest_restorable_txid(shared: &Shared) -> io::Result<u64> {
+    let files = shared
+        .replica
+        .list()
+        .await
+        .map_err(|e| other("listing the block map", e))?;
+    if files.iter().any(|f| f.name.min_txid == 1) {
+        return Ok(1);
+    }
+    Ok(files
+        .iter()
+        .filter(|f| f.level == SNAPSHOT_LEVEL)
+        .map(|f| f.name.max_txid)
+        .min()
+        .unwrap_or(1))
+}

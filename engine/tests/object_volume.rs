@@ -1,0 +1,301 @@
+//! The object-storage volume against a real local-directory object store: reads see writes at
+//! once, the journal survives a crash, the store alone holds a prefix of the history, zeros are
+//! map deletions, and a second writer fences the first.
+
+use blockmap::faulty_store::FaultyStore;
+use blockmap::replica::Layout;
+use bytes::Bytes;
+use engine::object_volume::{Durability, ObjectVolume, VolumeConfig};
+use engine::{BlockDevice, ExtentKind, ReadSegment, ZeroMode};
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[path = "../../blockmap/tests/common/mod.rs"]
+mod s3_server;
+
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    store: Arc<dyn ObjectStore>,
+    layout: Layout,
+    _moto: Option<s3_server::Moto>,
+}
+
+impl Fixture {
+    async fn new(size: u64, block_size: u32) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
+        ObjectVolume::create(store.as_ref(), &Path::from(""), "disk", size, block_size)
+            .await
+            .expect("create");
+        Fixture {
+            dir,
+            store,
+            layout: Layout::File,
+            _moto: None,
+        }
+    }
+
+    /// The same, on a real S3-protocol server (moto).
+    async fn on_s3(size: u64, block_size: u32) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let moto = s3_server::start_moto();
+        s3_server::create_bucket(moto.port, "volumes");
+        let store = s3_server::s3(moto.port, "volumes");
+        ObjectVolume::create(store.as_ref(), &Path::from(""), "disk", size, block_size)
+            .await
+            .expect("create");
+        Fixture {
+            dir,
+            store,
+            layout: Layout::ObjectStore,
+            _moto: Some(moto),
+        }
+    }
+
+    fn config(&self, local: &str) -> VolumeConfig {
+        let mut c = VolumeConfig::new(self.dir.path().join(local));
+        c.sync_interval = Duration::from_millis(100);
+        c.cache_bytes = 64 * MIB;
+        c.chunk_bytes = MIB as usize;
+        c
+    }
+
+    async fn open(&self, config: VolumeConfig) -> ObjectVolume {
+        self.open_on(Arc::clone(&self.store), config).await
+    }
+
+    async fn open_on(&self, store: Arc<dyn ObjectStore>, config: VolumeConfig) -> ObjectVolume {
+        ObjectVolume::open(store, &Path::from(""), self.layout, "disk", config)
+            .await
+            .expect("open")
+    }
+}
+
+async fn read(v: &ObjectVolume, offset: u64, len: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len as usize);
+    for seg in v.read(offset, len).await.expect("read") {
+        match seg {
+            ReadSegment::Data(d) => out.extend_from_slice(&d),
+            ReadSegment::Zero(n) => out.resize(out.len() + n as usize, 0),
+        }
+    }
+    assert_eq!(out.len(), len as usize);
+    out
+}
+
+fn pattern(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_see_writes_before_and_after_upload() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let v = f.open(f.config("local")).await;
+    assert_eq!(
+        read(&v, 0, 4096).await,
+        vec![0u8; 4096],
+        "new volume reads zeros"
+    );
+    v.write(1000, pattern(5000, 1), false).await.expect("write");
+    v.write(65536 * 3 + 10, pattern(200_000, 2), false)
+        .await
+        .expect("write");
+    assert_eq!(read(&v, 1000, 5000).await, pattern(5000, 1));
+    v.sync_to_store().await.expect("upload");
+    assert_eq!(read(&v, 1000, 5000).await, pattern(5000, 1), "after upload");
+    assert_eq!(read(&v, 65536 * 3 + 10, 200_000).await, pattern(200_000, 2));
+    // A partial overwrite of an uploaded block merges with the stored base.
+    v.write(65536 * 3 + 100, pattern(10, 3), false)
+        .await
+        .expect("write");
+    let mut expected = pattern(200_000, 2).to_vec();
+    expected[90..100].copy_from_slice(&pattern(10, 3));
+    assert_eq!(read(&v, 65536 * 3 + 10, 200_000).await, expected);
+    v.sync_to_store().await.expect("upload");
+    assert_eq!(read(&v, 65536 * 3 + 10, 200_000).await, expected);
+    let stats = v.stats().await.expect("stats");
+    assert!(stats.allocated_blocks >= 5, "{stats:?}");
+    v.close().await.expect("close");
+
+    // Another host: nothing local, everything from the store.
+    let other = f.open(f.config("elsewhere")).await;
+    assert_eq!(read(&other, 1000, 5000).await, pattern(5000, 1));
+    assert_eq!(read(&other, 65536 * 3 + 10, 200_000).await, expected);
+    other.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_replay_restores_flushed_writes_after_a_crash() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let mut config = f.config("local");
+    config.sync_interval = Duration::from_secs(3600); // nothing reaches the store
+    {
+        let v = f.open(config.clone()).await;
+        v.write(0, pattern(65536, 7), false).await.expect("write");
+        v.write(70_000, pattern(3000, 8), false)
+            .await
+            .expect("write");
+        v.write_zeroes(10_000, 5000, ZeroMode::default(), false)
+            .await
+            .expect("zero");
+        v.flush().await.expect("flush");
+        // Dropped without close: the uploader never ran, like a kill -9.
+    }
+    let v = f.open(config).await;
+    let mut expected = pattern(65536, 7).to_vec();
+    expected[10_000..15_000].fill(0);
+    assert_eq!(read(&v, 0, 65536).await, expected);
+    assert_eq!(read(&v, 70_000, 3000).await, pattern(3000, 8));
+    v.sync_to_store().await.expect("upload the replayed writes");
+    v.close().await.expect("close");
+    let fresh = f.open(f.config("fresh")).await;
+    assert_eq!(read(&fresh, 0, 65536).await, expected);
+    fresh.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_the_whole_disk_is_quick_and_leaves_holes() {
+    let size = 100u64 << 30;
+    let f = Fixture::new(size, 65536).await;
+    let v = f.open(f.config("local")).await;
+    for i in 0..64u64 {
+        v.write(i * 3 * MIB, pattern(65536, i as u8), false)
+            .await
+            .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+    let status = v.block_status(0, 4 * MIB).await.expect("status");
+    assert_eq!(status[0].kind, ExtentKind::Data);
+    let started = std::time::Instant::now();
+    v.trim(0, size, false).await.expect("trim");
+    v.sync_to_store().await.expect("upload");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "whole-disk trim took {took:?}"
+    );
+    assert_eq!(read(&v, 3 * MIB, 65536).await, vec![0u8; 65536]);
+    let status = v.block_status(0, 1 << 30).await.expect("status");
+    assert!(
+        status.iter().all(|e| e.kind == ExtentKind::Hole),
+        "{status:?}"
+    );
+    assert_eq!(v.stats().await.expect("stats").allocated_blocks, 0);
+    v.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_fences_the_first() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let first = f.open(f.config("a")).await;
+    first
+        .write(0, pattern(4096, 1), false)
+        .await
+        .expect("write");
+    first.sync_to_store().await.expect("upload");
+    let second = f.open(f.config("b")).await;
+    assert_eq!(read(&second, 0, 4096).await, pattern(4096, 1));
+    second
+        .write(0, pattern(4096, 2), false)
+        .await
+        .expect("write");
+    second.sync_to_store().await.expect("upload");
+    // The first writer's next upload collides; it stops accepting writes.
+    let _ = first.write(8192, pattern(4096, 3), false).await;
+    let fenced = tokio::time::timeout(Duration::from_secs(10), first.sync_to_store())
+        .await
+        .expect("no hang");
+    assert!(fenced.is_err(), "the stale writer must not upload");
+    assert!(first.write(0, pattern(4096, 4), false).await.is_err());
+    second.close().await.expect("close");
+    let third = f.open(f.config("c")).await;
+    assert_eq!(
+        read(&third, 0, 4096).await,
+        pattern(4096, 2),
+        "no interleaving"
+    );
+    assert_eq!(read(&third, 8192, 4096).await, vec![0u8; 4096]);
+    third.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outages_delay_uploads_but_lose_nothing() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let faulty = Arc::new(FaultyStore::new(Arc::clone(&f.store)));
+    let mut config = f.config("local");
+    config.durability = Durability::Local;
+    let v = f
+        .open_on(Arc::clone(&faulty) as Arc<dyn ObjectStore>, config)
+        .await;
+    faulty.fail_next(40); // more than one request's retries: uploads fail for a while
+    for i in 0..16u64 {
+        v.write(i * 65536, pattern(65536, i as u8), false)
+            .await
+            .expect("writes are journaled whatever the store does");
+    }
+    v.flush()
+        .await
+        .expect("local durability does not need the store");
+    tokio::time::timeout(Duration::from_secs(60), v.sync_to_store())
+        .await
+        .expect("uploads resume by themselves")
+        .expect("upload");
+    for i in 0..16u64 {
+        assert_eq!(read(&v, i * 65536, 65536).await, pattern(65536, i as u8));
+    }
+    v.close().await.expect("close");
+    let fresh = f.open(f.config("fresh")).await;
+    for i in 0..16u64 {
+        assert_eq!(
+            read(&fresh, i * 65536, 65536).await,
+            pattern(65536, i as u8)
+        );
+    }
+    fresh.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_writes_reach_another_host_and_a_new_writer_fences_the_old() {
+    let f = Fixture::on_s3(64 * MIB, 65536).await;
+    let first = f.open(f.config("a")).await;
+    first
+        .write(5000, pattern(300_000, 9), false)
+        .await
+        .expect("write");
+    first.trim(65536 * 2, 65536, false).await.expect("trim");
+    let mut expected = pattern(300_000, 9).to_vec();
+    expected[65536 * 2 - 5000..65536 * 3 - 5000].fill(0);
+    first.sync_to_store().await.expect("upload");
+    assert_eq!(read(&first, 5000, 300_000).await, expected);
+    let second = f.open(f.config("b")).await;
+    assert_eq!(
+        read(&second, 5000, 300_000).await,
+        expected,
+        "from S3 alone"
+    );
+    second
+        .write(0, pattern(4096, 1), false)
+        .await
+        .expect("write");
+    second.sync_to_store().await.expect("upload");
+    let _ = first.write(0, pattern(4096, 2), false).await;
+    let fenced = tokio::time::timeout(Duration::from_secs(20), first.sync_to_store())
+        .await
+        .expect("no hang");
+    assert!(fenced.is_err(), "the stale writer must not upload");
+    second.close().await.expect("close");
+    let third = f.open(f.config("c")).await;
+    assert_eq!(read(&third, 0, 4096).await, pattern(4096, 1));
+    third.close().await.expect("close");
+}
