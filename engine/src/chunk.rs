@@ -12,16 +12,15 @@
 //! CRC-32C of its uncompressed content; it is stored in the block map row and verified on every
 //! read from storage, so a corrupt or misplaced block is an error, never data.
 
+use crate::checksum::crc32c;
 use bytes::{BufMut, Bytes, BytesMut};
-use crc::{CRC_32_ISCSI, Crc};
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
-const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 
 /// CRC-32C of a block's content, as stored in the block map.
 pub fn block_checksum(data: &[u8]) -> u32 {
-    CRC32C.checksum(data)
+    crc32c(data)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -108,7 +107,7 @@ impl ChunkBuilder {
             self.body.put_u32_le(e.length);
             self.body.put_u32_le(e.checksum);
         }
-        let crc = CRC32C.checksum(&self.body[index_start..]);
+        let crc = crc32c(&self.body[index_start..]);
         self.body.put_u32_le(self.entries.len() as u32);
         self.body.put_u32_le(crc);
         self.body.put_slice(MAGIC);
@@ -163,7 +162,7 @@ pub fn read_index(chunk: &[u8]) -> Result<Vec<ChunkEntry>, ChunkError> {
         .filter(|s| *s >= 8)
         .ok_or_else(|| bad("index larger than the chunk"))?;
     let index = &chunk[index_start..tail - 8];
-    if CRC32C.checksum(index) != crc {
+    if crc32c(index) != crc {
         return Err(bad("index checksum mismatch"));
     }
     let entries: Vec<ChunkEntry> = index

@@ -12,14 +12,13 @@
 //! not returned) and is cut off; an invalid record anywhere else is corruption and an error,
 //! because dropping it could silently lose acknowledged writes.
 
-use crc::{CRC_32_ISCSI, Crc};
+use crate::checksum::crc32c;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 4] = b"BDJ1";
 const HEADER_LEN: usize = 4 + 8 + 1 + 8 + 8 + 4 + 4;
-const CRC32C: Crc<u32> = Crc::<u32>::new(&CRC_32_ISCSI);
 /// A new segment starts once the current one is this large, so released data can be deleted.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest write payload a record may carry.
@@ -143,8 +142,8 @@ impl Journal {
         record.push(kind);
         record.extend_from_slice(&offset.to_le_bytes());
         record.extend_from_slice(&length.to_le_bytes());
-        record.extend_from_slice(&CRC32C.checksum(data).to_le_bytes());
-        let header_crc = CRC32C.checksum(&record);
+        record.extend_from_slice(&crc32c(data).to_le_bytes());
+        let header_crc = crc32c(&record);
         record.extend_from_slice(&header_crc.to_le_bytes());
         record.extend_from_slice(data);
         if let Err(e) = self.current.write_all(&record) {
@@ -268,7 +267,7 @@ fn replay_segment(
         let length = u64::from_le_bytes(header[21..29].try_into().expect("8 bytes"));
         let data_crc = u32::from_le_bytes(header[29..33].try_into().expect("4 bytes"));
         let header_ok = &header[..4] == MAGIC
-            && CRC32C.checksum(&header[..HEADER_LEN - 4]) == header_crc
+            && crc32c(&header[..HEADER_LEN - 4]) == header_crc
             && matches!(kind, 1 | 2)
             && (kind == 2 || length <= MAX_RECORD_DATA);
         if !header_ok {
@@ -287,7 +286,7 @@ fn replay_segment(
         }
         let data_len = if kind == 1 { length as usize } else { 0 };
         let mut data = vec![0u8; data_len];
-        if read_full(&mut input, &mut data)? < data_len || CRC32C.checksum(&data) != data_crc {
+        if read_full(&mut input, &mut data)? < data_len || crc32c(&data) != data_crc {
             return if is_last {
                 Ok(pos)
             } else {

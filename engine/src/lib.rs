@@ -5,6 +5,7 @@
 //! file; it is the baseline the object-storage engine is measured against.
 
 pub mod cache;
+pub mod checksum;
 pub mod chunk;
 pub mod chunk_store;
 pub mod counting_store;

@@ -17,6 +17,7 @@
 
 pub mod catalog;
 mod local_state;
+mod locations;
 mod read;
 mod upload;
 
@@ -144,6 +145,8 @@ pub(crate) struct Shared {
     dirty_bytes: AtomicU64,
     /// Connection for lookups (reads, block status).
     lookups: Mutex<BlockMap>,
+    /// Lookups remembered, kept exact by the uploader.
+    locations: locations::Locations,
     /// Connection for the uploader's transactions (writers only).
     updates: Option<Mutex<BlockMap>>,
     map: MapRole,
@@ -377,6 +380,7 @@ impl ObjectVolume {
             overlay_generation: AtomicU64::new(0),
             dirty_bytes: AtomicU64::new(dirty),
             lookups: Mutex::new(lookups),
+            locations: locations::Locations::default(),
             updates: updates.map(Mutex::new),
             map,
             replica,

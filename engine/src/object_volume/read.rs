@@ -20,6 +20,8 @@ pub(super) const PREFETCH_CONCURRENCY: usize = 64;
 const READAHEAD_BYTES: u64 = 8 << 20;
 /// Block status answers for at most this many blocks per request (clients ask again).
 const STATUS_MAX_BLOCKS: u64 = 16384;
+/// Reads up to this size are planned on the async worker when possible.
+const INLINE_READ_MAX: u32 = 64 * 1024;
 /// Concurrent GETs of background disk hydration: few, so foreground reads keep the bandwidth.
 const HYDRATE_CONCURRENCY: usize = 4;
 
@@ -54,7 +56,15 @@ fn no_base() -> io::Result<Vec<u8>> {
 /// Decides where each block of the read comes from. The overlay is consulted before the map:
 /// the uploader commits the map before it drops edits from the overlay, so a block missing
 /// from the overlay here is already in the map.
-fn plan(shared: &Shared, offset: u64, length: u32) -> io::Result<(u64, Vec<Piece>)> {
+///
+/// With `inline`, only memory and the block cache are used: `Ok(None)` means a block-map query
+/// is needed, which must run on a blocking thread.
+fn plan(
+    shared: &Shared,
+    offset: u64,
+    length: u32,
+    inline: bool,
+) -> io::Result<Option<(u64, Vec<Piece>)>> {
     let bs = shared.block_size();
     let generation = shared.overlay_generation.load(Ordering::Acquire);
     let end = offset + u64::from(length);
@@ -90,15 +100,25 @@ fn plan(shared: &Shared, offset: u64, length: u32) -> io::Result<(u64, Vec<Piece
         }
     }
     if need_map.is_empty() {
-        return Ok((generation, pieces));
+        return Ok(Some((generation, pieces)));
     }
     let first = pieces[0].block;
     let count = pieces[pieces.len() - 1].block - first + 1;
-    let rows: HashMap<u64, BlockLocation> = lock(&shared.lookups)
-        .range(first, count)
-        .map_err(|e| other("block map lookup", e))?
-        .into_iter()
-        .collect();
+    let rows: HashMap<u64, BlockLocation> = match shared.locations.get_range(first, count) {
+        Some(known) => (first..)
+            .zip(known)
+            .filter_map(|(block, loc)| Some((block, loc?)))
+            .collect(),
+        None if inline => return Ok(None),
+        None => {
+            let map_generation = shared.locations.generation();
+            let rows = lock(&shared.lookups)
+                .range(first, count)
+                .map_err(|e| other("block map lookup", e))?;
+            shared.locations.fill(map_generation, first, count, &rows);
+            rows.into_iter().collect()
+        }
+    };
     for i in need_map {
         let piece = &mut pieces[i];
         let location = rows.get(&piece.block).copied();
@@ -122,7 +142,7 @@ fn plan(shared: &Shared, offset: u64, length: u32) -> io::Result<(u64, Vec<Piece
             }
         };
     }
-    Ok((generation, pieces))
+    Ok(Some((generation, pieces)))
 }
 
 fn slice_of(block: Vec<u8>, at: usize, len: usize) -> Part {
@@ -140,8 +160,22 @@ pub(super) async fn read(
     length: u32,
 ) -> io::Result<Vec<ReadSegment>> {
     for _attempt in 0..5 {
-        let s = Arc::clone(shared);
-        let (generation, mut pieces) = blocking(move || plan(&s, offset, length)).await?;
+        // Small reads whose blocks are known are planned right here: a block-cache hit is a
+        // pread from the page cache, cheaper than a hand-off to a blocking thread.
+        let inline = if length <= INLINE_READ_MAX {
+            plan(shared, offset, length, true)?
+        } else {
+            None
+        };
+        let (generation, mut pieces) = match inline {
+            Some(planned) => planned,
+            None => {
+                let s = Arc::clone(shared);
+                blocking(move || plan(&s, offset, length, false))
+                    .await?
+                    .ok_or_else(|| io::Error::other("internal: a read plan was not made"))?
+            }
+        };
         let wanted: Vec<(usize, BlockLocation)> = pieces
             .iter()
             .enumerate()

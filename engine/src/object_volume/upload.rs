@@ -9,6 +9,7 @@
 
 use super::read::stored_blocks;
 use super::{META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other};
+use crate::cache::CacheKey;
 use crate::chunk::ChunkBuilder;
 use blockmap::writer::WriterError;
 use blockmap::{BlockLocation, MapChange};
@@ -104,6 +105,7 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
     let mut new_chunks: Vec<(u64, u64)> = Vec::new();
     let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
     let mut builder = ChunkBuilder::new(shared.meta.block_size);
+    let mut chunk_id = next_chunk_id(shared);
     let batch = (shared.config.chunk_bytes as u64 / shared.block_size()).max(1) as usize;
     for start in (0..work.blocks.len()).step_by(batch) {
         let blocks: Vec<u64> = work.blocks[start..(start + batch).min(work.blocks.len())].to_vec();
@@ -141,18 +143,36 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                 });
                 continue;
             }
-            builder
+            let entry = builder
                 .add(block, &data)
                 .map_err(|e| other("building a chunk", e))?;
+            // Just written means likely read soon: keep it in the cache (chunks are immutable,
+            // so the key is valid as soon as the chunk exists, and harmless before).
+            let key = CacheKey {
+                chunk: chunk_id,
+                offset: entry.offset,
+            };
+            if let Err(e) = shared.cache.insert(key, &data) {
+                tracing::debug!("cannot cache an uploaded block: {e}");
+            }
             if builder.len() >= shared.config.chunk_bytes {
                 let full =
                     std::mem::replace(&mut builder, ChunkBuilder::new(shared.meta.block_size));
-                seal(shared, full, &mut changes, &mut new_chunks, &mut puts).await?;
+                let id = std::mem::replace(&mut chunk_id, next_chunk_id(shared));
+                seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
             }
         }
     }
     if !builder.is_empty() {
-        seal(shared, builder, &mut changes, &mut new_chunks, &mut puts).await?;
+        seal(
+            shared,
+            chunk_id,
+            builder,
+            &mut changes,
+            &mut new_chunks,
+            &mut puts,
+        )
+        .await?;
     }
     while let Some(done) = puts.join_next().await {
         done.map_err(|e| other("chunk upload task", e))??;
@@ -181,12 +201,12 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
 /// Finishes a chunk and starts its PUT (waiting if `PUT_CONCURRENCY` are in flight).
 async fn seal(
     shared: &Arc<Shared>,
+    id: u64,
     builder: ChunkBuilder,
     changes: &mut Vec<MapChange>,
     new_chunks: &mut Vec<(u64, u64)>,
     puts: &mut JoinSet<io::Result<()>>,
 ) -> io::Result<()> {
-    let id = next_chunk_id(shared);
     let (bytes, entries) = builder.finish();
     new_chunks.push((id, bytes.len() as u64));
     changes.extend(entries.iter().map(|e| MapChange::Put {
@@ -231,7 +251,10 @@ async fn commit(
                     (META_JOURNAL_OWNER, s.instance.as_str()),
                 ],
             )
-            .map_err(|e| other("block map transaction", e))
+            .map_err(|e| other("block map transaction", e))?;
+        // Before the overlay forgets these edits, so a read never sees neither.
+        s.locations.apply(&changes);
+        Ok(())
     })
     .await
 }
