@@ -15,7 +15,9 @@
 use crate::checksum::crc32c;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"BDJ1";
 const HEADER_LEN: usize = 4 + 8 + 1 + 8 + 8 + 4 + 4;
@@ -48,10 +50,36 @@ struct Segment {
     path: PathBuf,
 }
 
+/// Where a write's bytes sit in the journal, so that they need not stay in memory until they
+/// are uploaded. The file handle keeps a released (deleted) segment readable while in use.
+#[derive(Debug, Clone)]
+pub struct JournalData {
+    pub file: Arc<File>,
+    /// File offset of the write's first byte.
+    pub pos: u64,
+}
+
+impl JournalData {
+    /// The same data starting `skip` bytes later.
+    pub fn skip(&self, skip: u64) -> JournalData {
+        JournalData {
+            file: Arc::clone(&self.file),
+            pos: self.pos + skip,
+        }
+    }
+
+    /// Reads `buf.len()` bytes of the write from its start.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, self.pos)
+    }
+}
+
 pub struct Journal {
     dir: PathBuf,
     segments: Vec<Segment>,
     current: File,
+    /// A read handle on the current segment, shared by the `JournalData` of its writes.
+    current_reader: Arc<File>,
     current_len: u64,
     next_seq: u64,
 }
@@ -75,6 +103,14 @@ impl Journal {
     pub fn open(
         dir: &Path,
         mut replay: impl FnMut(Record) -> io::Result<()>,
+    ) -> io::Result<Journal> {
+        Self::open_located(dir, |record, _| replay(record))
+    }
+
+    /// [`Journal::open`] that also says where each write's data sits in the journal.
+    pub fn open_located(
+        dir: &Path,
+        mut replay: impl FnMut(Record, Option<JournalData>) -> io::Result<()>,
     ) -> io::Result<Journal> {
         std::fs::create_dir_all(dir)?;
         let mut segments: Vec<Segment> = std::fs::read_dir(dir)?
@@ -120,12 +156,14 @@ impl Journal {
         }
         let path = &segments[segments.len() - 1].path;
         let current = OpenOptions::new().create(true).append(true).open(path)?;
+        let current_reader = Arc::new(File::open(path)?);
         let current_len = current.metadata()?.len();
         File::open(dir)?.sync_all()?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             segments,
             current,
+            current_reader,
             current_len,
             next_seq,
         })
@@ -160,6 +198,23 @@ impl Journal {
     /// Appends a write; durable after the next [`Journal::sync`].
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> io::Result<u64> {
         self.append(1, offset, data.len() as u64, data)
+    }
+
+    /// [`Journal::append_write`] that also says where the data now sits.
+    pub fn append_write_located(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+    ) -> io::Result<(u64, JournalData)> {
+        let seq = self.append(1, offset, data.len() as u64, data)?;
+        let end = self.current_len;
+        Ok((
+            seq,
+            JournalData {
+                file: Arc::clone(&self.current_reader),
+                pos: end - data.len() as u64,
+            },
+        ))
     }
 
     /// Appends a zeroed range (trim / write zeroes).
@@ -205,6 +260,7 @@ impl Journal {
         self.current.sync_data()?;
         let path = segment_path(&self.dir, self.next_seq);
         self.current = OpenOptions::new().create(true).append(true).open(&path)?;
+        self.current_reader = Arc::new(File::open(&path)?);
         File::open(&self.dir)?.sync_all()?;
         self.segments.push(Segment {
             first_seq: self.next_seq,
@@ -243,8 +299,9 @@ fn replay_segment(
     path: &Path,
     next_seq: &mut u64,
     is_last: bool,
-    replay: &mut impl FnMut(Record) -> io::Result<()>,
+    replay: &mut impl FnMut(Record, Option<JournalData>) -> io::Result<()>,
 ) -> io::Result<u64> {
+    let reader = Arc::new(File::open(path)?);
     let mut input = BufReader::new(File::open(path)?);
     let mut pos = 0u64;
     loop {
@@ -293,7 +350,11 @@ fn replay_segment(
                 Err(corrupt(path, pos, "bad record data"))
             };
         }
-        replay(if kind == 1 {
+        let located = (kind == 1).then(|| JournalData {
+            file: Arc::clone(&reader),
+            pos: pos + HEADER_LEN as u64,
+        });
+        let record = if kind == 1 {
             Record::Write { seq, offset, data }
         } else {
             Record::Zero {
@@ -301,7 +362,8 @@ fn replay_segment(
                 offset,
                 length,
             }
-        })?;
+        };
+        replay(record, located)?;
         *next_seq += 1;
         pos += (HEADER_LEN + data_len) as u64;
     }

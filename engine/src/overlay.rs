@@ -7,14 +7,51 @@
 //! block's own edits newer than that range, in order. Once the uploader has stored everything
 //! up to seq S in the block map, [`Overlay::drop_through`] forgets it.
 
+use crate::journal::JournalData;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::io;
 
+/// Where an edit's bytes are: in memory, or in the journal (read back when needed, so that a
+/// large backlog of unuploaded writes costs disk, not memory).
+#[derive(Debug, Clone)]
+pub enum Payload {
+    Memory(Bytes),
+    Journal(JournalData),
+}
+
+impl Payload {
+    fn copy_to(&self, out: &mut [u8]) -> io::Result<()> {
+        match self {
+            Payload::Memory(bytes) => {
+                out.copy_from_slice(&bytes[..out.len()]);
+                Ok(())
+            }
+            Payload::Journal(data) => data.read(out),
+        }
+    }
+
+    fn skip(&self, n: usize) -> Payload {
+        match self {
+            Payload::Memory(bytes) => Payload::Memory(bytes.slice(n..)),
+            Payload::Journal(data) => Payload::Journal(data.skip(n as u64)),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Edit {
-    Data { seq: u64, at: u32, bytes: Bytes },
-    Zero { seq: u64, at: u32, len: u32 },
+    Data {
+        seq: u64,
+        at: u32,
+        len: u32,
+        payload: Payload,
+    },
+    Zero {
+        seq: u64,
+        at: u32,
+        len: u32,
+    },
 }
 
 impl Edit {
@@ -26,7 +63,7 @@ impl Edit {
 
     fn covers_whole(&self, block_size: u32) -> bool {
         match self {
-            Edit::Data { at, bytes, .. } => *at == 0 && bytes.len() == block_size as usize,
+            Edit::Data { at, len, .. } => *at == 0 && *len == block_size,
             Edit::Zero { at, len, .. } => *at == 0 && *len == block_size,
         }
     }
@@ -65,18 +102,29 @@ impl Overlay {
 
     /// Records a write of `data` at byte `offset`.
     pub fn write(&mut self, seq: u64, offset: u64, data: Bytes) {
+        let len = data.len() as u64;
+        self.write_payload(seq, offset, len, Payload::Memory(data));
+    }
+
+    /// Records a write of `len` bytes at `offset` whose data is in the journal.
+    pub fn write_journaled(&mut self, seq: u64, offset: u64, len: u64, data: JournalData) {
+        self.write_payload(seq, offset, len, Payload::Journal(data));
+    }
+
+    fn write_payload(&mut self, seq: u64, offset: u64, len: u64, payload: Payload) {
         let bs = u64::from(self.block_size);
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let abs = offset + pos as u64;
-            let (block, at) = (abs / bs, (abs % bs) as usize);
-            let n = (self.block_size as usize - at).min(data.len() - pos);
+        let mut pos = 0u64;
+        while pos < len {
+            let abs = offset + pos;
+            let (block, at) = (abs / bs, abs % bs);
+            let n = (bs - at).min(len - pos);
             self.push(
                 block,
                 Edit::Data {
                     seq,
                     at: at as u32,
-                    bytes: data.slice(pos..pos + n),
+                    len: n as u32,
+                    payload: payload.skip(pos as usize),
                 },
             );
             pos += n;
@@ -207,9 +255,9 @@ impl Overlay {
         };
         for edit in edits {
             match edit {
-                Edit::Data { at, bytes, .. } => {
-                    data[*at as usize..*at as usize + bytes.len()].copy_from_slice(bytes)
-                }
+                Edit::Data {
+                    at, len, payload, ..
+                } => payload.copy_to(&mut data[*at as usize..(*at + *len) as usize])?,
                 Edit::Zero { at, len, .. } => data[*at as usize..(*at + *len) as usize].fill(0),
             }
         }
@@ -249,7 +297,7 @@ impl Overlay {
             .values()
             .flatten()
             .map(|e| match e {
-                Edit::Data { bytes, .. } => bytes.len(),
+                Edit::Data { len, .. } => *len as usize,
                 Edit::Zero { .. } => 0,
             })
             .sum()

@@ -77,7 +77,8 @@ pub struct VolumeConfig {
     pub read_only: bool,
     /// Target size of a chunk object.
     pub chunk_bytes: usize,
-    /// Journaled data not yet uploaded above which writers wait for the uploader.
+    /// Journaled data not yet uploaded above which writers wait for the uploader. It lives in
+    /// the journal on local disk (the overlay only points at it), so this bounds disk use.
     pub max_dirty_bytes: u64,
     /// Pull every block into the cache in the background.
     pub hydrate: bool,
@@ -94,7 +95,7 @@ impl VolumeConfig {
             durability: Durability::Local,
             read_only: false,
             chunk_bytes: 8 << 20,
-            max_dirty_bytes: 128 << 20,
+            max_dirty_bytes: 4 << 30,
             hydrate: false,
             holder: format!("pid {}", std::process::id()),
         }
@@ -339,18 +340,25 @@ impl ObjectVolume {
                 local_state::check_journal_owner(&dir, &instance, owner.as_deref())?;
                 let mut overlay = Overlay::new(block_size);
                 let mut replayed = 0u64;
-                let mut journal = Journal::open(&local_state::journal_dir(&dir), |record| {
+                let journal_dir = local_state::journal_dir(&dir);
+                let mut journal = Journal::open_located(&journal_dir, |record, at| {
                     if record.seq() > uploaded_seq {
                         replayed += 1;
-                        match record {
-                            Record::Write { seq, offset, data } => {
+                        match (record, at) {
+                            (Record::Write { seq, offset, data }, Some(at)) => {
+                                overlay.write_journaled(seq, offset, data.len() as u64, at)
+                            }
+                            (Record::Write { seq, offset, data }, None) => {
                                 overlay.write(seq, offset, Bytes::from(data))
                             }
-                            Record::Zero {
-                                seq,
-                                offset,
-                                length,
-                            } => overlay.zero(seq, offset, length),
+                            (
+                                Record::Zero {
+                                    seq,
+                                    offset,
+                                    length,
+                                },
+                                _,
+                            ) => overlay.zero(seq, offset, length),
                         }
                     }
                     Ok(())
@@ -472,11 +480,11 @@ impl ObjectVolume {
                 .ok_or_else(|| io::Error::other("volume is read-only"))?;
             match change {
                 Change::Write { offset, data } => {
-                    let seq = journal.append_write(offset, &data)?;
-                    shared
-                        .dirty_bytes
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    shared.overlay_mut().write(seq, offset, data);
+                    // The overlay points into the journal: the payload's memory is freed now.
+                    let (seq, at) = journal.append_write_located(offset, &data)?;
+                    let len = data.len() as u64;
+                    shared.dirty_bytes.fetch_add(len, Ordering::Relaxed);
+                    shared.overlay_mut().write_journaled(seq, offset, len, at);
                     Ok(seq)
                 }
                 Change::Zero { offset, length } => {
