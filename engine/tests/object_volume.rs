@@ -239,6 +239,8 @@ async fn store_outages_delay_uploads_but_lose_nothing() {
         .open_on(Arc::clone(&faulty) as Arc<dyn ObjectStore>, config)
         .await;
     faulty.fail_next(40); // more than one request's retries: uploads fail for a while
+    faulty.set_latency(Duration::from_millis(1500)); // and every request stalls
+    let started = std::time::Instant::now();
     for i in 0..16u64 {
         v.write(i * 65536, pattern(65536, i as u8), false)
             .await
@@ -247,6 +249,16 @@ async fn store_outages_delay_uploads_but_lose_nothing() {
     v.flush()
         .await
         .expect("local durability does not need the store");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "writes and FLUSH waited for a stalled store: {:?}",
+        started.elapsed()
+    );
+    for i in 0..16u64 {
+        assert_eq!(read(&v, i * 65536, 65536).await, pattern(65536, i as u8));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    faulty.set_latency(Duration::ZERO); // the store recovers
     tokio::time::timeout(Duration::from_secs(60), v.sync_to_store())
         .await
         .expect("uploads resume by themselves")

@@ -243,14 +243,7 @@ fn nbdinfo_list_shows_every_volume_and_the_default_is_the_first() {
     });
     // Give "b" a different size so the two can be told apart: create it offline, then serve both.
     assert!(server.stop().success(), "{}", server.log_text());
-    run(Command::new(bucketdisk_bin()).args([
-        "create",
-        "b",
-        "--size",
-        "8M",
-        "--store",
-        &format!("file://{}", server.store_dir().display()),
-    ]));
+    run(server.cli("create").args(["b", "--size", "8M"]));
     server
         .extra_args
         .extend(["--volume".to_string(), "b".to_string()]);
@@ -608,6 +601,7 @@ fn socket_activation_by_libnbd() {
     require_tool("timeout");
     let work = tempfile::tempdir().expect("tempdir");
     let store = format!("file://{}", work.path().join("store").display());
+    let cache = work.path().join("cache").display().to_string();
     let image = work.path().join("in.img");
     let out = work.path().join("out.img");
     let mut expected = write_image(&image, &[Piece::Data(2 * MIB, 41)]);
@@ -619,7 +613,15 @@ fn socket_activation_by_libnbd() {
         cmd.args(["30", client])
             .args(before)
             .args(["--", "["])
-            .args([bucketdisk_bin(), "serve", "--store", &store, "--size", size])
+            .args([
+                bucketdisk_bin(),
+                "serve",
+                "--store",
+                &store,
+                "--cache-dir",
+                &cache,
+            ])
+            .args(["--size", size])
             .arg("]")
             .args(after)
             .env("BUCKETDISK_LOG", "info")

@@ -49,6 +49,62 @@ pub struct Server {
     pub dir: tempfile::TempDir,
     pub log: PathBuf,
     pub extra_args: Vec<String>,
+    /// With `BUCKETDISK_TEST_STORE=s3`, the S3 server (moto) holding this server's volumes.
+    pub s3: Option<Moto>,
+}
+
+/// A real S3-protocol server (moto) on a free loopback port, stopped on drop.
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        require_tool("moto_server");
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        moto.create_bucket("volumes");
+        moto
+    }
+
+    /// Creates a bucket with a plain HTTP PUT (moto does not check signatures).
+    fn create_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(
+            s,
+            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .expect("send");
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).expect("reply");
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `BUCKETDISK_TEST_STORE=s3` runs servers on moto instead of a local directory store.
+pub fn testing_on_s3() -> bool {
+    std::env::var("BUCKETDISK_TEST_STORE").is_ok_and(|v| v == "s3")
 }
 
 pub struct ServerOptions {
@@ -100,6 +156,7 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             extra_args: args,
+            s3: testing_on_s3().then(Moto::start),
         };
         server.spawn();
         server
@@ -114,15 +171,37 @@ impl Server {
         self.dir.path().join("cache")
     }
 
+    /// `bucketdisk <subcommand> --store <this server's store>`, with the S3 environment when
+    /// the store is moto.
+    pub fn cli(&self, subcommand: &str) -> Command {
+        let mut cmd = Command::new(bucketdisk_bin());
+        cmd.arg(subcommand);
+        match &self.s3 {
+            Some(moto) => {
+                cmd.arg("--store")
+                    .arg("s3://volumes/test")
+                    .env(
+                        "AWS_ENDPOINT_URL",
+                        format!("http://127.0.0.1:{}", moto.port),
+                    )
+                    .env("AWS_ALLOW_HTTP", "true")
+                    .env("AWS_ACCESS_KEY_ID", "test")
+                    .env("AWS_SECRET_ACCESS_KEY", "test")
+                    .env("AWS_REGION", "us-east-1");
+            }
+            None => {
+                cmd.arg("--store")
+                    .arg(format!("file://{}", self.store_dir().display()));
+            }
+        }
+        cmd
+    }
+
     /// (Re)starts the process on the same store and endpoint.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let mut cmd = Command::new(bucketdisk_bin());
-        cmd.arg("serve")
-            .arg("--store")
-            .arg(format!("file://{}", self.store_dir().display()))
-            .arg("--cache-dir")
-            .arg(self.cache_dir());
+        let mut cmd = self.cli("serve");
+        cmd.arg("--cache-dir").arg(self.cache_dir());
         match &self.endpoint {
             Endpoint::Tcp(port) => cmd.arg("--listen").arg(format!("127.0.0.1:{port}")),
             Endpoint::Unix(path) => cmd.arg("--socket").arg(path),
