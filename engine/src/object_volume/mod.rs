@@ -19,7 +19,7 @@ pub mod catalog;
 mod local_state;
 mod locations;
 mod read;
-mod upload;
+pub mod upload;
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
@@ -115,6 +115,7 @@ pub struct VolumeStats {
     pub allocated_stored_bytes: u64,
     pub chunks: u64,
     pub uploads: u64,
+    pub chunks_rewritten: u64,
     pub chunks_deleted: u64,
 }
 
@@ -158,6 +159,8 @@ pub(crate) struct Shared {
     /// Highest journal seq whose writes are in object storage.
     uploaded: watch::Sender<u64>,
     upload_now: Notify,
+    /// Held by each upload and maintenance pass: one map writer at a time.
+    maintenance: tokio::sync::Mutex<upload::Maintenance>,
     /// Set when this volume must stop accepting writes (fenced by another writer).
     failure: Mutex<Option<String>>,
     next_chunk: AtomicU64,
@@ -396,6 +399,7 @@ impl ObjectVolume {
             fetches: Mutex::new(HashMap::new()),
             uploaded,
             upload_now: Notify::new(),
+            maintenance: tokio::sync::Mutex::new(upload::Maintenance::default()),
             failure: Mutex::new(None),
             next_chunk: AtomicU64::new(0),
             chunk_epoch,
@@ -455,6 +459,14 @@ impl ObjectVolume {
             Ok(stats)
         })
         .await
+    }
+
+    /// Runs block-map maintenance and garbage collection now (normally every 60 uploads).
+    pub async fn maintain_now(&self) -> io::Result<upload::GcReport> {
+        if self.shared.config.read_only {
+            return Ok(upload::GcReport::default());
+        }
+        upload::maintain(&self.shared).await
     }
 
     /// Uploads everything journaled so far and waits for it (tests, tools).

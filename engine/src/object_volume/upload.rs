@@ -7,7 +7,7 @@
 //! Garbage collection runs here too, after block-map maintenance: a chunk none of whose blocks
 //! is live is deleted once no block-map state that can still be restored refers to it.
 
-use super::read::stored_blocks;
+use super::read::{fetch_block, stored_blocks};
 use super::{META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other};
 use crate::cache::CacheKey;
 use crate::chunk::ChunkBuilder;
@@ -32,7 +32,6 @@ const MAINTAIN_EVERY: u64 = 60;
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut uploads = 0u64;
-    let mut dead_seen: HashMap<u64, u64> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.config.sync_interval) => {}
@@ -52,16 +51,44 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
         if uploads % MAINTAIN_EVERY == 0 {
-            if let MapRole::Writer(writer) = &shared.map {
-                if let Err(e) = boxed(writer.maintain()).await {
-                    tracing::warn!("block map maintenance failed, will retry: {e}");
-                }
-            }
-            if let Err(e) = boxed(collect_garbage(&shared, &mut dead_seen)).await {
-                tracing::warn!("garbage collection failed, will retry: {e}");
+            if let Err(e) = boxed(maintain(&shared)).await {
+                tracing::warn!(volume = %shared.meta.name, "maintenance failed, will retry: {e}");
             }
         }
     }
+}
+
+/// What one maintenance pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Sparse chunks whose live blocks were moved into new chunks.
+    pub chunks_rewritten: u64,
+    /// Dead chunks deleted from the store.
+    pub chunks_deleted: u64,
+}
+
+/// State kept across maintenance passes; its lock also serialises uploads with maintenance.
+#[derive(Default)]
+pub(super) struct Maintenance {
+    /// Dead chunk → the map TXID at which it was first seen dead.
+    dead_seen: HashMap<u64, u64>,
+}
+
+/// Block-map maintenance (compaction, snapshot, retention), then GC: rewrite sparse chunks,
+/// delete dead ones that no restorable map state refers to.
+pub(super) async fn maintain(shared: &Arc<Shared>) -> io::Result<GcReport> {
+    let mut state = shared.maintenance.lock().await;
+    if let MapRole::Writer(writer) = &shared.map {
+        boxed(writer.maintain())
+            .await
+            .map_err(|e| other("block map maintenance", e))?;
+    }
+    let chunks_rewritten = boxed(rewrite_sparse_chunks(shared)).await?;
+    let chunks_deleted = boxed(collect_garbage(shared, &mut state.dead_seen)).await?;
+    Ok(GcReport {
+        chunks_rewritten,
+        chunks_deleted,
+    })
 }
 
 /// Pins a future as `Send` at its concrete lifetime: without this, rustc fails to prove the
@@ -89,6 +116,7 @@ fn next_chunk_id(shared: &Shared) -> u64 {
 
 /// One upload of everything journaled so far. `Ok(false)` if there was nothing to do.
 pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
+    let _serialised = shared.maintenance.lock().await;
     let through = shared.journaled_through();
     if through <= *shared.uploaded.borrow() {
         return Ok(false);
@@ -177,7 +205,7 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
     while let Some(done) = puts.join_next().await {
         done.map_err(|e| other("chunk upload task", e))??;
     }
-    commit(shared, through, new_chunks, changes).await?;
+    commit(shared, Some(through), new_chunks, changes).await?;
     sync_map(shared).await?;
     {
         let mut overlay = shared.overlay_mut();
@@ -228,10 +256,10 @@ async fn seal(
     Ok(())
 }
 
-/// One block-map transaction for the journal range, recording how far it goes.
+/// One block-map transaction; for an upload, it records the journal position it covers.
 async fn commit(
     shared: &Arc<Shared>,
-    through: u64,
+    through: Option<u64>,
     new_chunks: Vec<(u64, u64)>,
     changes: Vec<MapChange>,
 ) -> io::Result<()> {
@@ -241,22 +269,98 @@ async fn commit(
             .updates
             .as_ref()
             .ok_or_else(|| io::Error::other("read-only volume"))?;
-        let seq = through.to_string();
+        let seq = through.map(|t| t.to_string());
+        let meta: Vec<(&str, &str)> = match &seq {
+            Some(seq) => vec![
+                (META_JOURNAL_SEQ, seq.as_str()),
+                (META_JOURNAL_OWNER, s.instance.as_str()),
+            ],
+            None => Vec::new(),
+        };
         lock(updates)
-            .apply_with_meta(
-                &new_chunks,
-                &changes,
-                &[
-                    (META_JOURNAL_SEQ, seq.as_str()),
-                    (META_JOURNAL_OWNER, s.instance.as_str()),
-                ],
-            )
+            .apply_with_meta(&new_chunks, &changes, &meta)
             .map_err(|e| other("block map transaction", e))?;
         // Before the overlay forgets these edits, so a read never sees neither.
         s.locations.apply(&changes);
         Ok(())
     })
     .await
+}
+
+/// Chunks at most this full are rewritten.
+const SPARSE_FRACTION: f64 = 0.25;
+/// Live bytes moved per maintenance pass at most, so a pass stays short.
+const REWRITE_BUDGET: u64 = 64 << 20;
+
+/// Moves the live blocks of sparse chunks into new chunks, so that the old ones die and their
+/// space can be reclaimed. Content does not change, only where it lives.
+async fn rewrite_sparse_chunks(shared: &Arc<Shared>) -> io::Result<u64> {
+    let s = Arc::clone(shared);
+    let victims: Vec<(u64, Vec<(u64, BlockLocation)>)> = blocking(move || {
+        let map = lock(&s.lookups);
+        let mut picked = Vec::new();
+        let mut budget = REWRITE_BUDGET;
+        for chunk in map
+            .chunks_at_most_live(SPARSE_FRACTION)
+            .map_err(|e| other("block map", e))?
+        {
+            if chunk.live_blocks == 0 || chunk.live_bytes > budget {
+                continue;
+            }
+            budget -= chunk.live_bytes;
+            let blocks = map
+                .blocks_in_chunk(chunk.chunk)
+                .map_err(|e| other("block map", e))?;
+            picked.push((chunk.chunk, blocks));
+        }
+        Ok(picked)
+    })
+    .await?;
+    if victims.is_empty() {
+        return Ok(0);
+    }
+    let mut changes = Vec::new();
+    let mut new_chunks = Vec::new();
+    let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
+    let mut builder = ChunkBuilder::new(shared.meta.block_size);
+    let mut chunk_id = next_chunk_id(shared);
+    for (_, blocks) in &victims {
+        for &(block, location) in blocks {
+            if shared.overlay().touches(block) {
+                continue; // the next upload replaces it anyway
+            }
+            let data = fetch_block(shared, location).await?;
+            builder
+                .add(block, &data)
+                .map_err(|e| other("building a chunk", e))?;
+            if builder.len() >= shared.config.chunk_bytes {
+                let full =
+                    std::mem::replace(&mut builder, ChunkBuilder::new(shared.meta.block_size));
+                let id = std::mem::replace(&mut chunk_id, next_chunk_id(shared));
+                seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
+            }
+        }
+    }
+    if !builder.is_empty() {
+        seal(
+            shared,
+            chunk_id,
+            builder,
+            &mut changes,
+            &mut new_chunks,
+            &mut puts,
+        )
+        .await?;
+    }
+    while let Some(done) = puts.join_next().await {
+        done.map_err(|e| other("chunk upload task", e))??;
+    }
+    commit(shared, None, new_chunks, changes).await?;
+    sync_map(shared).await?;
+    let count = victims.len() as u64;
+    lock(&shared.stats).chunks_rewritten += count;
+    tracing::info!(volume = %shared.meta.name, chunks = count, "rewrote sparse chunks");
+    Ok(count)
 }
 
 /// Syncs the block map to the store, retrying transient failures until it works. Being fenced
@@ -293,9 +397,9 @@ async fn sync_map(shared: &Shared) -> io::Result<()> {
 async fn collect_garbage(
     shared: &Arc<Shared>,
     dead_seen: &mut HashMap<u64, u64>,
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let MapRole::Writer(writer) = &shared.map else {
-        return Ok(());
+        return Ok(0);
     };
     let txid = writer.txid();
     let s = Arc::clone(shared);
@@ -321,7 +425,7 @@ async fn collect_garbage(
         .map(|(&chunk, _)| chunk)
         .collect();
     if deletable.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     for &chunk in &deletable {
         shared.chunks.delete(chunk).await?;
@@ -346,7 +450,7 @@ async fn collect_garbage(
     }
     lock(&shared.stats).chunks_deleted += deletable.len() as u64;
     tracing::info!(volume = %shared.meta.name, chunks = deletable.len(), "deleted dead chunks");
-    Ok(())
+    Ok(deletable.len() as u64)
 }
 
 /// The oldest block-map TXID a restore can still reach: the older retained snapshot, or 1 while
@@ -357,7 +461,11 @@ async fn oldest_restorable_txid(shared: &Shared) -> io::Result<u64> {
         .list()
         .await
         .map_err(|e| other("listing the block map", e))?;
-    if files.iter().any(|f| f.name.min_txid == 1) {
+    // Snapshots always start at TXID 1; other levels do only while the whole history is kept.
+    if files
+        .iter()
+        .any(|f| f.level != SNAPSHOT_LEVEL && f.name.min_txid == 1)
+    {
         return Ok(1);
     }
     Ok(files
