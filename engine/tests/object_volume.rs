@@ -413,3 +413,40 @@ async fn assert_every_restorable_state_is_complete(f: &Fixture) {
 fn ltx_target(txid: u64) -> ltx::RestoreTarget {
     ltx::RestoreTarget::Txid(txid)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydration_pulls_every_stored_block_into_the_cache() {
+    let f = Fixture::new(256 * MIB, 65536).await;
+    let v = f.open(f.config("writer")).await;
+    for i in 0..40u64 {
+        v.write(i * 5 * 65536, pattern(65536, i as u8), false)
+            .await
+            .expect("write");
+    }
+    v.close().await.expect("close");
+    let mut config = f.config("fresh");
+    config.hydrate = true;
+    let fresh = f.open(config).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = fresh.stats().await.expect("stats");
+        if stats.cached_blocks >= 40 {
+            assert_eq!(stats.allocated_blocks, 40);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "hydration stalled: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Served from the cache now, even with the store gone.
+    std::fs::remove_dir_all(f.dir.path().join("store/disk/chunks")).expect("drop chunks");
+    for i in 0..40u64 {
+        assert_eq!(
+            read(&fresh, i * 5 * 65536, 65536).await,
+            pattern(65536, i as u8)
+        );
+    }
+    fresh.close().await.expect("close");
+}
