@@ -366,9 +366,20 @@ pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> 
 
 /// Stored, uncached blocks of `first..first+count` that the overlay does not hide.
 fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<BlockLocation>> {
-    let rows = lock(&shared.lookups)
-        .range(first, count)
-        .map_err(|e| other("block map lookup", e))?;
+    let rows: Vec<(u64, BlockLocation)> = match shared.locations.get_range(first, count) {
+        Some(known) => (first..)
+            .zip(known)
+            .filter_map(|(block, loc)| Some((block, loc?)))
+            .collect(),
+        None => {
+            let map_generation = shared.locations.generation();
+            let rows = lock(&shared.lookups)
+                .range(first, count)
+                .map_err(|e| other("block map lookup", e))?;
+            shared.locations.fill(map_generation, first, count, &rows);
+            rows
+        }
+    };
     let overlay = shared.overlay();
     Ok(rows
         .into_iter()
