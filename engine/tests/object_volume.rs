@@ -450,3 +450,39 @@ async fn hydration_pulls_every_stored_block_into_the_cache() {
     }
     fresh.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_durability_flush_waits_for_the_store() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let mut config = f.config("local");
+    config.durability = Durability::Remote;
+    config.sync_interval = Duration::from_secs(3600); // only FLUSH makes uploads happen
+    let v = f.open(config).await;
+    v.write(0, pattern(100_000, 5), false).await.expect("write");
+    v.write(200_000, pattern(4096, 6), true)
+        .await
+        .expect("FUA write");
+    // The FUA write is in the store now, and so is everything before it.
+    let seen = ObjectVolume::open(Arc::clone(&f.store), &Path::from(""), f.layout, "disk", {
+        let mut c = f.config("reader");
+        c.read_only = true;
+        c
+    })
+    .await
+    .expect("open a read-only view");
+    assert_eq!(read(&seen, 0, 100_000).await, pattern(100_000, 5));
+    assert_eq!(read(&seen, 200_000, 4096).await, pattern(4096, 6));
+    v.write(300_000, pattern(4096, 7), false)
+        .await
+        .expect("write");
+    v.flush().await.expect("flush");
+    let seen = ObjectVolume::open(Arc::clone(&f.store), &Path::from(""), f.layout, "disk", {
+        let mut c = f.config("reader2");
+        c.read_only = true;
+        c
+    })
+    .await
+    .expect("open a read-only view");
+    assert_eq!(read(&seen, 300_000, 4096).await, pattern(4096, 7));
+    v.close().await.expect("close");
+}
