@@ -489,13 +489,14 @@ fn ext4_on_100g_volume_survives_trim_and_restart() {
         after_trim / MIB,
         data_after_trim / MIB
     );
+    // Counted in whole 64 KiB blocks, some shared with kept data: allow 2 MiB.
     assert!(
-        after_trim + deleted - MIB <= before_trim,
+        after_trim + deleted <= before_trim + 2 * MIB,
         "fstrim did not release the deleted files on the server \
          ({before_trim} -> {after_trim} bytes allocated, {deleted} deleted)"
     );
     assert!(
-        data_after_trim + deleted - MIB <= data_before_trim,
+        data_after_trim + deleted <= data_before_trim + 2 * MIB,
         "block status still maps the deleted files as data \
          ({data_before_trim} -> {data_after_trim} bytes, {deleted} deleted)"
     );
