@@ -146,9 +146,11 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                 .collect()
         };
         let mut bases = stored_blocks(shared, needs_base).await?;
-        let contents: Vec<(u64, Option<Vec<u8>>)> = {
-            let overlay = shared.overlay();
-            let bs = shared.meta.block_size as usize;
+        // Materialising reads the journal: on a blocking thread.
+        let s = Arc::clone(shared);
+        let contents: Vec<(u64, Option<Vec<u8>>)> = blocking(move || {
+            let overlay = s.overlay();
+            let bs = s.meta.block_size as usize;
             blocks
                 .iter()
                 .map(|&b| {
@@ -159,8 +161,9 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                         })
                         .map(|data| (b, data))
                 })
-                .collect::<io::Result<_>>()?
-        };
+                .collect()
+        })
+        .await?;
         for (block, data) in contents {
             let Some(data) = data else { continue };
             if data.iter().all(|&b| b == 0) {
