@@ -11,6 +11,7 @@ use ltx::RestoreTarget;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 
@@ -34,6 +35,11 @@ pub struct MapWriter {
     store: Arc<dyn ObjectStore>,
     lease_root: Path,
     lease: Lease,
+    /// The TXID the base was opened at (`None` for a new database): hydration restores it.
+    base_txid: Option<u64>,
+    /// Reads no longer depend on the replica files present at open, so retention may delete
+    /// them (until then, the open page map points into them).
+    independent_of_open_files: AtomicBool,
 }
 
 fn now_ms() -> i64 {
@@ -55,12 +61,14 @@ impl MapWriter {
         runtime: Handle,
     ) -> Result<Self, WriterError> {
         let lease = lease::acquire(&store, &lease_root, holder).await?;
-        let state = if replica.list().await?.is_empty() {
-            DatabaseState::new(None, PAGE_SIZE)?
+        let (state, base_txid) = if replica.list().await?.is_empty() {
+            (DatabaseState::new(None, PAGE_SIZE)?, None)
         } else {
             let source =
                 RemoteSource::open(Arc::clone(&replica), RestoreTarget::Latest, runtime).await?;
-            DatabaseState::new(Some(Arc::new(source) as Arc<dyn PageSource>), PAGE_SIZE)?
+            let txid = source.txid();
+            let base = Arc::new(source) as Arc<dyn PageSource>;
+            (DatabaseState::new(Some(base), PAGE_SIZE)?, Some(txid))
         };
         let state = Arc::new(state);
         attach(name, Arc::clone(&state));
@@ -71,6 +79,8 @@ impl MapWriter {
             store,
             lease_root,
             lease,
+            independent_of_open_files: AtomicBool::new(base_txid.is_none()),
+            base_txid,
         };
         writer.claim().await?;
         Ok(writer)
@@ -126,12 +136,30 @@ impl MapWriter {
         }
     }
 
+    /// Restores the state this writer opened into the local file `path` (verified) and reads
+    /// from it from then on: lookups stop costing GETs, and the replica files present at open
+    /// may be deleted by retention. Commits made meanwhile are kept.
+    pub async fn hydrate(&self, path: &std::path::Path) -> Result<(), WriterError> {
+        if let Some(txid) = self.base_txid {
+            let progress = crate::vfs::hydrate::Progress::default();
+            let local = crate::vfs::hydrate::hydrate(&self.replica, txid, path, &progress).await?;
+            self.state.replace_base(Arc::new(local))?;
+        }
+        self.independent_of_open_files
+            .store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Keeps the replica cheap to open: compacts level 0 into level 1, writes a snapshot of the
-    /// latest state, and drops what the older of the two newest snapshots makes unnecessary.
+    /// latest state, and drops what the older of the two newest snapshots makes unnecessary —
+    /// the last step only once [`MapWriter::hydrate`] has made reads independent of the files
+    /// that were there at open.
     pub async fn maintain(&self) -> Result<(), WriterError> {
         crate::compaction::compact_level(&self.replica, 0, 1).await?;
         crate::compaction::snapshot(&self.replica).await?;
-        crate::compaction::enforce_retention(&self.replica, 2).await?;
+        if self.independent_of_open_files.load(Ordering::Acquire) {
+            crate::compaction::enforce_retention(&self.replica, 2).await?;
+        }
         Ok(())
     }
 

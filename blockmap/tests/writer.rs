@@ -175,3 +175,96 @@ async fn maintenance_keeps_the_open_cheap() {
     let map2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
     assert_eq!(map2.get(59).expect("get"), Some(loc(59)));
 }
+
+/// A writer that opened an existing replica reads pages through the files present at open, so
+/// retention must leave them alone until it has hydrated; after that, it may delete them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_waits_for_the_writer_to_hydrate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        Path::from("vol/blockmap"),
+        Layout::File,
+    ));
+    let open = |name: &'static str| {
+        MapWriter::open(
+            Arc::clone(&store),
+            Arc::clone(&replica),
+            Path::from("vol"),
+            name,
+            "host",
+            tokio::runtime::Handle::current(),
+        )
+    };
+    let w1 = open("retention-1").await.expect("open");
+    {
+        let mut map = BlockMap::new(w1.connection().expect("conn")).expect("map");
+        map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
+        for i in 0..2000u64 {
+            map.apply(
+                &[],
+                &[MapChange::Put {
+                    block: i * 7,
+                    location: loc(i),
+                }],
+            )
+            .expect("apply");
+        }
+    }
+    w1.close().await.expect("close");
+
+    let w2 = open("retention-2")
+        .await
+        .expect("reopen on the existing replica");
+    let map = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    for round in 0..3u64 {
+        map.connection()
+            .execute(
+                "INSERT OR REPLACE INTO meta VALUES ('round', ?1)",
+                [round.to_string()],
+            )
+            .expect("write");
+        w2.sync().await.expect("sync");
+        w2.maintain().await.expect("maintain before hydration");
+    }
+    // Every page is still readable, though none was read before maintenance ran.
+    let fresh = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    for i in (0..2000u64).step_by(97) {
+        assert_eq!(
+            fresh.get(i * 7).expect("get"),
+            Some(loc(i)),
+            "block {}",
+            i * 7
+        );
+    }
+    w2.hydrate(&dir.path().join("hydrated.db"))
+        .await
+        .expect("hydrate");
+    for round in 3..6u64 {
+        map.connection()
+            .execute(
+                "INSERT OR REPLACE INTO meta VALUES ('round', ?1)",
+                [round.to_string()],
+            )
+            .expect("write");
+        w2.sync().await.expect("sync");
+        w2.maintain().await.expect("maintain after hydration");
+    }
+    let snapshots = replica.list_level(9).await.expect("list");
+    assert!(
+        snapshots.len() <= 2,
+        "retention ran after hydration: {snapshots:?}"
+    );
+    let fresh = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    for i in 0..2000u64 {
+        assert_eq!(
+            fresh.get(i * 7).expect("get"),
+            Some(loc(i)),
+            "block {}",
+            i * 7
+        );
+    }
+    assert_eq!(fresh.meta("round").expect("meta").as_deref(), Some("5"));
+}

@@ -94,6 +94,20 @@ impl ChunkStore {
         })
     }
 
+    /// Ids of every chunk object in the store.
+    pub async fn list(&self) -> io::Result<Vec<u64>> {
+        use futures::TryStreamExt;
+        let objects: Vec<_> = with_retries("list chunks", || {
+            self.store.list(Some(&self.prefix)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| to_io("list chunks", e))?;
+        Ok(objects
+            .iter()
+            .filter_map(|meta| u64::from_str_radix(meta.location.filename()?, 16).ok())
+            .collect())
+    }
+
     pub async fn delete(&self, chunk: u64) -> io::Result<()> {
         match self.store.delete(&self.path(chunk)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -486,3 +486,32 @@ async fn remote_durability_flush_waits_for_the_store() {
     assert_eq!(read(&seen, 300_000, 4096).await, pattern(4096, 7));
     v.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_a_dead_writer_never_committed_are_swept() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let first = f.open(f.config("a")).await;
+    first
+        .write(0, pattern(65536, 1), false)
+        .await
+        .expect("write");
+    first.sync_to_store().await.expect("upload");
+    drop(first); // a writer that dies...
+    // ...after uploading a chunk it never committed (its epoch's id space, unknown to the map).
+    let orphan = Path::from(format!("disk/chunks/{:016x}", (1u64 << 32) | 999));
+    f.store
+        .put(&orphan, PutPayload::from_static(b"never committed"))
+        .await
+        .expect("put");
+    let second = f.open(f.config("b")).await;
+    let report = second.maintain_now().await.expect("maintain");
+    assert_eq!(report.orphans_deleted, 1, "{report:?}");
+    assert!(f.store.head(&orphan).await.is_err(), "orphan still there");
+    assert_eq!(
+        read(&second, 0, 65536).await,
+        pattern(65536, 1),
+        "live data kept"
+    );
+    second.close().await.expect("close");
+}

@@ -417,6 +417,9 @@ impl ObjectVolume {
                 stop_rx.clone(),
             )));
         }
+        if let MapRole::Writer(_) = &shared.map {
+            tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared))));
+        }
         if shared.config.hydrate {
             tasks.push(tokio::spawn(read::hydrate(Arc::clone(&shared), stop_rx)));
         }
@@ -535,6 +538,27 @@ impl Change {
             Change::Write { data, .. } => data.len(),
             Change::Zero { .. } => 0,
         }
+    }
+}
+
+/// Restores the block map into a local file in the background (DESIGN.md §5): until then,
+/// lookups that miss the page cache are ranged GETs; after, they are local reads.
+async fn hydrate_map(shared: Arc<Shared>) {
+    let MapRole::Writer(writer) = &shared.map else {
+        return;
+    };
+    let path = shared.config.local_dir.join("blockmap.db");
+    let started = std::time::Instant::now();
+    match upload::boxed(writer.hydrate(&path)).await {
+        Ok(()) => tracing::info!(
+            volume = %shared.meta.name,
+            seconds = started.elapsed().as_secs_f64(),
+            "block map hydrated"
+        ),
+        Err(e) => tracing::warn!(
+            volume = %shared.meta.name,
+            "block map hydration failed, lookups stay remote: {e}"
+        ),
     }
 }
 

@@ -65,6 +65,8 @@ pub struct GcReport {
     pub chunks_rewritten: u64,
     /// Dead chunks deleted from the store.
     pub chunks_deleted: u64,
+    /// Chunks no map state ever referred to (a writer died between PUT and commit), deleted.
+    pub orphans_deleted: u64,
 }
 
 /// State kept across maintenance passes; its lock also serialises uploads with maintenance.
@@ -85,15 +87,17 @@ pub(super) async fn maintain(shared: &Arc<Shared>) -> io::Result<GcReport> {
     }
     let chunks_rewritten = boxed(rewrite_sparse_chunks(shared)).await?;
     let chunks_deleted = boxed(collect_garbage(shared, &mut state.dead_seen)).await?;
+    let orphans_deleted = boxed(sweep_orphans(shared)).await?;
     Ok(GcReport {
         chunks_rewritten,
         chunks_deleted,
+        orphans_deleted,
     })
 }
 
 /// Pins a future as `Send` at its concrete lifetime: without this, rustc fails to prove the
 /// uploader's future `Send` for every lifetime when it is spawned (a known compiler limitation).
-fn boxed<'a, T>(
+pub(super) fn boxed<'a, T>(
     f: impl std::future::Future<Output = T> + Send + 'a,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>> {
     Box::pin(f)
@@ -454,6 +458,39 @@ async fn collect_garbage(
     lock(&shared.stats).chunks_deleted += deletable.len() as u64;
     tracing::info!(volume = %shared.meta.name, chunks = deletable.len(), "deleted dead chunks");
     Ok(deletable.len() as u64)
+}
+
+/// Deletes chunks that no block-map state refers to: uploaded by an earlier writer (an older
+/// lease epoch, so never one of this writer's uploads in flight) that died or was fenced
+/// before committing them. Chunks leave the map's chunk table only after GC deleted them, so a
+/// chunk of an older epoch missing from the table was never committed by anyone.
+async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
+    let objects = shared.chunks.list().await?;
+    let s = Arc::clone(shared);
+    let known: std::collections::HashSet<u64> = blocking(move || {
+        let map = lock(&s.lookups);
+        let mut stmt = map
+            .connection()
+            .prepare("SELECT chunk FROM chunks")
+            .map_err(|e| other("block map", e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, i64>(0))
+            .map_err(|e| other("block map", e))?;
+        rows.map(|r| r.map(|c| c as u64).map_err(|e| other("block map", e)))
+            .collect()
+    })
+    .await?;
+    let orphans: Vec<u64> = objects
+        .into_iter()
+        .filter(|id| id >> 32 < shared.chunk_epoch && !known.contains(id))
+        .collect();
+    for &chunk in &orphans {
+        shared.chunks.delete(chunk).await?;
+    }
+    if !orphans.is_empty() {
+        tracing::info!(volume = %shared.meta.name, chunks = orphans.len(), "deleted orphaned chunks");
+    }
+    Ok(orphans.len() as u64)
 }
 
 /// The oldest block-map TXID a restore can still reach: the older retained snapshot, or 1 while
