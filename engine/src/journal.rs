@@ -272,10 +272,25 @@ impl Journal {
 
     /// Deletes segments whose every record has seq ≤ `through` (their data is in object
     /// storage). The current segment is kept.
+    ///
+    /// When everything is released, the current segment is emptied too (and renamed after the
+    /// next seq), so an idle journal costs no disk and a restart replays nothing. The caller
+    /// must no longer read any released record's data.
     pub fn release(&mut self, through: u64) -> io::Result<()> {
         while self.segments.len() > 1 && self.segments[1].first_seq <= through + 1 {
             let old = self.segments.remove(0);
             std::fs::remove_file(&old.path)?;
+        }
+        if through + 1 >= self.next_seq && self.current_len > 0 {
+            self.current.set_len(0)?;
+            self.current_len = 0;
+            let path = segment_path(&self.dir, self.next_seq);
+            let last = self.segments.len() - 1;
+            std::fs::rename(&self.segments[last].path, &path)?;
+            self.segments[last] = Segment {
+                first_seq: self.next_seq,
+                path,
+            };
         }
         Ok(())
     }
@@ -394,6 +409,29 @@ mod tests {
             Ok(())
         })?;
         Ok((j, records))
+    }
+
+    #[test]
+    fn releasing_everything_empties_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (mut j, _) = replayed(dir.path()).expect("open");
+            for i in 0..10u64 {
+                j.append_write(i * 4096, &[7u8; 4096]).expect("append");
+            }
+            j.release(5).expect("partial release keeps the segment");
+            assert!(j.size_bytes().expect("size") > 0);
+            j.release(10).expect("release all");
+            assert_eq!(j.size_bytes().expect("size"), 0);
+            assert_eq!(j.append_write(0, b"x").expect("append"), 11);
+            j.sync().expect("sync");
+        }
+        let (j, records) = replayed(dir.path()).expect("reopen");
+        assert_eq!(
+            records.iter().map(Record::seq).collect::<Vec<_>>(),
+            vec![11]
+        );
+        assert_eq!(j.next_seq(), 12);
     }
 
     #[test]

@@ -275,6 +275,7 @@ fn object_info(args: InfoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
     let journal_bytes = journal_bytes(&cache_dir.join(&args.name).join("journal"));
+    let (cache_used, cache_capacity) = cache_usage(&cache_dir.join(&args.name).join("cache"));
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     new_runtime()?.block_on(async {
         let mut config = VolumeConfig::new(scratch.path().join("info"));
@@ -303,6 +304,8 @@ fn object_info(args: InfoArgs) -> Result<()> {
                 "chunks": stats.chunks,
                 "map_txid": stats.map_txid,
                 "local_journal_bytes": journal_bytes,
+                "local_cache_bytes": cache_used,
+                "local_cache_capacity": cache_capacity,
                 "format": meta.format,
                 "store": location.description,
             });
@@ -328,11 +331,22 @@ fn object_info(args: InfoArgs) -> Result<()> {
                 format_size(journal_bytes),
                 cache_dir.join(&args.name).display()
             );
+            println!(
+                "local cache:   {} used of {}",
+                format_size(cache_used),
+                format_size(cache_capacity)
+            );
             println!("format:        {}", meta.format);
             println!("store:         {}", location.description);
         }
         Ok(())
     })
+}
+
+/// Bytes the block cache file really occupies (it is sparse) and its size limit.
+fn cache_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join("blocks.cache")).map_or((0, 0), |m| (m.blocks() * 512, m.len()))
 }
 
 fn journal_bytes(dir: &Path) -> u64 {
