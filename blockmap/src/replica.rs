@@ -121,6 +121,14 @@ impl Replica {
     /// The files that rebuild the database at `target`, oldest first (see `ltx::plan_restore`).
     pub async fn plan(&self, target: RestoreTarget) -> ReplicaResult<Vec<ReplicaFile>> {
         let listing = self.list().await?;
+        Self::plan_listing(&listing, target)
+    }
+
+    /// [`Replica::plan`] over a listing already made (saves a round of LIST requests).
+    pub fn plan_listing(
+        listing: &[ReplicaFile],
+        target: RestoreTarget,
+    ) -> ReplicaResult<Vec<ReplicaFile>> {
         let infos: Vec<LtxFile> = listing.iter().map(ReplicaFile::as_ltx).collect();
         let plan = plan_restore(&infos, target).map_err(|source| ReplicaError::Ltx {
             path: "restore plan".into(),
@@ -232,6 +240,11 @@ impl PageMap {
     /// Plans the files for `target` and fetches their indexes in parallel.
     pub async fn open(replica: &Replica, target: RestoreTarget) -> ReplicaResult<Self> {
         let files = replica.plan(target).await?;
+        Self::open_files(replica, files).await
+    }
+
+    /// Builds the page map of planned `files` (oldest first), fetching their indexes.
+    pub async fn open_files(replica: &Replica, files: Vec<ReplicaFile>) -> ReplicaResult<Self> {
         let indexes: Vec<(Header, PageIndex)> = stream::iter(&files)
             .map(|f| replica.read_index(f))
             .buffered(OPEN_PARALLELISM)

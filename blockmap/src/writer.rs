@@ -61,11 +61,12 @@ impl MapWriter {
         runtime: Handle,
     ) -> Result<Self, WriterError> {
         let lease = lease::acquire(&store, &lease_root, holder).await?;
-        let (state, base_txid) = if replica.list().await?.is_empty() {
+        let listing = replica.list().await?;
+        let (state, base_txid) = if listing.is_empty() {
             (DatabaseState::new(None, PAGE_SIZE)?, None)
         } else {
-            let source =
-                RemoteSource::open(Arc::clone(&replica), RestoreTarget::Latest, runtime).await?;
+            let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
+            let source = RemoteSource::open_files(Arc::clone(&replica), files, runtime).await?;
             let txid = source.txid();
             let base = Arc::new(source) as Arc<dyn PageSource>;
             (DatabaseState::new(Some(base), PAGE_SIZE)?, Some(txid))

@@ -68,6 +68,7 @@ fn the_shared_page_cache_saves_repeat_fetches_and_stays_bounded() {
             rt.handle().clone(),
         ))
         .expect("open")
+        .with_cache_pages(0) // forget the pages fetched at open
         .with_cache_pages(2);
     let before = faulty.requests();
     let first = source.read_page(1).expect("page");

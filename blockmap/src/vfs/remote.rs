@@ -7,7 +7,8 @@
 //! on a thread that belongs to another runtime).
 
 use super::state::{DatabaseState, PageSource};
-use crate::replica::{PageMap, Replica, ReplicaError, ReplicaResult};
+use crate::replica::{PageMap, Replica, ReplicaError, ReplicaFile, ReplicaResult};
+use futures::{StreamExt, TryStreamExt};
 use ltx::RestoreTarget;
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -16,6 +17,8 @@ use tokio::runtime::Handle;
 
 /// Pages kept in memory by default (16 MiB of 4 KiB pages).
 pub const DEFAULT_CACHE_PAGES: usize = 4096;
+/// Pages fetched in parallel at open.
+const WARM_PAGES: u32 = 16;
 
 pub struct RemoteSource {
     replica: Arc<Replica>,
@@ -59,21 +62,62 @@ impl RemoteSource {
         runtime: Handle,
     ) -> ReplicaResult<Self> {
         let map = PageMap::open(&replica, target).await?;
-        Ok(RemoteSource {
+        Self::from_map(replica, map, runtime).await
+    }
+
+    /// Opens planned `files` (oldest first) of a listing the caller already made.
+    pub async fn open_files(
+        replica: Arc<Replica>,
+        files: Vec<ReplicaFile>,
+        runtime: Handle,
+    ) -> ReplicaResult<Self> {
+        let map = PageMap::open_files(&replica, files).await?;
+        Self::from_map(replica, map, runtime).await
+    }
+
+    /// Also fetches the first pages in parallel: the schema and the tables' root pages, which
+    /// every first query reads one after the other (a round trip each, otherwise).
+    async fn from_map(replica: Arc<Replica>, map: PageMap, runtime: Handle) -> ReplicaResult<Self> {
+        let map = Arc::new(map);
+        let first_pages = 1..=map.commit.min(WARM_PAGES);
+        let warm: Vec<(u32, Vec<u8>)> = futures::stream::iter(first_pages)
+            .map(|pgno| {
+                let (replica, map) = (Arc::clone(&replica), Arc::clone(&map));
+                async move { Ok::<_, ReplicaError>((pgno, map.read_page(&replica, pgno).await?)) }
+            })
+            .buffer_unordered(WARM_PAGES as usize)
+            .try_collect()
+            .await?;
+        let source = RemoteSource {
             replica,
-            map: Arc::new(map),
+            map,
             runtime,
             cache: Mutex::new(PageCache {
                 capacity: DEFAULT_CACHE_PAGES,
                 pages: HashMap::new(),
                 order: VecDeque::new(),
             }),
-        })
+        };
+        {
+            let mut cache = source.cache();
+            for (pgno, page) in warm {
+                cache.insert(pgno, Arc::new(page));
+            }
+        }
+        Ok(source)
     }
 
     /// Sets how many pages the shared cache holds (0 disables it).
     pub fn with_cache_pages(self, pages: usize) -> Self {
-        self.cache().capacity = pages;
+        {
+            let mut cache = self.cache();
+            cache.capacity = pages;
+            while cache.order.len() > pages {
+                if let Some(old) = cache.order.pop_front() {
+                    cache.pages.remove(&old);
+                }
+            }
+        }
         self
     }
 
