@@ -25,8 +25,10 @@ use tokio::task::JoinSet;
 /// Level of LTX snapshots in a Litestream replica.
 const SNAPSHOT_LEVEL: u8 = 9;
 
+/// Bytes of block content materialised at a time.
+const MATERIALIZE_BYTES: u64 = 8 << 20;
 /// Chunk PUTs in flight per upload.
-const PUT_CONCURRENCY: usize = 4;
+const PUT_CONCURRENCY: usize = 2;
 /// Block-map maintenance (compaction, snapshot, retention) and GC every this many uploads.
 const MAINTAIN_EVERY: u64 = 60;
 
@@ -138,7 +140,8 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
     let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
     let mut builder = ChunkBuilder::new(shared.meta.block_size);
     let mut chunk_id = next_chunk_id(shared);
-    let batch = (shared.config.chunk_bytes as u64 / shared.block_size()).max(1) as usize;
+    // Blocks materialised at a time: bounded memory whatever the chunk size.
+    let batch = ((MATERIALIZE_BYTES / shared.block_size()).max(1)) as usize;
     for start in (0..work.blocks.len()).step_by(batch) {
         let blocks: Vec<u64> = work.blocks[start..(start + batch).min(work.blocks.len())].to_vec();
         let needs_base: Vec<u64> = {
