@@ -32,6 +32,10 @@ enum Suite {
     /// The block map: cold open from object storage with injected latency, hydration, lookups,
     /// sustained updates; litestream restore as the peer.
     Blockmap(suites::blockmap::Args),
+    /// The object-storage engine: cold boot at 20 ms store latency, warm fio against the
+    /// local-file volume and qemu-nbd, cold reads from the store, sustained writes with
+    /// uploads, store requests per GiB, peak memory.
+    Engine(suites::engine::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.suite {
         Suite::NbdLocal(args) => suites::nbd_local::run(args, command),
         Suite::Blockmap(args) => suites::blockmap::run(args, command),
+        Suite::Engine(args) => suites::engine::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

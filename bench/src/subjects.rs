@@ -16,7 +16,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Subject {
-    /// `bucketdisk serve`, local-file volume.
+    /// `bucketdisk serve --engine file`, local-file volume.
     Bucketdisk,
     /// `qemu-nbd`, its default AIO mode (threads), page cache (writeback).
     QemuNbd,
@@ -99,6 +99,7 @@ fn server_command(subject: Subject, volume: &Volume, bucketdisk: &Path, port: u1
         Subject::Bucketdisk => {
             let mut cmd = Command::new(bucketdisk);
             cmd.arg("serve")
+                .args(["--engine", "file"])
                 .arg("--store")
                 .arg(format!("file://{}", volume.store.display()))
                 .arg("--listen")

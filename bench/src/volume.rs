@@ -1,4 +1,5 @@
-//! The test volume: created with `bucketdisk create`, then filled with pseudo-random bytes so
+//! The test volume: created with `bucketdisk create --engine file` (one raw file every peer can
+//! serve), then filled with pseudo-random bytes so
 //! that every read is a real read (no holes, no zero pages) for every subject.
 
 use crate::process::output_of;
@@ -17,7 +18,9 @@ pub fn create_filled(bucketdisk: &Path, dir: &Path, name: &str, size: u64) -> Re
     let size_arg = size.to_string();
     output_of(
         &bucketdisk.to_string_lossy(),
-        &["create", name, "--size", &size_arg, "--store", &store_url],
+        &[
+            "create", name, "--engine", "file", "--size", &size_arg, "--store", &store_url,
+        ],
     )
     .context("bucketdisk create")?;
     let file = store.join(name).join("disk.raw");

@@ -1,4 +1,5 @@
 //! Benchmark suites, one module each.
 
 pub mod blockmap;
+pub mod engine;
 pub mod nbd_local;
