@@ -14,13 +14,15 @@
 
 use crate::checksum::crc32c;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"BDJ1";
 const HEADER_LEN: usize = 4 + 8 + 1 + 8 + 8 + 4 + 4;
+/// A released segment kept for reuse; not a segment name, so replay ignores it.
+const SPARE: &str = "journal-spare.log";
 /// A new segment starts once the current one is this large, so released data can be deleted.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest write payload a record may carry.
@@ -155,7 +157,11 @@ impl Journal {
             });
         }
         let path = &segments[segments.len() - 1].path;
-        let current = OpenOptions::new().create(true).append(true).open(path)?;
+        let current = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(path)?;
         let current_reader = Arc::new(File::open(path)?);
         let current_len = current.metadata()?.len();
         File::open(dir)?.sync_all()?;
@@ -184,7 +190,7 @@ impl Journal {
         let header_crc = crc32c(&record);
         record.extend_from_slice(&header_crc.to_le_bytes());
         record.extend_from_slice(data);
-        if let Err(e) = self.current.write_all(&record) {
+        if let Err(e) = self.current.write_all_at(&record, self.current_len) {
             // A partly written record (a full disk) must not stay in front of later ones: on
             // the next open it would read as corruption in the middle of the log.
             let _ = self.current.set_len(self.current_len);
@@ -257,9 +263,20 @@ impl Journal {
     }
 
     fn rotate(&mut self) -> io::Result<()> {
+        // A recycled file may hold stale records past what was written: only the last segment
+        // may end in anything but a complete record.
+        self.current.set_len(self.current_len)?;
         self.current.sync_data()?;
         let path = segment_path(&self.dir, self.next_seq);
-        self.current = OpenOptions::new().create(true).append(true).open(&path)?;
+        let spare = self.dir.join(SPARE);
+        if spare.exists() {
+            std::fs::rename(&spare, &path)?;
+        }
+        self.current = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
         self.current_reader = Arc::new(File::open(&path)?);
         File::open(&self.dir)?.sync_all()?;
         self.segments.push(Segment {
@@ -273,16 +290,18 @@ impl Journal {
     /// Deletes segments whose every record has seq ≤ `through` (their data is in object
     /// storage). The current segment is kept.
     ///
-    /// When everything is released, the current segment is emptied too (and renamed after the
-    /// next seq), so an idle journal costs no disk and a restart replays nothing. The caller
+    /// When everything is released, the current segment starts over (renamed after the next
+    /// seq), so a restart replays nothing. Released files are recycled, not deleted. The caller
     /// must no longer read any released record's data.
     pub fn release(&mut self, through: u64) -> io::Result<()> {
         while self.segments.len() > 1 && self.segments[1].first_seq <= through + 1 {
             let old = self.segments.remove(0);
-            std::fs::remove_file(&old.path)?;
+            // Kept as the next segment's file: rewriting pages the page cache already holds
+            // is much cheaper than filling fresh ones.
+            std::fs::rename(&old.path, self.dir.join(SPARE))?;
         }
         if through + 1 >= self.next_seq && self.current_len > 0 {
-            self.current.set_len(0)?;
+            // Start the current file over (its old records read as stale on replay).
             self.current_len = 0;
             let path = segment_path(&self.dir, self.next_seq);
             let last = self.segments.len() - 1;
@@ -295,12 +314,17 @@ impl Journal {
         Ok(())
     }
 
-    /// Bytes on disk across all segments.
+    /// Bytes of records across all segments.
     pub fn size_bytes(&self) -> io::Result<u64> {
-        self.segments
+        let (_current, older) = self
+            .segments
+            .split_last()
+            .ok_or_else(|| io::Error::other("journal without a segment"))?;
+        let older: u64 = older
             .iter()
             .map(|s| std::fs::metadata(&s.path).map(|m| m.len()))
-            .sum()
+            .sum::<io::Result<u64>>()?;
+        Ok(older + self.current_len)
     }
 
     /// Sequence number the next record gets.
@@ -348,6 +372,9 @@ fn replay_segment(
             } else {
                 Err(corrupt(path, pos, "bad record header"))
             };
+        }
+        if seq < *next_seq && is_last {
+            return Ok(pos); // a recycled file's stale records: the log ends here
         }
         if seq != *next_seq {
             return Err(corrupt(
@@ -432,6 +459,37 @@ mod tests {
             vec![11]
         );
         assert_eq!(j.next_seq(), 12);
+    }
+
+    #[test]
+    fn recycled_segments_replay_only_their_new_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = vec![0x5au8; 1 << 20];
+        let mut appended = Vec::new();
+        {
+            let (mut j, _) = replayed(dir.path()).expect("open");
+            // Two segments' worth, release the first (it becomes the spare), then another
+            // rotation reuses it.
+            for i in 0..70u64 {
+                j.append_write(i << 20, &big).expect("append");
+            }
+            j.release(64).expect("release");
+            assert!(
+                dir.path().join(SPARE).exists(),
+                "released segment kept for reuse"
+            );
+            for i in 0..70u64 {
+                appended.push(j.append_write(i << 20, &big).expect("append"));
+            }
+            assert!(!dir.path().join(SPARE).exists(), "the spare was reused");
+            j.sync().expect("sync");
+        }
+        let (j, records) = replayed(dir.path()).expect("reopen");
+        let seqs: Vec<u64> = records.iter().map(Record::seq).collect();
+        let expected: Vec<u64> = (seqs[0]..j.next_seq()).collect();
+        assert_eq!(seqs, expected, "contiguous, no stale record replayed");
+        assert_eq!(j.next_seq(), appended[appended.len() - 1] + 1);
+        assert!(seqs.contains(&appended[0]));
     }
 
     #[test]
