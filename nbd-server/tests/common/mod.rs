@@ -4,6 +4,8 @@
 //! missing: `scripts/install-deps.sh` installs them all, and a silently skipped test proves nothing.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+pub mod nbd_client;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
