@@ -3,15 +3,21 @@
 //! Modules, one job each: `subjects` (bucketdisk and its peers, started and stopped),
 //! `process` (child-process guards), `fio` (workloads, running fio, parsing its JSON), `stats`
 //! (medians and ranges), `machine` (hardware and tool versions), `report` (markdown + JSON),
-//! `volume` (the test volume) and `suites` (one module per suite).
+//! `volume` (the test volume), `synthetic` (volumes whose block map is built directly),
+//! `nbd_client` (a minimal NBD client for timing), `store_watch` (counting store PUTs),
+//! `fuse_loop` (an export as a loop device) and `suites` (one module per suite).
 
 mod fio;
+mod fuse_loop;
 mod machine;
+mod nbd_client;
 mod process;
 mod report;
 mod stats;
+mod store_watch;
 mod subjects;
 mod suites;
+mod synthetic;
 mod units;
 mod volume;
 

@@ -160,9 +160,15 @@ impl ServerProcess {
     }
 
     /// SIGTERM, then SIGKILL after a grace period. Returns the exit status.
-    pub fn stop(mut self) -> Result<ExitStatus> {
+    pub fn stop(self) -> Result<ExitStatus> {
+        self.stop_within(STOP_GRACE)
+    }
+
+    /// SIGTERM, then SIGKILL if the server has not exited after `grace` (a server that
+    /// uploads its backlog on a clean stop may need longer than the default).
+    pub fn stop_within(mut self, grace: Duration) -> Result<ExitStatus> {
         let child = self.child.take().context("server already stopped")?;
-        terminate(child, &self.name)
+        terminate(child, &self.name, grace)
     }
 
     /// The last lines of the server's log, for error messages.
@@ -176,21 +182,21 @@ impl ServerProcess {
 impl Drop for ServerProcess {
     fn drop(&mut self) {
         if let Some(child) = self.child.take()
-            && let Err(e) = terminate(child, &self.name)
+            && let Err(e) = terminate(child, &self.name, STOP_GRACE)
         {
             eprintln!("bench: stopping {}: {e:#}", self.name);
         }
     }
 }
 
-fn terminate(mut child: Child, name: &str) -> Result<ExitStatus> {
+fn terminate(mut child: Child, name: &str, grace: Duration) -> Result<ExitStatus> {
     if let Some(status) = child.try_wait().context("checking the server")? {
         return Ok(status);
     }
     let pid = libc::pid_t::try_from(child.id()).context("pid out of range")?;
     // SAFETY: kill(2) on our own child, which has not been reaped yet, so the pid is still ours.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    wait_with_timeout(&mut child, name, STOP_GRACE)
+    wait_with_timeout(&mut child, name, grace)
         .with_context(|| format!("{name} did not exit after SIGTERM"))
 }
 
@@ -227,6 +233,91 @@ pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
     Ok(Duration::from_secs_f64(total as f64 / hz as f64))
+}
+
+/// A process's resident memory from `/proc/PID/status`, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Memory {
+    /// Peak resident set size so far (`VmHWM`).
+    pub hwm: u64,
+    /// Resident now: anonymous memory (heap, stacks) and file-backed pages (mappings).
+    pub anon: u64,
+    pub file: u64,
+}
+
+impl Memory {
+    /// Field-wise maximum.
+    pub fn max(self, other: Memory) -> Memory {
+        Memory {
+            hwm: self.hwm.max(other.hwm),
+            anon: self.anon.max(other.anon),
+            file: self.file.max(other.file),
+        }
+    }
+}
+
+pub fn memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    };
+    Ok(Memory {
+        hwm: field("VmHWM:").with_context(|| format!("no VmHWM in {path}"))?,
+        anon: field("RssAnon:").unwrap_or(0),
+        file: field("RssFile:").unwrap_or(0),
+    })
+}
+
+/// Peak resident set size (`VmHWM`) of a running process, in bytes.
+pub fn peak_rss(pid: u32) -> Result<u64> {
+    Ok(memory(pid)?.hwm)
+}
+
+/// Samples a process's memory every 50 ms in a thread, so that the peak includes the
+/// process's last moments (a clean stop that uploads a backlog), when it can no longer be
+/// read once the process has exited.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Memory>>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32) -> RssSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let mut peak = Memory::default();
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match memory(pid) {
+                    Ok(m) => peak = peak.max(m),
+                    Err(_) => break,
+                }
+                std::thread::sleep(POLL);
+            }
+            if let Ok(m) = memory(pid) {
+                peak = peak.max(m);
+            }
+            peak
+        });
+        RssSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The highest VmHWM seen, and the highest anonymous and file-backed RSS sampled.
+    pub fn finish(mut self) -> Memory {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
 }
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
