@@ -330,6 +330,33 @@ fn ensure_space(dir: &Path, need: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Busy and total CPU ticks of the whole machine (/proc/stat, all CPUs).
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// Cores kept busy between two [`cpu_ticks`] readings.
+fn busy_cores(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.1.saturating_sub(before.1);
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if total == 0 {
+        return 0.0;
+    }
+    after.0.saturating_sub(before.0) as f64 / total as f64 * cpus
+}
+
 /// Runs fio once over `size` bytes (not time-based: every byte once).
 fn fio_pass(
     name: &str,
@@ -462,6 +489,11 @@ struct WarmRun {
     /// After a write workload: time until the object engine's journal was empty (everything
     /// uploaded), or the fsync of the peers' file. Outside the timed part.
     settle_secs: Option<f64>,
+    /// Cores busy on the whole machine during the run (/proc/stat), and what is left after the
+    /// server and fio: other people's work, which this machine shares.
+    machine_busy_cores: f64,
+    other_cores: f64,
+    load_before: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -472,6 +504,7 @@ struct WarmRow {
     mib_per_sec: Summary,
     clat_p99_us: Summary,
     server_cores: Summary,
+    other_cores: Summary,
     settle_secs: Option<Summary>,
 }
 
@@ -928,6 +961,8 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
             for w in &WORKLOADS {
                 check_interrupted()?;
                 let out = dir.join(format!("fio-{}-{repeat}.json", w.name));
+                let load_before = machine::load_average();
+                let busy_before = cpu_ticks();
                 let cpu_before = server.server().and_then(|s| s.cpu_time());
                 let t = Instant::now();
                 let target = Target::Nbd {
@@ -939,9 +974,15 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                 })?;
                 let wall = t.elapsed().as_secs_f64();
                 let cpu_after = server.server().and_then(|s| s.cpu_time());
+                let busy_after = cpu_ticks();
                 let server_cpu_secs = cpu_before
                     .zip(cpu_after)
                     .map(|(a, b)| b.saturating_sub(a).as_secs_f64());
+                let machine_busy_cores = busy_cores(busy_before, busy_after);
+                let other_cores = (machine_busy_cores
+                    - server_cpu_secs.unwrap_or(0.0) / wall
+                    - (result.fio_usr_cpu + result.fio_sys_cpu) / 100.0)
+                    .max(0.0);
                 let settle_secs = if w.is_write() {
                     Some(server.settle()?)
                 } else {
@@ -949,7 +990,7 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                 };
                 eprintln!(
                     "engine: [warm {repeat}/{}] {:<17} {:<18} {:>8.0} IOPS {:>7.1} MiB/s \
-                     p99 {:>6.0} µs server {:.2} cores{}",
+                     p99 {:>6.0} µs server {:.2} cores, others {:.2}{}",
                     ctx.repeats,
                     subject.name(),
                     w.name,
@@ -957,6 +998,7 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                     result.bw_bytes / MIB as f64,
                     result.clat_p99_ns / 1000.0,
                     server_cpu_secs.unwrap_or(0.0) / wall,
+                    other_cores,
                     settle_secs
                         .map(|s| format!(", settled in {s:.1} s"))
                         .unwrap_or_default()
@@ -969,6 +1011,9 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                     server_cpu_secs,
                     wall_secs: wall,
                     settle_secs,
+                    machine_busy_cores,
+                    other_cores,
+                    load_before,
                 });
             }
             server.stop(&mut ctx.notes, &format!("warm {}", subject.name()))?;
@@ -991,6 +1036,7 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                 mib_per_sec: of(&|r| r.fio.bw_bytes / MIB as f64),
                 clat_p99_us: of(&|r| r.fio.clat_p99_ns / 1000.0),
                 server_cores: of(&|r| r.server_cpu_secs.unwrap_or(0.0) / r.wall_secs),
+                other_cores: of(&|r| r.other_cores),
                 settle_secs: Summary::of(&settles),
             });
         }
@@ -1513,6 +1559,29 @@ pub fn run(args: Args, command: String) -> Result<()> {
         .clone()
         .unwrap_or_else(|| workspace.join("bench").join("results"));
     std::fs::create_dir_all(&out_dir)?;
+    // Results already written today are never overwritten: a second run gets its start time.
+    let taken = |stem: &str| {
+        out_dir.join(format!("{stem}.md")).exists() || out_dir.join(format!("{stem}.json")).exists()
+    };
+    let stem = if taken(&stem) {
+        let hhmm: String = report
+            .started
+            .split('T')
+            .nth(1)
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_digit)
+            .take(4)
+            .collect();
+        format!("{stem}-{hhmm}")
+    } else {
+        stem
+    };
+    ensure!(
+        !taken(&stem),
+        "results {stem}.* already exist in {}",
+        out_dir.display()
+    );
     let md_path = out_dir.join(format!("{stem}.md"));
     let json_path = out_dir.join(format!("{stem}.json"));
     let md = markdown(&report, &stem);
@@ -1698,7 +1767,11 @@ fn markdown(r: &EngineReport, stem: &str) -> String {
         "| measurement | median | floor | met |\n|---|---:|---|:---:|"
     );
     for f in &r.floors {
-        let digits = if f.unit == "×" { 2 } else { 0 };
+        let digits = match f.value.abs() {
+            v if v < 10.0 => 2,
+            v if v < 100.0 => 1,
+            _ => 0,
+        };
         let _ = writeln!(
             o,
             "| {} | {:.d$} {} | {} | {} |",
@@ -1843,18 +1916,19 @@ fn markdown(r: &EngineReport, stem: &str) -> String {
         let _ = writeln!(o, "\nDetails (medians):\n");
         let _ = writeln!(
             o,
-            "| workload | subject | IOPS | MiB/s | clat p99 µs | server CPU (cores) | settle after (s) |\n|---|---|---:|---:|---:|---:|---:|"
+            "| workload | subject | IOPS | MiB/s | clat p99 µs | server CPU (cores) | other processes (cores) | settle after (s) |\n|---|---|---:|---:|---:|---:|---:|---:|"
         );
         for x in &w.rows {
             let _ = writeln!(
                 o,
-                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.1} | {:.0} | {:.2} | {:.2} | {} |",
                 x.workload,
                 x.subject.name(),
                 x.iops.median,
                 x.mib_per_sec.median,
                 x.clat_p99_us.median,
                 x.server_cores.median,
+                x.other_cores.median,
                 x.settle_secs
                     .as_ref()
                     .map_or("–".into(), |s| format!("{:.1}", s.median))
