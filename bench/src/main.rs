@@ -9,6 +9,7 @@
 
 mod fio;
 mod fuse_loop;
+mod latency_proxy;
 mod machine;
 mod nbd_client;
 mod process;
