@@ -22,6 +22,9 @@ packages=(
     procps         # ps, pkill
     netcat-openbsd # nc for raw-socket smoke checks
     sqlite3        # builds and checks databases in the LTX interop tests
+    s3backer       # S3-backed peer in benchmarks (FUSE file, exported with nbdkit file)
+    nbdkit-plugin-python # ships nbdkit's S3 plugin, an S3-backed peer in benchmarks
+    python3-boto3  # what the S3 plugin talks to S3 with (Debian's python3, not pip's)
 )
 
 missing=()
