@@ -5,8 +5,12 @@
 //! Eviction is S3-FIFO, which resists scans: new blocks enter a small FIFO and are promoted to
 //! the main FIFO only if they are read again; a block evicted from the small queue leaves a
 //! "ghost" so that a quick return goes straight to main. A one-time sequential read of a whole
-//! disk therefore cannot flush the working set. Every block read back is checked against its
-//! checksum: a damaged cache costs a refetch, never wrong data.
+//! disk therefore cannot flush the working set.
+//!
+//! Every slot is checked against its block's checksum once, in full, before partial reads of
+//! it are trusted: slots this process wrote count as checked, and so do slots a clean close
+//! recorded as checked (the index is written only after the slots are synced). A slot found
+//! damaged costs a refetch, never wrong data; whole-block reads are always verified.
 
 use crate::chunk::block_checksum;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -95,8 +99,11 @@ impl BlockCache {
             for line in io::BufReader::new(f).lines() {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                let [slot, chunk, offset, checksum] = fields[..] else {
-                    continue;
+                // The fifth field (absent in older indexes) says the slot was verified.
+                let (slot, chunk, offset, checksum, verified) = match fields[..] {
+                    [slot, chunk, offset, checksum] => (slot, chunk, offset, checksum, false),
+                    [slot, chunk, offset, checksum, v] => (slot, chunk, offset, checksum, v == 1),
+                    _ => continue,
                 };
                 let slot = slot as u32;
                 if slot >= self.slots || used[slot as usize] {
@@ -111,7 +118,7 @@ impl BlockCache {
                         checksum: checksum as u32,
                         freq: 0,
                         in_main: true,
-                        verified: false,
+                        verified,
                         writing: false,
                         generation: 0,
                     },
@@ -127,7 +134,9 @@ impl BlockCache {
         Ok(())
     }
 
-    /// Saves the index for the next start (clean close only).
+    /// Saves the index for the next start (clean close only). Slots are synced first, so a
+    /// slot verified (or written) in this process stays verified: the index exists only after
+    /// a clean close and is deleted as soon as it is loaded, so a crash never inherits it.
     pub fn save_index(&self) -> io::Result<()> {
         self.file.sync_data()?;
         let state = self.state();
@@ -135,10 +144,17 @@ impl BlockCache {
         let mut out = io::BufWriter::new(File::create(&tmp)?);
         for key in state.main.iter().chain(state.small.iter()) {
             if let Some(e) = state.entries.get(key) {
+                if e.writing {
+                    continue;
+                }
                 writeln!(
                     out,
-                    "{} {} {} {}",
-                    e.slot, key.chunk, key.offset, e.checksum
+                    "{} {} {} {} {}",
+                    e.slot,
+                    key.chunk,
+                    key.offset,
+                    e.checksum,
+                    u8::from(e.verified)
                 )?;
             }
         }
@@ -169,8 +185,8 @@ impl BlockCache {
     }
 
     /// Reads `buf.len()` bytes at `at` within a cached block into `buf`; `false` on a miss or a
-    /// damaged slot. A slot is verified against `checksum` in full the first time it is read
-    /// after a restart; after that only the requested bytes are read.
+    /// damaged slot. A slot not yet verified is checked against `checksum` in full first; after
+    /// that only the requested bytes are read.
     pub fn read_at(
         &self,
         key: CacheKey,
@@ -210,6 +226,20 @@ impl BlockCache {
 
     /// Caches a block (a no-op if it is already there).
     pub fn insert(&self, key: CacheKey, data: &[u8]) -> io::Result<()> {
+        self.insert_replacing(key, block_checksum(data), data, None)
+    }
+
+    /// Caches a block whose checksum the caller computed, first forgetting `replaced` (the
+    /// previous version of the same disk block, dead once the new one is committed): the new
+    /// version takes over its slot, so rewriting a block rewrites pages the page cache already
+    /// holds instead of filling fresh ones until eviction catches up.
+    pub fn insert_replacing(
+        &self,
+        key: CacheKey,
+        checksum: u32,
+        data: &[u8],
+        replaced: Option<CacheKey>,
+    ) -> io::Result<()> {
         if data.len() != self.block_size as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -221,6 +251,14 @@ impl BlockCache {
             if state.entries.contains_key(&key) {
                 return Ok(());
             }
+            if let Some(old) = replaced {
+                // A slot still being written belongs to its writer until it finishes.
+                if state.entries.get(&old).is_some_and(|e| !e.writing) {
+                    if let Some(e) = state.entries.remove(&old) {
+                        state.free.push(e.slot);
+                    }
+                }
+            }
             let Some(slot) = state.free.pop().or_else(|| self.evict(&mut state)) else {
                 return Ok(());
             };
@@ -231,7 +269,7 @@ impl BlockCache {
                 key,
                 Entry {
                     slot,
-                    checksum: block_checksum(data),
+                    checksum,
                     freq: 0,
                     in_main: returning,
                     verified: true,
@@ -325,6 +363,14 @@ impl BlockCache {
         None
     }
 
+    /// The chunks that have blocks in the cache, in order.
+    pub fn cached_chunks(&self) -> Vec<u64> {
+        let mut chunks: Vec<u64> = self.state().entries.keys().map(|k| k.chunk).collect();
+        chunks.sort_unstable();
+        chunks.dedup();
+        chunks
+    }
+
     /// Whether a block is cached (without counting as a read).
     pub fn contains(&self, key: CacheKey) -> bool {
         self.state().entries.contains_key(&key)
@@ -381,6 +427,61 @@ mod tests {
             .expect("stat")
             .len();
         assert_eq!(file, 100 * u64::from(BS));
+    }
+
+    #[test]
+    fn a_new_version_takes_over_the_old_versions_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+        c.insert(key(1), &block(1)).expect("insert");
+        c.insert(key(2), &block(2)).expect("insert");
+        let slot_of = |c: &BlockCache, n: u64| c.state().entries.get(&key(n)).map(|e| e.slot);
+        let old_slot = slot_of(&c, 1);
+        c.insert_replacing(key(3), block_checksum(&block(3)), &block(3), Some(key(1)))
+            .expect("replace");
+        assert_eq!(get(&c, 1), None, "the old version is gone");
+        assert_eq!(get(&c, 3), Some(block(3)));
+        assert_eq!(get(&c, 2), Some(block(2)), "others untouched");
+        assert_eq!(slot_of(&c, 3), old_slot, "same slot, no fresh one");
+        assert_eq!(c.len(), 2);
+    }
+
+    #[test]
+    fn verification_survives_a_clean_restart_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+            c.insert(key(1), &block(1)).expect("insert");
+            c.save_index().expect("save");
+        }
+        let verified = |c: &BlockCache| c.state().entries.get(&key(1)).map(|e| e.verified);
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert_eq!(
+            verified(&c),
+            Some(true),
+            "written and synced before a clean close"
+        );
+        drop(c);
+        // An index in the older four-field format: loaded, but every slot is checked again.
+        std::fs::write(
+            dir.path().join("blocks.index"),
+            format!(
+                "0 {} {} {}\n",
+                key(1).chunk,
+                key(1).offset,
+                block_checksum(&block(1))
+            ),
+        )
+        .expect("write index");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert_eq!(verified(&c), Some(false));
+        let mut buf = [0u8; 16];
+        assert!(
+            c.read_at(key(1), block_checksum(&block(1)), 8, &mut buf)
+                .expect("read")
+        );
+        assert_eq!(buf[..], block(1)[8..24]);
+        assert_eq!(verified(&c), Some(true), "checked in full on first read");
     }
 
     #[test]

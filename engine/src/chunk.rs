@@ -17,6 +17,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
+/// Bytes of a block tried first to decide whether compressing the rest is worth it.
+const SAMPLE_BYTES: usize = 4096;
 
 /// CRC-32C of a block's content, as stored in the block map.
 pub fn block_checksum(data: &[u8]) -> u32 {
@@ -80,12 +82,9 @@ impl ChunkBuilder {
                 self.block_size
             )));
         }
-        let compressed = lz4_flex::block::compress_into(data, &mut self.scratch)
-            .map_err(|e| ChunkError::Decode(e.to_string()))?;
-        let payload = if compressed < self.block_size {
-            &self.scratch[..compressed]
-        } else {
-            data // incompressible: stored raw, recognisable by its full length
+        let payload = match self.compress(data)? {
+            Some(compressed) => &self.scratch[..compressed],
+            None => data, // incompressible: stored raw, recognisable by its full length
         };
         let entry = ChunkEntry {
             block,
@@ -96,6 +95,24 @@ impl ChunkBuilder {
         self.body.put_slice(payload);
         self.entries.push(entry);
         Ok(entry)
+    }
+
+    /// Compresses `data` into `scratch`; `None` if that would not make it smaller. Like ZFS's
+    /// LZ4 "early abort", a block whose first [`SAMPLE_BYTES`] do not compress at all is not
+    /// tried in full: random or already-compressed data costs a sample, not a whole pass.
+    fn compress(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
+        let lz4 = |input: &[u8], out: &mut Vec<u8>| {
+            lz4_flex::block::compress_into(input, out)
+                .map_err(|e| ChunkError::Decode(e.to_string()))
+        };
+        if data.len() >= 4 * SAMPLE_BYTES {
+            let sample = &data[..SAMPLE_BYTES];
+            if lz4(sample, &mut self.scratch)? >= sample.len() {
+                return Ok(None);
+            }
+        }
+        let compressed = lz4(data, &mut self.scratch)?;
+        Ok((compressed < self.block_size).then_some(compressed))
     }
 
     /// Writes the index and trailer; returns the chunk and its entries.
@@ -220,6 +237,34 @@ mod tests {
                 let payload = &chunk[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
                 prop_assert_eq!(&decode_block(payload, size as u32, e.checksum).expect("decode"), b);
             }
+        }
+    }
+
+    #[test]
+    fn random_data_is_stored_raw_after_a_sample() {
+        let size = 64 * 1024;
+        let mut builder = ChunkBuilder::new(size as u32);
+        let random = builder.add(1, &block(9, false, size)).expect("add");
+        assert_eq!(random.length as usize, size, "incompressible: raw");
+        let mut zeros_after_noise = block(9, false, SAMPLE_BYTES);
+        zeros_after_noise.resize(size, 0);
+        let early_abort = builder.add(2, &zeros_after_noise).expect("add");
+        assert_eq!(
+            early_abort.length as usize, size,
+            "a block whose first 4 KiB are noise is not tried further"
+        );
+        let compressible = builder.add(3, &block(3, true, size)).expect("add");
+        assert!((compressible.length as usize) < size / 4);
+        let (chunk, entries) = builder.finish();
+        for (e, seed) in entries
+            .iter()
+            .zip([&block(9, false, size), &zeros_after_noise])
+        {
+            let payload = &chunk[e.offset as usize..(e.offset + u64::from(e.length)) as usize];
+            assert_eq!(
+                &decode_block(payload, size as u32, e.checksum).expect("decode"),
+                seed
+            );
         }
     }
 

@@ -22,7 +22,11 @@ use std::sync::Arc;
 const MAGIC: &[u8; 4] = b"BDJ1";
 const HEADER_LEN: usize = 4 + 8 + 1 + 8 + 8 + 4 + 4;
 /// A released segment kept for reuse; not a segment name, so replay ignores it.
-const SPARE: &str = "journal-spare.log";
+/// Released segment files kept for reuse are named `journal-spare-<n>.log`.
+const SPARE_PREFIX: &str = "journal-spare";
+/// Released segments kept for reuse at most (1 GiB): rewriting pages the page cache already
+/// holds is much cheaper than filling fresh ones, but idle spares still take disk space.
+const SPARES_KEPT: usize = 16;
 /// A new segment starts once the current one is this large, so released data can be deleted.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 /// Largest write payload a record may carry.
@@ -84,6 +88,8 @@ pub struct Journal {
     current_reader: Arc<File>,
     current_len: u64,
     next_seq: u64,
+    /// Released segment files waiting to be reused by [`Journal::rotate`].
+    spares: Vec<PathBuf>,
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -165,6 +171,15 @@ impl Journal {
         let current_reader = Arc::new(File::open(path)?);
         let current_len = current.metadata()?.len();
         File::open(dir)?.sync_all()?;
+        let spares = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(SPARE_PREFIX))
+            })
+            .map(|e| e.path())
+            .collect();
         Ok(Journal {
             dir: dir.to_path_buf(),
             segments,
@@ -172,6 +187,7 @@ impl Journal {
             current_reader,
             current_len,
             next_seq,
+            spares,
         })
     }
 
@@ -268,8 +284,7 @@ impl Journal {
         self.current.set_len(self.current_len)?;
         self.current.sync_data()?;
         let path = segment_path(&self.dir, self.next_seq);
-        let spare = self.dir.join(SPARE);
-        if spare.exists() {
+        if let Some(spare) = self.spares.pop() {
             std::fs::rename(&spare, &path)?;
         }
         self.current = OpenOptions::new()
@@ -296,9 +311,7 @@ impl Journal {
     pub fn release(&mut self, through: u64) -> io::Result<()> {
         while self.segments.len() > 1 && self.segments[1].first_seq <= through + 1 {
             let old = self.segments.remove(0);
-            // Kept as the next segment's file: rewriting pages the page cache already holds
-            // is much cheaper than filling fresh ones.
-            std::fs::rename(&old.path, self.dir.join(SPARE))?;
+            self.recycle(&old.path)?;
         }
         if through + 1 >= self.next_seq && self.current_len > 0 {
             // Start the current file over (its old records read as stale on replay).
@@ -311,6 +324,20 @@ impl Journal {
                 path,
             };
         }
+        Ok(())
+    }
+
+    /// Keeps a released segment's file for a later rotation (see [`SPARES_KEPT`]).
+    fn recycle(&mut self, path: &Path) -> io::Result<()> {
+        if self.spares.len() >= SPARES_KEPT {
+            return std::fs::remove_file(path);
+        }
+        let spare = (0..)
+            .map(|n| self.dir.join(format!("{SPARE_PREFIX}-{n}.log")))
+            .find(|p| !self.spares.contains(p))
+            .ok_or_else(|| io::Error::other("no name for a spare journal segment"))?;
+        std::fs::rename(path, &spare)?;
+        self.spares.push(spare);
         Ok(())
     }
 
@@ -474,14 +501,12 @@ mod tests {
                 j.append_write(i << 20, &big).expect("append");
             }
             j.release(64).expect("release");
-            assert!(
-                dir.path().join(SPARE).exists(),
-                "released segment kept for reuse"
-            );
+            assert_eq!(j.spares.len(), 1, "released segment kept for reuse");
+            assert!(j.spares[0].exists());
             for i in 0..70u64 {
                 appended.push(j.append_write(i << 20, &big).expect("append"));
             }
-            assert!(!dir.path().join(SPARE).exists(), "the spare was reused");
+            assert!(j.spares.is_empty(), "the spare was reused");
             j.sync().expect("sync");
         }
         let (j, records) = replayed(dir.path()).expect("reopen");

@@ -85,6 +85,10 @@ struct ServeArgs {
     /// How often dirty data is uploaded to the store.
     #[arg(long, value_parser = parse_duration)]
     sync_interval: Option<Duration>,
+    /// Local journal limit: once this much written data waits for upload, writes wait for the
+    /// uploader (bursts up to this size are absorbed at local-disk speed). [default: 4G]
+    #[arg(long, value_parser = parse_size)]
+    journal_limit: Option<u64>,
     /// What FLUSH waits for: local (journal on disk) or remote (uploaded to the store).
     #[arg(long, value_parser = ["local", "remote"])]
     durability: Option<String>,
@@ -477,6 +481,9 @@ async fn open_object_volume(
     if let Some(interval) = args.sync_interval {
         config.sync_interval = interval;
     }
+    if let Some(bytes) = args.journal_limit {
+        config.max_dirty_bytes = bytes;
+    }
     if args.durability.as_deref() == Some("remote") {
         config.durability = Durability::Remote;
     }
@@ -521,6 +528,7 @@ fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
         (args.cache_dir.is_some(), "--cache-dir"),
         (args.cache_size.is_some(), "--cache-size"),
         (args.sync_interval.is_some(), "--sync-interval"),
+        (args.journal_limit.is_some(), "--journal-limit"),
         (args.durability.is_some(), "--durability"),
         (args.hydrate, "--hydrate"),
         (args.metrics.is_some(), "--metrics"),

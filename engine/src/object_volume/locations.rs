@@ -63,6 +63,20 @@ impl Locations {
         }
     }
 
+    /// Records blocks known to be at `rows` (a warm-up, not a range lookup: blocks between
+    /// them stay unknown). `false` once the map changed since `generation` or the cache is
+    /// half full: the caller stops warming.
+    pub fn fill_rows(&self, generation: u64, rows: &[(u64, BlockLocation)]) -> bool {
+        let mut inner = self.inner();
+        if inner.generation != generation || inner.blocks.len() + rows.len() > CAPACITY / 2 {
+            return false;
+        }
+        for &(block, location) in rows {
+            inner.blocks.entry(block).or_insert(Some(location));
+        }
+        true
+    }
+
     /// Applies a committed map transaction.
     pub fn apply(&self, changes: &[MapChange]) {
         let mut inner = self.inner();
@@ -129,6 +143,21 @@ mod tests {
         }]);
         assert_eq!(l.get_range(0, 1), Some(vec![Some(loc(2))]));
         assert_eq!(l.get_range(1, 1), None, "a long delete forgets the range");
+    }
+
+    #[test]
+    fn warming_fills_single_blocks_until_the_map_changes() {
+        let l = Locations::default();
+        let g = l.generation();
+        assert!(l.fill_rows(g, &[(3, loc(1)), (9, loc(2))]));
+        assert_eq!(l.get_range(3, 1), Some(vec![Some(loc(1))]));
+        assert_eq!(l.get_range(4, 1), None, "blocks between rows stay unknown");
+        l.apply(&[MapChange::Put {
+            block: 3,
+            location: loc(5),
+        }]);
+        assert!(!l.fill_rows(g, &[(3, loc(1))]), "stale after a commit");
+        assert_eq!(l.get_range(3, 1), Some(vec![Some(loc(5))]));
     }
 
     #[test]

@@ -138,8 +138,7 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
         .collect();
     let mut new_chunks: Vec<(u64, u64)> = Vec::new();
     let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
-    let mut builder = ChunkBuilder::new(shared.meta.block_size);
-    let mut chunk_id = next_chunk_id(shared);
+    let mut packer = Packer::new(shared);
     // Blocks materialised at a time: bounded memory whatever the chunk size.
     let batch = ((MATERIALIZE_BYTES / shared.block_size()).max(1)) as usize;
     for start in (0..work.blocks.len()).step_by(batch) {
@@ -153,59 +152,46 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                 .collect()
         };
         let mut bases = stored_blocks(shared, needs_base).await?;
-        // Materialising reads the journal: on a blocking thread.
+        // Materialising reads the journal, packing compresses and writes the cache: all on a
+        // blocking thread, so the async workers keep serving NBD requests meanwhile.
         let s = Arc::clone(shared);
-        let contents: Vec<(u64, Option<Vec<u8>>)> = blocking(move || {
-            let overlay = s.overlay();
-            let bs = s.meta.block_size as usize;
-            blocks
-                .iter()
-                .map(|&b| {
-                    let base = bases.remove(&b);
-                    overlay
-                        .materialize_through(b, through, || {
-                            Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
-                        })
-                        .map(|data| (b, data))
-                })
-                .collect()
+        packer = blocking(move || {
+            let contents: Vec<(u64, Option<Vec<u8>>)> = {
+                let overlay = s.overlay();
+                let bs = s.meta.block_size as usize;
+                blocks
+                    .iter()
+                    .map(|&b| {
+                        let base = bases.remove(&b);
+                        overlay
+                            .materialize_through(b, through, || {
+                                Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
+                            })
+                            .map(|data| (b, data))
+                    })
+                    .collect::<io::Result<_>>()?
+            };
+            for (block, data) in contents {
+                if let Some(data) = data {
+                    packer.add(&s, block, &data)?;
+                }
+            }
+            Ok(packer)
         })
         .await?;
-        for (block, data) in contents {
-            let Some(data) = data else { continue };
-            if data.iter().all(|&b| b == 0) {
-                // Zeros are not stored: the block becomes a hole.
-                changes.push(MapChange::Delete {
-                    first: block,
-                    count: 1,
-                });
-                continue;
-            }
-            let entry = builder
-                .add(block, &data)
-                .map_err(|e| other("building a chunk", e))?;
-            // Just written means likely read soon: keep it in the cache (chunks are immutable,
-            // so the key is valid as soon as the chunk exists, and harmless before).
-            let key = CacheKey {
-                chunk: chunk_id,
-                offset: entry.offset,
-            };
-            if let Err(e) = shared.cache.insert(key, &data) {
-                tracing::debug!("cannot cache an uploaded block: {e}");
-            }
-            if builder.len() >= shared.config.chunk_bytes {
-                let full =
-                    std::mem::replace(&mut builder, ChunkBuilder::new(shared.meta.block_size));
-                let id = std::mem::replace(&mut chunk_id, next_chunk_id(shared));
-                seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
-            }
+        changes.extend(packer.holes.drain(..).map(|block| MapChange::Delete {
+            first: block,
+            count: 1,
+        }));
+        for (id, full) in std::mem::take(&mut packer.sealed) {
+            seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
         }
     }
-    if !builder.is_empty() {
+    if !packer.builder.is_empty() {
         seal(
             shared,
-            chunk_id,
-            builder,
+            packer.chunk_id,
+            packer.builder,
             &mut changes,
             &mut new_chunks,
             &mut puts,
@@ -234,6 +220,66 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
     })
     .await?;
     Ok(true)
+}
+
+/// Packs materialised blocks into chunks of the configured size.
+struct Packer {
+    builder: ChunkBuilder,
+    chunk_id: u64,
+    /// Chunks that reached the target size, to be PUT.
+    sealed: Vec<(u64, ChunkBuilder)>,
+    /// Blocks whose content is all zeros: not stored, they become holes.
+    holes: Vec<u64>,
+}
+
+impl Packer {
+    fn new(shared: &Shared) -> Self {
+        Packer {
+            builder: ChunkBuilder::new(shared.meta.block_size),
+            chunk_id: next_chunk_id(shared),
+            sealed: Vec::new(),
+            holes: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, shared: &Shared, block: u64, data: &[u8]) -> io::Result<()> {
+        if data.iter().all(|&b| b == 0) {
+            self.holes.push(block);
+            return Ok(());
+        }
+        let entry = self
+            .builder
+            .add(block, data)
+            .map_err(|e| other("building a chunk", e))?;
+        // Just written means likely read soon: keep it in the cache (chunks are immutable, so
+        // the key is valid as soon as the chunk exists, and harmless before). Until this upload
+        // commits, reads of the block come from the overlay, not from its previous version.
+        let key = CacheKey {
+            chunk: self.chunk_id,
+            offset: entry.offset,
+        };
+        let previous = shared
+            .locations
+            .get_range(block, 1)
+            .and_then(|found| found.first().copied().flatten())
+            .map(|old| CacheKey {
+                chunk: old.chunk,
+                offset: old.offset,
+            });
+        if let Err(e) = shared
+            .cache
+            .insert_replacing(key, entry.checksum, data, previous)
+        {
+            tracing::debug!("cannot cache an uploaded block: {e}");
+        }
+        if self.builder.len() >= shared.config.chunk_bytes {
+            let full =
+                std::mem::replace(&mut self.builder, ChunkBuilder::new(shared.meta.block_size));
+            let id = std::mem::replace(&mut self.chunk_id, next_chunk_id(shared));
+            self.sealed.push((id, full));
+        }
+        Ok(())
+    }
 }
 
 /// Finishes a chunk and starts its PUT (waiting if `PUT_CONCURRENCY` are in flight).
