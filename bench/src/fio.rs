@@ -19,9 +19,17 @@ pub struct Workload {
     pub iodepth: u32,
 }
 
+/// Read share of the mixed workload (`--rw=randrw`), in percent.
+pub const MIXED_READ_PERCENT: u32 = 70;
+
 impl Workload {
     pub fn is_write(&self) -> bool {
         self.rw.contains("write")
+    }
+
+    /// Reads and writes in one job (`randrw`/`readwrite`): results add both sides.
+    pub fn is_mixed(&self) -> bool {
+        self.rw.ends_with("rw") || self.rw == "readwrite"
     }
 }
 
@@ -55,6 +63,10 @@ pub struct FioResult {
     pub fio_usr_cpu: f64,
     pub fio_sys_cpu: f64,
     pub io_bytes: u64,
+    /// fio's completion-latency percentiles as (percent, µs), ascending: a coarse CDF. For a
+    /// mixed workload, the read side's.
+    #[serde(default)]
+    pub clat_percentiles_us: Vec<(f64, f64)>,
 }
 
 /// The fio command line for `workload` against `target`, writing JSON to `output`.
@@ -75,6 +87,9 @@ pub fn command(
                 .arg("--direct=0")
                 .arg(format!("--filename={}", path.display()));
         }
+    }
+    if workload.is_mixed() {
+        cmd.arg(format!("--rwmixread={MIXED_READ_PERCENT}"));
     }
     cmd.arg(format!("--rw={}", workload.rw))
         .arg(format!("--bs={}", workload.bs))
@@ -124,26 +139,100 @@ pub fn run(
             text.trim()
         );
     }
-    parse(&text, workload.is_write())
-        .with_context(|| format!("parsing fio output {}", output.display()))
+    let parsed = if workload.is_mixed() {
+        parse_mixed(&text)
+    } else {
+        parse(&text, workload.is_write())
+    };
+    parsed.with_context(|| format!("parsing fio output {}", output.display()))
+}
+
+/// Runs one untimed pass of `rw` (e.g. `write` to fill, `read` to warm a cache) over the first
+/// `size` bytes of an NBD export, every byte once, 1 MiB requests at queue depth 8.
+pub fn pass(rw: &str, size: u64, uri: &str, output: &Path) -> Result<FioResult> {
+    let mut cmd = Command::new("fio");
+    cmd.arg(format!("--name=pass-{rw}"))
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .arg(format!("--rw={rw}"))
+        .args(["--bs=1M", "--iodepth=8", "--numjobs=1"])
+        .arg(format!("--size={size}"))
+        .arg("--output-format=json")
+        .arg(format!("--output={}", output.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("starting fio")?;
+    let status = wait_with_timeout(&mut child, "fio", Duration::from_secs(1800))?;
+    let text =
+        std::fs::read_to_string(output).with_context(|| format!("reading {}", output.display()))?;
+    if !status.success() {
+        bail!("fio pass-{rw} failed ({status}): {text}");
+    }
+    parse(&text, rw.contains("write"))
 }
 
 /// Parses fio's `--output-format=json`. fio may print notes before the JSON; they are skipped.
 pub fn parse(text: &str, write: bool) -> Result<FioResult> {
+    let job = first_job(text)?;
+    let result = side(&job, if write { "write" } else { "read" })?;
+    if result.io_bytes == 0 {
+        bail!("fio moved no data");
+    }
+    Ok(result)
+}
+
+/// Parses a mixed job: IOPS, bandwidth and bytes add up; mean latency is weighted by I/Os;
+/// p99 is the worse side's; percentiles are the read side's.
+pub fn parse_mixed(text: &str) -> Result<FioResult> {
+    let job = first_job(text)?;
+    let r = side(&job, "read")?;
+    let w = side(&job, "write")?;
+    let (ri, wi) = (r.iops, w.iops);
+    let weighted = |a: f64, b: f64| {
+        if ri + wi > 0.0 {
+            (a * ri + b * wi) / (ri + wi)
+        } else {
+            0.0
+        }
+    };
+    let result = FioResult {
+        iops: ri + wi,
+        bw_bytes: r.bw_bytes + w.bw_bytes,
+        clat_mean_ns: weighted(r.clat_mean_ns, w.clat_mean_ns),
+        clat_p99_ns: r.clat_p99_ns.max(w.clat_p99_ns),
+        lat_mean_ns: weighted(r.lat_mean_ns, w.lat_mean_ns),
+        fio_usr_cpu: r.fio_usr_cpu,
+        fio_sys_cpu: r.fio_sys_cpu,
+        io_bytes: r.io_bytes + w.io_bytes,
+        clat_percentiles_us: r.clat_percentiles_us,
+    };
+    if result.io_bytes == 0 {
+        bail!("fio moved no data");
+    }
+    Ok(result)
+}
+
+fn first_job(text: &str) -> Result<serde_json::Value> {
     let start = text.find('{').context("no JSON object in fio output")?;
-    let doc: serde_json::Value =
+    let mut doc: serde_json::Value =
         serde_json::from_str(&text[start..]).context("fio output is not valid JSON")?;
     let job = doc
-        .get("jobs")
-        .and_then(|j| j.get(0))
-        .context("fio output has no jobs")?;
+        .get_mut("jobs")
+        .and_then(|j| j.get_mut(0))
+        .context("fio output has no jobs")?
+        .take();
     let error = job.get("error").and_then(|e| e.as_i64()).unwrap_or(0);
     if error != 0 {
         bail!("fio job reported error {error}");
     }
-    let side = job
-        .get(if write { "write" } else { "read" })
-        .context("fio job has no read/write section")?;
+    Ok(job)
+}
+
+/// One side ("read" or "write") of a job. A side with no I/O has no percentiles.
+fn side(job: &serde_json::Value, name: &str) -> Result<FioResult> {
+    let side = job.get(name).context("fio job has no read/write section")?;
     let num = |v: &serde_json::Value, path: &[&str]| -> Result<f64> {
         let mut cur = v;
         for key in path {
@@ -154,20 +243,34 @@ pub fn parse(text: &str, write: bool) -> Result<FioResult> {
         cur.as_f64()
             .with_context(|| format!("fio output {} is not a number", path.join(".")))
     };
-    let result = FioResult {
+    let io_bytes = num(side, &["io_bytes"])? as u64;
+    let mut clat_percentiles_us: Vec<(f64, f64)> = side
+        .get("clat_ns")
+        .and_then(|c| c.get("percentile"))
+        .and_then(|p| p.as_object())
+        .map(|p| {
+            p.iter()
+                .filter_map(|(k, v)| Some((k.parse::<f64>().ok()?, v.as_f64()? / 1000.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    clat_percentiles_us.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let p99 = if io_bytes == 0 {
+        0.0
+    } else {
+        num(side, &["clat_ns", "percentile", "99.000000"])?
+    };
+    Ok(FioResult {
         iops: num(side, &["iops"])?,
         bw_bytes: num(side, &["bw_bytes"])?,
         clat_mean_ns: num(side, &["clat_ns", "mean"])?,
-        clat_p99_ns: num(side, &["clat_ns", "percentile", "99.000000"])?,
+        clat_p99_ns: p99,
         lat_mean_ns: num(side, &["lat_ns", "mean"])?,
         fio_usr_cpu: num(job, &["usr_cpu"])?,
         fio_sys_cpu: num(job, &["sys_cpu"])?,
-        io_bytes: num(side, &["io_bytes"])? as u64,
-    };
-    if result.io_bytes == 0 {
-        bail!("fio moved no data");
-    }
-    Ok(result)
+        io_bytes,
+        clat_percentiles_us,
+    })
 }
 
 #[cfg(test)]
@@ -205,5 +308,13 @@ mod tests {
     #[test]
     fn rejects_idle_side() {
         assert!(parse(SAMPLE, true).is_err());
+    }
+
+    #[test]
+    fn mixed_adds_sides() {
+        let r = parse_mixed(SAMPLE).expect("parse");
+        assert_eq!(r.io_bytes, 4_096_000);
+        assert!((r.iops - 90137.43).abs() < 1e-6);
+        assert_eq!(r.clat_percentiles_us, vec![(99.0, 3063.808)]);
     }
 }

@@ -171,6 +171,13 @@ impl ServerProcess {
         terminate(child, &self.name, grace)
     }
 
+    /// Waits for the process to exit by itself (e.g. a FUSE daemon after its unmount); after
+    /// `timeout`, SIGKILL.
+    pub fn wait_exit(mut self, timeout: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("server already stopped")?;
+        wait_with_timeout(&mut child, &self.name, timeout)
+    }
+
     /// The last lines of the server's log, for error messages.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

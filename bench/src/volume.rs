@@ -39,7 +39,7 @@ pub fn create_filled(bucketdisk: &Path, dir: &Path, name: &str, size: u64) -> Re
 }
 
 /// Overwrites the whole file with xorshift output (never all-zero words) and syncs it.
-fn fill(path: &Path, size: u64) -> Result<()> {
+pub fn fill(path: &Path, size: u64) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .open(path)
