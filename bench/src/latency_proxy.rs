@@ -132,17 +132,13 @@ impl LatencyProxy {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.addr())
     }
 
     /// Changes the delay for responses that start from now on.
     pub fn set_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.shared.delay_us.store(us, Ordering::Relaxed);
-    }
-
-    pub fn delay(&self) -> Duration {
-        self.shared.delay()
     }
 
     /// Totals since the proxy started; subtract two snapshots with [`Traffic::since`].
@@ -202,7 +198,12 @@ async fn relay(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> 
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let turn = Arc::new(Turn::default());
-    let up = requests(client_read, server_write, Arc::clone(&shared), Arc::clone(&turn));
+    let up = requests(
+        client_read,
+        server_write,
+        Arc::clone(&shared),
+        Arc::clone(&turn),
+    );
     let down = responses(server_read, client_write, shared, turn);
     let (a, b) = tokio::join!(up, down);
     a.and(b)
@@ -335,8 +336,14 @@ mod tests {
         for _ in 0..3 {
             let (response, took) = get(&mut conn, body.len());
             assert_eq!(response, expected, "bytes through the proxy differ");
-            assert!(took >= delay, "a request on a kept-alive connection took {took:?}");
-            assert!(took < delay * 4, "a request took {took:?}: delayed more than once?");
+            assert!(
+                took >= delay,
+                "a request on a kept-alive connection took {took:?}"
+            );
+            assert!(
+                took < delay * 4,
+                "a request took {took:?}: delayed more than once?"
+            );
         }
         let t = proxy.traffic();
         assert_eq!((t.requests, t.gets), (3, 3));

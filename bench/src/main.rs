@@ -5,16 +5,24 @@
 //! (medians and ranges), `machine` (hardware and tool versions), `report` (markdown + JSON),
 //! `volume` (the test volume), `synthetic` (volumes whose block map is built directly),
 //! `nbd_client` (a minimal NBD client for timing), `store_watch` (counting store PUTs),
-//! `fuse_loop` (an export as a loop device) and `suites` (one module per suite).
+//! `fuse_loop` (an export as a loop device), `moto` (an S3 server), `latency_proxy` (added
+//! store latency and request counts), `store_subjects` (the subjects of `quick`/`full`),
+//! `compare_report` and `plots` (their results), `progress` (what is running) and `suites`
+//! (one module per suite).
 
+mod compare_report;
 mod fio;
 mod fuse_loop;
 mod latency_proxy;
 mod machine;
+mod moto;
 mod nbd_client;
+mod plots;
 mod process;
+mod progress;
 mod report;
 mod stats;
+mod store_subjects;
 mod store_watch;
 mod subjects;
 mod suites;
@@ -43,6 +51,11 @@ enum Suite {
     /// local-file volume and qemu-nbd, cold reads from the store, sustained writes with
     /// uploads, store requests per GiB, peak memory.
     Engine(suites::engine::Args),
+    /// bucketdisk (local store; S3 cold and warm) vs qemu-nbd, nbdkit file, s3backer and
+    /// nbdkit S3 behind one latency proxy at 20 ms; seven fio workloads; ~5 minutes.
+    Quick(suites::compare::Args),
+    /// As `quick` at 0, 20 and 50 ms, 3 repeats, a 1 GiB region; under 30 minutes.
+    Full(suites::compare::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +69,8 @@ fn main() -> std::process::ExitCode {
         Suite::NbdLocal(args) => suites::nbd_local::run(args, command),
         Suite::Blockmap(args) => suites::blockmap::run(args, command),
         Suite::Engine(args) => suites::engine::run(args, command),
+        Suite::Quick(args) => suites::compare::run(suites::compare::Profile::Quick, args, command),
+        Suite::Full(args) => suites::compare::run(suites::compare::Profile::Full, args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2082,14 +2082,14 @@ fn markdown(r: &EngineReport, stem: &str) -> String {
     o
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Builds the release `bucketdisk` so results always match the checked-out source.
-fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
+pub fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("engine: building bucketdisk (release)");
     let status = Command::new(cargo)

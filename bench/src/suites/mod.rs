@@ -1,5 +1,6 @@
 //! Benchmark suites, one module each.
 
 pub mod blockmap;
+pub mod compare;
 pub mod engine;
 pub mod nbd_local;
