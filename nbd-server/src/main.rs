@@ -129,7 +129,23 @@ struct InfoArgs {
     json: bool,
 }
 
+/// glibc gives every thread that allocates an arena of its own, and memory freed there stays
+/// cached in it: with the blocking pool's threads passing chunk-sized buffers around, that cost
+/// ~80 MiB of resident memory during sustained writes (peak RSS 200 → 121 MiB for a 4 GiB
+/// sequential write, measured). Two arenas are plenty for this workload. Unless the user chose.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists; mallopt only
+        // adjusts the allocator's tuning and reports (ignored) failure through its result.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
