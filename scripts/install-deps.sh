@@ -25,6 +25,7 @@ packages=(
     s3backer       # S3-backed peer in benchmarks (FUSE file, exported with nbdkit file)
     nbdkit-plugin-python # ships nbdkit's S3 plugin, an S3-backed peer in benchmarks
     python3-boto3  # what the S3 plugin talks to S3 with (Debian's python3, not pip's)
+    fonts-dejavu-core # the font benchmark plots are labelled with
 )
 
 missing=()

@@ -6,6 +6,7 @@ use crate::latency_proxy::Traffic;
 use crate::machine::{Machine, Tools};
 use crate::stats::Summary;
 use crate::store_subjects::Kind;
+use crate::suites::compare_clocks::{BootRun, HydrationRun};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -93,6 +94,8 @@ pub struct Report {
     pub subjects: Vec<SubjectLine>,
     pub rows: Vec<Row>,
     pub runs: Vec<Run>,
+    pub boots: Vec<BootRun>,
+    pub hydrations: Vec<HydrationRun>,
     /// Plot files written beside the report (names only).
     pub plots: Vec<String>,
     pub notes: Vec<String>,
@@ -364,6 +367,8 @@ pub fn markdown(r: &Report, stem: &str) -> String {
         }
         let _ = writeln!(o);
     }
+    boot_section(&mut o, r, &seen);
+    hydration_section(&mut o, r);
     if !r.notes.is_empty() {
         let _ = writeln!(o, "## Notes from the run\n");
         for n in &r.notes {
@@ -376,4 +381,86 @@ pub fn markdown(r: &Report, stem: &str) -> String {
         "Raw numbers for every run: [`{stem}.json`]({stem}.json) beside this file."
     );
     o
+}
+
+fn boot_section(o: &mut String, r: &Report, order: &[(Kind, Option<u64>)]) {
+    if r.boots.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Cold boot: process start → first 4 KiB read answered\n\n\
+         Our own NBD client (handshake, one read of offset 0) connects as soon as the port \
+         accepts. s3backer's clock includes its mount; bucketdisk-s3-cold starts with an empty \
+         `--cache-dir`, bucketdisk-s3-warm and bucketdisk-local with the cache they kept. \
+         \"map hydrated\" is bucketdisk's log (\"block map hydrated\", background, after the \
+         volume opened).\n"
+    );
+    if let Some(p) = r.plots.iter().find(|p| p.contains("bars-cold-boot")) {
+        let _ = writeln!(o, "![cold boot]({p})\n");
+    }
+    let _ = writeln!(
+        o,
+        "| subject | first read ms | listening ms | map hydrated s | store requests | peak RSS MiB |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|");
+    for &(k, lat) in order {
+        let rs: Vec<&BootRun> = r
+            .boots
+            .iter()
+            .filter(|b| b.subject == k && b.latency_ms == lat)
+            .collect();
+        let of = |f: &dyn Fn(&BootRun) -> Option<f64>| {
+            Summary::of(&rs.iter().filter_map(|b| f(b)).collect::<Vec<_>>())
+        };
+        let Some(first) = of(&|b| Some(b.first_read_ms)) else {
+            continue;
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} |",
+            label(k, lat),
+            cell(&first, 0),
+            opt_cell(of(&|b| Some(b.listening_ms)).as_ref(), 0),
+            opt_cell(of(&|b| b.map_hydrated_secs).as_ref(), 2),
+            opt_cell(of(&|b| b.store.map(|t| t.requests as f64)).as_ref(), 0),
+            opt_cell(of(&|b| Some(b.peak_rss_bytes as f64 / MIB)).as_ref(), 0),
+        );
+    }
+    let _ = writeln!(o);
+}
+
+fn hydration_section(o: &mut String, r: &Report) {
+    if r.hydrations.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Disk hydration (bucketdisk on S3, `--hydrate`, empty cache)\n\n\
+         Once per latency. From the moment the server answers, fio runs 4 KiB QD1 random reads \
+         for {} s while the background pull fetches every stored block; the rate is the \
+         server's own (\"disk hydration complete\": blocks × 64 KiB ÷ seconds). Compare the \
+         foreground p99 with bucketdisk-s3-cold's randread-4k-qd1 above (no hydration).\n",
+        r.settings.runtime_secs + r.settings.ramp_secs
+    );
+    let _ = writeln!(
+        o,
+        "| latency | blocks | seconds | MiB/s | foreground IOPS | foreground clat p99 µs | store requests |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    for h in &r.hydrations {
+        let num = |v: Option<f64>, d: usize| v.map_or_else(|| "–".into(), |v| format!("{v:.d$}"));
+        let _ = writeln!(
+            o,
+            "| {} ms | {} | {} | {} | {:.0} | {:.0} | {} |",
+            h.latency_ms,
+            num(h.blocks.map(|b| b as f64), 0),
+            num(h.seconds, 1),
+            num(h.mib_per_sec, 1),
+            h.foreground.iops,
+            h.foreground.clat_p99_ns / 1000.0,
+            h.store.requests
+        );
+    }
+    let _ = writeln!(o);
 }

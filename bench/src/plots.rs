@@ -89,7 +89,44 @@ pub fn draw_all(report: &Report, dir: &Path, stem: &str) -> Result<Vec<String>> 
             files.push(name);
         }
     }
+    if let Some(name) = boot_bars(report, dir, stem)? {
+        files.push(name);
+    }
     Ok(files)
+}
+
+/// Cold boot: median first-read time per subject.
+fn boot_bars(report: &Report, dir: &Path, stem: &str) -> Result<Option<String>> {
+    let mut keys: Vec<(crate::store_subjects::Kind, Option<u64>)> = Vec::new();
+    for b in &report.boots {
+        if !keys.contains(&(b.subject, b.latency_ms)) {
+            keys.push((b.subject, b.latency_ms));
+        }
+    }
+    let bars: Vec<(String, f64, f64, f64)> = keys
+        .iter()
+        .filter_map(|&(k, lat)| {
+            let v: Vec<f64> = report
+                .boots
+                .iter()
+                .filter(|b| b.subject == k && b.latency_ms == lat)
+                .map(|b| b.first_read_ms)
+                .collect();
+            let s = crate::stats::Summary::of(&v)?;
+            Some((label(k, lat), s.median, s.min, s.max))
+        })
+        .collect();
+    if bars.is_empty() {
+        return Ok(None);
+    }
+    let name = format!("{stem}-bars-cold-boot.png");
+    bar_chart(
+        &dir.join(&name),
+        "cold boot — process start to first 4 KiB read, median ms (min–max)",
+        &bars,
+    )
+    .with_context(|| format!("drawing {name}"))?;
+    Ok(Some(name))
 }
 
 /// The run whose IOPS is the row's median (or the nearest), for its percentiles.

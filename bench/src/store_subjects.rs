@@ -119,7 +119,10 @@ pub struct Session {
     /// A cold session's cache, deleted at stop.
     scratch_cache: Option<PathBuf>,
     pub uri: String,
+    pub addr: SocketAddr,
     pub command_line: String,
+    /// The NBD server's log (bucketdisk's says when its map and disk are hydrated).
+    pub log: PathBuf,
 }
 
 impl Session {
@@ -131,6 +134,15 @@ impl Session {
             .as_ref()
             .and_then(|m| m.process.as_ref()?.cpu_time());
         nbd.unwrap_or_default() + fuse.unwrap_or_default()
+    }
+
+    /// Waits until the NBD server answers (after [`spawn`]).
+    pub fn wait_serving(&mut self) -> Result<()> {
+        let addr = self.addr;
+        match self.nbd.as_mut() {
+            Some(server) => server.wait_until_serving(addr, START_TIMEOUT),
+            None => bail!("the session has no server"),
+        }
     }
 
     /// Fails if a process of the subject has exited.
@@ -190,8 +202,19 @@ fn note_exit(notes: &mut Vec<String>, what: &str, status: ExitStatus) {
     }
 }
 
-/// Starts `kind`. `cold_index` names a cold session's fresh cache directory.
+/// Starts `kind` and waits until it answers NBD. `cold_index` names a cold session's fresh
+/// cache directory.
 pub fn start(kind: Kind, env: &Env, cold_index: usize) -> Result<Session> {
+    let mut session = spawn(kind, env, cold_index, &[])?;
+    session
+        .wait_serving()
+        .with_context(|| format!("starting {}", kind.name()))?;
+    Ok(session)
+}
+
+/// Starts `kind` without waiting for it to serve (for clocks that start at process start).
+/// `extra` goes to bucketdisk's command line (ignored by the other subjects).
+pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result<Session> {
     std::fs::create_dir_all(env.logs())?;
     let port = free_loopback_port()?;
     let log = env.logs().join(format!("{}-{port}.log", kind.name()));
@@ -245,11 +268,15 @@ pub fn start(kind: Kind, env: &Env, cold_index: usize) -> Result<Session> {
             cmd
         }
     };
+    let mut cmd = cmd;
+    if matches!(
+        kind,
+        Kind::BucketdiskS3Cold | Kind::BucketdiskS3Warm | Kind::BucketdiskLocal
+    ) {
+        cmd.args(extra);
+    }
     let command_line = describe(&cmd);
-    let mut server = ServerProcess::spawn(kind.name(), cmd, &log)?;
-    server
-        .wait_until_serving(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), START_TIMEOUT)
-        .with_context(|| format!("starting {}", kind.name()))?;
+    let server = ServerProcess::spawn(kind.name(), cmd, &log)?;
     let mut samplers: Vec<RssSampler> = server.pid().into_iter().map(RssSampler::start).collect();
     if let Some(pid) = s3backer.as_ref().and_then(S3backerMount::pid) {
         samplers.push(RssSampler::start(pid));
@@ -264,7 +291,9 @@ pub fn start(kind: Kind, env: &Env, cold_index: usize) -> Result<Session> {
         samplers,
         scratch_cache,
         uri: format!("nbd://127.0.0.1:{port}/"),
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         command_line,
+        log,
     })
 }
 

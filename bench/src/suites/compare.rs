@@ -12,6 +12,7 @@ use crate::plots;
 use crate::process::{check_interrupted, output_of};
 use crate::progress::Progress;
 use crate::store_subjects::{self, Env, Kind, Session};
+use crate::suites::compare_clocks::{self, BootRun, HydrationRun};
 use crate::suites::engine::{build_bucketdisk, workspace_root};
 use crate::units::parse_size;
 use crate::volume;
@@ -65,7 +66,7 @@ pub struct Args {
     /// Repeats of every run [quick: 1, full: 3].
     #[arg(long)]
     repeats: Option<usize>,
-    /// Bytes at the start of each disk that fio works over [quick: 128M, full: 1G].
+    /// Bytes at the start of each disk that fio works over [quick: 128M, full: 256M].
     #[arg(long, value_parser = parse_size)]
     region: Option<u64>,
     /// Added object-store first-byte latencies in ms, comma-separated [quick: 20, full: 0,20,50].
@@ -97,6 +98,8 @@ struct Ctx {
     workloads: Vec<Workload>,
     progress: Progress,
     runs: Vec<Run>,
+    boots: Vec<BootRun>,
+    hydrations: Vec<HydrationRun>,
     notes: Vec<String>,
     command_lines: Vec<SubjectLine>,
     cold_sessions: usize,
@@ -178,7 +181,15 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         s3_endpoint: proxy.endpoint(),
     };
     let order = plan(&kinds, &settings.latencies_ms);
-    let steps = count_steps(&order, &workloads) * settings.repeats as u64;
+    let hydrate = kinds
+        .iter()
+        .any(|k| matches!(k, Kind::BucketdiskS3Cold | Kind::BucketdiskS3Warm));
+    let steps = (count_steps(&order, &workloads) + order.len() as u64) * settings.repeats as u64
+        + if hydrate {
+            settings.latencies_ms.len() as u64
+        } else {
+            0
+        };
     let mut ctx = Ctx {
         env,
         proxy,
@@ -191,6 +202,8 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         workloads,
         progress: Progress::new(steps),
         runs: Vec::new(),
+        boots: Vec::new(),
+        hydrations: Vec::new(),
         notes: Vec::new(),
         command_lines: Vec::new(),
         cold_sessions: 0,
@@ -211,6 +224,16 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
             ctx.proxy
                 .set_delay(Duration::from_millis(latency.unwrap_or(0)));
             measure_subject(&mut ctx, kind, latency, repeat)?;
+        }
+        for &(kind, latency) in &order {
+            check_interrupted()?;
+            measure_boot(&mut ctx, kind, latency, repeat)?;
+        }
+    }
+    if hydrate {
+        for &lat in &settings.latencies_ms {
+            check_interrupted()?;
+            measure_hydration(&mut ctx, lat)?;
         }
     }
     ctx.progress.finish();
@@ -238,6 +261,8 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         subjects: ctx.command_lines.clone(),
         rows,
         runs: ctx.runs,
+        boots: ctx.boots,
+        hydrations: ctx.hydrations,
         plots: Vec::new(),
         notes: ctx.notes,
     };
@@ -376,6 +401,50 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
         }
     }
     finish_session(ctx, session, failed.map_or(Ok(runs), Err))
+}
+
+/// One cold boot of a subject (see [`compare_clocks::boot_once`]).
+fn measure_boot(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usize) -> Result<()> {
+    ctx.proxy
+        .set_delay(Duration::from_millis(latency.unwrap_or(0)));
+    let label = compare_report::label(kind, latency);
+    ctx.progress
+        .step(&format!("repeat {} · {label} · cold boot", repeat + 1));
+    ctx.cold_sessions += 1;
+    let run = compare_clocks::boot_once(
+        kind,
+        &ctx.env,
+        &ctx.proxy,
+        latency,
+        ctx.cold_sessions,
+        repeat,
+    )
+    .with_context(|| format!("{label}: cold boot"))?;
+    ctx.boots.push(run);
+    ctx.progress.step_done();
+    Ok(())
+}
+
+/// bucketdisk-s3 hydrating a fresh cache at `latency` ms, once (it is the slowest part).
+fn measure_hydration(ctx: &mut Ctx, latency: u64) -> Result<()> {
+    ctx.proxy.set_delay(Duration::from_millis(latency));
+    ctx.progress.step(&format!(
+        "bucketdisk-s3 @{latency}ms · hydration with reads"
+    ));
+    ctx.cold_sessions += 1;
+    let run = compare_clocks::hydration_once(
+        &ctx.env,
+        &ctx.proxy,
+        &ctx.settings,
+        latency,
+        ctx.cold_sessions,
+        0,
+        &mut ctx.notes,
+    )
+    .with_context(|| format!("hydration at {latency} ms"))?;
+    ctx.hydrations.push(run);
+    ctx.progress.step_done();
+    Ok(())
 }
 
 fn start_session(ctx: &mut Ctx, kind: Kind, label: &str) -> Result<Session> {

@@ -2,5 +2,6 @@
 
 pub mod blockmap;
 pub mod compare;
+pub mod compare_clocks;
 pub mod engine;
 pub mod nbd_local;

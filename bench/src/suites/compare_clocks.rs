@@ -1,0 +1,193 @@
+//! The `quick`/`full` measurements that are clocks rather than fio throughput:
+//!
+//! - **cold boot** of every subject: process start → the first 4 KiB read answered, with our
+//!   own minimal NBD client (so no client start-up is in it). For s3backer the clock includes
+//!   mounting its FUSE file system; bucketdisk-s3-cold starts with an empty `--cache-dir`.
+//! - **hydration** of bucketdisk on S3: a fresh cache with `--hydrate`; the background pull's
+//!   rate (from the server's "disk hydration complete" log line) and fio's 4 KiB QD1 random
+//!   reads meanwhile (the foreground's p99 while hydration competes for the store).
+
+use crate::fio::{self, FioResult, RunSettings, Workload};
+use crate::latency_proxy::{LatencyProxy, Traffic};
+use crate::nbd_client::NbdClient;
+use crate::store_subjects::{self, Env, Kind};
+use anyhow::{Context, Result, bail, ensure};
+use serde::Serialize;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long hydration may take before the run gives up on it (noted, not fatal).
+const HYDRATION_TIMEOUT: Duration = Duration::from_secs(300);
+const BLOCK_BYTES: f64 = 65_536.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BootRun {
+    pub subject: Kind,
+    pub latency_ms: Option<u64>,
+    pub repeat: usize,
+    /// Process start → first 4 KiB read answered.
+    pub first_read_ms: f64,
+    /// Process start → the port accepted a connection.
+    pub listening_ms: f64,
+    /// bucketdisk only: "block map hydrated" from its log (seconds after the volume opened).
+    pub map_hydrated_secs: Option<f64>,
+    pub peak_rss_bytes: u64,
+    /// Store traffic from process start to stop.
+    pub store: Option<Traffic>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HydrationRun {
+    pub latency_ms: u64,
+    pub repeat: usize,
+    /// From the log line "disk hydration complete": blocks fetched and how long it took.
+    pub blocks: Option<u64>,
+    pub seconds: Option<f64>,
+    pub mib_per_sec: Option<f64>,
+    /// 4 KiB QD1 random reads run from the moment the server answers.
+    pub foreground: FioResult,
+    pub store: Traffic,
+}
+
+/// Finds `key=value` in a log line.
+fn field(line: &str, key: &str) -> Option<f64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.trim_matches('"').parse().ok())
+}
+
+/// One cold boot of `kind` at the proxy's current latency.
+pub fn boot_once(
+    kind: Kind,
+    env: &Env,
+    proxy: &LatencyProxy,
+    latency_ms: Option<u64>,
+    cold_index: usize,
+    repeat: usize,
+) -> Result<BootRun> {
+    let traffic_before = proxy.traffic();
+    let start = Instant::now();
+    let mut session = store_subjects::spawn(kind, env, cold_index, &[])?;
+    let stream = loop {
+        match TcpStream::connect(session.addr) {
+            Ok(s) => break s,
+            Err(e) => {
+                if start.elapsed() > BOOT_TIMEOUT {
+                    bail!("{} never listened: {e}", kind.name());
+                }
+                session.ensure_running()?;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+    };
+    let listening = start.elapsed();
+    let mut client =
+        NbdClient::handshake(stream).with_context(|| format!("handshake with {}", kind.name()))?;
+    let data = client.read(0, 4096)?;
+    let first_read = start.elapsed();
+    ensure!(data.len() == 4096, "short first read");
+    client.disconnect()?;
+    // Give bucketdisk's background map hydration a moment, for the log (not timed).
+    std::thread::sleep(Duration::from_millis(300));
+    let log = session.log.clone();
+    let (memory, _) = session.stop()?;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let map_hydrated_secs = text
+        .lines()
+        .find(|l| l.contains("block map hydrated"))
+        .and_then(|l| field(l, "seconds"));
+    Ok(BootRun {
+        subject: kind,
+        latency_ms,
+        repeat,
+        first_read_ms: first_read.as_secs_f64() * 1000.0,
+        listening_ms: listening.as_secs_f64() * 1000.0,
+        map_hydrated_secs,
+        peak_rss_bytes: memory.hwm,
+        store: kind
+            .uses_s3()
+            .then(|| proxy.traffic().since(&traffic_before)),
+    })
+}
+
+/// The foreground workload during hydration.
+pub const FOREGROUND: Workload = Workload {
+    name: "randread-4k-qd1",
+    rw: "randread",
+    bs: "4k",
+    iodepth: 1,
+};
+
+/// bucketdisk-s3 with an empty cache and `--hydrate`, reads in the foreground, until the
+/// background pull reports completion.
+pub fn hydration_once(
+    env: &Env,
+    proxy: &LatencyProxy,
+    settings: &RunSettings,
+    latency_ms: u64,
+    cold_index: usize,
+    repeat: usize,
+    notes: &mut Vec<String>,
+) -> Result<HydrationRun> {
+    let traffic_before = proxy.traffic();
+    let mut session =
+        store_subjects::spawn(Kind::BucketdiskS3Cold, env, cold_index, &["--hydrate"])?;
+    session.wait_serving()?;
+    let out = env
+        .work
+        .join(format!("hydration-{latency_ms}-{repeat}.json"));
+    let target = fio::Target::Nbd {
+        uri: session.uri.clone(),
+    };
+    let foreground = fio::run(&FOREGROUND, &target, settings, &out)?;
+    let deadline = Instant::now() + HYDRATION_TIMEOUT;
+    let line = loop {
+        let text = std::fs::read_to_string(&session.log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("disk hydration complete")) {
+            break Some(l.to_string());
+        }
+        if Instant::now() >= deadline {
+            notes.push(format!(
+                "hydration at {latency_ms} ms did not complete within {HYDRATION_TIMEOUT:?}"
+            ));
+            break None;
+        }
+        session.ensure_running()?;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (_, stop_notes) = session.stop()?;
+    notes.extend(stop_notes);
+    let blocks = line
+        .as_deref()
+        .and_then(|l| field(l, "blocks"))
+        .map(|b| b as u64);
+    let seconds = line.as_deref().and_then(|l| field(l, "seconds"));
+    let mib_per_sec = match (blocks, seconds) {
+        (Some(b), Some(s)) if s > 0.0 => Some(b as f64 * BLOCK_BYTES / 1_048_576.0 / s),
+        _ => None,
+    };
+    Ok(HydrationRun {
+        latency_ms,
+        repeat,
+        blocks,
+        seconds,
+        mib_per_sec,
+        foreground,
+        store: proxy.traffic().since(&traffic_before),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_fields() {
+        let line = "2026-11-26T23:40:01.1Z  INFO engine: disk hydration complete volume=disk \
+                    blocks=2048 seconds=10.5";
+        assert_eq!(field(line, "blocks"), Some(2048.0));
+        assert_eq!(field(line, "seconds"), Some(10.5));
+        assert_eq!(field(line, "missing"), None);
+    }
+}
