@@ -6,7 +6,7 @@ use crate::latency_proxy::Traffic;
 use crate::machine::{Machine, Tools};
 use crate::stats::Summary;
 use crate::store_subjects::Kind;
-use crate::suites::compare_clocks::{BootRun, HydrationRun};
+use crate::suites::compare_clocks::{BootRun, HydrationRun, MkfsRun};
 use serde::Serialize;
 use std::fmt::Write as _;
 
@@ -96,6 +96,7 @@ pub struct Report {
     pub runs: Vec<Run>,
     pub boots: Vec<BootRun>,
     pub hydrations: Vec<HydrationRun>,
+    pub mkfs: Vec<MkfsRun>,
     /// Plot files written beside the report (names only).
     pub plots: Vec<String>,
     pub notes: Vec<String>,
@@ -369,6 +370,7 @@ pub fn markdown(r: &Report, stem: &str) -> String {
     }
     boot_section(&mut o, r, &seen);
     hydration_section(&mut o, r);
+    mkfs_section(&mut o, r, &seen);
     if !r.notes.is_empty() {
         let _ = writeln!(o, "## Notes from the run\n");
         for n in &r.notes {
@@ -460,6 +462,60 @@ fn hydration_section(o: &mut String, r: &Report) {
             h.foreground.iops,
             h.foreground.clat_p99_ns / 1000.0,
             h.store.requests
+        );
+    }
+    let _ = writeln!(o);
+}
+
+fn mkfs_section(o: &mut String, r: &Report, order: &[(Kind, Option<u64>)]) {
+    if r.mkfs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## mkfs.ext4 of the 100 GiB disk\n\n\
+         `mkfs.ext4 -F -q -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 /dev/loopN` \
+         (metadata only: without the lazy options mke2fs zeroes inode tables and journal, which \
+         qemu turns into allocated zeroes, filling the local limit's raw file), the loop device on qemu-storage-daemon's FUSE export of \
+         the subject's NBD server (`discard=unmap`), run last (it overwrites the disks). \
+         \"timed out\" is over {} s.\n",
+        crate::suites::compare_clocks::MKFS_TIMEOUT.as_secs()
+    );
+    let _ = writeln!(o, "| subject | seconds | store requests | store MiB |");
+    let _ = writeln!(o, "|---|---:|---:|---:|");
+    for &(k, lat) in order {
+        let rs: Vec<&MkfsRun> = r
+            .mkfs
+            .iter()
+            .filter(|m| m.subject == k && m.latency_ms == lat)
+            .collect();
+        if rs.is_empty() {
+            continue;
+        }
+        let secs = Summary::of(&rs.iter().filter_map(|m| m.seconds).collect::<Vec<_>>());
+        let timed_out = rs.iter().any(|m| m.seconds.is_none());
+        let of = |f: &dyn Fn(&Traffic) -> f64| {
+            Summary::of(
+                &rs.iter()
+                    .filter_map(|m| m.store.as_ref().map(f))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let secs = match (secs, timed_out) {
+            (Some(s), false) => cell(&s, 2),
+            (Some(s), true) => format!("{} (and timed out)", cell(&s, 2)),
+            (None, _) => "timed out".into(),
+        };
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} |",
+            label(k, lat),
+            secs,
+            opt_cell(of(&|t| t.requests as f64).as_ref(), 0),
+            opt_cell(
+                of(&|t| (t.request_bytes + t.response_bytes) as f64 / MIB).as_ref(),
+                1
+            ),
         );
     }
     let _ = writeln!(o);

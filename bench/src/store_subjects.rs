@@ -226,6 +226,8 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
             cmd.args(["-f", "raw", "--persistent", "--export-name="])
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--shared=4", "--cache=writeback", "--aio=threads"])
+                // Trims punch holes in the raw file instead of being ignored (mkfs discards).
+                .arg("--discard=unmap")
                 .arg(env.raw_file());
             cmd
         }

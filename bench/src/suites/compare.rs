@@ -12,7 +12,7 @@ use crate::plots;
 use crate::process::{check_interrupted, output_of};
 use crate::progress::Progress;
 use crate::store_subjects::{self, Env, Kind, Session};
-use crate::suites::compare_clocks::{self, BootRun, HydrationRun};
+use crate::suites::compare_clocks::{self, BootRun, HydrationRun, MkfsRun};
 use crate::suites::engine::{build_bucketdisk, workspace_root};
 use crate::units::parse_size;
 use crate::volume;
@@ -100,6 +100,7 @@ struct Ctx {
     runs: Vec<Run>,
     boots: Vec<BootRun>,
     hydrations: Vec<HydrationRun>,
+    mkfs: Vec<MkfsRun>,
     notes: Vec<String>,
     command_lines: Vec<SubjectLine>,
     cold_sessions: usize,
@@ -189,7 +190,8 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
             settings.latencies_ms.len() as u64
         } else {
             0
-        };
+        }
+        + mkfs_rows(&order).len() as u64 * settings.repeats as u64;
     let mut ctx = Ctx {
         env,
         proxy,
@@ -204,6 +206,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         runs: Vec::new(),
         boots: Vec::new(),
         hydrations: Vec::new(),
+        mkfs: Vec::new(),
         notes: Vec::new(),
         command_lines: Vec::new(),
         cold_sessions: 0,
@@ -236,6 +239,27 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
             measure_hydration(&mut ctx, lat)?;
         }
     }
+    // Last: mkfs overwrites the start of every disk.
+    let mut timed_out: Vec<(Kind, Option<u64>)> = Vec::new();
+    for repeat in 0..settings.repeats {
+        for (kind, latency) in mkfs_rows(&order) {
+            check_interrupted()?;
+            if timed_out.contains(&(kind, latency)) {
+                ctx.progress.step_done();
+                continue;
+            }
+            let run = measure_mkfs(&mut ctx, kind, latency, repeat)?;
+            if run.seconds.is_none() {
+                timed_out.push((kind, latency));
+                ctx.notes.push(format!(
+                    "mkfs.ext4 on {} did not finish within {:?}; not repeated",
+                    compare_report::label(kind, latency),
+                    compare_clocks::MKFS_TIMEOUT
+                ));
+            }
+            ctx.mkfs.push(run);
+        }
+    }
     ctx.progress.finish();
 
     let rows = compare_report::summarize(&ctx.runs, &ctx.workloads, &order);
@@ -263,6 +287,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         runs: ctx.runs,
         boots: ctx.boots,
         hydrations: ctx.hydrations,
+        mkfs: ctx.mkfs,
         plots: Vec::new(),
         notes: ctx.notes,
     };
@@ -445,6 +470,35 @@ fn measure_hydration(ctx: &mut Ctx, latency: u64) -> Result<()> {
     ctx.hydrations.push(run);
     ctx.progress.step_done();
     Ok(())
+}
+
+/// The rows mkfs runs for: the cold subject would repeat the warm one (mkfs reads little).
+fn mkfs_rows(order: &[(Kind, Option<u64>)]) -> Vec<(Kind, Option<u64>)> {
+    order
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != Kind::BucketdiskS3Cold)
+        .collect()
+}
+
+fn measure_mkfs(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usize) -> Result<MkfsRun> {
+    ctx.proxy
+        .set_delay(Duration::from_millis(latency.unwrap_or(0)));
+    let label = compare_report::label(kind, latency);
+    ctx.progress
+        .step(&format!("repeat {} · {label} · mkfs.ext4", repeat + 1));
+    ctx.cold_sessions += 1;
+    let run = compare_clocks::mkfs_once(
+        kind,
+        &ctx.env,
+        &ctx.proxy,
+        latency,
+        ctx.cold_sessions,
+        repeat,
+    )
+    .with_context(|| format!("{label}: mkfs.ext4"))?;
+    ctx.progress.step_done();
+    Ok(run)
 }
 
 fn start_session(ctx: &mut Ctx, kind: Kind, label: &str) -> Result<Session> {

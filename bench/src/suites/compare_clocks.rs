@@ -6,20 +6,27 @@
 //! - **hydration** of bucketdisk on S3: a fresh cache with `--hydrate`; the background pull's
 //!   rate (from the server's "disk hydration complete" log line) and fio's 4 KiB QD1 random
 //!   reads meanwhile (the foreground's p99 while hydration competes for the store).
+//! - **mkfs.ext4** of the whole 100 GiB disk through the kernel (qemu-storage-daemon's FUSE
+//!   export of the NBD server, a loop device on it: the same path for every subject).
 
 use crate::fio::{self, FioResult, RunSettings, Workload};
+use crate::fuse_loop::FuseLoop;
 use crate::latency_proxy::{LatencyProxy, Traffic};
 use crate::nbd_client::NbdClient;
+use crate::process::{die_with_parent, wait_with_timeout};
 use crate::store_subjects::{self, Env, Kind};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long hydration may take before the run gives up on it (noted, not fatal).
 const HYDRATION_TIMEOUT: Duration = Duration::from_secs(300);
 const BLOCK_BYTES: f64 = 65_536.0;
+/// mkfs.ext4 on a slow subject can take minutes; past this it is recorded as timed out.
+pub const MKFS_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BootRun {
@@ -176,6 +183,104 @@ pub fn hydration_once(
         foreground,
         store: proxy.traffic().since(&traffic_before),
     })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MkfsRun {
+    pub subject: Kind,
+    pub latency_ms: Option<u64>,
+    pub repeat: usize,
+    /// None: it did not finish within [`MKFS_TIMEOUT`] (and was killed).
+    pub seconds: Option<f64>,
+    pub store: Option<Traffic>,
+}
+
+/// The mkfs.ext4 options every subject gets. Without them mke2fs zeroes inode tables and the
+/// journal through the loop device, and qemu turns those zeroings into allocated zeroes: on
+/// the local-limit subjects that fills the scratch disk with up to 100 GiB of zeros. With them
+/// mkfs writes only metadata, the same few tens of MiB on every subject.
+pub const MKFS_OPTIONS: [&str; 4] = [
+    "-F",
+    "-q",
+    "-E",
+    "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+];
+
+/// The scratch filesystem must keep this much free for mkfs on a local raw file.
+const MKFS_MIN_FREE: u64 = 8 << 30;
+
+/// `mkfs.ext4` of `kind`'s whole disk through FUSE + loop. Overwrites the disk's start: run it
+/// after everything that reads the filled region.
+pub fn mkfs_once(
+    kind: Kind,
+    env: &Env,
+    proxy: &LatencyProxy,
+    latency_ms: Option<u64>,
+    cold_index: usize,
+    repeat: usize,
+) -> Result<MkfsRun> {
+    let free = free_bytes(&env.work)?;
+    ensure!(
+        free >= MKFS_MIN_FREE,
+        "only {} MiB free in {}; mkfs needs {} MiB of headroom",
+        free >> 20,
+        env.work.display(),
+        MKFS_MIN_FREE >> 20
+    );
+    let session = store_subjects::start(kind, env, cold_index)?;
+    let dir = env.work.join(format!("mkfs-{cold_index}"));
+    let stack = FuseLoop::up(&dir, session.addr.port(), store_subjects::DISK_BYTES)?;
+    let traffic_before = proxy.traffic();
+    let start = Instant::now();
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(MKFS_OPTIONS)
+        .arg(stack.device())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().context("starting mkfs.ext4")?;
+    let seconds = match wait_with_timeout(&mut child, "mkfs.ext4", MKFS_TIMEOUT) {
+        Ok(status) if status.success() => Some(start.elapsed().as_secs_f64()),
+        Ok(status) => bail!("mkfs.ext4 on {} failed ({status})", kind.name()),
+        Err(_) => None,
+    };
+    let store = kind
+        .uses_s3()
+        .then(|| proxy.traffic().since(&traffic_before));
+    stack.down()?;
+    session.stop()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let after = free_bytes(&env.work)?;
+    ensure!(
+        after + (1 << 30) >= free,
+        "mkfs on {} took {} MiB of the scratch disk",
+        kind.name(),
+        free.saturating_sub(after) >> 20
+    );
+    Ok(MkfsRun {
+        subject: kind,
+        latency_ms,
+        repeat,
+        seconds,
+        store,
+    })
+}
+
+/// Bytes available on the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("path with NUL")?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed out-parameter of the right type.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    ensure!(
+        rc == 0,
+        "statvfs {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]
