@@ -26,6 +26,22 @@ pub enum DeviceError {
 
 pub type DeviceResult<T> = Result<T, DeviceError>;
 
+/// Whether a device metric only grows (a counter) or goes up and down (a gauge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// One of a device's own metrics, as exported to Prometheus (labelled with the export name).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceMetric {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: MetricKind,
+    pub value: f64,
+}
+
 /// One piece of a read: real bytes, or a run known to read as zeros (a hole or zeroed range).
 /// Implementations report zero runs so the protocol layer can send them without their bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +146,11 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn block_status(&self, offset: u64, length: u64) -> DeviceResult<Vec<Extent>>;
     /// Hints that a range will be read soon.
     async fn cache(&self, offset: u64, length: u64) -> DeviceResult<()>;
+    /// The device's own metrics (journal, cache, store), for monitoring. None by default.
+    async fn metrics(&self) -> Vec<DeviceMetric> {
+        Vec::new()
+    }
+
     /// Clean shutdown: stops background work and makes every completed write durable.
     async fn close(&self) -> DeviceResult<()> {
         if self.capabilities().read_only {

@@ -1,5 +1,6 @@
 //! The set of exports a server offers, by name.
 
+use crate::metrics::RequestMetrics;
 use engine::BlockDevice;
 use std::sync::Arc;
 
@@ -7,6 +8,8 @@ pub struct Export {
     pub name: String,
     pub description: String,
     pub device: Arc<dyn BlockDevice>,
+    /// Requests answered on this export, for `--metrics`.
+    pub metrics: RequestMetrics,
 }
 
 /// Exports by name. The first one is also the default export (the empty name).

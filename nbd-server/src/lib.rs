@@ -2,6 +2,7 @@
 
 pub mod exports;
 pub mod handshake;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod transmission;

@@ -95,7 +95,7 @@ struct ServeArgs {
     /// Pull every block into the local cache in the background (object-storage engine).
     #[arg(long)]
     hydrate: bool,
-    /// Prometheus metrics address (not served yet).
+    /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics: Option<String>,
     /// Testing and benchmarks: delay every object-store request by this much (simulates a
@@ -433,6 +433,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 name: name.clone(),
                 description: format!("bucketdisk volume {name}"),
                 device,
+                metrics: Default::default(),
             });
         }
         let exports = Arc::new(Exports::new(exports));
@@ -445,6 +446,17 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         tracing::info!("serving NBD on {}", listener.describe());
         let (stop_tx, stop_rx) = watch::channel(false);
+        if let Some(address) = &args.metrics {
+            let metrics_listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {address}"))?;
+            tracing::info!("serving metrics on http://{address}/metrics");
+            tokio::spawn(nbd_server::metrics::serve(
+                metrics_listener,
+                Arc::clone(&exports),
+                stop_rx.clone(),
+            ));
+        }
         tokio::spawn(async move {
             wait_for_stop_signal().await;
             tracing::info!("stopping: finishing in-flight requests");
@@ -506,9 +518,6 @@ async fn open_object_volume(
     config.read_only = args.read_only;
     config.hydrate = args.hydrate;
     config.holder = format!("{} pid {}", hostname(), std::process::id());
-    if args.metrics.is_some() {
-        tracing::warn!("--metrics is not served yet");
-    }
     ObjectVolume::open(
         Arc::clone(&location.store),
         &location.prefix,
@@ -547,7 +556,6 @@ fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
         (args.journal_limit.is_some(), "--journal-limit"),
         (args.durability.is_some(), "--durability"),
         (args.hydrate, "--hydrate"),
-        (args.metrics.is_some(), "--metrics"),
     ]
     .into_iter()
     .filter_map(|(given, flag)| given.then_some(flag))

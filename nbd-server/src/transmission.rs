@@ -11,6 +11,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use engine::{DeviceError, ExtentKind, ReadSegment, ZeroMode};
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
@@ -288,39 +289,47 @@ fn device_error(e: &DeviceError) -> NbdError {
 }
 
 async fn execute(session: &Session, request: Request) -> Reply {
+    let started = Instant::now();
+    let h = request.header;
+    let outcome = dispatch(session, request).await;
+    session
+        .export
+        .metrics
+        .record(h.command, h.length, started.elapsed(), outcome.is_ok());
+    match outcome {
+        Ok(reply) => reply,
+        Err(e) => failed(session, &h, &e),
+    }
+}
+
+/// Runs a validated request on the device; the reply on success.
+async fn dispatch(session: &Session, request: Request) -> Result<Reply, DeviceError> {
     let h = request.header;
     let device = session.export.device.as_ref();
     let fua = h.flags & CMD_FLAG_FUA != 0;
-    let result = match h.command {
+    match h.command {
         CMD_READ => {
-            return match device.read(h.offset, h.length as u32).await {
-                Ok(segments) => read_reply(session, &h, segments),
-                Err(e) => failed(session, &h, &e),
-            };
+            let segments = device.read(h.offset, h.length as u32).await?;
+            return Ok(read_reply(session, &h, segments));
         }
         CMD_BLOCK_STATUS => {
-            return match device.block_status(h.offset, h.length).await {
-                Ok(extents) => block_status_reply(session, &h, extents),
-                Err(e) => failed(session, &h, &e),
-            };
+            let extents = device.block_status(h.offset, h.length).await?;
+            return Ok(block_status_reply(session, &h, extents));
         }
-        CMD_WRITE => device.write(h.offset, request.payload, fua).await,
-        CMD_FLUSH => device.flush().await,
-        CMD_TRIM => device.trim(h.offset, h.length, fua).await,
+        CMD_WRITE => device.write(h.offset, request.payload, fua).await?,
+        CMD_FLUSH => device.flush().await?,
+        CMD_TRIM => device.trim(h.offset, h.length, fua).await?,
         CMD_WRITE_ZEROES => {
             let mode = ZeroMode {
                 may_trim: h.flags & CMD_FLAG_NO_HOLE == 0,
                 fast_only: h.flags & CMD_FLAG_FAST_ZERO != 0,
             };
-            device.write_zeroes(h.offset, h.length, mode, fua).await
+            device.write_zeroes(h.offset, h.length, mode, fua).await?
         }
-        CMD_CACHE => device.cache(h.offset, h.length).await,
-        _ => Err(DeviceError::Invalid("unknown command".into())),
-    };
-    match result {
-        Ok(()) => success_reply(session, &h),
-        Err(e) => failed(session, &h, &e),
+        CMD_CACHE => device.cache(h.offset, h.length).await?,
+        _ => return Err(DeviceError::Invalid("unknown command".into())),
     }
+    Ok(success_reply(session, &h))
 }
 
 fn failed(session: &Session, h: &RequestHeader, e: &DeviceError) -> Reply {

@@ -24,8 +24,8 @@ pub mod upload;
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
 use crate::device::{
-    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ReadSegment,
-    ZeroMode, check_range,
+    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceMetric, DeviceResult, Extent,
+    MetricKind, ReadSegment, ZeroMode, check_range,
 };
 use crate::journal::{Journal, Record};
 use crate::metadata::VolumeMetadata;
@@ -794,6 +794,101 @@ impl BlockDevice for ObjectVolume {
         read::prefetch(&self.shared, offset, length)
             .await
             .map_err(DeviceError::Io)
+    }
+
+    async fn metrics(&self) -> Vec<DeviceMetric> {
+        let stats = match self.stats().await {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::warn!(volume = %self.shared.meta.name, "cannot read volume stats: {e}");
+                return Vec::new();
+            }
+        };
+        let block_size = self.shared.meta.block_size as f64;
+        let metric = |name, kind, help, value: f64| DeviceMetric {
+            name,
+            help,
+            kind,
+            value,
+        };
+        use MetricKind::{Counter, Gauge};
+        vec![
+            metric(
+                "bucketdisk_volume_size_bytes",
+                Gauge,
+                "Size of the virtual disk.",
+                self.shared.meta.size as f64,
+            ),
+            metric(
+                "bucketdisk_allocated_bytes",
+                Gauge,
+                "Bytes of blocks in use (stored in chunks), uncompressed.",
+                stats.allocated_blocks as f64 * block_size,
+            ),
+            metric(
+                "bucketdisk_stored_bytes",
+                Gauge,
+                "Bytes the blocks in use take in object storage (compressed).",
+                stats.allocated_stored_bytes as f64,
+            ),
+            metric(
+                "bucketdisk_chunks",
+                Gauge,
+                "Chunk objects the block map knows.",
+                stats.chunks as f64,
+            ),
+            metric(
+                "bucketdisk_map_txid",
+                Gauge,
+                "Latest block-map transaction ID.",
+                stats.map_txid as f64,
+            ),
+            metric(
+                "bucketdisk_journal_bytes",
+                Gauge,
+                "Bytes of records in the local journal.",
+                stats.journal_bytes as f64,
+            ),
+            metric(
+                "bucketdisk_dirty_bytes",
+                Gauge,
+                "Written bytes waiting for upload (writes wait beyond --journal-limit).",
+                stats.dirty_bytes as f64,
+            ),
+            metric(
+                "bucketdisk_upload_lag_records",
+                Gauge,
+                "Journal records written but not yet in object storage.",
+                stats
+                    .journal_next_seq
+                    .saturating_sub(1)
+                    .saturating_sub(stats.uploaded_seq) as f64,
+            ),
+            metric(
+                "bucketdisk_cached_bytes",
+                Gauge,
+                "Bytes of blocks in the local cache.",
+                stats.cached_blocks as f64 * block_size,
+            ),
+            metric(
+                "bucketdisk_uploads_total",
+                Counter,
+                "Uploads committed (chunks PUT, one block-map transaction each).",
+                stats.uploads as f64,
+            ),
+            metric(
+                "bucketdisk_chunks_rewritten_total",
+                Counter,
+                "Sparse chunks whose live blocks garbage collection moved.",
+                stats.chunks_rewritten as f64,
+            ),
+            metric(
+                "bucketdisk_chunks_deleted_total",
+                Counter,
+                "Dead chunks garbage collection deleted.",
+                stats.chunks_deleted as f64,
+            ),
+        ]
     }
 
     async fn close(&self) -> DeviceResult<()> {
