@@ -26,6 +26,8 @@ const BLOCK: &str = "64K";
 /// The bucket every S3-backed subject stores its disk in, each under its own prefix.
 pub const BUCKET: &str = "bench";
 const VOLUME: &str = "disk";
+/// Where bucketdisk-s3's block map replica (Litestream's layout) lives in [`BUCKET`].
+pub const BUCKETDISK_MAP_REPLICA: &str = "bucketdisk/disk/blockmap";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

