@@ -335,6 +335,7 @@ impl ObjectVolume {
 
         // Replay the journal on top of what the map holds.
         let block_size = meta.block_size;
+        let max_dirty_bytes = config.max_dirty_bytes;
         let (journal, overlay) = if config.read_only {
             (None, Overlay::new(block_size))
         } else {
@@ -368,6 +369,8 @@ impl ObjectVolume {
                     Ok(())
                 })?;
                 journal.skip_to(uploaded_seq + 1)?;
+                // A journal that filled up to its limit once will likely do it again.
+                journal.keep_spares(max_dirty_bytes);
                 if replayed > 0 {
                     tracing::info!(
                         "replayed {replayed} journal records after seq {uploaded_seq}; \
