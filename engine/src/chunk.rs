@@ -97,9 +97,10 @@ impl ChunkBuilder {
         Ok(entry)
     }
 
-    /// Compresses `data` into `scratch`; `None` if that would not make it smaller. Like ZFS's
-    /// LZ4 "early abort", a block whose first [`SAMPLE_BYTES`] do not compress at all is not
-    /// tried in full: random or already-compressed data costs a sample, not a whole pass.
+    /// Compresses `data` into `scratch`; `None` if that would not save at least 1/16 of it
+    /// (storing it raw then costs less to read back). Like ZFS's LZ4 "early abort", a block
+    /// whose first [`SAMPLE_BYTES`] do not shrink by 1/8 is not tried in full: random or
+    /// already-compressed data costs a sample, not a whole pass.
     fn compress(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
         let lz4 = |input: &[u8], out: &mut Vec<u8>| {
             lz4_flex::block::compress_into(input, out)
@@ -107,12 +108,12 @@ impl ChunkBuilder {
         };
         if data.len() >= 4 * SAMPLE_BYTES {
             let sample = &data[..SAMPLE_BYTES];
-            if lz4(sample, &mut self.scratch)? >= sample.len() {
+            if lz4(sample, &mut self.scratch)? > sample.len() - sample.len() / 8 {
                 return Ok(None);
             }
         }
         let compressed = lz4(data, &mut self.scratch)?;
-        Ok((compressed < self.block_size).then_some(compressed))
+        Ok((compressed <= self.block_size - self.block_size / 16).then_some(compressed))
     }
 
     /// Writes the index and trailer; returns the chunk and its entries.
@@ -251,7 +252,7 @@ mod tests {
         let early_abort = builder.add(2, &zeros_after_noise).expect("add");
         assert_eq!(
             early_abort.length as usize, size,
-            "a block whose first 4 KiB are noise is not tried further"
+            "a block whose first 4 KiB do not compress is not tried further"
         );
         let compressible = builder.add(3, &block(3, true, size)).expect("add");
         assert!((compressible.length as usize) < size / 4);
