@@ -41,6 +41,17 @@ impl Run {
     }
 }
 
+/// Store traffic of one whole server session (all its workloads, and the write-back until the
+/// server had stopped), against the bytes fio moved in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionTraffic {
+    pub subject: Kind,
+    pub latency_ms: Option<u64>,
+    pub repeat: usize,
+    pub fio_bytes: u64,
+    pub store: Traffic,
+}
+
 /// The repeats of one (workload, subject, latency), summarised.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -98,6 +109,7 @@ pub struct Report {
     pub hydrations: Vec<HydrationRun>,
     pub mkfs: Vec<MkfsRun>,
     pub litestream: Vec<LitestreamRun>,
+    pub sessions: Vec<SessionTraffic>,
     /// Plot files written beside the report (names only).
     pub plots: Vec<String>,
     pub notes: Vec<String>,
@@ -369,6 +381,7 @@ pub fn markdown(r: &Report, stem: &str) -> String {
         }
         let _ = writeln!(o);
     }
+    session_section(&mut o, r, &seen);
     boot_section(&mut o, r, &seen);
     block_map_section(&mut o, r);
     hydration_section(&mut o, r);
@@ -569,6 +582,52 @@ fn block_map_section(o: &mut String, r: &Report) {
                     .collect(),
                 2
             ),
+        );
+    }
+    let _ = writeln!(o);
+}
+
+fn session_section(o: &mut String, r: &Report, order: &[(Kind, Option<u64>)]) {
+    if r.sessions.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Store traffic per GiB of fio I/O, whole sessions\n\n\
+         From after the warm-up pass to the end of the clean stop, so uploads and write-back \
+         that happen after a run are in (unlike the per-workload columns above). One session \
+         runs every workload once (bucketdisk-s3-cold: one session per reading workload).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| subject | fio GiB | requests/GiB | GETs/GiB | PUTs/GiB | other/GiB | store MiB/GiB |"
+    );
+    let _ = writeln!(o, "|---|---:|---:|---:|---:|---:|---:|");
+    for &(k, lat) in order {
+        let ss: Vec<&SessionTraffic> = r
+            .sessions
+            .iter()
+            .filter(|s| s.subject == k && s.latency_ms == lat)
+            .collect();
+        let gib: f64 = ss.iter().map(|s| s.fio_bytes as f64).sum::<f64>() / GIB;
+        if ss.is_empty() || gib <= 0.0 {
+            continue;
+        }
+        let total =
+            |f: &dyn Fn(&Traffic) -> u64| ss.iter().map(|s| f(&s.store) as f64).sum::<f64>();
+        let requests = total(&|t| t.requests);
+        let gets = total(&|t| t.gets);
+        let puts = total(&|t| t.puts);
+        let _ = writeln!(
+            o,
+            "| {} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            label(k, lat),
+            gib,
+            requests / gib,
+            gets / gib,
+            puts / gib,
+            (requests - gets - puts) / gib,
+            total(&|t| t.request_bytes + t.response_bytes) / MIB / gib,
         );
     }
     let _ = writeln!(o);

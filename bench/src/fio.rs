@@ -148,14 +148,15 @@ pub fn run(
 }
 
 /// Runs one untimed pass of `rw` (e.g. `write` to fill, `read` to warm a cache) over the first
-/// `size` bytes of an NBD export, every byte once, 1 MiB requests at queue depth 8.
+/// `size` bytes of an NBD export, every byte once, 1 MiB requests at queue depth 32 (deep, so
+/// that servers that fetch or store per block over a slow store do so in parallel).
 pub fn pass(rw: &str, size: u64, uri: &str, output: &Path) -> Result<FioResult> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--name=pass-{rw}"))
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .arg(format!("--rw={rw}"))
-        .args(["--bs=1M", "--iodepth=8", "--numjobs=1"])
+        .args(["--bs=1M", "--iodepth=32", "--numjobs=1"])
         .arg(format!("--size={size}"))
         .arg("--output-format=json")
         .arg(format!("--output={}", output.display()))

@@ -3,9 +3,9 @@
 //! plugin), all in one run on this machine, the S3-backed ones behind one latency proxy in front
 //! of one moto server. The two suites differ only in their defaults (see [`Profile`]).
 
-use crate::compare_report::{self, Report, Run, Settings, SubjectLine};
+use crate::compare_report::{self, Report, Run, SessionTraffic, Settings, SubjectLine};
 use crate::fio::{self, RunSettings, Workload};
-use crate::latency_proxy::LatencyProxy;
+use crate::latency_proxy::{LatencyProxy, Traffic};
 use crate::machine::{self, Machine, Tools};
 use crate::moto::Moto;
 use crate::plots;
@@ -57,7 +57,7 @@ impl Profile {
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Seconds measured per fio run [quick: 2, full: 3].
+    /// Seconds measured per fio run [2].
     #[arg(long)]
     runtime: Option<u64>,
     /// Seconds of ramp before each measurement [1].
@@ -102,6 +102,7 @@ struct Ctx {
     hydrations: Vec<HydrationRun>,
     mkfs: Vec<MkfsRun>,
     litestream: Vec<LitestreamRun>,
+    sessions: Vec<SessionTraffic>,
     notes: Vec<String>,
     command_lines: Vec<SubjectLine>,
     cold_sessions: usize,
@@ -110,12 +111,12 @@ struct Ctx {
 pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     let quick = profile == Profile::Quick;
     let settings = Settings {
-        runtime_secs: args.runtime.unwrap_or(if quick { 2 } else { 3 }),
+        runtime_secs: args.runtime.unwrap_or(2),
         ramp_secs: args.ramp.unwrap_or(1),
         repeats: args.repeats.unwrap_or(if quick { 1 } else { 3 }),
         region_bytes: args
             .region
-            .unwrap_or(if quick { 128 << 20 } else { 1 << 30 }),
+            .unwrap_or(if quick { 128 << 20 } else { 256 << 20 }),
         latencies_ms: args
             .latencies
             .clone()
@@ -214,6 +215,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         hydrations: Vec::new(),
         mkfs: Vec::new(),
         litestream: Vec::new(),
+        sessions: Vec::new(),
         notes: Vec::new(),
         command_lines: Vec::new(),
         cold_sessions: 0,
@@ -233,23 +235,27 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
             ctx.moto.ensure_running()?;
             ctx.proxy
                 .set_delay(Duration::from_millis(latency.unwrap_or(0)));
-            measure_subject(&mut ctx, kind, latency, repeat)?;
+            let r = measure_subject(&mut ctx, kind, latency, repeat);
+            tolerate(&mut ctx, r)?;
         }
         for &(kind, latency) in &order {
             check_interrupted()?;
-            measure_boot(&mut ctx, kind, latency, repeat)?;
+            let r = measure_boot(&mut ctx, kind, latency, repeat);
+            tolerate(&mut ctx, r)?;
         }
         if hydrate {
             for &lat in &settings.latencies_ms {
                 check_interrupted()?;
-                measure_litestream(&mut ctx, lat, repeat)?;
+                let r = measure_litestream(&mut ctx, lat, repeat);
+                tolerate(&mut ctx, r)?;
             }
         }
     }
     if hydrate {
         for &lat in &settings.latencies_ms {
             check_interrupted()?;
-            measure_hydration(&mut ctx, lat)?;
+            let r = measure_hydration(&mut ctx, lat);
+            tolerate(&mut ctx, r)?;
         }
     }
     // Last: mkfs overwrites the start of every disk.
@@ -261,7 +267,10 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
                 ctx.progress.step_done();
                 continue;
             }
-            let run = measure_mkfs(&mut ctx, kind, latency, repeat)?;
+            let r = measure_mkfs(&mut ctx, kind, latency, repeat);
+            let Some(run) = tolerate(&mut ctx, r)? else {
+                continue;
+            };
             if run.seconds.is_none() {
                 timed_out.push((kind, latency));
                 ctx.notes.push(format!(
@@ -302,6 +311,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         hydrations: ctx.hydrations,
         mkfs: ctx.mkfs,
         litestream: ctx.litestream,
+        sessions: ctx.sessions,
         plots: Vec::new(),
         notes: ctx.notes,
     };
@@ -324,6 +334,21 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     );
     print!("{md}");
     Ok(())
+}
+
+/// One subject failing is noted and the suite goes on (a 30-minute run should not be lost to
+/// one peer); an interrupt still stops everything.
+fn tolerate<T>(ctx: &mut Ctx, result: Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            check_interrupted()?;
+            let note = format!("failed, skipped: {e:#}");
+            ctx.progress.note(&note);
+            ctx.notes.push(note);
+            Ok(None)
+        }
+    }
 }
 
 /// (subject, latency) rows in run order: local subjects once, S3-backed ones per latency.
@@ -413,8 +438,9 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
         for w in &workloads {
             ctx.cold_sessions += 1;
             let mut session = start_session(ctx, kind, &label)?;
+            let before = ctx.proxy.traffic();
             let run = measure_one(ctx, &mut session, kind, latency, repeat, w);
-            finish_session(ctx, session, run.map(|r| vec![r]))?;
+            finish_session(ctx, session, before, run.map(|r| vec![r]))?;
         }
         return Ok(());
     }
@@ -428,6 +454,7 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
         fio::pass("read", ctx.settings.size, &session.uri, &out)
             .with_context(|| format!("warming {label}"))?;
     }
+    let before = ctx.proxy.traffic();
     let mut runs = Vec::new();
     let mut failed = None;
     for w in &workloads {
@@ -439,7 +466,7 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
             }
         }
     }
-    finish_session(ctx, session, failed.map_or(Ok(runs), Err))
+    finish_session(ctx, session, before, failed.map_or(Ok(runs), Err))
 }
 
 /// One cold boot of a subject (see [`compare_clocks::boot_once`]).
@@ -541,11 +568,27 @@ fn start_session(ctx: &mut Ctx, kind: Kind, label: &str) -> Result<Session> {
     Ok(session)
 }
 
-/// Stops the session and files its runs with the session's peak memory.
-fn finish_session(ctx: &mut Ctx, session: Session, runs: Result<Vec<Run>>) -> Result<()> {
+/// Stops the session and files its runs with the session's peak memory, and for an S3-backed
+/// subject the store traffic from `before` to the end of the stop (write-back included).
+fn finish_session(
+    ctx: &mut Ctx,
+    session: Session,
+    before: Traffic,
+    runs: Result<Vec<Run>>,
+) -> Result<()> {
     let (memory, notes) = session.stop()?;
     ctx.notes.extend(notes);
-    for mut r in runs? {
+    let runs = runs?;
+    if let Some(first) = runs.first().filter(|r| r.subject.uses_s3()) {
+        ctx.sessions.push(SessionTraffic {
+            subject: first.subject,
+            latency_ms: first.latency_ms,
+            repeat: first.repeat,
+            fio_bytes: runs.iter().map(|r| r.fio.io_bytes).sum(),
+            store: ctx.proxy.traffic().since(&before),
+        });
+    }
+    for mut r in runs {
         r.session_peak_rss_bytes = memory.hwm;
         ctx.runs.push(r);
     }
