@@ -66,7 +66,7 @@ pub struct Args {
     /// Repeats of every run [quick: 1, full: 3].
     #[arg(long)]
     repeats: Option<usize>,
-    /// Bytes at the start of each disk that fio works over [quick: 128M, full: 256M].
+    /// Bytes at the start of each disk that fio works over [quick: 64M, full: 256M].
     #[arg(long, value_parser = parse_size)]
     region: Option<u64>,
     /// Added object-store first-byte latencies in ms, comma-separated [quick: 20, full: 0,20,50].
@@ -116,7 +116,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         repeats: args.repeats.unwrap_or(if quick { 1 } else { 3 }),
         region_bytes: args
             .region
-            .unwrap_or(if quick { 128 << 20 } else { 256 << 20 }),
+            .unwrap_or(if quick { 64 << 20 } else { 256 << 20 }),
         latencies_ms: args
             .latencies
             .clone()
