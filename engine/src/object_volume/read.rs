@@ -6,7 +6,7 @@ use super::{Shared, blocking, lock, other};
 use crate::cache::CacheKey;
 use crate::device::{Extent, ExtentKind, ReadSegment};
 use blockmap::BlockLocation;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
@@ -37,6 +37,11 @@ struct Piece {
 enum Part {
     Zero,
     Data(Bytes),
+    /// Read from the block cache into the read's shared buffer, at this byte of the read:
+    /// adjacent cached pieces go out as one segment (one NBD reply chunk), as from a file.
+    Cached {
+        start: usize,
+    },
     /// Stored and not cached.
     Fetch(BlockLocation),
     /// Overlay edits on top of the stored block (if any).
@@ -59,12 +64,7 @@ fn no_base() -> io::Result<Vec<u8>> {
 ///
 /// With `inline`, only memory and the block cache are used: `Ok(None)` means a block-map query
 /// is needed, which must run on a blocking thread.
-fn plan(
-    shared: &Shared,
-    offset: u64,
-    length: u32,
-    inline: bool,
-) -> io::Result<Option<(u64, Vec<Piece>)>> {
+fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<Option<Plan>> {
     let bs = shared.block_size();
     let generation = shared.overlay_generation.load(Ordering::Acquire);
     let end = offset + u64::from(length);
@@ -100,7 +100,11 @@ fn plan(
         }
     }
     if need_map.is_empty() {
-        return Ok(Some((generation, pieces)));
+        return Ok(Some(Plan {
+            generation,
+            pieces,
+            cached: Bytes::new(),
+        }));
     }
     let first = pieces[0].block;
     let count = pieces[pieces.len() - 1].block - first + 1;
@@ -119,30 +123,43 @@ fn plan(
             rows.into_iter().collect()
         }
     };
+    let mut cached: Option<BytesMut> = None;
     for i in need_map {
+        let start = (pieces[i].block * bs + pieces[i].at as u64 - offset) as usize;
         let piece = &mut pieces[i];
         let location = rows.get(&piece.block).copied();
         piece.part = match (&piece.part, location) {
             (Part::Merge(_), location) => Part::Merge(location),
             (_, None) => Part::Zero,
             (_, Some(loc)) => {
-                let mut buf = vec![0u8; piece.len];
+                let buffer = cached.get_or_insert_with(|| BytesMut::zeroed(length as usize));
                 let key = CacheKey {
                     chunk: loc.chunk,
                     offset: loc.offset,
                 };
-                if shared
-                    .cache
-                    .read_at(key, loc.checksum, piece.at, &mut buf)?
-                {
-                    Part::Data(Bytes::from(buf))
+                let into = &mut buffer[start..start + piece.len];
+                if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
+                    Part::Cached { start }
                 } else {
                     Part::Fetch(loc)
                 }
             }
         };
     }
-    Ok(Some((generation, pieces)))
+    Ok(Some(Plan {
+        generation,
+        pieces,
+        cached: cached.map(BytesMut::freeze).unwrap_or_default(),
+    }))
+}
+
+/// Where each piece of a read comes from.
+struct Plan {
+    /// The overlay generation the plan was made at.
+    generation: u64,
+    pieces: Vec<Piece>,
+    /// The read's buffer that [`Part::Cached`] pieces were read into.
+    cached: Bytes,
 }
 
 fn slice_of(block: Vec<u8>, at: usize, len: usize) -> Part {
@@ -167,7 +184,11 @@ pub(super) async fn read(
         } else {
             None
         };
-        let (generation, mut pieces) = match inline {
+        let Plan {
+            generation,
+            mut pieces,
+            cached,
+        } = match inline {
             Some(planned) => planned,
             None => {
                 let s = Arc::clone(shared);
@@ -211,7 +232,7 @@ pub(super) async fn read(
             continue; // the uploader moved edits out of the overlay meanwhile
         }
         note_read(shared, &pieces);
-        return Ok(segments(pieces));
+        return Ok(segments(pieces, &cached));
     }
     Err(io::Error::other(
         "read kept racing with uploads and garbage collection; giving up",
@@ -271,9 +292,26 @@ fn slice_bytes(block: Bytes, at: usize, len: usize) -> Part {
 }
 
 /// Pieces as protocol segments, runs of zeros merged.
-fn segments(pieces: Vec<Piece>) -> Vec<ReadSegment> {
+fn segments(pieces: Vec<Piece>, cached: &Bytes) -> Vec<ReadSegment> {
     let mut out: Vec<ReadSegment> = Vec::with_capacity(pieces.len());
+    // The cached run being extended: its start in the read and its length.
+    let mut run: Option<(usize, usize)> = None;
     for piece in pieces {
+        if let Part::Cached { start } = piece.part {
+            match &mut run {
+                Some((from, len)) if *from + *len == start => *len += piece.len,
+                _ => {
+                    if let Some((from, len)) = run.take() {
+                        out.push(ReadSegment::Data(cached.slice(from..from + len)));
+                    }
+                    run = Some((start, piece.len));
+                }
+            }
+            continue;
+        }
+        if let Some((from, len)) = run.take() {
+            out.push(ReadSegment::Data(cached.slice(from..from + len)));
+        }
         match piece.part {
             Part::Data(data) => out.push(ReadSegment::Data(data)),
             _ => match out.last_mut() {
@@ -281,6 +319,9 @@ fn segments(pieces: Vec<Piece>) -> Vec<ReadSegment> {
                 _ => out.push(ReadSegment::Zero(piece.len as u64)),
             },
         }
+    }
+    if let Some((from, len)) = run {
+        out.push(ReadSegment::Data(cached.slice(from..from + len)));
     }
     out
 }
