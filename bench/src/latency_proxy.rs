@@ -354,4 +354,47 @@ mod tests {
         assert!(took < delay, "with no delay a request took {took:?}");
         assert_eq!(proxy.traffic().since(&t).requests, 1);
     }
+
+    /// A PUT with `Expect: 100-continue`: the interim response passes undelayed, the final
+    /// one is delayed, and it all counts as one request.
+    #[test]
+    fn interim_continue_is_not_delayed_and_not_a_new_request() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let Ok((conn, _)) = listener.accept() else {
+                return;
+            };
+            let mut writer = conn.try_clone().expect("clone");
+            let mut reader = BufReader::new(conn);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let _ = writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+            let mut body = [0u8; 5];
+            let _ = reader.read_exact(&mut body);
+            let _ = writer.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        });
+        let delay = Duration::from_millis(80);
+        let proxy = LatencyProxy::start(server, delay).expect("proxy");
+        let mut conn = std::net::TcpStream::connect(proxy.addr()).expect("connect");
+        let start = Instant::now();
+        conn.write_all(b"PUT /b/k HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            .expect("headers");
+        let mut interim = [0u8; 25];
+        conn.read_exact(&mut interim).expect("100 Continue");
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert!(start.elapsed() < delay, "the interim response was delayed");
+        conn.write_all(b"hello").expect("body");
+        let mut fin = [0u8; 38];
+        conn.read_exact(&mut fin).expect("final response");
+        assert!(fin.starts_with(b"HTTP/1.1 200 OK"));
+        assert!(
+            start.elapsed() >= delay,
+            "the final response was not delayed"
+        );
+        let t = proxy.traffic();
+        assert_eq!((t.requests, t.puts), (1, 1));
+    }
 }

@@ -255,3 +255,34 @@ fn draw_cdf(
         .map_err(chart_err)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_png(path: &Path) -> bool {
+        std::fs::read(path).is_ok_and(|b| b.len() > 1000 && b.starts_with(b"\x89PNG"))
+    }
+
+    /// Catches a missing font or a plotters feature mismatch before a 30-minute run does.
+    #[test]
+    fn draws_bars_and_cdfs_with_text() {
+        register_font().expect("font (apt-get install fonts-dejavu-core)");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bars = dir.path().join("bars.png");
+        bar_chart(
+            &bars,
+            "bars",
+            &[
+                ("a".into(), 10.0, 8.0, 12.0),
+                ("b @20ms".into(), 3.0, 3.0, 3.0),
+            ],
+        )
+        .expect("bar chart");
+        assert!(is_png(&bars));
+        let cdf = dir.path().join("cdf.png");
+        let curve = vec![(100.0, 1.0), (200.0, 50.0), (5000.0, 99.0)];
+        cdf_chart(&cdf, "cdf", &[("a".into(), curve)]).expect("cdf chart");
+        assert!(is_png(&cdf));
+    }
+}

@@ -222,7 +222,7 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
     let log = env.logs().join(format!("{}-{port}.log", kind.name()));
     let mut scratch_cache = None;
     let mut s3backer = None;
-    let cmd = match kind {
+    let mut cmd = match kind {
         Kind::QemuNbd => {
             let mut cmd = Command::new("qemu-nbd");
             cmd.args(["-f", "raw", "--persistent", "--export-name="])
@@ -272,7 +272,6 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
             cmd
         }
     };
-    let mut cmd = cmd;
     if matches!(
         kind,
         Kind::BucketdiskS3Cold | Kind::BucketdiskS3Warm | Kind::BucketdiskLocal
