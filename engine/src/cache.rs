@@ -15,6 +15,7 @@
 use crate::chunk::block_checksum;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
+use std::hash::BuildHasherDefault;
 use std::io::{self, BufRead, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -43,13 +44,43 @@ struct Entry {
     generation: u64,
 }
 
+/// A multiply-rotate hasher (FxHash's) with a final mix: cache keys are our own chunk ids and offsets, not
+/// attacker-chosen, and SipHash's cost showed on every cached 4 KiB read (two lookups each).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn finish(&self) -> u64 {
+        // Fold the high bits down (murmur3's finaliser): the table indexes by the low bits, and
+        // offsets within a chunk often differ only above bit 16.
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x
+    }
+}
+
+type KeyMap<V> = HashMap<CacheKey, V, BuildHasherDefault<KeyHasher>>;
+type KeySet = HashSet<CacheKey, BuildHasherDefault<KeyHasher>>;
+
 #[derive(Default)]
 struct State {
-    entries: HashMap<CacheKey, Entry>,
+    entries: KeyMap<Entry>,
     small: VecDeque<CacheKey>,
     main: VecDeque<CacheKey>,
     ghosts: VecDeque<CacheKey>,
-    ghost_set: HashSet<CacheKey>,
+    ghost_set: KeySet,
     free: Vec<u32>,
     generations: u64,
 }

@@ -108,11 +108,9 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
     }
     let first = pieces[0].block;
     let count = pieces[pieces.len() - 1].block - first + 1;
-    let rows: HashMap<u64, BlockLocation> = match shared.locations.get_range(first, count) {
-        Some(known) => (first..)
-            .zip(known)
-            .filter_map(|(block, loc)| Some((block, loc?)))
-            .collect(),
+    // Where each block of the read lives, indexed by block - first (`None`: a hole).
+    let rows: Vec<Option<BlockLocation>> = match shared.locations.get_range(first, count) {
+        Some(known) => known,
         None if inline => return Ok(None),
         None => {
             let map_generation = shared.locations.generation();
@@ -120,14 +118,23 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
                 .range(first, count)
                 .map_err(|e| other("block map lookup", e))?;
             shared.locations.fill(map_generation, first, count, &rows);
-            rows.into_iter().collect()
+            let mut by_block = vec![None; count as usize];
+            for (block, location) in rows {
+                if let Some(slot) = block
+                    .checked_sub(first)
+                    .and_then(|i| by_block.get_mut(i as usize))
+                {
+                    *slot = Some(location);
+                }
+            }
+            by_block
         }
     };
     let mut cached: Option<BytesMut> = None;
     for i in need_map {
         let start = (pieces[i].block * bs + pieces[i].at as u64 - offset) as usize;
         let piece = &mut pieces[i];
-        let location = rows.get(&piece.block).copied();
+        let location = rows[(piece.block - first) as usize];
         piece.part = match (&piece.part, location) {
             (Part::Merge(_), location) => Part::Merge(location),
             (_, None) => Part::Zero,
