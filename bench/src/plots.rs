@@ -164,7 +164,7 @@ fn bar_chart(path: &Path, title: &str, bars: &[(String, f64, f64, f64)]) -> Resu
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(230)
-        .build_cartesian_2d(0.0..max, (0..n).into_segmented())
+        .build_cartesian_2d(0.0..max, (0..n - 1).into_segmented())
         .map_err(chart_err)?;
     let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
     chart
@@ -181,15 +181,15 @@ fn bar_chart(path: &Path, title: &str, bars: &[(String, f64, f64, f64)]) -> Resu
     for (i, (_, median, min, max)) in bars.iter().enumerate() {
         let i = i as i32;
         let color = Palette99::pick(i as usize).mix(0.8);
-        chart
-            .draw_series(std::iter::once(Rectangle::new(
-                [
-                    (0.0, SegmentValue::Exact(i)),
-                    (*median, SegmentValue::Exact(i + 1)),
-                ],
-                color.filled(),
-            )))
-            .map_err(chart_err)?;
+        let mut bar = Rectangle::new(
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (*median, SegmentValue::Exact(i + 1)),
+            ],
+            color.filled(),
+        );
+        bar.set_margin(4, 4, 0, 0);
+        chart.draw_series(std::iter::once(bar)).map_err(chart_err)?;
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![
