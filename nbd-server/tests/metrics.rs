@@ -99,6 +99,25 @@ fn a_scrape_shows_requests_latency_and_volume_state() {
         sample(&body, "bucketdisk_volume_size_bytes{export=\"disk\"}"),
         Some(1073741824.0)
     );
+    assert!(
+        sample(
+            &body,
+            "bucketdisk_store_put_requests_total{export=\"disk\"}"
+        )
+        .is_some_and(|puts| puts >= 2.0),
+        "a chunk and the map were uploaded: {body}"
+    );
+    let stored = sample(&body, "bucketdisk_stored_bytes{export=\"disk\"}").unwrap_or(0.0);
+    assert!(stored > 0.0, "the pattern compresses, but not to nothing");
+    assert!(
+        sample(
+            &body,
+            "bucketdisk_store_written_bytes_total{export=\"disk\"}"
+        )
+        .is_some_and(|bytes| bytes > stored),
+        "the chunk and the map went out: {body}"
+    );
+    assert!(body.contains("bucketdisk_cache_hits_total{export=\"disk\"}"));
 
     let (status, _) = get(port, "/");
     assert_eq!(status, "HTTP/1.1 404 Not Found");

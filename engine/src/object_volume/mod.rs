@@ -23,6 +23,7 @@ pub mod upload;
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
+use crate::counting_store::CountingStore;
 use crate::device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceMetric, DeviceResult, Extent,
     MetricKind, ReadSegment, ZeroMode, check_range,
@@ -172,6 +173,20 @@ pub(crate) struct Shared {
     last_read_end: AtomicU64,
     prefetch_slots: Semaphore,
     stats: Mutex<VolumeStats>,
+    counters: ReadCounters,
+    /// The store as this volume sees it, counting requests and bytes.
+    store_counts: Arc<CountingStore>,
+}
+
+/// Read-path counters for the metrics endpoint.
+#[derive(Default)]
+struct ReadCounters {
+    /// Block pieces of reads answered from the local cache.
+    cache_hits: AtomicU64,
+    /// Blocks fetched from the store (reads, readahead and hydration alike).
+    store_fetches: AtomicU64,
+    /// Disk hydration: blocks of the disk scanned so far (`--hydrate`).
+    hydration_scanned: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -267,6 +282,9 @@ impl ObjectVolume {
                     format!("no volume {name} in the store"),
                 )
             })?;
+        // Every request this volume makes is counted, for the metrics endpoint.
+        let counted = Arc::new(CountingStore::new(store));
+        let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as Arc<dyn ObjectStore>;
         let root = catalog::volume_root(prefix, name);
         let dir = config.local_dir.clone();
         let uuid = meta.uuid.clone();
@@ -411,6 +429,8 @@ impl ObjectVolume {
             last_read_end: AtomicU64::new(u64::MAX),
             prefetch_slots: Semaphore::new(read::PREFETCH_CONCURRENCY),
             stats: Mutex::new(VolumeStats::default()),
+            counters: ReadCounters::default(),
+            store_counts: counted,
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -808,6 +828,7 @@ impl BlockDevice for ObjectVolume {
             }
         };
         let block_size = self.shared.meta.block_size as f64;
+        let store = self.shared.store_counts.counts();
         let metric = |name, kind, help, value: f64| DeviceMetric {
             name,
             help,
@@ -815,7 +836,7 @@ impl BlockDevice for ObjectVolume {
             value,
         };
         use MetricKind::{Counter, Gauge};
-        vec![
+        let mut metrics = vec![
             metric(
                 "bucketdisk_volume_size_bytes",
                 Gauge,
@@ -874,6 +895,54 @@ impl BlockDevice for ObjectVolume {
                 stats.cached_blocks as f64 * block_size,
             ),
             metric(
+                "bucketdisk_cache_hits_total",
+                Counter,
+                "Block pieces of reads answered from the local cache.",
+                self.shared.counters.cache_hits.load(Ordering::Relaxed) as f64,
+            ),
+            metric(
+                "bucketdisk_store_block_fetches_total",
+                Counter,
+                "Blocks fetched from object storage (cache misses, readahead, hydration).",
+                self.shared.counters.store_fetches.load(Ordering::Relaxed) as f64,
+            ),
+            metric(
+                "bucketdisk_store_get_requests_total",
+                Counter,
+                "GET requests to object storage.",
+                store.get_requests as f64,
+            ),
+            metric(
+                "bucketdisk_store_put_requests_total",
+                Counter,
+                "PUT requests to object storage.",
+                store.put_requests as f64,
+            ),
+            metric(
+                "bucketdisk_store_list_requests_total",
+                Counter,
+                "LIST requests to object storage.",
+                store.list_requests as f64,
+            ),
+            metric(
+                "bucketdisk_store_delete_requests_total",
+                Counter,
+                "Objects deleted from object storage.",
+                store.delete_requests as f64,
+            ),
+            metric(
+                "bucketdisk_store_read_bytes_total",
+                Counter,
+                "Bytes received from object storage.",
+                store.bytes_read as f64,
+            ),
+            metric(
+                "bucketdisk_store_written_bytes_total",
+                Counter,
+                "Bytes sent to object storage.",
+                store.bytes_written as f64,
+            ),
+            metric(
                 "bucketdisk_uploads_total",
                 Counter,
                 "Uploads committed (chunks PUT, one block-map transaction each).",
@@ -891,7 +960,26 @@ impl BlockDevice for ObjectVolume {
                 "Dead chunks garbage collection deleted.",
                 stats.chunks_deleted as f64,
             ),
-        ]
+        ];
+        if self.shared.config.hydrate {
+            let total = self
+                .shared
+                .meta
+                .size
+                .div_ceil(self.shared.meta.block_size as u64);
+            let scanned = self
+                .shared
+                .counters
+                .hydration_scanned
+                .load(Ordering::Relaxed);
+            metrics.push(metric(
+                "bucketdisk_hydration_progress_ratio",
+                Gauge,
+                "Fraction of the disk --hydrate has pulled into the cache (1: done).",
+                scanned as f64 / total.max(1) as f64,
+            ));
+        }
+        metrics
     }
 
     async fn close(&self) -> DeviceResult<()> {

@@ -146,6 +146,7 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
                 };
                 let into = &mut buffer[start..start + piece.len];
                 if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
+                    shared.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
                     Part::Cached { start }
                 } else {
                     Part::Fetch(loc)
@@ -346,6 +347,7 @@ pub(super) async fn fetch_block(shared: &Shared, loc: BlockLocation) -> io::Resu
     let cell = Arc::clone(lock(&shared.fetches).entry(key).or_default());
     let result = cell
         .get_or_init(|| async {
+            shared.counters.store_fetches.fetch_add(1, Ordering::Relaxed);
             shared
                 .chunks
                 .read_block(&loc)
@@ -584,6 +586,11 @@ pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
             });
         }
         next += count;
+        // Counted when the scan moves on; the last few GETs may still be in flight.
+        shared
+            .counters
+            .hydration_scanned
+            .store(next, Ordering::Relaxed);
     }
     let _ = slots.acquire_many(HYDRATE_CONCURRENCY as u32).await;
     tracing::info!(
