@@ -65,6 +65,10 @@ impl Moto {
         Ok(())
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
     /// Fails if moto has died.
     pub fn ensure_running(&mut self) -> Result<()> {
         self.server.ensure_running()

@@ -176,6 +176,8 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     let suite_start = Instant::now();
 
     let moto = Moto::start(&tmp.path().join("moto.log"))?;
+    // Moto keeps every object in memory: its peak says how close a run came to the RAM limit.
+    let moto_memory = moto.pid().map(crate::process::RssSampler::start);
     moto.create_bucket(store_subjects::BUCKET)?;
     let proxy = LatencyProxy::start(moto.addr, Duration::ZERO)?;
     let env = Env {
@@ -283,6 +285,12 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
         }
     }
     ctx.progress.finish();
+    if let Some(m) = moto_memory.map(crate::process::RssSampler::finish) {
+        ctx.notes.push(format!(
+            "moto (objects in memory) peaked at {} MiB resident",
+            m.hwm >> 20
+        ));
+    }
 
     let rows = compare_report::summarize(&ctx.runs, &ctx.workloads, &order);
     let out_dir = args
