@@ -13,9 +13,9 @@
 //! damaged costs a refetch, never wrong data; whole-block reads are always verified.
 
 use crate::chunk::block_checksum;
-use std::collections::{HashMap, HashSet, VecDeque};
+use crate::fast_hash::{FastHashMap, FastHashSet};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::hash::BuildHasherDefault;
 use std::io::{self, BufRead, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -44,45 +44,45 @@ struct Entry {
     generation: u64,
 }
 
-/// A multiply-rotate hasher (FxHash's) with a final mix: cache keys are our own chunk ids and offsets, not
-/// attacker-chosen, and SipHash's cost showed on every cached 4 KiB read (two lookups each).
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn finish(&self) -> u64 {
-        // Fold the high bits down (murmur3's finaliser): the table indexes by the low bits, and
-        // offsets within a chunk often differ only above bit 16.
-        let mut x = self.0;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        x
-    }
-}
-
-type KeyMap<V> = HashMap<CacheKey, V, BuildHasherDefault<KeyHasher>>;
-type KeySet = HashSet<CacheKey, BuildHasherDefault<KeyHasher>>;
-
 #[derive(Default)]
 struct State {
-    entries: KeyMap<Entry>,
+    entries: FastHashMap<CacheKey, Entry>,
     small: VecDeque<CacheKey>,
     main: VecDeque<CacheKey>,
     ghosts: VecDeque<CacheKey>,
-    ghost_set: KeySet,
+    ghost_set: FastHashSet<CacheKey>,
     free: Vec<u32>,
     generations: u64,
+}
+
+/// One block for [`BlockCache::insert_batch`].
+pub struct CacheInsert<'a> {
+    pub key: CacheKey,
+    /// CRC-32C of `data` (the caller has it already).
+    pub checksum: u32,
+    pub data: &'a [u8],
+    /// The previous version of the same disk block, whose slot the new one takes over.
+    pub replaces: Option<CacheKey>,
+}
+
+/// Writes at most this many consecutive slots at once.
+const MAX_RUN_SLOTS: usize = 128;
+
+/// Splits slot-sorted reservations into runs of consecutive slots.
+fn consecutive_runs(reserved: &[(u32, usize)]) -> impl Iterator<Item = &[(u32, usize)]> {
+    let mut rest = reserved;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut len = 1;
+        while len < rest.len() && len < MAX_RUN_SLOTS && rest[len].0 == rest[len - 1].0 + 1 {
+            len += 1;
+        }
+        let (run, tail) = rest.split_at(len);
+        rest = tail;
+        Some(run)
+    })
 }
 
 pub struct BlockCache {
@@ -271,68 +271,104 @@ impl BlockCache {
         data: &[u8],
         replaced: Option<CacheKey>,
     ) -> io::Result<()> {
-        if data.len() != self.block_size as usize {
+        self.insert_batch(&[CacheInsert {
+            key,
+            checksum,
+            data,
+            replaces: replaced,
+        }])
+    }
+
+    /// Caches several blocks (see [`BlockCache::insert_replacing`]). Blocks that land in
+    /// consecutive slots are written with one `pwrite`: the page cache then holds the cache
+    /// file in large folios, which makes the page lookup of every later cached read cheaper
+    /// (measured: 64 KiB writes cost ~0.6 µs more per cached 4 KiB read than 1 MiB writes).
+    pub fn insert_batch(&self, items: &[CacheInsert<'_>]) -> io::Result<()> {
+        if items
+            .iter()
+            .any(|i| i.data.len() != self.block_size as usize)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "wrong block size",
             ));
         }
-        let slot = {
+        // (slot, item) for every block that got a slot, in slot order.
+        let mut reserved: Vec<(u32, usize)> = {
             let mut state = self.state();
-            if state.entries.contains_key(&key) {
-                return Ok(());
-            }
-            if let Some(old) = replaced {
-                // A slot still being written belongs to its writer until it finishes.
-                if state.entries.get(&old).is_some_and(|e| !e.writing) {
-                    if let Some(e) = state.entries.remove(&old) {
-                        state.free.push(e.slot);
-                    }
-                }
-            }
-            let Some(slot) = state.free.pop().or_else(|| self.evict(&mut state)) else {
-                return Ok(());
-            };
-            let returning = state.ghost_set.remove(&key);
-            state.generations += 1;
-            let generation = state.generations;
-            state.entries.insert(
-                key,
-                Entry {
-                    slot,
-                    checksum,
-                    freq: 0,
-                    in_main: returning,
-                    verified: true,
-                    writing: true,
-                    generation,
-                },
-            );
-            if returning {
-                state.main.push_back(key);
-            } else {
-                state.small.push_back(key);
-            }
-            slot
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| Some((self.reserve(&mut state, item)?, i)))
+                .collect()
         };
-        let written = self
-            .file
-            .write_all_at(data, u64::from(slot) * u64::from(self.block_size));
-        let mut state = self.state();
-        match written {
-            Ok(()) => {
-                if let Some(e) = state.entries.get_mut(&key) {
-                    e.writing = false;
+        reserved.sort_unstable();
+        let mut first_error = None;
+        for run in consecutive_runs(&reserved) {
+            let at = u64::from(run[0].0) * u64::from(self.block_size);
+            let written = if let [(_, i)] = run {
+                self.file.write_all_at(items[*i].data, at)
+            } else {
+                let mut buf = Vec::with_capacity(run.len() * self.block_size as usize);
+                for &(_, i) in run {
+                    buf.extend_from_slice(items[i].data);
                 }
-                Ok(())
-            }
-            Err(e) => {
-                if state.entries.remove(&key).is_some() {
+                self.file.write_all_at(&buf, at)
+            };
+            let mut state = self.state();
+            for &(slot, i) in run {
+                let key = items[i].key;
+                if written.is_ok() {
+                    if let Some(e) = state.entries.get_mut(&key) {
+                        e.writing = false;
+                    }
+                } else if state.entries.remove(&key).is_some() {
                     state.free.push(slot);
                 }
-                Err(e)
+            }
+            if let Err(e) = written {
+                first_error.get_or_insert(e);
             }
         }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Takes a slot for `item` and records it as being written; `None` if the block is already
+    /// cached or nothing can be evicted.
+    fn reserve(&self, state: &mut State, item: &CacheInsert<'_>) -> Option<u32> {
+        if state.entries.contains_key(&item.key) {
+            return None;
+        }
+        if let Some(old) = item.replaces {
+            // A slot still being written belongs to its writer until it finishes.
+            if state.entries.get(&old).is_some_and(|e| !e.writing) {
+                if let Some(e) = state.entries.remove(&old) {
+                    state.free.push(e.slot);
+                }
+            }
+        }
+        let slot = state.free.pop().or_else(|| self.evict(state))?;
+        let returning = state.ghost_set.remove(&item.key);
+        state.generations += 1;
+        let generation = state.generations;
+        state.entries.insert(
+            item.key,
+            Entry {
+                slot,
+                checksum: item.checksum,
+                freq: 0,
+                in_main: returning,
+                verified: true,
+                writing: true,
+                generation,
+            },
+        );
+        if returning {
+            state.main.push_back(item.key);
+        } else {
+            state.small.push_back(item.key);
+        }
+        Some(slot)
     }
 
     fn remove(&self, key: CacheKey) {
@@ -513,6 +549,41 @@ mod tests {
         );
         assert_eq!(buf[..], block(1)[8..24]);
         assert_eq!(verified(&c), Some(true), "checked in full on first read");
+    }
+
+    #[test]
+    fn a_batch_lands_in_consecutive_slots_and_reads_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 300 * u64::from(BS)).expect("open");
+        let blocks: Vec<Vec<u8>> = (0..200).map(block).collect();
+        let mut items: Vec<CacheInsert<'_>> = blocks
+            .iter()
+            .enumerate()
+            .map(|(n, data)| CacheInsert {
+                key: key(n as u64),
+                checksum: block_checksum(data),
+                data,
+                replaces: None,
+            })
+            .collect();
+        // The same key twice in one batch: cached once.
+        items.push(CacheInsert {
+            key: key(3),
+            checksum: block_checksum(&blocks[3]),
+            data: &blocks[3],
+            replaces: None,
+        });
+        c.insert_batch(&items).expect("batch");
+        assert_eq!(c.len(), 200);
+        for n in 0..200 {
+            assert_eq!(get(&c, n), Some(block(n)), "block {n}");
+        }
+        let slot_of = |n: u64| c.state().entries.get(&key(n)).map(|e| e.slot);
+        assert_eq!(
+            slot_of(150),
+            slot_of(0).map(|s| s + 150),
+            "consecutive slots"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! map transaction here right after committing it. A lookup that raced with such a transaction
 //! is not cached (the generation changed while it ran). Bounded: when full, it starts over.
 
+use crate::fast_hash::FastHashMap;
 use blockmap::{BlockLocation, MapChange};
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// Entries kept at most (about 40 bytes each).
@@ -18,7 +18,7 @@ const REMEMBERED_DELETE: u64 = 4096;
 #[derive(Default)]
 struct Inner {
     /// `None`: the block has no row (a hole).
-    blocks: BTreeMap<u64, Option<BlockLocation>>,
+    blocks: FastHashMap<u64, Option<BlockLocation>>,
     generation: u64,
 }
 
@@ -97,9 +97,11 @@ impl Locations {
                     }
                 }
                 MapChange::Delete { first, count } => {
-                    let mut tail = inner.blocks.split_off(&first);
-                    let mut after = tail.split_off(&first.saturating_add(count));
-                    inner.blocks.append(&mut after);
+                    // Long deletes (trims of large ranges) are rare: one pass over the table.
+                    let end = first.saturating_add(count);
+                    inner
+                        .blocks
+                        .retain(|&block, _| block < first || block >= end);
                 }
             }
         }

@@ -9,7 +9,7 @@
 
 use super::read::{fetch_block, stored_blocks};
 use super::{META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other};
-use crate::cache::CacheKey;
+use crate::cache::{CacheInsert, CacheKey};
 use crate::chunk::ChunkBuilder;
 use blockmap::writer::WriterError;
 use blockmap::{BlockLocation, MapChange};
@@ -171,10 +171,17 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                     })
                     .collect::<io::Result<_>>()?
             };
-            for (block, data) in contents {
+            let mut to_cache = Vec::with_capacity(contents.len());
+            for (block, data) in &contents {
                 if let Some(data) = data {
-                    packer.add(&s, block, &data)?;
+                    if let Some(insert) = packer.add(&s, *block, data)? {
+                        to_cache.push(insert);
+                    }
                 }
+            }
+            // Just written means likely read soon: keep the batch in the cache, in one go.
+            if let Err(e) = s.cache.insert_batch(&to_cache) {
+                tracing::debug!("cannot cache uploaded blocks: {e}");
             }
             Ok(packer)
         })
@@ -242,22 +249,25 @@ impl Packer {
         }
     }
 
-    fn add(&mut self, shared: &Shared, block: u64, data: &[u8]) -> io::Result<()> {
+    /// Packs one block; what to write into the cache for it (`None`: all zeros, a hole).
+    fn add<'a>(
+        &mut self,
+        shared: &Shared,
+        block: u64,
+        data: &'a [u8],
+    ) -> io::Result<Option<CacheInsert<'a>>> {
         if data.iter().all(|&b| b == 0) {
             self.holes.push(block);
-            return Ok(());
+            return Ok(None);
         }
         let entry = self
             .builder
             .add(block, data)
             .map_err(|e| other("building a chunk", e))?;
-        // Just written means likely read soon: keep it in the cache (chunks are immutable, so
-        // the key is valid as soon as the chunk exists, and harmless before). Until this upload
-        // commits, reads of the block come from the overlay, not from its previous version.
-        let key = CacheKey {
-            chunk: self.chunk_id,
-            offset: entry.offset,
-        };
+        // The chunk key is valid for the cache as soon as the chunk exists, and harmless before
+        // (chunk ids are never reused). The block's previous version is dead once this upload
+        // commits, so the new one takes over its slot; until then, reads of the block come
+        // from the overlay, or for a partial edit from the store.
         let previous = shared
             .locations
             .get_range(block, 1)
@@ -266,19 +276,22 @@ impl Packer {
                 chunk: old.chunk,
                 offset: old.offset,
             });
-        if let Err(e) = shared
-            .cache
-            .insert_replacing(key, entry.checksum, data, previous)
-        {
-            tracing::debug!("cannot cache an uploaded block: {e}");
-        }
+        let insert = CacheInsert {
+            key: CacheKey {
+                chunk: self.chunk_id,
+                offset: entry.offset,
+            },
+            checksum: entry.checksum,
+            data,
+            replaces: previous,
+        };
         if self.builder.len() >= shared.config.chunk_bytes {
             let full =
                 std::mem::replace(&mut self.builder, ChunkBuilder::new(shared.meta.block_size));
             let id = std::mem::replace(&mut self.chunk_id, next_chunk_id(shared));
             self.sealed.push((id, full));
         }
-        Ok(())
+        Ok(Some(insert))
     }
 }
 
