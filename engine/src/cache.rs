@@ -371,6 +371,19 @@ impl BlockCache {
         Some(slot)
     }
 
+    /// Drops blocks that are no longer any disk block's current version, freeing their slots
+    /// for the next inserts. A slot still being written is left to its writer.
+    pub fn forget(&self, keys: &[CacheKey]) {
+        let mut state = self.state();
+        for key in keys {
+            if state.entries.get(key).is_some_and(|e| !e.writing) {
+                if let Some(e) = state.entries.remove(key) {
+                    state.free.push(e.slot);
+                }
+            }
+        }
+    }
+
     fn remove(&self, key: CacheKey) {
         let mut state = self.state();
         if let Some(e) = state.entries.remove(&key) {

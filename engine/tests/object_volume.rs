@@ -135,6 +135,55 @@ async fn reads_see_writes_before_and_after_upload() {
     other.close().await.expect("close");
 }
 
+/// Blocks fetched from the store so far, from the volume's own metrics.
+async fn store_fetches(v: &ObjectVolume) -> f64 {
+    v.metrics()
+        .await
+        .iter()
+        .find(|m| m.name == "bucketdisk_store_block_fetches_total")
+        .map(|m| m.value)
+        .expect("the fetch counter")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_during_an_upload_keep_using_the_cached_base() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let slow = engine::store_url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
+    let mut config = f.config("local");
+    config.sync_interval = Duration::from_secs(3600);
+    let v = Arc::new(f.open_on(slow, config).await);
+    v.write(0, pattern(65536, 1), false).await.expect("write");
+    v.sync_to_store().await.expect("upload"); // the block is now stored and cached
+    // A partial edit: reads merge it with the stored block until the next upload commits.
+    v.write(4096, pattern(4096, 2), false).await.expect("write");
+    let mut expected = pattern(65536, 1).to_vec();
+    expected[4096..8192].copy_from_slice(&pattern(4096, 2));
+    let before = store_fetches(&v).await;
+    let uploader = {
+        let v = Arc::clone(&v);
+        tokio::spawn(async move { v.sync_to_store().await })
+    };
+    let mut reads = 0;
+    while !uploader.is_finished() {
+        assert_eq!(read(&v, 0, 65536).await, expected);
+        reads += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    uploader.await.expect("join").expect("upload");
+    assert!(
+        reads >= 5,
+        "the upload took long enough to read during it ({reads} reads)"
+    );
+    assert_eq!(
+        store_fetches(&v).await,
+        before,
+        "reads during the upload fetched the base from the store"
+    );
+    assert_eq!(read(&v, 0, 65536).await, expected);
+    assert_eq!(store_fetches(&v).await, before, "the new version is cached");
+    v.close().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_replay_restores_flushed_writes_after_a_crash() {
     let f = Fixture::new(64 * MIB, 65536).await;

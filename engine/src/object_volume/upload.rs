@@ -194,6 +194,7 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
             seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
         }
     }
+    let retired = std::mem::take(&mut packer.retired);
     if !packer.builder.is_empty() {
         seal(
             shared,
@@ -220,6 +221,8 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
     }
     shared.uploaded.send_replace(through);
     lock(&shared.stats).uploads += 1;
+    // Their slots are reused by the next upload: rewriting pages the page cache holds.
+    shared.cache.forget(&retired);
     let s = Arc::clone(shared);
     blocking(move || match lock(&s.journal).as_mut() {
         Some(journal) => journal.release(through),
@@ -237,6 +240,8 @@ struct Packer {
     sealed: Vec<(u64, ChunkBuilder)>,
     /// Blocks whose content is all zeros: not stored, they become holes.
     holes: Vec<u64>,
+    /// Cache keys of the packed blocks' previous versions: dead once this upload commits.
+    retired: Vec<CacheKey>,
 }
 
 impl Packer {
@@ -246,6 +251,7 @@ impl Packer {
             chunk_id: next_chunk_id(shared),
             sealed: Vec::new(),
             holes: Vec::new(),
+            retired: Vec::new(),
         }
     }
 
@@ -256,6 +262,19 @@ impl Packer {
         block: u64,
         data: &'a [u8],
     ) -> io::Result<Option<CacheInsert<'a>>> {
+        // The block's previous version (if cached) is dead once this upload commits. It stays
+        // in the cache until then: a read that merges an edit not yet uploaded with the stored
+        // block needs it, and a miss would cost a store round trip per read.
+        if let Some(old) = shared
+            .locations
+            .get_range(block, 1)
+            .and_then(|found| found.first().copied().flatten())
+        {
+            self.retired.push(CacheKey {
+                chunk: old.chunk,
+                offset: old.offset,
+            });
+        }
         if data.iter().all(|&b| b == 0) {
             self.holes.push(block);
             return Ok(None);
@@ -265,17 +284,7 @@ impl Packer {
             .add(block, data)
             .map_err(|e| other("building a chunk", e))?;
         // The chunk key is valid for the cache as soon as the chunk exists, and harmless before
-        // (chunk ids are never reused). The block's previous version is dead once this upload
-        // commits, so the new one takes over its slot; until then, reads of the block come
-        // from the overlay, or for a partial edit from the store.
-        let previous = shared
-            .locations
-            .get_range(block, 1)
-            .and_then(|found| found.first().copied().flatten())
-            .map(|old| CacheKey {
-                chunk: old.chunk,
-                offset: old.offset,
-            });
+        // (chunk ids are never reused).
         let insert = CacheInsert {
             key: CacheKey {
                 chunk: self.chunk_id,
@@ -283,7 +292,7 @@ impl Packer {
             },
             checksum: entry.checksum,
             data,
-            replaces: previous,
+            replaces: None,
         };
         if self.builder.len() >= shared.config.chunk_bytes {
             let full =
