@@ -62,38 +62,60 @@ pub struct Moto {
 }
 
 impl Moto {
+    /// Starts moto on a free port and creates the "volumes" bucket. Retried on a new port if
+    /// moto exits (another process took the port between `free_port` and its bind) and while
+    /// it is still coming up (it accepts connections a moment before it answers them).
     pub fn start() -> Moto {
         require_tool("moto_server");
-        let port = free_port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let moto = Moto { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto_server did not start");
-            std::thread::sleep(Duration::from_millis(50));
+        for _attempt in 0..3 {
+            let port = free_port();
+            let child = Command::new("moto_server")
+                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start moto_server");
+            let mut moto = Moto { child, port };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match moto.try_create_bucket("volumes") {
+                    Ok(()) => return moto,
+                    Err(why) => {
+                        let exited = moto.child.try_wait().ok().flatten().is_some();
+                        assert!(
+                            Instant::now() < deadline,
+                            "moto_server did not start: {why}"
+                        );
+                        if exited {
+                            break; // the port was taken: try another
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
         }
-        moto.create_bucket("volumes");
-        moto
+        panic!("moto_server exited three times at start");
     }
 
     /// Creates a bucket with a plain HTTP PUT (moto does not check signatures).
-    fn create_bucket(&self, bucket: &str) {
+    fn try_create_bucket(&self, bucket: &str) -> Result<(), String> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))
+            .map_err(|e| format!("connect: {e}"))?;
         write!(
             s,
             "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             self.port
         )
-        .expect("send");
+        .map_err(|e| format!("send: {e}"))?;
         let mut reply = String::new();
-        s.read_to_string(&mut reply).expect("reply");
-        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+        s.read_to_string(&mut reply)
+            .map_err(|e| format!("reply: {e}"))?;
+        if reply.starts_with("HTTP/1.1 200") {
+            Ok(())
+        } else {
+            Err(format!("create bucket: {reply}"))
+        }
     }
 }
 
