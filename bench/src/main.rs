@@ -29,6 +29,7 @@ mod suites;
 mod synthetic;
 mod units;
 mod volume;
+mod workspace;
 
 use clap::{Parser, Subcommand};
 

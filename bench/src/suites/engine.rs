@@ -26,6 +26,7 @@ use crate::store_watch::StoreWatch;
 use crate::subjects::{self, Subject, Volume};
 use crate::suites::nbd_local::WORKLOADS;
 use crate::synthetic::{self, BLOCK, Built, DISTINCT};
+use crate::workspace::{build_bucketdisk, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -2080,35 +2081,6 @@ fn markdown(r: &EngineReport, stem: &str) -> String {
         "Raw numbers for every run: `{stem}.json` beside this file."
     );
     o
-}
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// Builds the release `bucketdisk` so results always match the checked-out source.
-pub fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("engine: building bucketdisk (release)");
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "nbd-server",
-            "--bin",
-            "bucketdisk",
-        ])
-        .current_dir(workspace)
-        .status()
-        .context("running cargo build")?;
-    ensure!(
-        status.success(),
-        "cargo build --release -p nbd-server failed ({status})"
-    );
-    Ok(workspace.join("target").join("release").join("bucketdisk"))
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use crate::report::{self, Report, RunRecord, SubjectInfo};
 use crate::subjects::{self, Subject};
 use crate::units::parse_size;
 use crate::volume;
+use crate::workspace::{build_bucketdisk, workspace_root};
 use anyhow::{Context, Result, bail};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 pub const SUITE: &str = "nbd-local";
@@ -224,33 +225,4 @@ pub fn run(args: Args, command: String) -> Result<()> {
     eprintln!("bench: wrote {} and {}", md.display(), json.display());
     print!("{}", report::markdown(&report));
     Ok(())
-}
-
-fn workspace_root() -> PathBuf {
-    // bench/ is one level below the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
-}
-
-/// Builds the release `bucketdisk` so results always match the checked-out source.
-fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    eprintln!("bench: building bucketdisk (release)");
-    let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "nbd-server",
-            "--bin",
-            "bucketdisk",
-        ])
-        .current_dir(workspace)
-        .status()
-        .context("running cargo build")?;
-    if !status.success() {
-        bail!("cargo build --release -p nbd-server failed ({status})");
-    }
-    Ok(workspace.join("target").join("release").join("bucketdisk"))
 }

@@ -1,0 +1,35 @@
+//! The checked-out workspace: where it is, and its release `bucketdisk` built from it.
+
+use anyhow::{Context, Result, ensure};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The workspace root (bench/ is one level below it).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// Builds the release `bucketdisk` so results always match the checked-out source.
+pub fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    eprintln!("bench: building bucketdisk (release)");
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "nbd-server",
+            "--bin",
+            "bucketdisk",
+        ])
+        .current_dir(workspace)
+        .status()
+        .context("running cargo build")?;
+    ensure!(
+        status.success(),
+        "cargo build --release -p nbd-server failed ({status})"
+    );
+    Ok(workspace.join("target").join("release").join("bucketdisk"))
+}
