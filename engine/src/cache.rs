@@ -61,8 +61,6 @@ pub struct CacheInsert<'a> {
     /// CRC-32C of `data` (the caller has it already).
     pub checksum: u32,
     pub data: &'a [u8],
-    /// The previous version of the same disk block, whose slot the new one takes over.
-    pub replaces: Option<CacheKey>,
 }
 
 /// Writes at most this many consecutive slots at once.
@@ -257,29 +255,14 @@ impl BlockCache {
 
     /// Caches a block (a no-op if it is already there).
     pub fn insert(&self, key: CacheKey, data: &[u8]) -> io::Result<()> {
-        self.insert_replacing(key, block_checksum(data), data, None)
-    }
-
-    /// Caches a block whose checksum the caller computed, first forgetting `replaced` (the
-    /// previous version of the same disk block, dead once the new one is committed): the new
-    /// version takes over its slot, so rewriting a block rewrites pages the page cache already
-    /// holds instead of filling fresh ones until eviction catches up.
-    pub fn insert_replacing(
-        &self,
-        key: CacheKey,
-        checksum: u32,
-        data: &[u8],
-        replaced: Option<CacheKey>,
-    ) -> io::Result<()> {
         self.insert_batch(&[CacheInsert {
             key,
-            checksum,
+            checksum: block_checksum(data),
             data,
-            replaces: replaced,
         }])
     }
 
-    /// Caches several blocks (see [`BlockCache::insert_replacing`]). Blocks that land in
+    /// Caches several blocks (each a no-op if it is already there). Blocks that land in
     /// consecutive slots are written with one `pwrite`: the page cache then holds the cache
     /// file in large folios, which makes the page lookup of every later cached read cheaper
     /// (measured: 64 KiB writes cost ~0.6 µs more per cached 4 KiB read than 1 MiB writes).
@@ -338,14 +321,6 @@ impl BlockCache {
     fn reserve(&self, state: &mut State, item: &CacheInsert<'_>) -> Option<u32> {
         if state.entries.contains_key(&item.key) {
             return None;
-        }
-        if let Some(old) = item.replaces {
-            // A slot still being written belongs to its writer until it finishes.
-            if state.entries.get(&old).is_some_and(|e| !e.writing) {
-                if let Some(e) = state.entries.remove(&old) {
-                    state.free.push(e.slot);
-                }
-            }
         }
         let slot = state.free.pop().or_else(|| self.evict(state))?;
         let returning = state.ghost_set.remove(&item.key);
@@ -517,8 +492,8 @@ mod tests {
         c.insert(key(2), &block(2)).expect("insert");
         let slot_of = |c: &BlockCache, n: u64| c.state().entries.get(&key(n)).map(|e| e.slot);
         let old_slot = slot_of(&c, 1);
-        c.insert_replacing(key(3), block_checksum(&block(3)), &block(3), Some(key(1)))
-            .expect("replace");
+        c.forget(&[key(1)]);
+        c.insert(key(3), &block(3)).expect("insert");
         assert_eq!(get(&c, 1), None, "the old version is gone");
         assert_eq!(get(&c, 3), Some(block(3)));
         assert_eq!(get(&c, 2), Some(block(2)), "others untouched");
@@ -576,7 +551,6 @@ mod tests {
                 key: key(n as u64),
                 checksum: block_checksum(data),
                 data,
-                replaces: None,
             })
             .collect();
         // The same key twice in one batch: cached once.
@@ -584,7 +558,6 @@ mod tests {
             key: key(3),
             checksum: block_checksum(&blocks[3]),
             data: &blocks[3],
-            replaces: None,
         });
         c.insert_batch(&items).expect("batch");
         assert_eq!(c.len(), 200);

@@ -292,7 +292,6 @@ impl Packer {
             },
             checksum: entry.checksum,
             data,
-            replaces: None,
         };
         if self.builder.len() >= shared.config.chunk_bytes {
             let full =
