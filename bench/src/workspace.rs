@@ -12,7 +12,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 /// Builds the release `bucketdisk` so results always match the checked-out source.
-pub fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
+fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("bench: building bucketdisk (release)");
     let status = Command::new(cargo)
@@ -32,4 +32,14 @@ pub fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
         "cargo build --release -p nbd-server failed ({status})"
     );
     Ok(workspace.join("target").join("release").join("bucketdisk"))
+}
+
+/// The `bucketdisk` to measure: `given`, or the one built from this workspace; absolute.
+pub fn bucketdisk_binary(given: Option<&Path>, workspace: &Path) -> Result<PathBuf> {
+    let bin = match given {
+        Some(p) => p.to_path_buf(),
+        None => build_bucketdisk(workspace)?,
+    };
+    bin.canonicalize()
+        .with_context(|| format!("bucketdisk binary {}", bin.display()))
 }

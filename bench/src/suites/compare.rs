@@ -15,7 +15,7 @@ use crate::store_subjects::{self, Env, Kind, Session};
 use crate::suites::compare_clocks::{self, BootRun, HydrationRun, LitestreamRun, MkfsRun};
 use crate::units::parse_size;
 use crate::volume;
-use crate::workspace::{build_bucketdisk, workspace_root};
+use crate::workspace::{bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, ensure};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -150,13 +150,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     };
 
     let workspace = workspace_root();
-    let bin = match &args.bucketdisk {
-        Some(p) => p.clone(),
-        None => build_bucketdisk(&workspace)?,
-    };
-    let bin = bin
-        .canonicalize()
-        .with_context(|| format!("bucketdisk binary {}", bin.display()))?;
+    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let peer_versions = vec![
         ("s3backer".into(), version_line("s3backer", &["--version"])),

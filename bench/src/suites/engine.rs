@@ -26,7 +26,7 @@ use crate::store_watch::StoreWatch;
 use crate::subjects::{self, Subject, Volume};
 use crate::suites::nbd_local::WORKLOADS;
 use crate::synthetic::{self, BLOCK, Built, DISTINCT};
-use crate::workspace::{build_bucketdisk, workspace_root};
+use crate::workspace::{bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -1454,13 +1454,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     ensure!(repeats > 0, "--repeats must be at least 1");
     let sizes = Sizes::new(&args);
     let workspace = workspace_root();
-    let bin = match &args.bucketdisk {
-        Some(p) => p.clone(),
-        None => build_bucketdisk(&workspace)?,
-    };
-    let bin = bin
-        .canonicalize()
-        .with_context(|| format!("bucketdisk binary {}", bin.display()))?;
+    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let extra_tools = ExtraTools {
         litestream: version_of("litestream", &["version"]),

@@ -8,7 +8,7 @@ use crate::report::{self, Report, RunRecord, SubjectInfo};
 use crate::subjects::{self, Subject};
 use crate::units::parse_size;
 use crate::volume;
-use crate::workspace::{build_bucketdisk, workspace_root};
+use crate::workspace::{bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -89,13 +89,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         bail!("--subjects must include bucketdisk and {}", BASELINE.name());
     }
     let workspace = workspace_root();
-    let bucketdisk = match &args.bucketdisk {
-        Some(p) => p.clone(),
-        None => build_bucketdisk(&workspace)?,
-    };
-    let bucketdisk = bucketdisk
-        .canonicalize()
-        .with_context(|| format!("bucketdisk binary {}", bucketdisk.display()))?;
+    let bucketdisk = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bucketdisk, &workspace)?;
     let load_before = machine::load_average();
     let (date, started) = machine::utc_now();
