@@ -193,12 +193,12 @@ impl BlockCache {
 
     /// A cached block, verified against `checksum`; `None` on a miss or a damaged slot.
     pub fn get(&self, key: CacheKey, checksum: u32) -> io::Result<Option<Vec<u8>>> {
-        let slot = {
+        let (slot, generation) = {
             let mut state = self.state();
             match state.entries.get_mut(&key) {
                 Some(e) if e.checksum == checksum && !e.writing => {
                     e.freq = (e.freq + 1).min(3);
-                    e.slot
+                    (e.slot, e.generation)
                 }
                 _ => return Ok(None),
             }
@@ -207,7 +207,7 @@ impl BlockCache {
         self.file
             .read_exact_at(&mut data, u64::from(slot) * u64::from(self.block_size))?;
         if block_checksum(&data) != checksum {
-            self.remove(key);
+            self.remove_damaged(key, slot, generation);
             return Ok(None);
         }
         Ok(Some(data))
@@ -359,10 +359,18 @@ impl BlockCache {
         }
     }
 
-    fn remove(&self, key: CacheKey) {
+    /// Drops a slot that failed verification, unless the entry was replaced meanwhile (the
+    /// slot evicted and the block inserted again, maybe still being written): freeing that
+    /// slot would let two writers share it.
+    fn remove_damaged(&self, key: CacheKey, slot: u32, generation: u64) {
         let mut state = self.state();
-        if let Some(e) = state.entries.remove(&key) {
-            state.free.push(e.slot);
+        let same = state
+            .entries
+            .get(&key)
+            .is_some_and(|e| e.slot == slot && e.generation == generation && !e.writing);
+        if same {
+            state.entries.remove(&key);
+            state.free.push(slot);
             // The queues drop the stale key lazily when it reaches their head.
         }
     }
