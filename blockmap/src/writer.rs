@@ -17,6 +17,8 @@ use tokio::runtime::Handle;
 
 /// Page size of new block maps.
 pub const PAGE_SIZE: u32 = 4096;
+/// [`MapWriter::tidy`] takes a snapshot once this many level-1 files follow the latest one.
+pub const TIDY_SNAPSHOT_AFTER: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -181,6 +183,32 @@ impl MapWriter {
                 }
             }
         }
+    }
+
+    /// Light upkeep for when the writer goes idle or closes: folds level 0 into one level-1
+    /// file and, once [`TIDY_SNAPSHOT_AFTER`] level-1 files have piled up after the latest
+    /// snapshot, takes a snapshot. The next open then reads a handful of files instead of one
+    /// per transaction since the last [`MapWriter::maintain`] (each a store round trip).
+    pub async fn tidy(&self) -> Result<(), WriterError> {
+        crate::compaction::compact_level(&self.replica, 0, 1).await?;
+        let listing = self.replica.list().await?;
+        let snapshot_txid = listing
+            .iter()
+            .filter(|f| f.level == ltx::naming::SNAPSHOT_LEVEL)
+            .map(|f| f.name.max_txid)
+            .max()
+            .unwrap_or(0);
+        let level1_after = listing
+            .iter()
+            .filter(|f| f.level == 1 && f.name.max_txid > snapshot_txid)
+            .count();
+        if level1_after >= TIDY_SNAPSHOT_AFTER {
+            crate::compaction::snapshot(&self.replica).await?;
+            if self.independent_of_open_files.load(Ordering::Acquire) {
+                crate::compaction::enforce_retention(&self.replica, 2).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Final sync, then the database is detached from the VFS.

@@ -176,6 +176,101 @@ async fn maintenance_keeps_the_open_cheap() {
     assert_eq!(map2.get(59).expect("get"), Some(loc(59)));
 }
 
+/// A writer that goes idle (or closes) many times tidies each time: however many sessions
+/// came before, opening reads a snapshot and a few level-1 files, not one file per transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidying_keeps_the_open_cheap_across_many_sessions() {
+    use blockmap::faulty_store::FaultyStore;
+    use blockmap::replica::PageMap;
+    use blockmap::writer::TIDY_SNAPSHOT_AFTER;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let counted = Arc::new(FaultyStore::new(local));
+    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as _;
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        Path::from("vol/blockmap"),
+        Layout::File,
+    ));
+    // The files an open reads, and what opening costs in requests.
+    let open_cost = || {
+        let (counted, replica) = (Arc::clone(&counted), Arc::clone(&replica));
+        async move {
+            let files = replica
+                .plan(ltx::RestoreTarget::Latest)
+                .await
+                .expect("plan");
+            let before = counted.requests();
+            let map = PageMap::open(&replica, ltx::RestoreTarget::Latest)
+                .await
+                .expect("open");
+            (files.len(), counted.requests() - before, map.txid)
+        }
+    };
+    // A snapshot, the level-1 files after it (one fewer than trigger the next snapshot), and
+    // the level-1 file just compacted.
+    let bound = 1 + TIDY_SNAPSHOT_AFTER;
+    let mut block = 0u64;
+    for session in 0..2 * TIDY_SNAPSHOT_AFTER {
+        let w = MapWriter::open(
+            Arc::clone(&store),
+            Arc::clone(&replica),
+            Path::from("vol"),
+            &format!("writer-test-tidy-{session}"),
+            "host",
+            tokio::runtime::Handle::current(),
+        )
+        .await
+        .expect("open");
+        let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
+        map.apply(&[(session as u64 + 1, 1 << 20)], &[])
+            .expect("chunk");
+        for _ in 0..20 {
+            map.apply(
+                &[],
+                &[MapChange::Put {
+                    block,
+                    location: loc(block),
+                }],
+            )
+            .expect("apply");
+            block += 1;
+            w.sync().await.expect("sync");
+        }
+        let (untidy_files, untidy_requests, txid) = open_cost().await;
+        assert!(
+            untidy_files >= 20,
+            "20 new transactions, {untidy_files} files"
+        );
+        w.tidy().await.expect("tidy");
+        let (files, requests, txid_after) = open_cost().await;
+        assert_eq!(txid, txid_after, "tidying changes no content");
+        assert!(
+            files <= bound && requests < untidy_requests,
+            "session {session}: after tidying an open reads {files} files (bound {bound}) \
+             in {requests} requests (before: {untidy_requests})"
+        );
+        drop(map);
+        w.close().await.expect("close");
+    }
+    let w = MapWriter::open(
+        Arc::clone(&store),
+        Arc::clone(&replica),
+        Path::from("vol"),
+        "writer-test-tidy-last",
+        "host",
+        tokio::runtime::Handle::current(),
+    )
+    .await
+    .expect("reopen");
+    let map = BlockMap::new(w.connection().expect("conn")).expect("map");
+    for b in [0, block / 2, block - 1] {
+        assert_eq!(map.get(b).expect("get"), Some(loc(b)));
+    }
+    assert_eq!(map.get(block).expect("get"), None);
+}
+
 /// A writer that opened an existing replica reads pages through the files present at open, so
 /// retention must leave them alone until it has hydrated; after that, it may delete them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

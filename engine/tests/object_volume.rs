@@ -564,3 +564,62 @@ async fn chunks_a_dead_writer_never_committed_are_swept() {
     );
     second.close().await.expect("close");
 }
+
+/// Files an open of the volume's map reads (one store round trip each).
+async fn map_files_to_open(f: &Fixture) -> usize {
+    let replica = blockmap::replica::Replica::new(
+        Arc::clone(&f.store),
+        Path::from("disk/blockmap"),
+        f.layout,
+    );
+    replica
+        .plan(ltx::RestoreTarget::Latest)
+        .await
+        .expect("plan")
+        .len()
+}
+
+/// Every upload adds a transaction file to the map replica; a volume that is written and
+/// closed many times must not leave the next open reading all of them: idle uploads and clean
+/// closes fold them together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_closed_volumes_leave_their_map_cheap_to_open() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    for session in 0..3u8 {
+        let v = f.open(f.config("local")).await;
+        for i in 0..12u64 {
+            v.write(i * 65536, pattern(65536, session + i as u8), false)
+                .await
+                .expect("write");
+            v.sync_to_store().await.expect("upload");
+        }
+        let busy = map_files_to_open(&f).await;
+        assert!(busy >= 12, "12 uploads, yet an open reads {busy} files");
+        if session == 0 {
+            // Uploads idle: the uploader tidies by itself.
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while map_files_to_open(&f).await > 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "idle uploads never tidied the map"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        v.close().await.expect("close");
+        let closed = map_files_to_open(&f).await;
+        assert!(
+            closed <= usize::from(session) + 1,
+            "after {} clean closes an open reads {closed} files",
+            session + 1
+        );
+    }
+    let fresh = f.open(f.config("elsewhere")).await;
+    for i in 0..12u64 {
+        assert_eq!(
+            read(&fresh, i * 65536, 65536).await,
+            pattern(65536, 2 + i as u8)
+        );
+    }
+    fresh.close().await.expect("close");
+}

@@ -997,6 +997,10 @@ impl BlockDevice for ObjectVolume {
             upload::upload_all(&self.shared)
                 .await
                 .map_err(DeviceError::Io)?;
+            // Stored either way; a failed tidy only makes the next open read more files.
+            if let Err(e) = upload::tidy(&self.shared).await {
+                tracing::warn!(volume = %self.shared.meta.name, "block map tidy at close failed: {e}");
+            }
         }
         let shared = Arc::clone(&self.shared);
         blocking(move || shared.cache.save_index())

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -31,9 +31,13 @@ const MATERIALIZE_BYTES: u64 = 8 << 20;
 const PUT_CONCURRENCY: usize = 2;
 /// Block-map maintenance (compaction, snapshot, retention) and GC every this many uploads.
 const MAINTAIN_EVERY: u64 = 60;
+/// Uploads idle this long: tidy the map replica (cheap; a busy writer never waits for it).
+const TIDY_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut uploads = 0u64;
+    // When the last upload finished, while the map replica has files an idle tidy would fold.
+    let mut untidy_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(shared.config.sync_interval) => {}
@@ -44,8 +48,19 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             return;
         }
         match boxed(upload_once(&shared)).await {
-            Ok(false) => continue,
-            Ok(true) => uploads += 1,
+            Ok(false) => {
+                if untidy_since.is_some_and(|t| t.elapsed() >= TIDY_WHEN_IDLE_FOR) {
+                    untidy_since = None;
+                    if let Err(e) = boxed(tidy(&shared)).await {
+                        tracing::warn!(volume = %shared.meta.name, "block map tidy failed: {e}");
+                    }
+                }
+                continue;
+            }
+            Ok(true) => {
+                uploads += 1;
+                untidy_since = Some(Instant::now());
+            }
             Err(e) => {
                 tracing::warn!(volume = %shared.meta.name, "upload failed, will retry: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -58,6 +73,19 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
         }
     }
+}
+
+/// Folds the map replica's recent transaction files together (see `MapWriter::tidy`), so the
+/// next open of the volume, here or elsewhere, reads a few files instead of one per upload.
+/// Runs when uploads go idle and at clean close; serialised with uploads and maintenance.
+pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
+    let _serialised = shared.maintenance.lock().await;
+    if let MapRole::Writer(writer) = &shared.map {
+        boxed(writer.tidy())
+            .await
+            .map_err(|e| other("block map tidy", e))?;
+    }
+    Ok(())
 }
 
 /// What one maintenance pass did.
