@@ -18,6 +18,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const MAGIC: &[u8; 4] = b"BDJ1";
 const HEADER_LEN: usize = 4 + 8 + 1 + 8 + 8 + 4 + 4;
@@ -93,6 +94,50 @@ pub struct Journal {
     spares: Vec<PathBuf>,
     /// How many released segment files to keep at most.
     spares_kept: usize,
+    /// The segment rotated out last and the background fdatasync of it (and of the directory,
+    /// which holds the new segment's name). At most one is in flight: the next rotation waits
+    /// for it, and a FLUSH syncs that segment again before the current one.
+    rotated: Option<RotatedSegment>,
+    /// Renames and creations in the directory so far, and how many of them are known durable
+    /// (the directory was fsynced after them): a FLUSH fsyncs the directory only if needed.
+    dir_changes: u64,
+    dir_synced: Arc<AtomicU64>,
+}
+
+struct RotatedSegment {
+    file: File,
+    sync: std::thread::JoinHandle<io::Result<()>>,
+}
+
+/// What a FLUSH must make durable, taken under the journal lock and run without it: the segment
+/// rotated out last (its background sync may still be running), the directory, then the
+/// current segment.
+pub struct JournalSync {
+    rotated: Option<File>,
+    dir: PathBuf,
+    dir_changes: u64,
+    dir_synced: Arc<AtomicU64>,
+    current: File,
+}
+
+impl JournalSync {
+    pub fn run(self) -> io::Result<()> {
+        if let Some(rotated) = self.rotated {
+            rotated.sync_data()?;
+        }
+        sync_dir_through(&self.dir, self.dir_changes, &self.dir_synced)?;
+        self.current.sync_data()
+    }
+}
+
+/// Fsyncs the journal directory unless `changes` of its renames are known durable already.
+fn sync_dir_through(dir: &Path, changes: u64, synced: &AtomicU64) -> io::Result<()> {
+    if synced.load(Ordering::Acquire) >= changes {
+        return Ok(());
+    }
+    File::open(dir)?.sync_all()?;
+    synced.fetch_max(changes, Ordering::AcqRel);
+    Ok(())
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -138,25 +183,41 @@ impl Journal {
         segments.sort_by_key(|s| s.first_seq);
         let mut next_seq = segments.first().map_or(1, |s| s.first_seq);
         let count = segments.len();
-        for (i, segment) in segments.iter().enumerate() {
-            let last = i + 1 == count;
+        for i in 0..count {
+            let (first_seq, path) = (segments[i].first_seq, segments[i].path.clone());
             // A segment may start after a gap (see `skip_to`), never before its predecessor ends.
-            if segment.first_seq < next_seq {
+            if first_seq < next_seq {
                 return Err(corrupt(
-                    &segment.path,
+                    &path,
                     0,
-                    &format!("starts at seq {}, before {next_seq}", segment.first_seq),
+                    &format!("starts at seq {first_seq}, before {next_seq}"),
                 ));
             }
-            next_seq = segment.first_seq;
-            let valid_len = replay_segment(&segment.path, &mut next_seq, last, &mut replay)?;
-            if last {
-                // Cut a torn, never-acknowledged tail.
-                let f = OpenOptions::new().write(true).open(&segment.path)?;
-                if f.metadata()?.len() != valid_len {
-                    f.set_len(valid_len)?;
-                    f.sync_all()?;
+            next_seq = first_seq;
+            // Only the last two segments may be incomplete: a rotation waits for the sync of
+            // the segment before, and a FLUSH syncs both (see `rotate`).
+            let may_be_torn = i + 2 >= count;
+            let valid_len = replay_segment(&path, &mut next_seq, may_be_torn, &mut replay)?;
+            let file_len = std::fs::metadata(&path)?.len();
+            if may_be_torn && valid_len != file_len {
+                // Cut the torn, never-acknowledged tail. If this is the segment before the
+                // last, its sync never finished, so no FLUSH covered anything after it: the
+                // last segment goes too.
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(valid_len)?;
+                f.sync_all()?;
+                if i + 2 == count {
+                    if let Some(last) = segments.pop() {
+                        tracing::warn!(
+                            "journal {} ends early; dropping {} (written after the last flush)",
+                            path.display(),
+                            last.path.display()
+                        );
+                        std::fs::remove_file(&last.path)?;
+                        File::open(dir)?.sync_all()?;
+                    }
                 }
+                break;
             }
         }
         if segments.is_empty() {
@@ -192,47 +253,60 @@ impl Journal {
             next_seq,
             spares,
             spares_kept: SPARES_KEPT,
+            rotated: None,
+            dir_changes: 0,
+            dir_synced: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    fn append(&mut self, kind: u8, offset: u64, length: u64, data: &[u8]) -> io::Result<u64> {
+    fn append(
+        &mut self,
+        kind: u8,
+        offset: u64,
+        length: u64,
+        data: &[u8],
+        data_crc: u32,
+    ) -> io::Result<u64> {
         if self.current_len >= SEGMENT_BYTES {
             self.rotate()?;
         }
         let seq = self.next_seq;
-        let mut record = Vec::with_capacity(HEADER_LEN + data.len());
-        record.extend_from_slice(MAGIC);
-        record.extend_from_slice(&seq.to_le_bytes());
-        record.push(kind);
-        record.extend_from_slice(&offset.to_le_bytes());
-        record.extend_from_slice(&length.to_le_bytes());
-        record.extend_from_slice(&crc32c(data).to_le_bytes());
-        let header_crc = crc32c(&record);
-        record.extend_from_slice(&header_crc.to_le_bytes());
-        record.extend_from_slice(data);
-        if let Err(e) = self.current.write_all_at(&record, self.current_len) {
+        let mut header = [0u8; HEADER_LEN];
+        header[..4].copy_from_slice(MAGIC);
+        header[4..12].copy_from_slice(&seq.to_le_bytes());
+        header[12] = kind;
+        header[13..21].copy_from_slice(&offset.to_le_bytes());
+        header[21..29].copy_from_slice(&length.to_le_bytes());
+        header[29..33].copy_from_slice(&data_crc.to_le_bytes());
+        let header_crc = crc32c(&header[..HEADER_LEN - 4]);
+        header[HEADER_LEN - 4..].copy_from_slice(&header_crc.to_le_bytes());
+        // Header and data in one system call, without copying the data into a record buffer.
+        if let Err(e) = write_all_vectored_at(&self.current, &[&header, data], self.current_len) {
             // A partly written record (a full disk) must not stay in front of later ones: on
             // the next open it would read as corruption in the middle of the log.
             let _ = self.current.set_len(self.current_len);
             return Err(e);
         }
-        self.current_len += record.len() as u64;
+        self.current_len += (HEADER_LEN + data.len()) as u64;
         self.next_seq += 1;
         Ok(seq)
     }
 
     /// Appends a write; durable after the next [`Journal::sync`].
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> io::Result<u64> {
-        self.append(1, offset, data.len() as u64, data)
+        self.append(1, offset, data.len() as u64, data, crc32c(data))
     }
 
-    /// [`Journal::append_write`] that also says where the data now sits.
+    /// [`Journal::append_write`] that also says where the data now sits. `data_crc` is
+    /// [`crc32c`] of `data`, computed by the caller before it took the journal's lock, so that
+    /// concurrent writers checksum in parallel.
     pub fn append_write_located(
         &mut self,
         offset: u64,
         data: &[u8],
+        data_crc: u32,
     ) -> io::Result<(u64, JournalData)> {
-        let seq = self.append(1, offset, data.len() as u64, data)?;
+        let seq = self.append(1, offset, data.len() as u64, data, data_crc)?;
         let end = self.current_len;
         Ok((
             seq,
@@ -245,18 +319,29 @@ impl Journal {
 
     /// Appends a zeroed range (trim / write zeroes).
     pub fn append_zero(&mut self, offset: u64, length: u64) -> io::Result<u64> {
-        self.append(2, offset, length, &[])
+        self.append(2, offset, length, &[], crc32c(&[]))
     }
 
     /// Makes every appended record durable (FLUSH, FUA).
     pub fn sync(&mut self) -> io::Result<()> {
-        self.current.sync_data()
+        self.sync_handle()?.run()
     }
 
-    /// A handle to fdatasync the current segment without holding the journal: appends go on
-    /// meanwhile. Earlier segments were synced when they were rotated out.
-    pub fn sync_handle(&self) -> io::Result<File> {
-        self.current.try_clone()
+    /// What to fdatasync to make every record appended so far durable, to run without holding
+    /// the journal: appends go on meanwhile. Segments before the last rotated one were synced
+    /// before the rotation after them began.
+    pub fn sync_handle(&self) -> io::Result<JournalSync> {
+        Ok(JournalSync {
+            rotated: self
+                .rotated
+                .as_ref()
+                .map(|r| r.file.try_clone())
+                .transpose()?,
+            dir: self.dir.clone(),
+            dir_changes: self.dir_changes,
+            dir_synced: Arc::clone(&self.dir_synced),
+            current: self.current.try_clone()?,
+        })
     }
 
     /// Makes the next record's seq at least `seq`: a journal that starts empty on a volume
@@ -282,11 +367,23 @@ impl Journal {
         }
     }
 
+    /// Starts a new segment. The old one is made durable by a background thread, so appends
+    /// go on meanwhile (measured: an fdatasync of 64 MiB under the lock every rotation held
+    /// 1 MiB writes to ~0.9 GB/s; without it, 1.4 GB/s). Durability is unchanged: a FLUSH
+    /// syncs the rotated segment itself, and the next rotation first waits for this sync, so at
+    /// most the last two segments can be incomplete after a power loss (see replay).
     fn rotate(&mut self) -> io::Result<()> {
-        // A recycled file may hold stale records past what was written: only the last segment
-        // may end in anything but a complete record.
+        if let Some(previous) = self.rotated.take() {
+            previous
+                .sync
+                .join()
+                .map_err(|_| io::Error::other("journal sync thread panicked"))??;
+        }
+        // A recycled file may hold stale records past what was written: only the last two
+        // segments may end in anything but a complete record.
         self.current.set_len(self.current_len)?;
-        self.current.sync_data()?;
+        let old = self.current.try_clone()?;
+        let syncing = self.current.try_clone()?;
         let path = segment_path(&self.dir, self.next_seq);
         if let Some(spare) = self.spares.pop() {
             std::fs::rename(&spare, &path)?;
@@ -297,7 +394,19 @@ impl Journal {
             .truncate(false)
             .open(&path)?;
         self.current_reader = Arc::new(File::open(&path)?);
-        File::open(&self.dir)?.sync_all()?;
+        self.dir_changes += 1;
+        let (dir, changes, synced) = (
+            self.dir.clone(),
+            self.dir_changes,
+            Arc::clone(&self.dir_synced),
+        );
+        let sync = std::thread::Builder::new()
+            .name("journal-sync".into())
+            .spawn(move || {
+                syncing.sync_data()?;
+                sync_dir_through(&dir, changes, &synced)
+            })?;
+        self.rotated = Some(RotatedSegment { file: old, sync });
         self.segments.push(Segment {
             first_seq: self.next_seq,
             path,
@@ -323,6 +432,9 @@ impl Journal {
             let path = segment_path(&self.dir, self.next_seq);
             let last = self.segments.len() - 1;
             std::fs::rename(&self.segments[last].path, &path)?;
+            // The next FLUSH makes the new name durable: records appended from now on must
+            // not replay under the old name (their seqs would not follow it).
+            self.dir_changes += 1;
             self.segments[last] = Segment {
                 first_seq: self.next_seq,
                 path,
@@ -374,7 +486,7 @@ impl Journal {
 fn replay_segment(
     path: &Path,
     next_seq: &mut u64,
-    is_last: bool,
+    may_be_torn: bool,
     replay: &mut impl FnMut(Record, Option<JournalData>) -> io::Result<()>,
 ) -> io::Result<u64> {
     let reader = Arc::new(File::open(path)?);
@@ -385,7 +497,7 @@ fn replay_segment(
         match read_full(&mut input, &mut header)? {
             0 => return Ok(pos),
             n if n < HEADER_LEN => {
-                return if is_last {
+                return if may_be_torn {
                     Ok(pos)
                 } else {
                     Err(corrupt(path, pos, "truncated record header"))
@@ -404,13 +516,13 @@ fn replay_segment(
             && matches!(kind, 1 | 2)
             && (kind == 2 || length <= MAX_RECORD_DATA);
         if !header_ok {
-            return if is_last {
+            return if may_be_torn {
                 Ok(pos)
             } else {
                 Err(corrupt(path, pos, "bad record header"))
             };
         }
-        if seq < *next_seq && is_last {
+        if seq < *next_seq && may_be_torn {
             return Ok(pos); // a recycled file's stale records: the log ends here
         }
         if seq != *next_seq {
@@ -423,7 +535,7 @@ fn replay_segment(
         let data_len = if kind == 1 { length as usize } else { 0 };
         let mut data = vec![0u8; data_len];
         if read_full(&mut input, &mut data)? < data_len || crc32c(&data) != data_crc {
-            return if is_last {
+            return if may_be_torn {
                 Ok(pos)
             } else {
                 Err(corrupt(path, pos, "bad record data"))
@@ -446,6 +558,50 @@ fn replay_segment(
         *next_seq += 1;
         pos += (HEADER_LEN + data_len) as u64;
     }
+}
+
+/// Writes all of `parts`, back to back, at `offset` (pwritev, continuing after short writes).
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut done = 0usize;
+    while done < total {
+        // The parts not yet written, the first one possibly in part.
+        let mut skip = done;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            let rest = &part[skip..];
+            skip = 0;
+            iov.push(libc::iovec {
+                iov_base: rest.as_ptr() as *mut libc::c_void,
+                iov_len: rest.len(),
+            });
+        }
+        let at = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal offset too large"))?;
+        // SAFETY: every iovec points into a live slice of `parts` for the whole call.
+        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "journal write wrote nothing",
+            ));
+        }
+        done += n as usize;
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
@@ -600,16 +756,71 @@ mod tests {
         );
     }
 
+    /// A power loss right after a rotation can leave the segment before the last incomplete
+    /// (its background sync had not finished, so no FLUSH covered anything after it): replay
+    /// ends there and drops the last segment.
+    #[test]
+    fn a_torn_segment_before_the_last_ends_the_journal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut j, _) = replayed(dir.path()).expect("open");
+        let big = vec![4u8; (SEGMENT_BYTES / 2) as usize];
+        for i in 0..5 {
+            j.append_write(i * 4096, &big).expect("append");
+        }
+        j.sync().expect("sync");
+        let firsts: Vec<u64> = j.segments.iter().map(|s| s.first_seq).collect();
+        assert_eq!(firsts, vec![1, 3, 5]);
+        drop(j);
+        let middle = segment_path(dir.path(), 3);
+        let len = std::fs::metadata(&middle).expect("stat").len();
+        let f = OpenOptions::new().write(true).open(&middle).expect("open");
+        f.set_len(len - 100).expect("tear seq 4");
+        drop(f);
+        let (mut j, records) = replayed(dir.path()).expect("reopen");
+        assert_eq!(
+            records.iter().map(Record::seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(
+            !segment_path(dir.path(), 5).exists(),
+            "the last segment is dropped"
+        );
+        assert_eq!(j.append_write(0, b"after").expect("append"), 4);
+        j.sync().expect("sync");
+        drop(j);
+        let (_, records) = replayed(dir.path()).expect("reopen");
+        assert_eq!(records.last().map(Record::seq), Some(4));
+    }
+
+    /// Rotations sync the old segment in the background; a FLUSH right after one syncs the
+    /// rotated segment as well as the current one.
+    #[test]
+    fn flush_after_a_rotation_covers_both_segments() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut j, _) = replayed(dir.path()).expect("open");
+        let big = vec![5u8; (SEGMENT_BYTES / 2) as usize];
+        for i in 0..3 {
+            j.append_write(i * 4096, &big).expect("append");
+        }
+        assert!(j.rotated.is_some(), "a rotation happened");
+        let plan = j.sync_handle().expect("sync handle");
+        assert!(
+            plan.rotated.is_some(),
+            "the flush syncs the rotated segment too"
+        );
+        plan.run().expect("flush");
+    }
+
     #[test]
     fn corruption_before_the_tail_is_an_error_and_release_drops_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut j, _) = replayed(dir.path()).expect("open");
         let big = vec![3u8; (SEGMENT_BYTES / 2) as usize];
-        for i in 0..5 {
+        for i in 0..9 {
             j.append_write(i * 4096, &big).expect("append");
         }
         j.sync().expect("sync");
-        assert!(j.segments.len() >= 2, "the journal rotated");
+        assert!(j.segments.len() >= 4, "the journal rotated");
         j.release(2).expect("release");
         let first = j.segments[0].first_seq;
         assert!(
@@ -617,7 +828,7 @@ mod tests {
             "segments holding only seq ≤ 2 are gone (first now {first})"
         );
         drop(j);
-        // Corrupt the first remaining (non-last) segment.
+        // Corrupt the first remaining segment (not one of the last two, which may be torn).
         let (_, records) = replayed(dir.path()).expect("reopen");
         assert_eq!(records.first().map(Record::seq), Some(first));
         let path = segment_path(dir.path(), first);

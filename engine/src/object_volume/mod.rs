@@ -513,6 +513,11 @@ impl ObjectVolume {
         let shared = Arc::clone(&self.shared);
         let small = change.len() <= 64 * 1024;
         let append = move || -> io::Result<u64> {
+            // Checksummed before the lock: concurrent writers do this part in parallel.
+            let data_crc = match &change {
+                Change::Write { data, .. } => crate::checksum::crc32c(data),
+                Change::Zero { .. } => 0,
+            };
             let mut journal = lock(&shared.journal);
             let journal = journal
                 .as_mut()
@@ -520,7 +525,7 @@ impl ObjectVolume {
             match change {
                 Change::Write { offset, data } => {
                     // The overlay points into the journal: the payload's memory is freed now.
-                    let (seq, at) = journal.append_write_located(offset, &data)?;
+                    let (seq, at) = journal.append_write_located(offset, &data, data_crc)?;
                     let len = data.len() as u64;
                     shared.dirty_bytes.fetch_add(len, Ordering::Relaxed);
                     shared.overlay_mut().write_journaled(seq, offset, len, at);
@@ -667,7 +672,7 @@ impl Shared {
             Some(j) => j.sync_handle()?,
             None => return Ok(()),
         };
-        blocking(move || handle.sync_data()).await
+        blocking(move || handle.run()).await
     }
 
     /// Waits until the uploader has stored everything through `seq`.
