@@ -7,7 +7,7 @@ use engine::store_url::{StoreLocation, open_store};
 use engine::{BlockDevice, Durability, FileVolume};
 use nbd_server::exports::{Export, Exports};
 use nbd_server::server::{self, Listener};
-use nbd_server::units::{format_size, parse_duration, parse_size};
+use nbd_server::units::{format_size, parse_chunk_size, parse_duration, parse_size};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,6 +89,10 @@ struct ServeArgs {
     /// uploader (bursts up to this size are absorbed at local-disk speed). [default: 4G]
     #[arg(long, value_parser = parse_size)]
     journal_limit: Option<u64>,
+    /// Target size of the chunks the uploader writes to the store, 4M to 32M: larger chunks
+    /// mean fewer PUTs per GiB, smaller ones less rewriting when GC compacts them. [default: 24M]
+    #[arg(long, value_parser = parse_chunk_size)]
+    chunk_size: Option<u64>,
     /// What FLUSH waits for: local (journal on disk) or remote (uploaded to the store).
     #[arg(long, value_parser = ["local", "remote"])]
     durability: Option<String>,
@@ -511,6 +515,9 @@ async fn open_object_volume(
     }
     if let Some(bytes) = args.journal_limit {
         config.max_dirty_bytes = bytes;
+    }
+    if let Some(bytes) = args.chunk_size {
+        config.chunk_bytes = bytes as usize;
     }
     if args.durability.as_deref() == Some("remote") {
         config.durability = Durability::Remote;

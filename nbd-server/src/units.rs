@@ -25,6 +25,15 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
+/// Parses the uploader's chunk size: a size from 4 MiB to 32 MiB.
+pub fn parse_chunk_size(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if !(4 << 20..=32 << 20).contains(&bytes) {
+        return Err(format!("chunk size {text:?} is outside 4M..32M"));
+    }
+    Ok(bytes)
+}
+
 /// Parses a duration: a number followed by ms, s, m or h (plain numbers are seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
@@ -75,6 +84,9 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999P").is_err());
+        assert_eq!(parse_chunk_size("8M"), Ok(8 << 20));
+        assert!(parse_chunk_size("1M").is_err());
+        assert!(parse_chunk_size("64M").is_err());
         assert_eq!(format_size(100 << 30), "100 GiB");
         assert_eq!(format_size(1536), "1.5 KiB");
     }

@@ -13,3 +13,33 @@ fn serves_default_export_and_stops_cleanly() {
     assert!(server.stop().success(), "{}", server.log_text());
     assert!(server.log_text().contains("stopped cleanly"));
 }
+
+/// `--chunk-size` bounds the chunks the uploader writes: 24 MiB of incompressible data at 4M
+/// become several chunks, none much over 4 MiB (the block that crosses the target finishes it).
+#[test]
+fn chunk_size_sets_the_size_of_stored_chunks() {
+    require_tool("nbdcopy");
+    if testing_on_s3() {
+        return; // the check lists the local store directory
+    }
+    let mut server = Server::start_with(ServerOptions {
+        extra_args: vec!["--chunk-size".into(), "4M".into()],
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = work.path().join("random.bin");
+    let mut rng = Rng(7);
+    std::fs::write(&source, rng.bytes(24 << 20)).expect("write source");
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    assert!(server.stop().success(), "{}", server.log_text());
+    let chunks: Vec<u64> = std::fs::read_dir(server.store_dir().join("disk").join("chunks"))
+        .expect("chunks directory")
+        .map(|e| e.expect("entry").metadata().expect("stat").len())
+        .collect();
+    assert!(chunks.len() >= 6, "24 MiB in {} chunks", chunks.len());
+    let largest = chunks.iter().max().copied().unwrap_or(0);
+    assert!(
+        largest <= (4 << 20) + (128 << 10),
+        "largest chunk {largest} bytes"
+    );
+}
