@@ -15,6 +15,7 @@
 //! Everything that touches SQLite runs on blocking threads: a block-map page that is not local
 //! yet is fetched from the store by the calling thread.
 
+mod background;
 pub mod catalog;
 mod local_state;
 mod locations;
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     replica: Arc<Replica>,
     chunks: ChunkStore,
     cache: BlockCache,
+    /// Where the uploader's CPU-heavy work runs, below the priority of serving requests.
+    background: background::BackgroundCpu,
     fetches: Mutex<HashMap<CacheKey, SharedFetch>>,
     /// Highest journal seq whose writes are in object storage.
     uploaded: watch::Sender<u64>,
@@ -402,6 +405,7 @@ impl ObjectVolume {
         let cache_dir = local_state::cache_dir(&config.local_dir);
         let cache_bytes = config.cache_bytes;
         let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
+        let background = background::BackgroundCpu::start(&format!("upload-{name}"))?;
         let dirty = overlay.data_bytes() as u64;
         let (uploaded, _) = watch::channel(uploaded_seq);
         let shared = Arc::new(Shared {
@@ -418,6 +422,7 @@ impl ObjectVolume {
             map,
             replica,
             cache,
+            background,
             fetches: Mutex::new(HashMap::new()),
             uploaded,
             upload_now: Notify::new(),

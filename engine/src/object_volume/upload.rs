@@ -180,40 +180,41 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                 .collect()
         };
         let mut bases = stored_blocks(shared, needs_base).await?;
-        // Materialising reads the journal, packing compresses and writes the cache: all on a
-        // blocking thread, so the async workers keep serving NBD requests meanwhile.
+        // Materialising reads the journal, packing compresses and writes the cache: all on the
+        // low-priority background thread, so serving requests comes first.
         let s = Arc::clone(shared);
-        packer = blocking(move || {
-            let contents: Vec<(u64, Option<Vec<u8>>)> = {
-                let overlay = s.overlay();
+        packer = shared
+            .background
+            .run(move || {
                 let bs = s.meta.block_size as usize;
-                blocks
+                // The overlay is locked per block, not per batch: writers wait for one block's
+                // materialisation at most, even when this thread is preempted.
+                let contents: Vec<(u64, Option<Vec<u8>>)> = blocks
                     .iter()
                     .map(|&b| {
                         let base = bases.remove(&b);
-                        overlay
+                        s.overlay()
                             .materialize_through(b, through, || {
                                 Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
                             })
                             .map(|data| (b, data))
                     })
-                    .collect::<io::Result<_>>()?
-            };
-            let mut to_cache = Vec::with_capacity(contents.len());
-            for (block, data) in &contents {
-                if let Some(data) = data {
-                    if let Some(insert) = packer.add(&s, *block, data)? {
-                        to_cache.push(insert);
+                    .collect::<io::Result<_>>()?;
+                let mut to_cache = Vec::with_capacity(contents.len());
+                for (block, data) in &contents {
+                    if let Some(data) = data {
+                        if let Some(insert) = packer.add(&s, *block, data)? {
+                            to_cache.push(insert);
+                        }
                     }
                 }
-            }
-            // Just written means likely read soon: keep the batch in the cache, in one go.
-            if let Err(e) = s.cache.insert_batch(&to_cache) {
-                tracing::debug!("cannot cache uploaded blocks: {e}");
-            }
-            Ok(packer)
-        })
-        .await?;
+                // Just written means likely read soon: keep the batch in the cache, in one go.
+                if let Err(e) = s.cache.insert_batch(&to_cache) {
+                    tracing::debug!("cannot cache uploaded blocks: {e}");
+                }
+                Ok(packer)
+            })
+            .await?;
         changes.extend(packer.holes.drain(..).map(|block| MapChange::Delete {
             first: block,
             count: 1,
