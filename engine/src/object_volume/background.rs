@@ -30,7 +30,9 @@ impl BackgroundCpu {
             .spawn(move || {
                 lower_own_priority();
                 for job in queue {
-                    job();
+                    // A job that panics reports failure to its caller (its result channel is
+                    // dropped) and the thread goes on serving the next uploads.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                 }
             })?;
         Ok(BackgroundCpu { jobs })
@@ -102,5 +104,8 @@ mod tests {
             failed.expect_err("error passes through").to_string(),
             "boom"
         );
+        let panicked = cpu.run(|| -> io::Result<()> { panic!("a bug") }).await;
+        assert!(panicked.is_err(), "a panicking job is an error");
+        assert_eq!(cpu.run(|| Ok(7)).await.expect("still running"), 7);
     }
 }
