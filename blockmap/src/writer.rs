@@ -159,6 +159,12 @@ impl MapWriter {
     /// that were there at open.
     pub async fn maintain(&self) -> Result<(), WriterError> {
         crate::compaction::compact_level(&self.replica, 0, 1).await?;
+        self.snapshot_and_retain().await
+    }
+
+    /// Writes a snapshot, then (once reads no longer depend on the files present at open)
+    /// deletes what the older of the two newest snapshots makes unnecessary.
+    async fn snapshot_and_retain(&self) -> Result<(), WriterError> {
         crate::compaction::snapshot(&self.replica).await?;
         if self.independent_of_open_files.load(Ordering::Acquire) {
             crate::compaction::enforce_retention(&self.replica, 2).await?;
@@ -191,22 +197,24 @@ impl MapWriter {
     /// per transaction since the last [`MapWriter::maintain`] (each a store round trip).
     pub async fn tidy(&self) -> Result<(), WriterError> {
         crate::compaction::compact_level(&self.replica, 0, 1).await?;
-        let listing = self.replica.list().await?;
-        let snapshot_txid = listing
+        // Only the two levels that decide it are listed (a full listing is ten requests).
+        let snapshot_txid = self
+            .replica
+            .list_level(ltx::naming::SNAPSHOT_LEVEL)
+            .await?
             .iter()
-            .filter(|f| f.level == ltx::naming::SNAPSHOT_LEVEL)
             .map(|f| f.name.max_txid)
             .max()
             .unwrap_or(0);
-        let level1_after = listing
+        let level1_after = self
+            .replica
+            .list_level(1)
+            .await?
             .iter()
-            .filter(|f| f.level == 1 && f.name.max_txid > snapshot_txid)
+            .filter(|f| f.name.max_txid > snapshot_txid)
             .count();
         if level1_after >= TIDY_SNAPSHOT_AFTER {
-            crate::compaction::snapshot(&self.replica).await?;
-            if self.independent_of_open_files.load(Ordering::Acquire) {
-                crate::compaction::enforce_retention(&self.replica, 2).await?;
-            }
+            self.snapshot_and_retain().await?;
         }
         Ok(())
     }

@@ -2,8 +2,9 @@
 //! takes the lease and claims the history; the first is fenced at its next sync and its late
 //! write never reaches the replica.
 
+use blockmap::faulty_store::FaultyStore;
 use blockmap::lease::LeaseError;
-use blockmap::replica::{Layout, Replica};
+use blockmap::replica::{Layout, PageMap, Replica};
 use blockmap::writer::{MapWriter, WriterError};
 use blockmap::{BlockLocation, BlockMap, MapChange};
 use object_store::ObjectStore;
@@ -18,6 +19,54 @@ fn loc(i: u64) -> BlockLocation {
         length: 10,
         checksum: 0,
     }
+}
+
+/// A local-directory store whose requests are counted, and volume `vol`'s map replica on it.
+fn counted_replica(
+    dir: &std::path::Path,
+) -> (Arc<FaultyStore>, Arc<dyn ObjectStore>, Arc<Replica>) {
+    let local: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir).expect("store"));
+    let counted = Arc::new(FaultyStore::new(local));
+    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as _;
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        Path::from("vol/blockmap"),
+        Layout::File,
+    ));
+    (counted, store, replica)
+}
+
+/// Takes volume `vol`'s map as writer `name`.
+async fn open_writer(
+    store: &Arc<dyn ObjectStore>,
+    replica: &Arc<Replica>,
+    name: &str,
+    holder: &str,
+) -> Result<MapWriter, WriterError> {
+    MapWriter::open(
+        Arc::clone(store),
+        Arc::clone(replica),
+        Path::from("vol"),
+        name,
+        holder,
+        tokio::runtime::Handle::current(),
+    )
+    .await
+}
+
+/// What opening the latest map costs: the files its restore plan reads, the store requests
+/// the open makes, and the TXID it reaches.
+async fn open_cost(counted: &FaultyStore, replica: &Replica) -> (usize, u64, u64) {
+    let files = replica
+        .plan(ltx::RestoreTarget::Latest)
+        .await
+        .expect("plan");
+    let before = counted.requests();
+    let map = PageMap::open(replica, ltx::RestoreTarget::Latest)
+        .await
+        .expect("open");
+    (files.len(), counted.requests() - before, map.txid)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,28 +157,11 @@ async fn a_new_writer_fences_the_old_one() {
 /// one per transaction ever written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_keeps_the_open_cheap() {
-    use blockmap::faulty_store::FaultyStore;
-    use blockmap::replica::PageMap;
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
-    let counted = Arc::new(FaultyStore::new(local));
-    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as _;
-    let replica = Arc::new(Replica::new(
-        Arc::clone(&store),
-        Path::from("vol/blockmap"),
-        Layout::File,
-    ));
-    let w = MapWriter::open(
-        Arc::clone(&store),
-        Arc::clone(&replica),
-        Path::from("vol"),
-        "writer-test-maintain",
-        "host",
-        tokio::runtime::Handle::current(),
-    )
-    .await
-    .expect("open");
+    let (counted, store, replica) = counted_replica(dir.path());
+    let w = open_writer(&store, &replica, "writer-test-maintain", "host")
+        .await
+        .expect("open");
     let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
     map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
     for i in 0..60u64 {
@@ -143,35 +175,18 @@ async fn maintenance_keeps_the_open_cheap() {
         .expect("apply");
         w.sync().await.expect("sync");
     }
-    let open_cost = |replica: Arc<Replica>| {
-        let counted = Arc::clone(&counted);
-        async move {
-            let before = counted.requests();
-            let map = PageMap::open(&replica, ltx::RestoreTarget::Latest)
-                .await
-                .expect("open");
-            (counted.requests() - before, map.txid)
-        }
-    };
-    let (before, txid) = open_cost(Arc::clone(&replica)).await;
+    let (_, before, txid) = open_cost(&counted, &replica).await;
     w.maintain().await.expect("maintain");
-    let (after, txid_after) = open_cost(Arc::clone(&replica)).await;
+    let (_, after, txid_after) = open_cost(&counted, &replica).await;
     assert_eq!(txid, txid_after);
     assert!(before > 60, "60 L0 files cost {before} requests to open");
     assert!(
         after <= 14,
         "after maintenance the open costs {after} requests"
     );
-    let w2 = MapWriter::open(
-        Arc::clone(&store),
-        Arc::clone(&replica),
-        Path::from("vol"),
-        "writer-test-maintain-2",
-        "host2",
-        tokio::runtime::Handle::current(),
-    )
-    .await
-    .expect("reopen");
+    let w2 = open_writer(&store, &replica, "writer-test-maintain-2", "host2")
+        .await
+        .expect("reopen");
     let map2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
     assert_eq!(map2.get(59).expect("get"), Some(loc(59)));
 }
@@ -180,46 +195,19 @@ async fn maintenance_keeps_the_open_cheap() {
 /// came before, opening reads a snapshot and a few level-1 files, not one file per transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tidying_keeps_the_open_cheap_across_many_sessions() {
-    use blockmap::faulty_store::FaultyStore;
-    use blockmap::replica::PageMap;
     use blockmap::writer::TIDY_SNAPSHOT_AFTER;
     let dir = tempfile::tempdir().expect("tempdir");
-    let local: Arc<dyn ObjectStore> =
-        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
-    let counted = Arc::new(FaultyStore::new(local));
-    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as _;
-    let replica = Arc::new(Replica::new(
-        Arc::clone(&store),
-        Path::from("vol/blockmap"),
-        Layout::File,
-    ));
-    // The files an open reads, and what opening costs in requests.
-    let open_cost = || {
-        let (counted, replica) = (Arc::clone(&counted), Arc::clone(&replica));
-        async move {
-            let files = replica
-                .plan(ltx::RestoreTarget::Latest)
-                .await
-                .expect("plan");
-            let before = counted.requests();
-            let map = PageMap::open(&replica, ltx::RestoreTarget::Latest)
-                .await
-                .expect("open");
-            (files.len(), counted.requests() - before, map.txid)
-        }
-    };
+    let (counted, store, replica) = counted_replica(dir.path());
     // A snapshot, the level-1 files after it (one fewer than trigger the next snapshot), and
     // the level-1 file just compacted.
     let bound = 1 + TIDY_SNAPSHOT_AFTER;
     let mut block = 0u64;
     for session in 0..2 * TIDY_SNAPSHOT_AFTER {
-        let w = MapWriter::open(
-            Arc::clone(&store),
-            Arc::clone(&replica),
-            Path::from("vol"),
+        let w = open_writer(
+            &store,
+            &replica,
             &format!("writer-test-tidy-{session}"),
             "host",
-            tokio::runtime::Handle::current(),
         )
         .await
         .expect("open");
@@ -238,13 +226,13 @@ async fn tidying_keeps_the_open_cheap_across_many_sessions() {
             block += 1;
             w.sync().await.expect("sync");
         }
-        let (untidy_files, untidy_requests, txid) = open_cost().await;
+        let (untidy_files, untidy_requests, txid) = open_cost(&counted, &replica).await;
         assert!(
             untidy_files >= 20,
             "20 new transactions, {untidy_files} files"
         );
         w.tidy().await.expect("tidy");
-        let (files, requests, txid_after) = open_cost().await;
+        let (files, requests, txid_after) = open_cost(&counted, &replica).await;
         assert_eq!(txid, txid_after, "tidying changes no content");
         assert!(
             files <= bound && requests < untidy_requests,
@@ -254,16 +242,9 @@ async fn tidying_keeps_the_open_cheap_across_many_sessions() {
         drop(map);
         w.close().await.expect("close");
     }
-    let w = MapWriter::open(
-        Arc::clone(&store),
-        Arc::clone(&replica),
-        Path::from("vol"),
-        "writer-test-tidy-last",
-        "host",
-        tokio::runtime::Handle::current(),
-    )
-    .await
-    .expect("reopen");
+    let w = open_writer(&store, &replica, "writer-test-tidy-last", "host")
+        .await
+        .expect("reopen");
     let map = BlockMap::new(w.connection().expect("conn")).expect("map");
     for b in [0, block / 2, block - 1] {
         assert_eq!(map.get(b).expect("get"), Some(loc(b)));
