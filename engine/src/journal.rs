@@ -560,46 +560,30 @@ fn replay_segment(
     }
 }
 
-/// Writes all of `parts`, back to back, at `offset` (pwritev, continuing after short writes).
-fn write_all_vectored_at(file: &File, parts: &[&[u8]], mut offset: u64) -> io::Result<()> {
+/// Writes all of `parts`, back to back, at `offset`: one `pwritev`, and in the rare case of a
+/// short write (a signal, a nearly full disk) the rest part by part.
+fn write_all_vectored_at(file: &File, parts: &[&[u8]], offset: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let total: usize = parts.iter().map(|p| p.len()).sum();
-    let mut done = 0usize;
-    while done < total {
-        // The parts not yet written, the first one possibly in part.
-        let mut skip = done;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(parts.len());
-        for part in parts {
-            if skip >= part.len() {
-                skip -= part.len();
-                continue;
-            }
-            let rest = &part[skip..];
-            skip = 0;
-            iov.push(libc::iovec {
-                iov_base: rest.as_ptr() as *mut libc::c_void,
-                iov_len: rest.len(),
-            });
-        }
-        let at = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal offset too large"))?;
-        // SAFETY: every iovec points into a live slice of `parts` for the whole call.
-        let n = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "journal write wrote nothing",
-            ));
-        }
-        done += n as usize;
-        offset += n as u64;
+    let iov: Vec<libc::iovec> = parts
+        .iter()
+        .map(|p| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let at = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "journal offset too large"))?;
+    // SAFETY: every iovec points into a slice of `parts`, alive for the whole call.
+    let written = unsafe { libc::pwritev(file.as_raw_fd(), iov.as_ptr(), iov.len() as i32, at) };
+    // A failed call wrote nothing: start over with plain positioned writes (they retry EINTR
+    // and report real errors).
+    let mut done = usize::try_from(written).unwrap_or(0);
+    let mut pos = offset;
+    for part in parts {
+        let skip = done.min(part.len());
+        done -= skip;
+        file.write_all_at(&part[skip..], pos + skip as u64)?;
+        pos += part.len() as u64;
     }
     Ok(())
 }
@@ -629,6 +613,14 @@ mod tests {
             Ok(())
         })?;
         Ok((j, records))
+    }
+
+    /// Appends `count` writes of half a segment each (two fill one), all bytes `byte`.
+    fn append_half_segments(j: &mut Journal, count: u64, byte: u8) {
+        let big = vec![byte; (SEGMENT_BYTES / 2) as usize];
+        for i in 0..count {
+            j.append_write(i * 4096, &big).expect("append");
+        }
     }
 
     #[test]
@@ -763,10 +755,7 @@ mod tests {
     fn a_torn_segment_before_the_last_ends_the_journal() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut j, _) = replayed(dir.path()).expect("open");
-        let big = vec![4u8; (SEGMENT_BYTES / 2) as usize];
-        for i in 0..5 {
-            j.append_write(i * 4096, &big).expect("append");
-        }
+        append_half_segments(&mut j, 5, 4);
         j.sync().expect("sync");
         let firsts: Vec<u64> = j.segments.iter().map(|s| s.first_seq).collect();
         assert_eq!(firsts, vec![1, 3, 5]);
@@ -798,10 +787,7 @@ mod tests {
     fn flush_after_a_rotation_covers_both_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut j, _) = replayed(dir.path()).expect("open");
-        let big = vec![5u8; (SEGMENT_BYTES / 2) as usize];
-        for i in 0..3 {
-            j.append_write(i * 4096, &big).expect("append");
-        }
+        append_half_segments(&mut j, 3, 5);
         assert!(j.rotated.is_some(), "a rotation happened");
         let plan = j.sync_handle().expect("sync handle");
         assert!(
@@ -815,10 +801,7 @@ mod tests {
     fn corruption_before_the_tail_is_an_error_and_release_drops_segments() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut j, _) = replayed(dir.path()).expect("open");
-        let big = vec![3u8; (SEGMENT_BYTES / 2) as usize];
-        for i in 0..9 {
-            j.append_write(i * 4096, &big).expect("append");
-        }
+        append_half_segments(&mut j, 9, 3);
         j.sync().expect("sync");
         assert!(j.segments.len() >= 4, "the journal rotated");
         j.release(2).expect("release");
