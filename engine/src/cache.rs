@@ -28,6 +28,16 @@ pub struct CacheKey {
     pub offset: u64,
 }
 
+impl CacheKey {
+    /// The key of the stored block at `location`.
+    pub fn of(location: &blockmap::BlockLocation) -> CacheKey {
+        CacheKey {
+            chunk: location.chunk,
+            offset: location.offset,
+        }
+    }
+}
+
 struct Entry {
     slot: u32,
     checksum: u32,

@@ -4,9 +4,8 @@
 //!
 //! Measured on the reference 2-core VM, warm 2 GiB region, 5 s runs, against the same work on
 //! tokio's blocking pool: fio 1M writes QD8 310–390 → 544–557 MiB/s, 4k random writes QD32
-//! 51k → 54k IOPS. Uploads still
-//! get the whole machine when requests stop, and a writer that outruns them is held back by the
-//! journal limit as before, so nothing waits forever.
+//! 51k → 54k IOPS. Uploads still get the whole machine when requests stop, and a writer that
+//! outruns them is held back by the journal limit as before, so nothing waits forever.
 
 use std::io;
 use std::sync::mpsc;

@@ -614,12 +614,7 @@ fn warm_locations(shared: &Shared) -> io::Result<()> {
             .map_err(|e| other("block map", e))?;
         let cached: Vec<(u64, BlockLocation)> = rows
             .into_iter()
-            .filter(|(_, loc)| {
-                shared.cache.contains(CacheKey {
-                    chunk: loc.chunk,
-                    offset: loc.offset,
-                })
-            })
+            .filter(|(_, loc)| shared.cache.contains(CacheKey::of(loc)))
             .collect();
         if !shared.locations.fill_rows(generation, &cached) {
             break;

@@ -140,10 +140,7 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
             (_, None) => Part::Zero,
             (_, Some(loc)) => {
                 let buffer = cached.get_or_insert_with(|| BytesMut::zeroed(length as usize));
-                let key = CacheKey {
-                    chunk: loc.chunk,
-                    offset: loc.offset,
-                };
+                let key = CacheKey::of(&loc);
                 let into = &mut buffer[start..start + piece.len];
                 if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
                     shared.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -337,10 +334,7 @@ fn segments(pieces: Vec<Piece>, cached: &Bytes) -> Vec<ReadSegment> {
 /// Fetches one block from the store (once, however many readers want it), verifies it and
 /// puts it in the cache.
 pub(super) async fn fetch_block(shared: &Shared, loc: BlockLocation) -> io::Result<Bytes> {
-    let key = CacheKey {
-        chunk: loc.chunk,
-        offset: loc.offset,
-    };
+    let key = CacheKey::of(&loc);
     if let Some(data) = shared.cache.get(key, loc.checksum)? {
         return Ok(Bytes::from(data));
     }
@@ -434,11 +428,7 @@ fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<Blo
     Ok(rows
         .into_iter()
         .filter(|(block, loc)| {
-            !overlay.touches(*block)
-                && !shared.cache.contains(CacheKey {
-                    chunk: loc.chunk,
-                    offset: loc.offset,
-                })
+            !overlay.touches(*block) && !shared.cache.contains(CacheKey::of(loc))
         })
         .map(|(_, loc)| loc)
         .collect())

@@ -299,10 +299,7 @@ impl Packer {
             .get_range(block, 1)
             .and_then(|found| found.first().copied().flatten())
         {
-            self.retired.push(CacheKey {
-                chunk: old.chunk,
-                offset: old.offset,
-            });
+            self.retired.push(CacheKey::of(&old));
         }
         if data.iter().all(|&b| b == 0) {
             self.holes.push(block);
