@@ -1,58 +1,14 @@
 //! Shared helpers: a real S3-protocol server (moto) on a free loopback port.
 #![allow(dead_code)]
 
+mod moto;
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use moto::{Moto, create_bucket, start_moto};
+
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-pub struct Moto {
-    child: Child,
-    pub port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn start_moto() -> Moto {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let child = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server is not installed: run scripts/install-deps.sh");
-    let moto = Moto { child, port };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    moto
-}
-
-/// Creates a bucket with a plain HTTP PUT (moto does not check signatures).
-pub fn create_bucket(port: u16, bucket: &str) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    write!(
-        s,
-        "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send");
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("reply");
-    assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
-}
 
 pub fn s3(port: u16, bucket: &str) -> Arc<dyn ObjectStore> {
     Arc::new(

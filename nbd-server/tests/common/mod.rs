@@ -4,7 +4,10 @@
 //! missing: `scripts/install-deps.sh` installs them all, and a silently skipped test proves nothing.
 #![allow(dead_code)] // each test binary uses a different subset of these helpers
 
+#[path = "../../../blockmap/tests/common/moto.rs"]
+mod moto;
 pub mod nbd_client;
+pub use moto::{Moto, create_bucket, start_moto};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -55,75 +58,12 @@ pub struct Server {
     pub s3: Option<Moto>,
 }
 
-/// A real S3-protocol server (moto) on a free loopback port, stopped on drop.
-pub struct Moto {
-    child: Child,
-    pub port: u16,
-}
-
-impl Moto {
-    /// Starts moto on a free port and creates the "volumes" bucket. Retried on a new port if
-    /// moto exits (another process took the port between `free_port` and its bind) and while
-    /// it is still coming up (it accepts connections a moment before it answers them).
-    pub fn start() -> Moto {
-        require_tool("moto_server");
-        for _attempt in 0..3 {
-            let port = free_port();
-            let child = Command::new("moto_server")
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start moto_server");
-            let mut moto = Moto { child, port };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                match moto.try_create_bucket("volumes") {
-                    Ok(()) => return moto,
-                    Err(why) => {
-                        let exited = moto.child.try_wait().ok().flatten().is_some();
-                        assert!(
-                            Instant::now() < deadline,
-                            "moto_server did not start: {why}"
-                        );
-                        if exited {
-                            break; // the port was taken: try another
-                        }
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            }
-        }
-        panic!("moto_server exited three times at start");
-    }
-
-    /// Creates a bucket with a plain HTTP PUT (moto does not check signatures).
-    fn try_create_bucket(&self, bucket: &str) -> Result<(), String> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port))
-            .map_err(|e| format!("connect: {e}"))?;
-        write!(
-            s,
-            "PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.port
-        )
-        .map_err(|e| format!("send: {e}"))?;
-        let mut reply = String::new();
-        s.read_to_string(&mut reply)
-            .map_err(|e| format!("reply: {e}"))?;
-        if reply.starts_with("HTTP/1.1 200") {
-            Ok(())
-        } else {
-            Err(format!("create bucket: {reply}"))
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts moto (see [`start_moto`]) with the "volumes" bucket the servers use.
+fn start_moto_with_volumes() -> Moto {
+    require_tool("moto_server");
+    let moto = start_moto();
+    create_bucket(moto.port, "volumes");
+    moto
 }
 
 /// `BUCKETDISK_TEST_STORE=s3` runs servers on moto instead of a local directory store.
@@ -180,7 +120,7 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             extra_args: args,
-            s3: testing_on_s3().then(Moto::start),
+            s3: testing_on_s3().then(start_moto_with_volumes),
         };
         server.spawn();
         server
