@@ -1,4 +1,4 @@
-//! Reading Litestream's own replica (shared/testdata/ltx/replica) through object_store, and
+//! Reading Litestream's own replica (testdata/ltx/replica) through object_store, and
 //! create-only publishing.
 
 use blockmap::replica::{Layout, PageMap, Replica, ReplicaError};

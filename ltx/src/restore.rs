@@ -133,7 +133,7 @@ mod tests {
         }
     }
 
-    /// The replica in shared/testdata: L0 1..7, L1 {1,2,3-4,5-6,7}, L2 {1,2-4,5-7}, L9 {1,1-4,1-7}.
+    /// The shape of testdata/ltx/replica: L0 1..7, L1 {1,2,3-4,5-6,7}, L2 {1,2-4,5-7}, L9 {1,1-4,1-7}.
     fn listing() -> Vec<LtxFile> {
         let mut v: Vec<LtxFile> = (1..=7).map(|t| f(0, t, t)).collect();
         v.extend([f(1, 1, 1), f(1, 2, 2), f(1, 3, 4), f(1, 5, 6), f(1, 7, 7)]);

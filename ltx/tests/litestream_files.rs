@@ -1,4 +1,5 @@
-//! The real files written by Litestream 0.5.17 (shared/testdata/ltx, see its MANIFEST.md).
+//! The real files written by Litestream 0.5.17 (testdata/ltx at the workspace root, made by
+//! scripts/gen-ltx-fixtures.py; see its MANIFEST.md).
 
 use ltx::compactor::write_database;
 use ltx::page_index::TAIL_LEN;
@@ -6,16 +7,15 @@ use ltx::{Decoder, FileName, LtxFile, PageIndex, RestoreTarget, plan_restore};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-/// `shared/testdata/ltx` beside the checkout (or `$LTX_TESTDATA`).
+/// `testdata/ltx` in the workspace (or `$LTX_TESTDATA`).
 fn testdata() -> PathBuf {
     if let Some(dir) = std::env::var_os("LTX_TESTDATA") {
         return PathBuf::from(dir);
     }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = manifest.join("../../shared/testdata/ltx");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/ltx");
     assert!(
         dir.join("MANIFEST.md").is_file(),
-        "LTX test vectors not found at {}: set LTX_TESTDATA",
+        "LTX test vectors not found at {}: run scripts/gen-ltx-fixtures.py",
         dir.display()
     );
     dir
@@ -196,9 +196,47 @@ fn the_racing_l0_file_is_rejected() {
     let message = err.to_string();
     eprintln!("negative_l0_race: {message}");
     assert!(
-        message.contains("index") || message.contains("checksum"),
-        "unclear error: {message}"
+        matches!(err, ltx::Error::InvalidIndex(_)),
+        "not an index error: {message}"
     );
+
+    // The defect (see MANIFEST.md): the pages stream out intact, but 4 stray bytes sit between
+    // the end-of-pages header and the page index, and the index's last frame takes them in.
+    let bytes = std::fs::read(&path).expect("read");
+    let mut decoder = Decoder::new(&bytes[..]).expect("header");
+    let page_size = decoder.header().page_size as usize;
+    let mut page = vec![0u8; page_size];
+    let mut streamed = Vec::new();
+    while let Some(pgno) = decoder.next_page(&mut page).expect("pages decode") {
+        streamed.push((pgno, page.clone()));
+    }
+    let (start, len) =
+        PageIndex::locate(bytes.len() as u64, &bytes[bytes.len() - TAIL_LEN..]).expect("locate");
+    let index = PageIndex::decode(
+        &bytes[start as usize..(start + len) as usize],
+        PageIndex::frames_end(start),
+    )
+    .expect("index");
+    let pgnos: Vec<u32> = index.entries.iter().map(|e| e.pgno).collect();
+    assert_eq!(pgnos, streamed.iter().map(|(p, _)| *p).collect::<Vec<_>>());
+    let last = *index.entries.last().expect("entries");
+    let frame = &bytes[last.offset as usize..(last.offset + last.size) as usize];
+    let mut out = vec![0u8; page_size];
+    assert!(
+        ltx::frame::decode_frame(frame, &mut out).is_err(),
+        "the index should give the last frame 4 bytes too many"
+    );
+    let real_end = frame.len() - 4;
+    assert_eq!(
+        ltx::frame::decode_frame(&frame[..real_end], &mut out)
+            .expect("frame without the stray bytes"),
+        last.pgno
+    );
+    assert_eq!(out, streamed.last().expect("pages").1);
+    // Between the real frame and the index: the zero end-of-pages header and 4 more bytes.
+    let gap = &bytes[(last.offset as usize + real_end)..start as usize];
+    assert_eq!(gap.len(), ltx::header::PAGE_HEADER_SIZE + 4);
+    assert!(gap.iter().all(|&b| b == 0), "{gap:?}");
 }
 
 #[test]

@@ -24,12 +24,13 @@ pub fn s3(port: u16, bucket: &str) -> Arc<dyn ObjectStore> {
     )
 }
 
-/// `shared/testdata/ltx` beside the checkout: real files written by Litestream 0.5.17.
+/// `testdata/ltx` in the workspace: real files written by Litestream 0.5.17 (made by
+/// scripts/gen-ltx-fixtures.py; see its MANIFEST.md).
 pub fn testdata() -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/ltx");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/ltx");
     assert!(
         dir.join("MANIFEST.md").is_file(),
-        "LTX test vectors not found at {}",
+        "LTX test vectors not found at {}: run scripts/gen-ltx-fixtures.py",
         dir.display()
     );
     dir
