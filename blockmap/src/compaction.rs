@@ -96,13 +96,29 @@ pub async fn enforce_retention(
     replica: &Replica,
     keep_snapshots: usize,
 ) -> ReplicaResult<Vec<ReplicaFile>> {
+    enforce_retention_since(replica, keep_snapshots, i64::MAX).await
+}
+
+/// [`enforce_retention`] that also keeps every state since `since_ms` (Unix milliseconds)
+/// restorable: the snapshots written since then, the newest one written before, and every file
+/// after that one.
+pub async fn enforce_retention_since(
+    replica: &Replica,
+    keep_snapshots: usize,
+    since_ms: i64,
+) -> ReplicaResult<Vec<ReplicaFile>> {
     let listing = replica.list().await?;
     let mut snapshots: Vec<&ReplicaFile> = listing
         .iter()
         .filter(|f| f.level == SNAPSHOT_LEVEL)
         .collect();
     snapshots.sort_by_key(|f| std::cmp::Reverse(f.name.max_txid));
-    let keep = keep_snapshots.max(1);
+    // The newest snapshot written before `since_ms` holds a state at or before every state
+    // since then; without one, everything is still needed.
+    let Some(window_start) = snapshots.iter().position(|f| f.last_modified_ms < since_ms) else {
+        return Ok(Vec::new());
+    };
+    let keep = keep_snapshots.max(1).max(window_start + 1);
     let Some(oldest_kept) = snapshots.get(keep - 1).or(snapshots.last()) else {
         return Ok(Vec::new()); // no snapshot: everything is still needed
     };

@@ -10,7 +10,7 @@ use object_store::{
 };
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 #[derive(Debug)]
@@ -18,7 +18,32 @@ pub struct FaultyStore {
     inner: Arc<dyn ObjectStore>,
     latency_us: AtomicU64,
     failures_left: AtomicU32,
+    outage: AtomicU8,
     requests: AtomicU64,
+}
+
+/// A lasting failure of every request, until it is set back to `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outage {
+    None = 0,
+    /// Requests fail as if the store did not answer (transient: worth retrying).
+    Unreachable = 1,
+    /// Requests are refused (credentials or bucket policy): retrying does not help.
+    Denied = 2,
+}
+
+fn outage_error(outage: u8) -> Option<object_store::Error> {
+    match outage {
+        0 => None,
+        2 => Some(object_store::Error::PermissionDenied {
+            path: String::new(),
+            source: "injected outage: access denied".into(),
+        }),
+        _ => Some(object_store::Error::Generic {
+            store: "faulty",
+            source: "injected outage: store unreachable".into(),
+        }),
+    }
 }
 
 impl FaultyStore {
@@ -27,6 +52,7 @@ impl FaultyStore {
             inner,
             latency_us: AtomicU64::new(0),
             failures_left: AtomicU32::new(0),
+            outage: AtomicU8::new(Outage::None as u8),
             requests: AtomicU64::new(0),
         }
     }
@@ -42,6 +68,11 @@ impl FaultyStore {
         self.failures_left.store(n, Ordering::Relaxed);
     }
 
+    /// Every request fails this way from now on, until `Outage::None`.
+    pub fn set_outage(&self, outage: Outage) {
+        self.outage.store(outage as u8, Ordering::Relaxed);
+    }
+
     /// Requests seen so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -52,6 +83,9 @@ impl FaultyStore {
         let latency = self.latency_us.load(Ordering::Relaxed);
         if latency > 0 {
             tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
+        if let Some(e) = outage_error(self.outage.load(Ordering::Relaxed)) {
+            return Err(e);
         }
         let failing = self
             .failures_left
@@ -104,6 +138,12 @@ impl ObjectStore for FaultyStore {
         locations: BoxStream<'static, Result<Path>>,
     ) -> BoxStream<'static, Result<Path>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
+        let outage = self.outage.load(Ordering::Relaxed);
+        if outage != Outage::None as u8 {
+            return locations
+                .map(move |_| outage_error(outage).map_or(Ok(Path::default()), Err))
+                .boxed();
+        }
         self.inner.delete_stream(locations)
     }
 
@@ -115,9 +155,12 @@ impl ObjectStore for FaultyStore {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
         let listing = self.inner.list(prefix);
+        let outage = outage_error(self.outage.load(Ordering::Relaxed));
         stream::once(async move {
             tokio::time::sleep(latency).await;
-            if failing {
+            if let Some(e) = outage {
+                stream::once(async { Err(e) }).boxed()
+            } else if failing {
                 stream::once(async {
                     Err(object_store::Error::Generic {
                         store: "faulty",

@@ -217,6 +217,54 @@ impl BlockMap {
         Ok(())
     }
 
+    /// Forgets chunks that no block uses any more, in one transaction (after GC deleted them).
+    pub fn remove_chunks(&mut self, chunks: &[u64]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        for &chunk in chunks {
+            let live: Option<i64> = tx
+                .prepare_cached("SELECT live_blocks FROM chunks WHERE chunk = ?1")?
+                .query_row([int(chunk)?], |r| r.get(0))
+                .optional()?;
+            if let Some(live) = live.filter(|&n| n > 0) {
+                return Err(Error::ChunkInUse {
+                    chunk,
+                    live_blocks: live as u64,
+                });
+            }
+            tx.prepare_cached("DELETE FROM chunks WHERE chunk = ?1")?
+                .execute([int(chunk)?])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every chunk the map knows, dead or alive.
+    pub fn chunk_ids(&self) -> Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached("SELECT chunk FROM chunks")?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|c| c as u64))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Live bytes, and the total size of the chunks holding them (dead chunks left out): the
+    /// difference is what rewriting partly dead chunks can reclaim.
+    pub fn live_and_stored_bytes(&self) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(live_bytes), 0), COALESCE(SUM(total_bytes), 0) FROM chunks
+             WHERE live_blocks > 0",
+            [],
+            |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+        )?)
+    }
+
+    /// Bytes of every chunk the map knows, dead ones included.
+    pub fn chunk_bytes(&self) -> Result<u64> {
+        Ok(self.conn.query_row(
+            "SELECT COALESCE(SUM(total_bytes), 0) FROM chunks",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n as u64),
+        )?)
+    }
+
     /// Blocks in use and the bytes their compressed forms occupy.
     pub fn usage(&self) -> Result<(u64, u64)> {
         Ok(self.conn.query_row(
@@ -369,6 +417,53 @@ mod tests {
         assert_eq!(dead, vec![1, 2]);
         map.remove_chunk(1).expect("remove");
         assert_eq!(map.chunk(1).expect("chunk"), None);
+    }
+
+    #[test]
+    fn chunk_space_accounting_and_batch_removal() {
+        let mut map = BlockMap::in_memory().expect("map");
+        map.apply(
+            &[(1, 1000), (2, 500)],
+            &[
+                MapChange::Put {
+                    block: 1,
+                    location: loc(1, 0, 300),
+                },
+                MapChange::Put {
+                    block: 2,
+                    location: loc(2, 0, 200),
+                },
+            ],
+        )
+        .expect("apply");
+        // Block 2 moves into chunk 1's neighbour 3: chunk 2 dies.
+        map.apply(
+            &[(3, 400)],
+            &[MapChange::Put {
+                block: 2,
+                location: loc(3, 0, 100),
+            }],
+        )
+        .expect("apply");
+        assert_eq!(map.live_and_stored_bytes().expect("bytes"), (400, 1400));
+        assert_eq!(map.chunk_bytes().expect("bytes"), 1900);
+        let mut ids = map.chunk_ids().expect("ids");
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 2, 3]);
+        assert!(
+            matches!(
+                map.remove_chunks(&[2, 1]),
+                Err(Error::ChunkInUse { chunk: 1, .. })
+            ),
+            "a live chunk stops the batch"
+        );
+        assert_eq!(
+            map.chunk_ids().expect("ids").len(),
+            3,
+            "and nothing was removed"
+        );
+        map.remove_chunks(&[2]).expect("remove");
+        assert_eq!(map.chunk(2).expect("chunk"), None);
     }
 
     #[test]

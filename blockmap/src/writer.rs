@@ -11,7 +11,7 @@ use ltx::RestoreTarget;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 
@@ -42,6 +42,8 @@ pub struct MapWriter {
     /// Reads no longer depend on the replica files present at open, so retention may delete
     /// them (until then, the open page map points into them).
     independent_of_open_files: AtomicBool,
+    /// States committed this recently stay restorable: retention keeps their files.
+    restore_window_ms: AtomicU64,
 }
 
 fn now_ms() -> i64 {
@@ -84,6 +86,7 @@ impl MapWriter {
             lease,
             independent_of_open_files: AtomicBool::new(base_txid.is_none()),
             base_txid,
+            restore_window_ms: AtomicU64::new(0),
         };
         writer.claim().await?;
         Ok(writer)
@@ -114,6 +117,13 @@ impl MapWriter {
     /// A new connection to the map (SQLite, through the VFS).
     pub fn connection(&self) -> rusqlite::Result<rusqlite::Connection> {
         open_connection(&self.name)
+    }
+
+    /// Keeps every state committed within `window` restorable: retention (in
+    /// [`MapWriter::maintain`] and [`MapWriter::tidy`]) deletes only files older states need.
+    pub fn set_restore_window(&self, window: Duration) {
+        self.restore_window_ms
+            .store(window.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn lease(&self) -> &Lease {
@@ -163,11 +173,13 @@ impl MapWriter {
     }
 
     /// Writes a snapshot, then (once reads no longer depend on the files present at open)
-    /// deletes what the older of the two newest snapshots makes unnecessary.
+    /// deletes what neither the older of the two newest snapshots nor the restore window
+    /// needs.
     async fn snapshot_and_retain(&self) -> Result<(), WriterError> {
         crate::compaction::snapshot(&self.replica).await?;
         if self.independent_of_open_files.load(Ordering::Acquire) {
-            crate::compaction::enforce_retention(&self.replica, 2).await?;
+            let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
+            crate::compaction::enforce_retention_since(&self.replica, 2, now_ms() - window).await?;
         }
         Ok(())
     }

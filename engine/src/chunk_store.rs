@@ -21,6 +21,19 @@ fn to_io(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
+/// A store error as an I/O error whose kind says what retrying can do: `NotFound` (the object,
+/// or for a PUT the bucket, is not there) and `PermissionDenied` (credentials or policy) are
+/// answers, everything else may be transient.
+fn store_error(what: &str, e: object_store::Error) -> io::Error {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => io::ErrorKind::PermissionDenied,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{what}: {e}"))
+}
+
 impl ChunkStore {
     /// Chunks of the volume whose objects live under `volume_prefix`.
     pub fn new(store: Arc<dyn ObjectStore>, volume_prefix: &Path, block_size: u32) -> Self {
@@ -64,7 +77,7 @@ impl ChunkStore {
                     ))
                 }
             }
-            Err(e) => Err(to_io(&format!("upload chunk {path}"), e)),
+            Err(e) => Err(store_error(&format!("upload chunk {path}"), e)),
         }
     }
 
@@ -75,7 +88,7 @@ impl ChunkStore {
             self.store.get(&path).await?.bytes().await
         })
         .await
-        .map_err(|e| to_io(&format!("fetch chunk {path}"), e))
+        .map_err(|e| store_error(&format!("fetch chunk {path}"), e))
     }
 
     /// One block, fetched with a ranged GET and verified.
@@ -84,7 +97,7 @@ impl ChunkStore {
         let range = location.offset..location.offset + u64::from(location.length);
         let payload = with_retries("read block", || self.store.get_range(&path, range.clone()))
             .await
-            .map_err(|e| to_io(&format!("read {path} {range:?}"), e))?;
+            .map_err(|e| store_error(&format!("read {path} {range:?}"), e))?;
         decode_block(&payload, self.block_size, location.checksum).map_err(|e| match e {
             ChunkError::Checksum { .. } => io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -101,7 +114,7 @@ impl ChunkStore {
             self.store.list(Some(&self.prefix)).try_collect::<Vec<_>>()
         })
         .await
-        .map_err(|e| to_io("list chunks", e))?;
+        .map_err(|e| store_error("list chunks", e))?;
         Ok(objects
             .iter()
             .filter_map(|meta| u64::from_str_radix(meta.location.filename()?, 16).ok())
@@ -111,7 +124,7 @@ impl ChunkStore {
     pub async fn delete(&self, chunk: u64) -> io::Result<()> {
         match self.store.delete(&self.path(chunk)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(to_io("delete chunk", e)),
+            Err(e) => Err(store_error("delete chunk", e)),
         }
     }
 }

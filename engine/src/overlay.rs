@@ -9,7 +9,7 @@
 
 use crate::journal::JournalData;
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 
 /// Where an edit's bytes are: in memory, or in the journal (read back when needed, so that a
@@ -80,6 +80,12 @@ pub struct Overlay {
     block_size: u32,
     blocks: BTreeMap<u64, Vec<Edit>>,
     zeros: Vec<ZeroRange>,
+    /// Every block with edits, keyed by the seq of its oldest edit: the blocks an upload
+    /// through seq `p` must store are exactly the entries up to `p`, so an upload step can be
+    /// bounded by counting entries instead of scanning the whole overlay.
+    by_first_seq: BTreeSet<(u64, u64)>,
+    /// Bytes of data edits held (superseded ones included: they are still in the journal).
+    data_bytes: u64,
 }
 
 /// What the uploader must store for everything up to a sequence number.
@@ -97,6 +103,8 @@ impl Overlay {
             block_size,
             blocks: BTreeMap::new(),
             zeros: Vec::new(),
+            by_first_seq: BTreeSet::new(),
+            data_bytes: 0,
         }
     }
 
@@ -175,7 +183,14 @@ impl Overlay {
     /// one lock), so each block's list is sorted by seq. Superseded edits are kept until they
     /// are uploaded, for the same reason as in [`Overlay::zero`].
     fn push(&mut self, block: u64, edit: Edit) {
-        self.blocks.entry(block).or_default().push(edit);
+        if let Edit::Data { len, .. } = &edit {
+            self.data_bytes += u64::from(*len);
+        }
+        let edits = self.blocks.entry(block).or_default();
+        if edits.is_empty() {
+            self.by_first_seq.insert((edit.seq(), block));
+        }
+        edits.push(edit);
     }
 
     /// Newest zero range covering `block` with seq ≤ `through`.
@@ -264,15 +279,17 @@ impl Overlay {
         Ok(Some(data))
     }
 
-    /// Everything recorded with seq ≤ `through`, for one upload.
+    /// Everything recorded with seq ≤ `through`, for one upload; blocks in ascending order.
     pub fn pending_through(&self, through: u64) -> PendingWork {
+        let mut blocks: Vec<u64> = self
+            .by_first_seq
+            .iter()
+            .take_while(|&&(seq, _)| seq <= through)
+            .map(|&(_, block)| block)
+            .collect();
+        blocks.sort_unstable();
         PendingWork {
-            blocks: self
-                .blocks
-                .iter()
-                .filter(|(_, e)| e.iter().any(|e| e.seq() <= through))
-                .map(|(b, _)| *b)
-                .collect(),
+            blocks,
             zero_ranges: self
                 .zeros
                 .iter()
@@ -282,25 +299,61 @@ impl Overlay {
         }
     }
 
+    /// How far one bounded upload step may go: the largest seq ≤ `through` such that at most
+    /// `max_blocks` blocks have edits up to it. Every edit of those blocks up to that seq is
+    /// folded into one stored version per block. A single change touching more blocks than
+    /// that (one large write) still makes a step of its own, so a step always makes progress.
+    /// Whole-block zero ranges do not count: they are map deletions, not stored data.
+    pub fn step_end(&self, through: u64, max_blocks: usize) -> u64 {
+        let Some(&(first, _)) = self.by_first_seq.first() else {
+            return through;
+        };
+        match self.by_first_seq.iter().nth(max_blocks) {
+            Some(&(seq, _)) if seq <= through => seq.saturating_sub(1).max(first).min(through),
+            _ => through,
+        }
+    }
+
     /// Forgets what is now stored (seq ≤ `through`).
     pub fn drop_through(&mut self, through: u64) {
         self.zeros.retain(|z| z.seq > through);
-        self.blocks.retain(|_, edits| {
-            edits.retain(|e| e.seq() > through);
-            !edits.is_empty()
-        });
+        let stored: Vec<(u64, u64)> = self
+            .by_first_seq
+            .iter()
+            .take_while(|&&(seq, _)| seq <= through)
+            .copied()
+            .collect();
+        for key in stored {
+            self.by_first_seq.remove(&key);
+            let block = key.1;
+            let Some(edits) = self.blocks.get_mut(&block) else {
+                continue;
+            };
+            let keep_from = edits.partition_point(|e| e.seq() <= through);
+            for e in edits.drain(..keep_from) {
+                if let Edit::Data { len, .. } = e {
+                    self.data_bytes -= u64::from(len);
+                }
+            }
+            match edits.first() {
+                Some(next) => {
+                    self.by_first_seq.insert((next.seq(), block));
+                }
+                None => {
+                    self.blocks.remove(&block);
+                }
+            }
+        }
+    }
+
+    /// Blocks with edits waiting for upload.
+    pub fn dirty_blocks(&self) -> usize {
+        self.by_first_seq.len()
     }
 
     /// Bytes of data held (for back-pressure).
     pub fn data_bytes(&self) -> usize {
-        self.blocks
-            .values()
-            .flatten()
-            .map(|e| match e {
-                Edit::Data { len, .. } => *len as usize,
-                Edit::Zero { .. } => 0,
-            })
-            .sum()
+        self.data_bytes as usize
     }
 }
 
@@ -447,6 +500,121 @@ mod tests {
                 prop_assert_eq!(&got[..e - s], &model[s..e], "block {}", b);
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Bounded steps: each step stores at most `max` blocks (unless one change alone
+        /// touches more), always makes progress, and steps taken one after another store the
+        /// same image as one upload of everything. The index and byte count stay exact.
+        #[test]
+        fn bounded_steps_store_the_same_prefix(
+            ops in prop::collection::vec(op(), 1..60),
+            max in 1usize..6,
+        ) {
+            let size = 12_000usize;
+            let mut model = vec![0xAAu8; size];
+            let mut stored = model.clone();
+            let mut overlay = Overlay::new(BS);
+            let mut seq = 0u64;
+            let mut uploaded = 0u64;
+            for op in ops {
+                seq += 1;
+                match op {
+                    Op::Write(o, d) => {
+                        let o = o as usize;
+                        let n = d.len().min(size - o);
+                        model[o..o + n].copy_from_slice(&d[..n]);
+                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
+                    }
+                    Op::Zero(o, l) => {
+                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
+                        model[o..o + l].fill(0);
+                        overlay.zero(seq, o as u64, l as u64);
+                    }
+                    Op::Upload => {
+                        while uploaded < seq {
+                            let end = overlay.step_end(seq, max);
+                            prop_assert!(end > uploaded, "a step makes progress");
+                            let work = overlay.pending_through(end);
+                            if work.blocks.len() > max {
+                                // Only when the step's first change alone spans more blocks.
+                                let first = overlay.by_first_seq.first().map(|k| k.0);
+                                prop_assert_eq!(Some(end), first);
+                            }
+                            store(&overlay, &work, end, &mut stored, size);
+                            overlay.drop_through(end);
+                            uploaded = end;
+                        }
+                    }
+                }
+                let bytes: u64 = overlay.blocks.values().flatten().map(|e| match e {
+                    Edit::Data { len, .. } => u64::from(*len),
+                    Edit::Zero { .. } => 0,
+                }).sum();
+                prop_assert_eq!(bytes, overlay.data_bytes);
+                let index: BTreeSet<(u64, u64)> = overlay.blocks.iter().map(|(b, e)| (e[0].seq(), *b)).collect();
+                prop_assert_eq!(&index, &overlay.by_first_seq);
+            }
+            for b in 0..(size as u64).div_ceil(u64::from(BS)) {
+                let s = b as usize * BS as usize;
+                let e = (s + BS as usize).min(size);
+                let mut base = vec![0u8; BS as usize];
+                base[..e - s].copy_from_slice(&stored[s..e]);
+                let got = overlay.materialize(b, || Ok(base.clone())).expect("read").unwrap_or(base);
+                prop_assert_eq!(&got[..e - s], &model[s..e], "block {}", b);
+            }
+        }
+    }
+
+    /// Applies one upload of `work` (as of `through`) to a flat image of the store.
+    fn store(overlay: &Overlay, work: &PendingWork, through: u64, stored: &mut [u8], size: usize) {
+        for (first, end) in &work.zero_ranges {
+            for b in *first..*end {
+                let s = (b as usize * BS as usize).min(size);
+                let e = ((b + 1) as usize * BS as usize).min(size);
+                stored[s..e].fill(0);
+            }
+        }
+        let before = stored.to_vec();
+        for b in &work.blocks {
+            let s = *b as usize * BS as usize;
+            let e = (s + BS as usize).min(size);
+            let mut base = vec![0u8; BS as usize];
+            base[..e - s].copy_from_slice(&before[s..e]);
+            if let Some(data) = overlay
+                .materialize_through(*b, through, || Ok(base))
+                .expect("materialize")
+            {
+                stored[s..e].copy_from_slice(&data[..e - s]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_folds_rewrites_and_stops_at_the_block_bound() {
+        let mut o = Overlay::new(BS);
+        // Blocks 0..4 rewritten ten times, then blocks 10..20 once each.
+        let mut seq = 0;
+        for _ in 0..10 {
+            for b in 0..4u64 {
+                seq += 1;
+                o.write(seq, b * u64::from(BS), Bytes::from(vec![seq as u8; 16]));
+            }
+        }
+        let hot_end = seq;
+        for b in 10..20u64 {
+            seq += 1;
+            o.write(seq, b * u64::from(BS), Bytes::from(vec![1u8; 16]));
+        }
+        // Four blocks fit: the step covers all forty rewrites of the hot blocks.
+        let end = o.step_end(seq, 4);
+        assert_eq!(end, hot_end);
+        assert_eq!(o.pending_through(end).blocks, vec![0, 1, 2, 3]);
+        assert_eq!(o.step_end(seq, 14), seq, "everything fits");
+        o.drop_through(end);
+        assert_eq!(o.dirty_blocks(), 10);
+        assert_eq!(o.data_bytes(), 160);
     }
 
     #[test]

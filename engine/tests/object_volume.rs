@@ -3,100 +3,15 @@
 //! map deletions, and a second writer fences the first.
 
 use blockmap::faulty_store::FaultyStore;
-use blockmap::replica::Layout;
-use bytes::Bytes;
-use engine::object_volume::{Durability, ObjectVolume, VolumeConfig};
-use engine::{BlockDevice, ExtentKind, ReadSegment, ZeroMode};
+use engine::object_volume::{Durability, ObjectVolume};
+use engine::{BlockDevice, ExtentKind, ZeroMode};
 use object_store::ObjectStore;
-use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[path = "../../blockmap/tests/common/mod.rs"]
-mod s3_server;
-
-const MIB: u64 = 1 << 20;
-
-struct Fixture {
-    dir: tempfile::TempDir,
-    store: Arc<dyn ObjectStore>,
-    layout: Layout,
-    _moto: Option<s3_server::Moto>,
-}
-
-impl Fixture {
-    async fn new(size: u64, block_size: u32) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
-        ObjectVolume::create(store.as_ref(), &Path::from(""), "disk", size, block_size)
-            .await
-            .expect("create");
-        Fixture {
-            dir,
-            store,
-            layout: Layout::File,
-            _moto: None,
-        }
-    }
-
-    /// The same, on a real S3-protocol server (moto).
-    async fn on_s3(size: u64, block_size: u32) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let moto = s3_server::start_moto();
-        s3_server::create_bucket(moto.port, "volumes");
-        let store = s3_server::s3(moto.port, "volumes");
-        ObjectVolume::create(store.as_ref(), &Path::from(""), "disk", size, block_size)
-            .await
-            .expect("create");
-        Fixture {
-            dir,
-            store,
-            layout: Layout::ObjectStore,
-            _moto: Some(moto),
-        }
-    }
-
-    fn config(&self, local: &str) -> VolumeConfig {
-        let mut c = VolumeConfig::new(self.dir.path().join(local));
-        c.sync_interval = Duration::from_millis(100);
-        c.cache_bytes = 64 * MIB;
-        c.chunk_bytes = MIB as usize;
-        c
-    }
-
-    async fn open(&self, config: VolumeConfig) -> ObjectVolume {
-        self.open_on(Arc::clone(&self.store), config).await
-    }
-
-    async fn open_on(&self, store: Arc<dyn ObjectStore>, config: VolumeConfig) -> ObjectVolume {
-        ObjectVolume::open(store, &Path::from(""), self.layout, "disk", config)
-            .await
-            .expect("open")
-    }
-}
-
-async fn read(v: &ObjectVolume, offset: u64, len: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len as usize);
-    for seg in v.read(offset, len).await.expect("read") {
-        match seg {
-            ReadSegment::Data(d) => out.extend_from_slice(&d),
-            ReadSegment::Zero(n) => out.resize(out.len() + n as usize, 0),
-        }
-    }
-    assert_eq!(out.len(), len as usize);
-    out
-}
-
-fn pattern(len: usize, seed: u8) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-            .collect::<Vec<u8>>(),
-    )
-}
+mod common;
+use common::{Fixture, MIB, assert_state_is_complete, chunk_files, pattern, read};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_see_writes_before_and_after_upload() {
@@ -361,15 +276,6 @@ async fn on_s3_writes_reach_another_host_and_a_new_writer_fences_the_old() {
     third.close().await.expect("close");
 }
 
-fn chunk_files(f: &Fixture) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(f.dir.path().join("store/disk/chunks"))
-        .expect("chunks dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_rewrites_sparse_chunks_and_deletes_dead_ones() {
     let f = Fixture::new(64 * MIB, 65536).await;
@@ -388,26 +294,23 @@ async fn gc_rewrites_sparse_chunks_and_deletes_dead_ones() {
             .expect("write");
     }
     v.sync_to_store().await.expect("upload");
-    let report = v.maintain_now().await.expect("maintain");
-    assert!(report.chunks_rewritten >= 1, "{report:?}");
-    // The first chunk is dead now, but older map states that a restore can reach still use it:
-    // it goes only once the retained snapshots are all newer.
-    let mut deleted = 0;
-    for round in 0..4u8 {
-        v.write(40 * 65536, pattern(4096, round), false)
-            .await
-            .expect("write");
-        v.sync_to_store().await.expect("upload");
-        deleted += v.maintain_now().await.expect("maintain").chunks_deleted;
-    }
-    assert!(deleted >= 1, "nothing deleted");
+    // Collection runs after every upload step: the first chunk, 2 of 16 blocks live, was
+    // rewritten, and with the default restore window of zero deleted at once.
+    v.maintain_now().await.expect("maintain");
+    let stats = v.stats().await.expect("stats");
+    assert!(stats.chunks_rewritten >= 1, "{stats:?}");
+    assert!(stats.chunks_deleted >= 1, "{stats:?}");
     assert!(
         !chunk_files(&f).contains(&first_chunk),
         "{first_chunk} still in {:?}",
         chunk_files(&f)
     );
+    assert_eq!(
+        stats.chunks, 2,
+        "the overwriting chunk and the rewritten one, nothing dead: {stats:?}"
+    );
     v.close().await.expect("close");
-    assert_every_restorable_state_is_complete(&f).await;
+    assert_state_is_complete(&f, None).await;
     let fresh = f.open(f.config("fresh")).await;
     for i in 0..16u64 {
         let seed = if i < 14 { 100 + i as u8 } else { i as u8 };
@@ -422,47 +325,6 @@ async fn gc_rewrites_sparse_chunks_and_deletes_dead_ones() {
 
 /// Restores every block-map state the replica can still reach and checks that each chunk it
 /// refers to exists: GC must never delete what a restorable state uses.
-async fn assert_every_restorable_state_is_complete(f: &Fixture) {
-    use blockmap::replica::Replica;
-    let replica = Replica::new(Arc::clone(&f.store), Path::from("disk/blockmap"), f.layout);
-    let files = replica.list().await.expect("list");
-    let latest = files.iter().map(|f| f.name.max_txid).max().expect("files");
-    let existing = chunk_files(f);
-    let mut checked = 0;
-    for txid in 1..=latest {
-        if replica.plan(ltx_target(txid)).await.is_err() {
-            continue; // not restorable any more
-        }
-        let out = f.dir.path().join(format!("restored-{txid}.db"));
-        let progress = blockmap::vfs::hydrate::Progress::default();
-        blockmap::vfs::hydrate::hydrate(&replica, txid, &out, &progress)
-            .await
-            .expect("restore");
-        let db = rusqlite::Connection::open(&out).expect("open restored map");
-        let mut stmt = db
-            .prepare("SELECT DISTINCT chunk FROM blocks")
-            .expect("query");
-        let chunks: Vec<i64> = stmt
-            .query_map([], |r| r.get(0))
-            .expect("rows")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        for chunk in chunks {
-            let name = format!("{chunk:016x}");
-            assert!(
-                existing.contains(&name),
-                "map state at TXID {txid} refers to deleted chunk {name}"
-            );
-        }
-        checked += 1;
-    }
-    assert!(checked >= 2, "only {checked} restorable states");
-}
-
-fn ltx_target(txid: u64) -> ltx::RestoreTarget {
-    ltx::RestoreTarget::Txid(txid)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hydration_pulls_every_stored_block_into_the_cache() {
     let f = Fixture::new(256 * MIB, 65536).await;

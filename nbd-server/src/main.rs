@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve volumes over NBD (creates the default volume on first start).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a volume.
     Create(CreateArgs),
     /// Show a volume's size and usage.
@@ -96,6 +96,21 @@ struct ServeArgs {
     /// What FLUSH waits for: local (journal on disk) or remote (uploaded to the store).
     #[arg(long, value_parser = ["local", "remote"])]
     durability: Option<String>,
+    /// How far the store may lag behind the local journal while the load keeps rewriting the
+    /// same blocks (rewrites between two uploads are uploaded once). Other loads are uploaded
+    /// every --sync-interval; never lags with --durability remote. [default: 30s]
+    #[arg(long, value_parser = parse_duration)]
+    max_upload_lag: Option<Duration>,
+    /// Writes waiting for room in a full journal fail with EIO once the store has made no
+    /// progress at all for this long (while uploads progress, however slowly, they wait).
+    /// [default: 5m]
+    #[arg(long, value_parser = parse_duration)]
+    stall_timeout: Option<Duration>,
+    /// How long past states of a volume stay restorable: chunks the block map stopped using
+    /// are deleted once this long has passed (0: right after the upload that replaced them).
+    /// Longer windows keep every overwritten chunk that long. [default: 0s]
+    #[arg(long, value_parser = parse_duration)]
+    restore_window: Option<Duration>,
     /// Pull every block into the local cache in the background (object-storage engine).
     #[arg(long)]
     hydrate: bool,
@@ -106,6 +121,12 @@ struct ServeArgs {
     /// remote store's first-byte latency on a local one).
     #[arg(long, value_parser = parse_duration, hide = true)]
     inject_latency: Option<Duration>,
+    /// Benchmarks: no garbage collection (dead chunks stay), to measure what it costs.
+    #[arg(long, hide = true)]
+    no_gc: bool,
+    /// Benchmarks: blocks one upload step stores at most (to measure the bound).
+    #[arg(long, hide = true)]
+    upload_step_blocks: Option<usize>,
 }
 
 #[derive(Args)]
@@ -159,7 +180,7 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Create(args) => create(args),
         Command::Info(args) => info(args),
     };
@@ -522,6 +543,19 @@ async fn open_object_volume(
     if args.durability.as_deref() == Some("remote") {
         config.durability = Durability::Remote;
     }
+    if let Some(lag) = args.max_upload_lag {
+        config.max_upload_lag = lag;
+    }
+    if let Some(timeout) = args.stall_timeout {
+        config.stall_timeout = timeout;
+    }
+    if let Some(window) = args.restore_window {
+        config.restore_window = window;
+    }
+    if let Some(blocks) = args.upload_step_blocks {
+        config.upload_step_blocks = blocks;
+    }
+    config.collect_garbage = !args.no_gc;
     config.read_only = args.read_only;
     config.hydrate = args.hydrate;
     config.holder = format!("{} pid {}", hostname(), std::process::id());
@@ -562,6 +596,9 @@ fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
         (args.sync_interval.is_some(), "--sync-interval"),
         (args.journal_limit.is_some(), "--journal-limit"),
         (args.durability.is_some(), "--durability"),
+        (args.max_upload_lag.is_some(), "--max-upload-lag"),
+        (args.stall_timeout.is_some(), "--stall-timeout"),
+        (args.restore_window.is_some(), "--restore-window"),
         (args.hydrate, "--hydrate"),
     ]
     .into_iter()

@@ -17,10 +17,16 @@
 
 mod background;
 pub mod catalog;
+mod gc;
 mod local_state;
 mod locations;
 mod read;
-pub mod upload;
+mod upload;
+mod upload_health;
+mod upload_policy;
+
+pub use gc::GcReport;
+pub use upload_health::UploadStall;
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
@@ -83,6 +89,20 @@ pub struct VolumeConfig {
     /// Journaled data not yet uploaded above which writers wait for the uploader. It lives in
     /// the journal on local disk (the overlay only points at it), so this bounds disk use.
     pub max_dirty_bytes: u64,
+    /// How far the store may lag behind the journal when the load keeps rewriting the same
+    /// blocks (each rewrite between two uploads is folded into one). Never with remote
+    /// durability; other loads are uploaded every `sync_interval`.
+    pub max_upload_lag: Duration,
+    /// Writers waiting for room in the journal fail once the store has made no progress at all
+    /// for this long (while it makes progress, however slowly, they wait).
+    pub stall_timeout: Duration,
+    /// Blocks one upload step stores at most (see `upload_policy::STEP_MAX_BLOCKS`).
+    pub upload_step_blocks: usize,
+    /// Garbage collection on (the default). Off only to measure what it costs.
+    pub collect_garbage: bool,
+    /// How long past map states stay restorable: a chunk the map stopped using is deleted once
+    /// this long has passed (zero: right after the upload that replaced its blocks).
+    pub restore_window: Duration,
     /// Pull every block into the cache in the background.
     pub hydrate: bool,
     /// Name of this process in the writer lease (host and pid).
@@ -99,6 +119,11 @@ impl VolumeConfig {
             read_only: false,
             chunk_bytes: 24 << 20,
             max_dirty_bytes: 4 << 30,
+            max_upload_lag: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(300),
+            restore_window: Duration::ZERO,
+            upload_step_blocks: upload_policy::STEP_MAX_BLOCKS,
+            collect_garbage: true,
             hydrate: false,
             holder: format!("pid {}", std::process::id()),
         }
@@ -117,9 +142,17 @@ pub struct VolumeStats {
     pub allocated_blocks: u64,
     pub allocated_stored_bytes: u64,
     pub chunks: u64,
+    /// Upload steps committed.
     pub uploads: u64,
+    /// Journaled (client) bytes the uploads stored, blocks they stored (each rewrite of a block
+    /// between two uploads folded into one), and bytes of chunks they PUT.
+    pub uploaded_journal_bytes: u64,
+    pub uploaded_blocks: u64,
+    pub uploaded_chunk_bytes: u64,
     pub chunks_rewritten: u64,
     pub chunks_deleted: u64,
+    /// Bytes of every chunk in the store, dead ones waiting for deletion included.
+    pub chunk_bytes: u64,
 }
 
 /// The block map, as this process holds it.
@@ -155,7 +188,6 @@ pub(crate) struct Shared {
     /// Connection for the uploader's transactions (writers only).
     updates: Option<Mutex<BlockMap>>,
     map: MapRole,
-    replica: Arc<Replica>,
     chunks: ChunkStore,
     cache: BlockCache,
     /// Where the uploader's CPU-heavy work runs, below the priority of serving requests.
@@ -163,9 +195,13 @@ pub(crate) struct Shared {
     fetches: Mutex<HashMap<CacheKey, SharedFetch>>,
     /// Highest journal seq whose writes are in object storage.
     uploaded: watch::Sender<u64>,
+    /// Highest journal seq someone waits to see stored (remote FLUSH, `sync_to_store`).
+    upload_wanted: AtomicU64,
     upload_now: Notify,
-    /// Held by each upload and maintenance pass: one map writer at a time.
-    maintenance: tokio::sync::Mutex<upload::Maintenance>,
+    /// Whether uploads progress; how long writers waited for them.
+    health: upload_health::UploadHealth,
+    /// Held by each upload step and collection pass: one map writer at a time.
+    maintenance: tokio::sync::Mutex<gc::Collector>,
     /// Set when this volume must stop accepting writes (fenced by another writer).
     failure: Mutex<Option<String>>,
     next_chunk: AtomicU64,
@@ -330,7 +366,10 @@ impl ObjectVolume {
             )
         };
         let chunk_epoch = match &map {
-            MapRole::Writer(w) => w.lease().epoch,
+            MapRole::Writer(w) => {
+                w.set_restore_window(config.restore_window);
+                w.lease().epoch
+            }
             _ => 0,
         };
         let (lookups, updates, uploaded_seq, owner) = {
@@ -420,13 +459,14 @@ impl ObjectVolume {
             locations: locations::Locations::default(),
             updates: updates.map(Mutex::new),
             map,
-            replica,
             cache,
             background,
             fetches: Mutex::new(HashMap::new()),
             uploaded,
+            upload_wanted: AtomicU64::new(0),
             upload_now: Notify::new(),
-            maintenance: tokio::sync::Mutex::new(upload::Maintenance::default()),
+            health: upload_health::UploadHealth::new(config.stall_timeout),
+            maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
             failure: Mutex::new(None),
             next_chunk: AtomicU64::new(0),
             chunk_epoch,
@@ -488,15 +528,17 @@ impl ObjectVolume {
                 .connection()
                 .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
                 .map_err(|e| other("block map", e))? as u64;
+            stats.chunk_bytes = map.chunk_bytes().map_err(|e| other("block map", e))?;
             Ok(stats)
         })
         .await
     }
 
-    /// Runs block-map maintenance and garbage collection now (normally every 60 uploads).
-    pub async fn maintain_now(&self) -> io::Result<upload::GcReport> {
+    /// Runs block-map maintenance and a full garbage collection now (normally every 60
+    /// upload steps; dead chunks are collected after every step).
+    pub async fn maintain_now(&self) -> io::Result<GcReport> {
         if self.shared.config.read_only {
-            return Ok(upload::GcReport::default());
+            return Ok(GcReport::default());
         }
         upload::maintain(&self.shared).await
     }
@@ -675,54 +717,72 @@ impl Shared {
         blocking(move || handle.run()).await
     }
 
-    /// Waits until the uploader has stored everything through `seq`.
+    /// Waits until the uploader has stored everything through `seq`. Gives up when the store
+    /// has stalled (see [`upload_health`]).
     async fn wait_uploaded(&self, seq: u64) -> io::Result<()> {
+        self.upload_wanted.fetch_max(seq, Ordering::AcqRel);
         let mut rx = self.uploaded.subscribe();
         loop {
             if *rx.borrow_and_update() >= seq {
                 return Ok(());
             }
-            if let Some(why) = lock(&self.failure).as_ref() {
-                return Err(io::Error::other(why.clone()));
-            }
+            self.stopped_uploading()?;
             self.upload_now.notify_one();
-            rx.changed()
-                .await
-                .map_err(|_| io::Error::other("the uploader stopped"))?;
+            // Woken by each step; the timeout re-checks the store's health meanwhile.
+            match tokio::time::timeout(STALL_CHECK_EVERY, rx.changed()).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(_)) => return Err(io::Error::other("the uploader stopped")),
+            }
         }
     }
 
-    /// Back-pressure: while more than `max_dirty_bytes` wait for upload, writers wait (at most
-    /// a minute, then EIO: the store is not keeping up, and the client should hear about it).
+    /// `Err` if waiting for the uploader is pointless: this volume was fenced or failed, or the
+    /// store stalled or refuses uploads. Logged once per cause, saying which.
+    fn stopped_uploading(&self) -> io::Result<()> {
+        if let Some(why) = lock(&self.failure).as_ref() {
+            return Err(io::Error::other(why.clone()));
+        }
+        self.health.check().map_err(|stall| {
+            tracing::error!(volume = %self.meta.name, "failing a write: {stall}");
+            io::Error::other(stall.to_string())
+        })
+    }
+
+    /// Back-pressure: while `max_dirty_bytes` of journaled data wait for upload, writers wait
+    /// for the uploader to make room, for as long as the store makes progress.
     async fn wait_for_room(&self) -> DeviceResult<()> {
         let limit = self.config.max_dirty_bytes;
-        if self.dirty_bytes.load(Ordering::Relaxed) < limit {
-            if self.dirty_bytes.load(Ordering::Relaxed) >= limit / 4 {
+        let dirty = self.dirty_bytes.load(Ordering::Relaxed);
+        if dirty < limit {
+            if dirty >= limit / 4 {
                 self.upload_now.notify_one();
             }
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let mut rx = self.uploaded.subscribe();
-        let wait = async {
-            while self.dirty_bytes.load(Ordering::Relaxed) >= limit {
-                if let Some(why) = lock(&self.failure).as_ref() {
-                    return Err(DeviceError::Io(io::Error::other(why.clone())));
-                }
-                self.upload_now.notify_one();
-                if rx.changed().await.is_err() {
-                    return Err(DeviceError::Io(io::Error::other("the uploader stopped")));
+        let outcome = loop {
+            if self.dirty_bytes.load(Ordering::Relaxed) < limit {
+                break Ok(());
+            }
+            if let Err(e) = self.stopped_uploading() {
+                break Err(DeviceError::Io(e));
+            }
+            self.upload_now.notify_one();
+            match tokio::time::timeout(STALL_CHECK_EVERY, rx.changed()).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(_)) => {
+                    break Err(DeviceError::Io(io::Error::other("the uploader stopped")));
                 }
             }
-            Ok(())
         };
-        match tokio::time::timeout(Duration::from_secs(60), wait).await {
-            Ok(result) => result,
-            Err(_) => Err(DeviceError::Io(io::Error::other(
-                "object storage is not keeping up: uploads have been stalled for 60 s",
-            ))),
-        }
+        self.health.waited(started.elapsed());
+        outcome
     }
 }
+
+/// How often a writer waiting for the uploader re-checks that the store makes progress.
+const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl BlockDevice for ObjectVolume {
@@ -952,6 +1012,58 @@ impl BlockDevice for ObjectVolume {
                 Counter,
                 "Uploads committed (chunks PUT, one block-map transaction each).",
                 stats.uploads as f64,
+            ),
+            metric(
+                "bucketdisk_upload_journal_bytes_total",
+                Counter,
+                "Written bytes the uploads stored (its rate is the upload throughput).",
+                stats.uploaded_journal_bytes as f64,
+            ),
+            metric(
+                "bucketdisk_upload_blocks_total",
+                Counter,
+                "Blocks the uploads stored (rewrites of a block between uploads count once).",
+                stats.uploaded_blocks as f64,
+            ),
+            metric(
+                "bucketdisk_upload_chunk_bytes_total",
+                Counter,
+                "Bytes of chunks the uploads PUT (compressed).",
+                stats.uploaded_chunk_bytes as f64,
+            ),
+            metric(
+                "bucketdisk_upload_lag_seconds",
+                Gauge,
+                "How long the oldest write not yet in object storage has waited.",
+                self.shared.health.lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
+            ),
+            metric(
+                "bucketdisk_upload_lag_allowed_seconds",
+                Gauge,
+                "How far the store may lag now (--max-upload-lag under overwrite-heavy load, else --sync-interval).",
+                self.shared
+                    .health
+                    .allowed_lag_millis
+                    .load(Ordering::Relaxed) as f64
+                    / 1000.0,
+            ),
+            metric(
+                "bucketdisk_write_wait_seconds_total",
+                Counter,
+                "Time writers spent waiting for room in the journal (back-pressure).",
+                self.shared.health.wait_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            ),
+            metric(
+                "bucketdisk_write_waits_total",
+                Counter,
+                "Writes that waited for room in the journal.",
+                self.shared.health.waits.load(Ordering::Relaxed) as f64,
+            ),
+            metric(
+                "bucketdisk_chunk_bytes",
+                Gauge,
+                "Bytes of all chunks in object storage, dead ones awaiting deletion included.",
+                stats.chunk_bytes as f64,
             ),
             metric(
                 "bucketdisk_chunks_rewritten_total",

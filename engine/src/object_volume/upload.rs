@@ -1,20 +1,26 @@
-//! The uploader (DESIGN.md §3): every sync interval, or sooner when enough is dirty, it takes
-//! the journal position `p`, builds the content of every dirty block as of `p` (so the store
-//! always holds exactly a prefix of the write history, I1), packs the blocks into chunks, PUTs
-//! them (I3: before any map row points at them), commits one block-map transaction that also
-//! records `p`, syncs the map to the store, and only then forgets the journal range.
+//! The uploader (DESIGN.md §3). When the [`UploadPolicy`] says so, it uploads everything
+//! journaled so far in bounded steps. A step takes the journal position `p` that bounds it
+//! (see [`Overlay::step_end`](crate::overlay::Overlay::step_end)), builds the content of every
+//! block dirty up to `p` as of `p` (so the store always holds exactly a prefix of the write
+//! history, I1), packs the blocks into chunks, PUTs them (I3: before any map row points at
+//! them), commits one block-map transaction that also records `p`, syncs the map to the store,
+//! and only then releases the journal up to `p`. So the journal drains step by step while
+//! writes keep arriving, and writers that wait for room wait for one step, not for everything.
 //!
-//! Garbage collection runs here too, after block-map maintenance: a chunk none of whose blocks
-//! is live is deleted once no block-map state that can still be restored refers to it.
+//! Garbage collection ([`gc`](super::gc)) runs here too, after each step and when idle: it is
+//! never beside an upload, and a dead chunk is known dead only once its map state is stored.
 
-use super::read::{fetch_block, stored_blocks};
-use super::{META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other};
+use super::gc::{self, GcReport};
+use super::read::stored_blocks;
+use super::upload_policy::{Situation, UploadPolicy};
+use super::{
+    Durability, META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other,
+};
 use crate::cache::{CacheInsert, CacheKey};
 use crate::chunk::ChunkBuilder;
 use blockmap::writer::WriterError;
 use blockmap::{BlockLocation, MapChange};
 use bytes::Bytes;
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,57 +28,142 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-/// Level of LTX snapshots in a Litestream replica.
-const SNAPSHOT_LEVEL: u8 = 9;
-
 /// Bytes of block content materialised at a time.
 const MATERIALIZE_BYTES: u64 = 8 << 20;
 /// Chunk PUTs in flight per upload.
 const PUT_CONCURRENCY: usize = 2;
-/// Block-map maintenance (compaction, snapshot, retention) and GC every this many uploads.
+/// Block-map maintenance (compaction, snapshot, retention) every this many upload steps.
 const MAINTAIN_EVERY: u64 = 60;
 /// Uploads idle this long: tidy the map replica (cheap; a busy writer never waits for it).
 const TIDY_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
+/// Retry delays after a failed upload, doubling from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let mut uploads = 0u64;
+    let mut policy = UploadPolicy::new(
+        shared.config.sync_interval,
+        shared.config.max_upload_lag,
+        shared.config.durability == Durability::Remote,
+    );
+    let mut steps_since_maintenance = 0u64;
     // When the last upload finished, while the map replica has files an idle tidy would fold.
     let mut untidy_since: Option<Instant> = None;
+    let mut last_collection = Instant::now();
+    let mut retry_delay = RETRY_FIRST;
+    let mut wait = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(shared.config.sync_interval) => {}
-            _ = shared.upload_now.notified() => {}
-            _ = stop.changed() => return,
+        if wait {
+            tokio::select! {
+                _ = tokio::time::sleep(shared.config.sync_interval) => {}
+                _ = shared.upload_now.notified() => {}
+                _ = stop.changed() => return,
+            }
         }
-        if lock(&shared.failure).is_some() {
+        if lock(&shared.failure).is_some() || *stop.borrow() {
             return;
         }
-        match boxed(upload_once(&shared)).await {
-            Ok(false) => {
-                if untidy_since.is_some_and(|t| t.elapsed() >= TIDY_WHEN_IDLE_FOR) {
-                    untidy_since = None;
-                    if let Err(e) = boxed(tidy(&shared)).await {
-                        tracing::warn!(volume = %shared.meta.name, "block map tidy failed: {e}");
-                    }
+        let now = Instant::now();
+        let situation = shared.situation();
+        policy.tick(situation.journaled + 1, now);
+        let lag = policy.oldest_wait(&situation, now).unwrap_or_default();
+        shared
+            .health
+            .lag_millis
+            .store(lag.as_millis() as u64, Ordering::Relaxed);
+        shared
+            .health
+            .allowed_lag_millis
+            .store(policy.allowed_lag().as_millis() as u64, Ordering::Relaxed);
+        let Some(reason) = policy.decide(&situation, now) else {
+            shared.health.idle();
+            wait = true;
+            if situation.journaled <= situation.uploaded
+                && untidy_since.is_some_and(|t| t.elapsed() >= TIDY_WHEN_IDLE_FOR)
+            {
+                untidy_since = None;
+                if let Err(e) = boxed(tidy(&shared)).await {
+                    tracing::warn!(volume = %shared.meta.name, "block map tidy failed: {e}");
                 }
-                continue;
             }
-            Ok(true) => {
-                uploads += 1;
+            if last_collection.elapsed() >= gc::IDLE_PASS_EVERY {
+                last_collection = Instant::now();
+                if let Err(e) = boxed(collect(&shared)).await {
+                    tracing::warn!(volume = %shared.meta.name, "garbage collection failed, will retry: {e}");
+                }
+            }
+            continue;
+        };
+        tracing::trace!(volume = %shared.meta.name, ?reason, "uploading");
+        match boxed(upload_through(&shared, situation.journaled, &mut policy)).await {
+            Ok(steps) => {
+                retry_delay = RETRY_FIRST;
+                steps_since_maintenance += steps;
                 untidy_since = Some(Instant::now());
+                last_collection = Instant::now();
+                policy.upload_done();
             }
             Err(e) => {
-                tracing::warn!(volume = %shared.meta.name, "upload failed, will retry: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                shared.health.failed(&e);
+                tracing::warn!(volume = %shared.meta.name, "upload failed, retrying in {retry_delay:?}: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_delay) => {}
+                    // Someone waits: try again now (the store may be back).
+                    _ = shared.upload_now.notified() => {}
+                    _ = stop.changed() => return,
+                }
+                retry_delay = (retry_delay * 2).min(RETRY_MAX);
+                wait = false;
                 continue;
             }
         }
-        if uploads % MAINTAIN_EVERY == 0 {
+        // More is waiting already (writers outran the upload, or someone waits): go on at once.
+        let next = shared.situation();
+        wait = !(next.wanted > next.uploaded || next.dirty_bytes >= next.journal_limit / 8);
+        if steps_since_maintenance >= MAINTAIN_EVERY {
+            steps_since_maintenance = 0;
             if let Err(e) = boxed(maintain(&shared)).await {
                 tracing::warn!(volume = %shared.meta.name, "maintenance failed, will retry: {e}");
             }
         }
     }
+}
+
+impl Shared {
+    /// What the upload policy decides on.
+    fn situation(&self) -> Situation {
+        Situation {
+            journaled: self.journaled_through(),
+            uploaded: *self.uploaded.borrow(),
+            wanted: self.upload_wanted.load(Ordering::Acquire),
+            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed),
+            journal_limit: self.config.max_dirty_bytes,
+        }
+    }
+}
+
+/// Uploads everything journaled up to `target`, one bounded step at a time. Returns the steps.
+async fn upload_through(
+    shared: &Arc<Shared>,
+    target: u64,
+    policy: &mut UploadPolicy,
+) -> io::Result<u64> {
+    let mut steps = 0;
+    while *shared.uploaded.borrow() < target {
+        if lock(&shared.failure).is_some() {
+            return Err(io::Error::other("the volume stopped accepting writes"));
+        }
+        let mut collector = shared.maintenance.lock().await;
+        let end = shared
+            .overlay()
+            .step_end(target, shared.config.upload_step_blocks.max(1));
+        let blocks = upload_step(shared, end).await?;
+        policy.step_done(&blocks);
+        steps += 1;
+        collector.note_dead(shared).await?;
+        collector.collect(shared).await?;
+    }
+    Ok(steps)
 }
 
 /// Folds the map replica's recent transaction files together (see `MapWriter::tidy`), so the
@@ -81,6 +172,8 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
     let _serialised = shared.maintenance.lock().await;
     if let MapRole::Writer(writer) = &shared.map {
+        // Chunk rows GC removed since the last upload reach the store first.
+        sync_map(shared).await?;
         boxed(writer.tidy())
             .await
             .map_err(|e| other("block map tidy", e))?;
@@ -88,41 +181,27 @@ pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
     Ok(())
 }
 
-/// What one maintenance pass did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct GcReport {
-    /// Sparse chunks whose live blocks were moved into new chunks.
-    pub chunks_rewritten: u64,
-    /// Dead chunks deleted from the store.
-    pub chunks_deleted: u64,
-    /// Chunks no map state ever referred to (a writer died between PUT and commit), deleted.
-    pub orphans_deleted: u64,
+/// One garbage collection pass between uploads.
+async fn collect(shared: &Arc<Shared>) -> io::Result<GcReport> {
+    let mut collector = shared.maintenance.lock().await;
+    collector.note_dead(shared).await?;
+    collector.collect(shared).await
 }
 
-/// State kept across maintenance passes; its lock also serialises uploads with maintenance.
-#[derive(Default)]
-pub(super) struct Maintenance {
-    /// Dead chunk → the map TXID at which it was first seen dead.
-    dead_seen: HashMap<u64, u64>,
-}
-
-/// Block-map maintenance (compaction, snapshot, retention), then GC: rewrite sparse chunks,
-/// delete dead ones that no restorable map state refers to.
+/// Block-map maintenance (compaction, snapshot, retention), then a full collection: dead and
+/// partly dead chunks, and chunks orphaned by a writer that died between PUT and commit.
 pub(super) async fn maintain(shared: &Arc<Shared>) -> io::Result<GcReport> {
-    let mut state = shared.maintenance.lock().await;
+    let mut collector = shared.maintenance.lock().await;
     if let MapRole::Writer(writer) = &shared.map {
+        sync_map(shared).await?;
         boxed(writer.maintain())
             .await
             .map_err(|e| other("block map maintenance", e))?;
     }
-    let chunks_rewritten = boxed(rewrite_sparse_chunks(shared)).await?;
-    let chunks_deleted = boxed(collect_garbage(shared, &mut state.dead_seen)).await?;
-    let orphans_deleted = boxed(sweep_orphans(shared)).await?;
-    Ok(GcReport {
-        chunks_rewritten,
-        chunks_deleted,
-        orphans_deleted,
-    })
+    collector.note_dead(shared).await?;
+    let mut report = collector.collect(shared).await?;
+    report.orphans_deleted = boxed(gc::sweep_orphans(shared)).await?;
+    Ok(report)
 }
 
 /// Pins a future as `Send` at its concrete lifetime: without this, rustc fails to prove the
@@ -133,14 +212,18 @@ pub(super) fn boxed<'a, T>(
     Box::pin(f)
 }
 
-/// Uploads until everything journaled is stored (clean shutdown).
+/// Uploads until everything journaled is stored (clean shutdown), then syncs what GC changed.
 pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
-    for _ in 0..10 {
-        if !upload_once(shared).await? {
-            return Ok(());
+    let mut policy = UploadPolicy::new(Duration::ZERO, Duration::ZERO, true);
+    loop {
+        let target = shared.journaled_through();
+        if *shared.uploaded.borrow() >= target {
+            break;
         }
+        upload_through(shared, target, &mut policy).await?;
     }
-    Ok(())
+    let _serialised = shared.maintenance.lock().await;
+    sync_map(shared).await
 }
 
 fn next_chunk_id(shared: &Shared) -> u64 {
@@ -148,14 +231,10 @@ fn next_chunk_id(shared: &Shared) -> u64 {
     (shared.chunk_epoch << 32) | shared.next_chunk.fetch_add(1, Ordering::Relaxed)
 }
 
-/// One upload of everything journaled so far. `Ok(false)` if there was nothing to do.
-pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
-    let _serialised = shared.maintenance.lock().await;
-    let through = shared.journaled_through();
-    if through <= *shared.uploaded.borrow() {
-        return Ok(false);
-    }
-    let work = shared.overlay().pending_through(through);
+/// One bounded upload step: stores every block dirty up to journal position `end` as of `end`,
+/// commits, and releases the journal up to `end`. Returns the blocks it stored, in order.
+async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
+    let work = shared.overlay().pending_through(end);
     let mut changes: Vec<MapChange> = work
         .zero_ranges
         .iter()
@@ -164,42 +243,122 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
             count: end - first,
         })
         .collect();
-    let mut new_chunks: Vec<(u64, u64)> = Vec::new();
-    let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
-    let mut packer = Packer::new(shared);
-    // Blocks materialised at a time: bounded memory whatever the chunk size.
+    let mut writer = ChunkWriter::new(shared);
+    // Blocks materialised at a time: bounded memory whatever the step and chunk size.
     let batch = ((MATERIALIZE_BYTES / shared.block_size()).max(1)) as usize;
-    for start in (0..work.blocks.len()).step_by(batch) {
-        let blocks: Vec<u64> = work.blocks[start..(start + batch).min(work.blocks.len())].to_vec();
+    for blocks in work.blocks.chunks(batch) {
+        let blocks = blocks.to_vec();
         let needs_base: Vec<u64> = {
             let overlay = shared.overlay();
             blocks
                 .iter()
                 .copied()
-                .filter(|&b| overlay.needs_base(b, through))
+                .filter(|&b| overlay.needs_base(b, end))
                 .collect()
         };
         let mut bases = stored_blocks(shared, needs_base).await?;
-        // Materialising reads the journal, packing compresses and writes the cache: all on the
-        // low-priority background thread, so serving requests comes first.
         let s = Arc::clone(shared);
-        packer = shared
-            .background
-            .run(move || {
+        writer
+            .add(shared, move || {
                 let bs = s.meta.block_size as usize;
                 // The overlay is locked per block, not per batch: writers wait for one block's
                 // materialisation at most, even when this thread is preempted.
-                let contents: Vec<(u64, Option<Vec<u8>>)> = blocks
+                blocks
                     .iter()
                     .map(|&b| {
                         let base = bases.remove(&b);
                         s.overlay()
-                            .materialize_through(b, through, || {
+                            .materialize_through(b, end, || {
                                 Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
                             })
                             .map(|data| (b, data))
                     })
-                    .collect::<io::Result<_>>()?;
+                    .collect()
+            })
+            .await?;
+    }
+    let written = writer.finish(shared).await?;
+    changes.extend(written.changes);
+    commit(shared, Some(end), written.new_chunks, changes).await?;
+    sync_map(shared).await?;
+    let released = {
+        let mut overlay = shared.overlay_mut();
+        let before = overlay.data_bytes() as u64;
+        overlay.drop_through(end);
+        shared.overlay_generation.fetch_add(1, Ordering::Release);
+        let after = overlay.data_bytes() as u64;
+        shared.dirty_bytes.store(after, Ordering::Relaxed);
+        before - after
+    };
+    shared.uploaded.send_replace(end);
+    {
+        let mut stats = lock(&shared.stats);
+        stats.uploads += 1;
+        stats.uploaded_journal_bytes += released;
+        stats.uploaded_blocks += work.blocks.len() as u64;
+        stats.uploaded_chunk_bytes += written.chunk_bytes;
+    }
+    // Their slots are reused by the next upload: rewriting pages the page cache holds.
+    shared.cache.forget(&written.retired);
+    let s = Arc::clone(shared);
+    blocking(move || match lock(&s.journal).as_mut() {
+        Some(journal) => journal.release(end),
+        None => Ok(()),
+    })
+    .await?;
+    Ok(work.blocks)
+}
+
+/// Builds chunks from block contents and PUTs them as they fill, two at a time; the map changes
+/// that point at them are collected for one commit.
+pub(super) struct ChunkWriter {
+    /// `None` only while a batch is being packed on the background thread.
+    packer: Option<Packer>,
+    puts: JoinSet<io::Result<()>>,
+    written: Written,
+}
+
+/// What a [`ChunkWriter`] stored.
+#[derive(Default)]
+pub(super) struct Written {
+    /// `(chunk, bytes)` of every chunk PUT.
+    pub new_chunks: Vec<(u64, u64)>,
+    /// Where the blocks now live; all-zero blocks are deletions.
+    pub changes: Vec<MapChange>,
+    /// Cache keys of the blocks' previous versions: dead once the changes commit.
+    pub retired: Vec<CacheKey>,
+    pub chunk_bytes: u64,
+}
+
+/// Block contents for a [`ChunkWriter`]: `(block, content)`, `None` for a block left as is.
+type Contents = Vec<(u64, Option<Vec<u8>>)>;
+
+impl ChunkWriter {
+    pub fn new(shared: &Shared) -> Self {
+        ChunkWriter {
+            packer: Some(Packer::new(shared)),
+            puts: JoinSet::new(),
+            written: Written::default(),
+        }
+    }
+
+    /// Runs `produce` and packs what it returns on the uploader's low-priority thread (building
+    /// contents reads the journal, packing compresses and writes the cache), then starts the
+    /// PUTs of the chunks that filled.
+    pub async fn add(
+        &mut self,
+        shared: &Arc<Shared>,
+        produce: impl FnOnce() -> io::Result<Contents> + Send + 'static,
+    ) -> io::Result<()> {
+        let mut packer = self
+            .packer
+            .take()
+            .ok_or_else(|| io::Error::other("internal: chunk writer used after a failure"))?;
+        let s = Arc::clone(shared);
+        let mut packer = shared
+            .background
+            .run(move || {
+                let contents = produce()?;
                 let mut to_cache = Vec::with_capacity(contents.len());
                 for (block, data) in &contents {
                     if let Some(data) = data {
@@ -215,50 +374,68 @@ pub(super) async fn upload_once(shared: &Arc<Shared>) -> io::Result<bool> {
                 Ok(packer)
             })
             .await?;
-        changes.extend(packer.holes.drain(..).map(|block| MapChange::Delete {
-            first: block,
-            count: 1,
-        }));
-        for (id, full) in std::mem::take(&mut packer.sealed) {
-            seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
+        self.written
+            .changes
+            .extend(packer.holes.drain(..).map(|block| MapChange::Delete {
+                first: block,
+                count: 1,
+            }));
+        self.written.retired.append(&mut packer.retired);
+        let sealed = std::mem::take(&mut packer.sealed);
+        self.packer = Some(packer);
+        for (id, full) in sealed {
+            self.seal(shared, id, full).await?;
         }
+        Ok(())
     }
-    let retired = std::mem::take(&mut packer.retired);
-    if !packer.builder.is_empty() {
-        seal(
-            shared,
-            packer.chunk_id,
-            packer.builder,
-            &mut changes,
-            &mut new_chunks,
-            &mut puts,
-        )
-        .await?;
+
+    /// Seals the last chunk and waits for every PUT.
+    pub async fn finish(mut self, shared: &Arc<Shared>) -> io::Result<Written> {
+        if let Some(packer) = self.packer.take() {
+            if !packer.builder.is_empty() {
+                self.seal(shared, packer.chunk_id, packer.builder).await?;
+            }
+        }
+        while let Some(done) = self.puts.join_next().await {
+            done.map_err(|e| other("chunk upload task", e))??;
+        }
+        Ok(self.written)
     }
-    while let Some(done) = puts.join_next().await {
-        done.map_err(|e| other("chunk upload task", e))??;
+
+    /// Finishes a chunk and starts its PUT (waiting while `PUT_CONCURRENCY` are in flight).
+    async fn seal(
+        &mut self,
+        shared: &Arc<Shared>,
+        id: u64,
+        builder: ChunkBuilder,
+    ) -> io::Result<()> {
+        let (bytes, entries) = builder.finish();
+        self.written.new_chunks.push((id, bytes.len() as u64));
+        self.written.chunk_bytes += bytes.len() as u64;
+        self.written
+            .changes
+            .extend(entries.iter().map(|e| MapChange::Put {
+                block: e.block,
+                location: BlockLocation {
+                    chunk: id,
+                    offset: e.offset,
+                    length: e.length,
+                    checksum: e.checksum,
+                },
+            }));
+        while self.puts.len() >= PUT_CONCURRENCY {
+            if let Some(done) = self.puts.join_next().await {
+                done.map_err(|e| other("chunk upload task", e))??;
+            }
+        }
+        let shared = Arc::clone(shared);
+        self.puts.spawn(async move {
+            shared.chunks.put(id, bytes).await?;
+            shared.health.progress();
+            Ok(())
+        });
+        Ok(())
     }
-    commit(shared, Some(through), new_chunks, changes).await?;
-    sync_map(shared).await?;
-    {
-        let mut overlay = shared.overlay_mut();
-        overlay.drop_through(through);
-        shared.overlay_generation.fetch_add(1, Ordering::Release);
-        shared
-            .dirty_bytes
-            .store(overlay.data_bytes() as u64, Ordering::Relaxed);
-    }
-    shared.uploaded.send_replace(through);
-    lock(&shared.stats).uploads += 1;
-    // Their slots are reused by the next upload: rewriting pages the page cache holds.
-    shared.cache.forget(&retired);
-    let s = Arc::clone(shared);
-    blocking(move || match lock(&s.journal).as_mut() {
-        Some(journal) => journal.release(through),
-        None => Ok(()),
-    })
-    .await?;
-    Ok(true)
 }
 
 /// Packs materialised blocks into chunks of the configured size.
@@ -329,38 +506,8 @@ impl Packer {
     }
 }
 
-/// Finishes a chunk and starts its PUT (waiting if `PUT_CONCURRENCY` are in flight).
-async fn seal(
-    shared: &Arc<Shared>,
-    id: u64,
-    builder: ChunkBuilder,
-    changes: &mut Vec<MapChange>,
-    new_chunks: &mut Vec<(u64, u64)>,
-    puts: &mut JoinSet<io::Result<()>>,
-) -> io::Result<()> {
-    let (bytes, entries) = builder.finish();
-    new_chunks.push((id, bytes.len() as u64));
-    changes.extend(entries.iter().map(|e| MapChange::Put {
-        block: e.block,
-        location: BlockLocation {
-            chunk: id,
-            offset: e.offset,
-            length: e.length,
-            checksum: e.checksum,
-        },
-    }));
-    while puts.len() >= PUT_CONCURRENCY {
-        if let Some(done) = puts.join_next().await {
-            done.map_err(|e| other("chunk upload task", e))??;
-        }
-    }
-    let shared = Arc::clone(shared);
-    puts.spawn(async move { shared.chunks.put(id, bytes).await });
-    Ok(())
-}
-
 /// One block-map transaction; for an upload, it records the journal position it covers.
-async fn commit(
+pub(super) async fn commit(
     shared: &Arc<Shared>,
     through: Option<u64>,
     new_chunks: Vec<(u64, u64)>,
@@ -390,92 +537,19 @@ async fn commit(
     .await
 }
 
-/// Chunks at most this full are rewritten.
-const SPARSE_FRACTION: f64 = 0.25;
-/// Live bytes moved per maintenance pass at most, so a pass stays short.
-const REWRITE_BUDGET: u64 = 64 << 20;
-
-/// Moves the live blocks of sparse chunks into new chunks, so that the old ones die and their
-/// space can be reclaimed. Content does not change, only where it lives.
-async fn rewrite_sparse_chunks(shared: &Arc<Shared>) -> io::Result<u64> {
-    let s = Arc::clone(shared);
-    let victims: Vec<(u64, Vec<(u64, BlockLocation)>)> = blocking(move || {
-        let map = lock(&s.lookups);
-        let mut picked = Vec::new();
-        let mut budget = REWRITE_BUDGET;
-        for chunk in map
-            .chunks_at_most_live(SPARSE_FRACTION)
-            .map_err(|e| other("block map", e))?
-        {
-            if chunk.live_blocks == 0 || chunk.live_bytes > budget {
-                continue;
-            }
-            budget -= chunk.live_bytes;
-            let blocks = map
-                .blocks_in_chunk(chunk.chunk)
-                .map_err(|e| other("block map", e))?;
-            picked.push((chunk.chunk, blocks));
-        }
-        Ok(picked)
-    })
-    .await?;
-    if victims.is_empty() {
-        return Ok(0);
-    }
-    let mut changes = Vec::new();
-    let mut new_chunks = Vec::new();
-    let mut puts: JoinSet<io::Result<()>> = JoinSet::new();
-    let mut builder = ChunkBuilder::new(shared.meta.block_size);
-    let mut chunk_id = next_chunk_id(shared);
-    for (_, blocks) in &victims {
-        for &(block, location) in blocks {
-            if shared.overlay().touches(block) {
-                continue; // the next upload replaces it anyway
-            }
-            let data = fetch_block(shared, location).await?;
-            builder
-                .add(block, &data)
-                .map_err(|e| other("building a chunk", e))?;
-            if builder.len() >= shared.config.chunk_bytes {
-                let full =
-                    std::mem::replace(&mut builder, ChunkBuilder::new(shared.meta.block_size));
-                let id = std::mem::replace(&mut chunk_id, next_chunk_id(shared));
-                seal(shared, id, full, &mut changes, &mut new_chunks, &mut puts).await?;
-            }
-        }
-    }
-    if !builder.is_empty() {
-        seal(
-            shared,
-            chunk_id,
-            builder,
-            &mut changes,
-            &mut new_chunks,
-            &mut puts,
-        )
-        .await?;
-    }
-    while let Some(done) = puts.join_next().await {
-        done.map_err(|e| other("chunk upload task", e))??;
-    }
-    commit(shared, None, new_chunks, changes).await?;
-    sync_map(shared).await?;
-    let count = victims.len() as u64;
-    lock(&shared.stats).chunks_rewritten += count;
-    tracing::info!(volume = %shared.meta.name, chunks = count, "rewrote sparse chunks");
-    Ok(count)
-}
-
 /// Syncs the block map to the store, retrying transient failures until it works. Being fenced
 /// (another writer took the volume) stops this volume's writes for good.
-async fn sync_map(shared: &Shared) -> io::Result<()> {
+pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
     let MapRole::Writer(writer) = &shared.map else {
         return Err(io::Error::other("read-only volume"));
     };
     let mut delay = Duration::from_millis(200);
     loop {
         match writer.sync().await {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                shared.health.progress();
+                return Ok(());
+            }
             Err(
                 e @ (WriterError::Lease(_)
                 | WriterError::Replica(blockmap::replica::ReplicaError::Conflict(_))),
@@ -485,6 +559,8 @@ async fn sync_map(shared: &Shared) -> io::Result<()> {
                 return Err(io::Error::other(why));
             }
             Err(e) => {
+                // Writers waiting for room learn from this whether to keep waiting.
+                shared.health.failed(&map_sync_error(e.to_string(), &e));
                 tracing::warn!(volume = %shared.meta.name, "block map sync failed, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
@@ -493,121 +569,17 @@ async fn sync_map(shared: &Shared) -> io::Result<()> {
     }
 }
 
-/// Deletes chunks with no live block once no restorable block-map state can refer to them.
-/// `dead_seen` remembers the map TXID at which each dead chunk was first seen dead: states from
-/// that TXID on do not use it (chunk ids are never reused), so it may go once the oldest
-/// restorable state is at least that new.
-async fn collect_garbage(
-    shared: &Arc<Shared>,
-    dead_seen: &mut HashMap<u64, u64>,
-) -> io::Result<u64> {
-    let MapRole::Writer(writer) = &shared.map else {
-        return Ok(0);
+/// A failed map sync as an I/O error whose kind says whether retrying can help.
+fn map_sync_error(message: String, e: &WriterError) -> io::Error {
+    let kind = match e {
+        WriterError::Replica(blockmap::replica::ReplicaError::Store(
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. },
+        )) => io::ErrorKind::PermissionDenied,
+        WriterError::Replica(blockmap::replica::ReplicaError::Store(
+            object_store::Error::NotFound { .. },
+        )) => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
     };
-    let txid = writer.txid();
-    let s = Arc::clone(shared);
-    let dead: Vec<u64> = blocking(move || {
-        let map = lock(&s.lookups);
-        Ok(map
-            .chunks_at_most_live(0.0)
-            .map_err(|e| other("block map", e))?
-            .into_iter()
-            .filter(|c| c.live_blocks == 0)
-            .map(|c| c.chunk)
-            .collect())
-    })
-    .await?;
-    for chunk in &dead {
-        dead_seen.entry(*chunk).or_insert(txid);
-    }
-    dead_seen.retain(|chunk, _| dead.contains(chunk));
-    let oldest = oldest_restorable_txid(shared).await?;
-    let deletable: Vec<u64> = dead_seen
-        .iter()
-        .filter(|&(_, &seen)| seen <= oldest)
-        .map(|(&chunk, _)| chunk)
-        .collect();
-    if deletable.is_empty() {
-        return Ok(0);
-    }
-    for &chunk in &deletable {
-        shared.chunks.delete(chunk).await?;
-    }
-    let s = Arc::clone(shared);
-    let removed = deletable.clone();
-    blocking(move || {
-        let updates = s
-            .updates
-            .as_ref()
-            .ok_or_else(|| io::Error::other("read-only volume"))?;
-        let mut map = lock(updates);
-        for chunk in removed {
-            map.remove_chunk(chunk).map_err(|e| other("block map", e))?;
-        }
-        Ok(())
-    })
-    .await?;
-    sync_map(shared).await?;
-    for chunk in &deletable {
-        dead_seen.remove(chunk);
-    }
-    lock(&shared.stats).chunks_deleted += deletable.len() as u64;
-    tracing::info!(volume = %shared.meta.name, chunks = deletable.len(), "deleted dead chunks");
-    Ok(deletable.len() as u64)
-}
-
-/// Deletes chunks that no block-map state refers to: uploaded by an earlier writer (an older
-/// lease epoch, so never one of this writer's uploads in flight) that died or was fenced
-/// before committing them. Chunks leave the map's chunk table only after GC deleted them, so a
-/// chunk of an older epoch missing from the table was never committed by anyone.
-async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
-    let objects = shared.chunks.list().await?;
-    let s = Arc::clone(shared);
-    let known: std::collections::HashSet<u64> = blocking(move || {
-        let map = lock(&s.lookups);
-        let mut stmt = map
-            .connection()
-            .prepare("SELECT chunk FROM chunks")
-            .map_err(|e| other("block map", e))?;
-        let rows = stmt
-            .query_map([], |r| r.get::<_, i64>(0))
-            .map_err(|e| other("block map", e))?;
-        rows.map(|r| r.map(|c| c as u64).map_err(|e| other("block map", e)))
-            .collect()
-    })
-    .await?;
-    let orphans: Vec<u64> = objects
-        .into_iter()
-        .filter(|id| id >> 32 < shared.chunk_epoch && !known.contains(id))
-        .collect();
-    for &chunk in &orphans {
-        shared.chunks.delete(chunk).await?;
-    }
-    if !orphans.is_empty() {
-        tracing::info!(volume = %shared.meta.name, chunks = orphans.len(), "deleted orphaned chunks");
-    }
-    Ok(orphans.len() as u64)
-}
-
-/// The oldest block-map TXID a restore can still reach: the older retained snapshot, or 1 while
-/// a history from the beginning is still in the store.
-async fn oldest_restorable_txid(shared: &Shared) -> io::Result<u64> {
-    let files = shared
-        .replica
-        .list()
-        .await
-        .map_err(|e| other("listing the block map", e))?;
-    // Snapshots always start at TXID 1; other levels do only while the whole history is kept.
-    if files
-        .iter()
-        .any(|f| f.level != SNAPSHOT_LEVEL && f.name.min_txid == 1)
-    {
-        return Ok(1);
-    }
-    Ok(files
-        .iter()
-        .filter(|f| f.level == SNAPSHOT_LEVEL)
-        .map(|f| f.name.max_txid)
-        .min()
-        .unwrap_or(1))
+    io::Error::new(kind, format!("block map sync: {message}"))
 }
