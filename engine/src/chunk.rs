@@ -17,8 +17,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
-/// Bytes of a block tried first to decide whether compressing the rest is worth it.
+/// Bytes of a block tried first to decide whether compressing the rest is worth it, taken as
+/// [`SAMPLE_SLICES`] slices spread over the block.
 const SAMPLE_BYTES: usize = 4096;
+const SAMPLE_SLICES: usize = 4;
 
 /// CRC-32C of a block's content, as stored in the block map.
 pub fn block_checksum(data: &[u8]) -> u32 {
@@ -99,16 +101,26 @@ impl ChunkBuilder {
 
     /// Compresses `data` into `scratch`; `None` if that would not save at least 1/16 of it
     /// (storing it raw then costs less to read back). Like ZFS's LZ4 "early abort", a block
-    /// whose first [`SAMPLE_BYTES`] do not shrink by 1/8 is not tried in full: random or
-    /// already-compressed data costs a sample, not a whole pass.
+    /// none of whose sample slices (spread over it: a block partly written, the rest zeros,
+    /// compresses well whatever its first bytes are) shrinks by 1/8 is not tried in full:
+    /// random or already-compressed data costs a sample, not a whole pass.
     fn compress(&mut self, data: &[u8]) -> Result<Option<usize>, ChunkError> {
         let lz4 = |input: &[u8], out: &mut Vec<u8>| {
             lz4_flex::block::compress_into(input, out)
                 .map_err(|e| ChunkError::Decode(e.to_string()))
         };
         if data.len() >= 4 * SAMPLE_BYTES {
-            let sample = &data[..SAMPLE_BYTES];
-            if lz4(sample, &mut self.scratch)? > sample.len() - sample.len() / 8 {
+            let slice = SAMPLE_BYTES / SAMPLE_SLICES;
+            let stride = data.len() / SAMPLE_SLICES;
+            let mut worth_trying = false;
+            for i in 0..SAMPLE_SLICES {
+                let sample = &data[i * stride..i * stride + slice];
+                if lz4(sample, &mut self.scratch)? <= slice - slice / 8 {
+                    worth_trying = true;
+                    break;
+                }
+            }
+            if !worth_trying {
                 return Ok(None);
             }
         }
@@ -247,12 +259,15 @@ mod tests {
         let mut builder = ChunkBuilder::new(size as u32);
         let random = builder.add(1, &block(9, false, size)).expect("add");
         assert_eq!(random.length as usize, size, "incompressible: raw");
+        // A block partly written (4 KiB of noise, then zeros, as a sparse or partial write
+        // leaves it) compresses, whatever its first bytes are.
         let mut zeros_after_noise = block(9, false, SAMPLE_BYTES);
         zeros_after_noise.resize(size, 0);
-        let early_abort = builder.add(2, &zeros_after_noise).expect("add");
-        assert_eq!(
-            early_abort.length as usize, size,
-            "a block whose first 4 KiB do not compress is not tried further"
+        let partial = builder.add(2, &zeros_after_noise).expect("add");
+        assert!(
+            (partial.length as usize) < SAMPLE_BYTES + 512,
+            "{} bytes",
+            partial.length
         );
         let compressible = builder.add(3, &block(3, true, size)).expect("add");
         assert!((compressible.length as usize) < size / 4);
