@@ -76,6 +76,69 @@ pub struct CacheInsert<'a> {
 /// Writes at most this many consecutive slots at once.
 const MAX_RUN_SLOTS: usize = 128;
 
+/// Zero runs at least this long are punched out of the cache file instead of written.
+const HOLE_MIN_BYTES: usize = 16 * 1024;
+/// Granularity of the zero scan: a filesystem block.
+const PAGE: usize = 4096;
+
+/// Writes `data` at `at`, punching holes where it holds long runs of zeros instead of writing
+/// them. Blocks a sparse or partial write left mostly zeros (a 4 KiB write in a 64 KiB block)
+/// then cost one page of page cache and disk writeback, not sixteen (measured: a sparse fill
+/// spent a third of its upload time copying zeros into the cache file). A reused slot's old
+/// bytes are gone either way: a hole reads as zeros.
+fn write_sparse_at(file: &File, data: &[u8], at: u64) -> io::Result<()> {
+    // (start, end, zero) runs of whole pages; a trailing partial page counts as data.
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let end = (pos + PAGE).min(data.len());
+        let zero = end - pos == PAGE && crate::zeros::is_zero(&data[pos..end]);
+        match runs.last_mut() {
+            Some(run) if run.2 == zero => run.1 = end,
+            _ => runs.push((pos, end, zero)),
+        }
+        pos = end;
+    }
+    // Short zero runs are cheaper to write than to punch: merge them into their neighbours.
+    let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len());
+    for (start, end, zero) in runs {
+        let zero = zero && end - start >= HOLE_MIN_BYTES;
+        match merged.last_mut() {
+            Some(run) if run.2 == zero => run.1 = end,
+            _ => merged.push((start, end, zero)),
+        }
+    }
+    for (start, end, zero) in merged {
+        let offset = at + start as u64;
+        if !zero || !punch_hole(file, offset, (end - start) as u64)? {
+            file.write_all_at(&data[start..end], offset)?;
+        }
+    }
+    Ok(())
+}
+
+/// Deallocates a range of the cache file; `false` if the filesystem cannot.
+fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain system call on an open descriptor this cache owns.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            length as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(err),
+    }
+}
+
 /// Splits slot-sorted reservations into runs of consecutive slots.
 fn consecutive_runs(reserved: &[(u32, usize)]) -> impl Iterator<Item = &[(u32, usize)]> {
     let mut rest = reserved;
@@ -300,13 +363,13 @@ impl BlockCache {
         for run in consecutive_runs(&reserved) {
             let at = u64::from(run[0].0) * u64::from(self.block_size);
             let written = if let [(_, i)] = run {
-                self.file.write_all_at(items[*i].data, at)
+                write_sparse_at(&self.file, items[*i].data, at)
             } else {
                 let mut buf = Vec::with_capacity(run.len() * self.block_size as usize);
                 for &(_, i) in run {
                     buf.extend_from_slice(items[i].data);
                 }
-                self.file.write_all_at(&buf, at)
+                write_sparse_at(&self.file, &buf, at)
             };
             let mut state = self.state();
             for &(slot, i) in run {
@@ -478,6 +541,39 @@ mod tests {
 
     fn get(c: &BlockCache, n: u64) -> Option<Vec<u8>> {
         c.get(key(n), block_checksum(&block(n))).expect("get")
+    }
+
+    #[test]
+    fn mostly_zero_blocks_are_stored_as_holes_and_read_back_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), 65536, 64 * 65536).expect("open");
+        // A slot first holds noise, then is reused for a block that is 4 KiB of data and
+        // zeros: the old bytes must not show through the hole.
+        let noise: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 1) as u8 | 1).collect();
+        c.insert(key(1), &noise).expect("insert");
+        c.forget(&[key(1)]);
+        let mut sparse = vec![0u8; 65536];
+        sparse[..4096].copy_from_slice(&noise[..4096]);
+        sparse[40000..40010].copy_from_slice(b"0123456789");
+        c.insert(key(2), &sparse).expect("insert");
+        let got = c
+            .get(key(2), block_checksum(&sparse))
+            .expect("get")
+            .expect("hit");
+        assert_eq!(got, sparse);
+        let mut part = vec![1u8; 8192];
+        assert!(
+            c.read_at(key(2), block_checksum(&sparse), 8192, &mut part)
+                .expect("read")
+        );
+        assert_eq!(part, vec![0u8; 8192], "the punched range reads as zeros");
+        let allocated = std::os::unix::fs::MetadataExt::blocks(
+            &std::fs::metadata(dir.path().join("blocks.cache")).expect("cache file"),
+        ) * 512;
+        assert!(
+            allocated < 65536,
+            "{allocated} bytes allocated for one sparse block"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod object_volume;
 pub mod overlay;
 pub mod store_url;
+pub mod zeros;
 
 pub use device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,

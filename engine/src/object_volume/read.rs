@@ -5,6 +5,7 @@
 use super::{Shared, blocking, lock, other};
 use crate::cache::CacheKey;
 use crate::device::{Extent, ExtentKind, ReadSegment};
+use crate::zeros::is_zero;
 use blockmap::BlockLocation;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -46,10 +47,6 @@ enum Part {
     Fetch(BlockLocation),
     /// Overlay edits on top of the stored block (if any).
     Merge(Option<BlockLocation>),
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    data.iter().all(|&b| b == 0)
 }
 
 fn no_base() -> io::Result<Vec<u8>> {

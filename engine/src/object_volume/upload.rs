@@ -478,7 +478,7 @@ impl Packer {
         {
             self.retired.push(CacheKey::of(&old));
         }
-        if data.iter().all(|&b| b == 0) {
+        if crate::zeros::is_zero(data) {
             self.holes.push(block);
             return Ok(None);
         }
