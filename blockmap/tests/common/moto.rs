@@ -12,6 +12,13 @@ pub struct Moto {
     pub port: u16,
 }
 
+impl Moto {
+    /// The moto process, for tests that pause the store (SIGSTOP) to stall it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();

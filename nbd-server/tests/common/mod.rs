@@ -77,6 +77,8 @@ pub struct ServerOptions {
     pub volumes: Vec<&'static str>,
     pub read_only: bool,
     pub extra_args: Vec<String>,
+    /// On moto whatever `BUCKETDISK_TEST_STORE` says (tests of S3 behaviour).
+    pub on_s3: bool,
 }
 
 impl Default for ServerOptions {
@@ -87,6 +89,7 @@ impl Default for ServerOptions {
             volumes: vec![],
             read_only: false,
             extra_args: vec![],
+            on_s3: false,
         }
     }
 }
@@ -120,7 +123,7 @@ impl Server {
             log: dir.path().join("server.log"),
             dir,
             extra_args: args,
-            s3: testing_on_s3().then(start_moto_with_volumes),
+            s3: (options.on_s3 || testing_on_s3()).then(start_moto_with_volumes),
         };
         server.spawn();
         server
