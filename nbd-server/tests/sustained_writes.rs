@@ -106,7 +106,7 @@ fn a_sparse_fill_survives_a_stalled_store_and_cold_boots_complete() {
         "the fill finished in {took:?}: it did not wait for the stalled store"
     );
     assert!(
-        !server.log_text().contains("failing a write"),
+        !server.log_text().contains("failing writes"),
         "a write failed:\n{}",
         server.log_text()
     );

@@ -737,13 +737,15 @@ impl Shared {
     }
 
     /// `Err` if waiting for the uploader is pointless: this volume was fenced or failed, or the
-    /// store stalled or refuses uploads. Logged once per cause, saying which.
+    /// store stalled or refuses uploads. Logged once per stall, saying which.
     fn stopped_uploading(&self) -> io::Result<()> {
         if let Some(why) = lock(&self.failure).as_ref() {
             return Err(io::Error::other(why.clone()));
         }
         self.health.check().map_err(|stall| {
-            tracing::error!(volume = %self.meta.name, "failing a write: {stall}");
+            if self.health.first_report() {
+                tracing::error!(volume = %self.meta.name, "failing writes that wait for room: {stall}");
+            }
             io::Error::other(stall.to_string())
         })
     }

@@ -290,7 +290,6 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
         shared.dirty_bytes.store(after, Ordering::Relaxed);
         before - after
     };
-    shared.uploaded.send_replace(end);
     {
         let mut stats = lock(&shared.stats);
         stats.uploads += 1;
@@ -306,6 +305,8 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
         None => Ok(()),
     })
     .await?;
+    // Last, so that whoever waited for it sees the step complete (counters, journal).
+    shared.uploaded.send_replace(end);
     Ok(work.blocks)
 }
 

@@ -5,7 +5,7 @@
 
 use std::io;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Why writers waiting for the uploader are given up on.
@@ -37,6 +37,8 @@ pub struct UploadHealth {
     /// and how long the policy lets it wait now.
     pub lag_millis: AtomicU64,
     pub allowed_lag_millis: AtomicU64,
+    /// The current stall was logged (once, not once per failed write).
+    stall_logged: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,6 +64,7 @@ impl UploadHealth {
             waits: AtomicU64::new(0),
             lag_millis: AtomicU64::new(0),
             allowed_lag_millis: AtomicU64::new(0),
+            stall_logged: AtomicBool::new(false),
         }
     }
 
@@ -69,6 +72,14 @@ impl UploadHealth {
     pub fn progress(&self) {
         *lock(&self.last_progress) = Instant::now();
         *lock(&self.last_error) = None;
+        if self.stall_logged.swap(false, Ordering::Relaxed) {
+            tracing::info!("object storage is making progress again; writes are accepted");
+        }
+    }
+
+    /// Whether this is the first report of the current stall (log it then, not per write).
+    pub fn first_report(&self) -> bool {
+        !self.stall_logged.swap(true, Ordering::Relaxed)
     }
 
     /// An upload failed; it will be retried.
