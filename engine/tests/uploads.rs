@@ -34,7 +34,7 @@ async fn metric(v: &ObjectVolume, name: &str) -> f64 {
 async fn uploads_go_in_bounded_steps_and_fold_rewrites() {
     let f = Fixture::new(64 * MIB, BLOCK as u32).await;
     let mut config = quiet(&f, "local");
-    config.upload_step_blocks = 16;
+    config.upload_step_blocks = Some(16);
     let v = f.open(config).await;
     // 100 blocks written once each: at most 16 per step, so at least 7 steps.
     for b in 0..100u64 {

@@ -552,9 +552,7 @@ async fn open_object_volume(
     if let Some(window) = args.restore_window {
         config.restore_window = window;
     }
-    if let Some(blocks) = args.upload_step_blocks {
-        config.upload_step_blocks = blocks;
-    }
+    config.upload_step_blocks = args.upload_step_blocks;
     config.collect_garbage = !args.no_gc;
     config.read_only = args.read_only;
     config.hydrate = args.hydrate;

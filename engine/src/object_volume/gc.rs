@@ -207,15 +207,14 @@ async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
     if victims.is_empty() {
         return Ok(0);
     }
-    let moving: Vec<(u64, BlockLocation)> = {
-        let overlay = shared.overlay();
-        victims
-            .iter()
-            .flat_map(|(_, blocks)| blocks.iter().copied())
-            // A block with edits waiting is replaced by the next upload anyway.
-            .filter(|&(block, _)| !overlay.touches(block))
-            .collect()
-    };
+    // Blocks with edits waiting are moved too: under a backlog larger than one upload step
+    // the next upload of them may be many steps away, and skipping them would leave every
+    // chunk partly alive (measured: 4 KiB random writes over 8 GiB piled up 5.7x the live
+    // data in the store without a single chunk dying).
+    let moving: Vec<(u64, BlockLocation)> = victims
+        .iter()
+        .flat_map(|(_, blocks)| blocks.iter().copied())
+        .collect();
     let mut writer = ChunkWriter::new(shared);
     for batch in moving.chunks(REWRITE_BATCH) {
         let fetched: Vec<(u64, io::Result<bytes::Bytes>)> =

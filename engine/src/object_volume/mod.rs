@@ -96,8 +96,9 @@ pub struct VolumeConfig {
     /// Writers waiting for room in the journal fail once the store has made no progress at all
     /// for this long (while it makes progress, however slowly, they wait).
     pub stall_timeout: Duration,
-    /// Blocks one upload step stores at most (see `upload_policy::STEP_MAX_BLOCKS`).
-    pub upload_step_blocks: usize,
+    /// Blocks one upload step stores at most; `None`: as many as the journal limit holds
+    /// (see `upload_policy::step_blocks`).
+    pub upload_step_blocks: Option<usize>,
     /// Garbage collection on (the default). Off only to measure what it costs.
     pub collect_garbage: bool,
     /// How long past map states stay restorable: a chunk the map stopped using is deleted once
@@ -122,7 +123,7 @@ impl VolumeConfig {
             max_upload_lag: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(300),
             restore_window: Duration::ZERO,
-            upload_step_blocks: upload_policy::STEP_MAX_BLOCKS,
+            upload_step_blocks: None,
             collect_garbage: true,
             hydrate: false,
             holder: format!("pid {}", std::process::id()),
@@ -198,6 +199,9 @@ pub(crate) struct Shared {
     /// Highest journal seq someone waits to see stored (remote FLUSH, `sync_to_store`).
     upload_wanted: AtomicU64,
     upload_now: Notify,
+    /// When writers last woke the uploader, in milliseconds since `started`.
+    last_nudge_ms: AtomicU64,
+    started: std::time::Instant,
     /// Whether uploads progress; how long writers waited for them.
     health: upload_health::UploadHealth,
     /// Held by each upload step and collection pass: one map writer at a time.
@@ -465,6 +469,8 @@ impl ObjectVolume {
             uploaded,
             upload_wanted: AtomicU64::new(0),
             upload_now: Notify::new(),
+            last_nudge_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             health: upload_health::UploadHealth::new(config.stall_timeout),
             maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
             failure: Mutex::new(None),
@@ -757,7 +763,7 @@ impl Shared {
         let dirty = self.dirty_bytes.load(Ordering::Relaxed);
         if dirty < limit {
             if dirty >= limit / 4 {
-                self.upload_now.notify_one();
+                self.nudge_uploader();
             }
             return Ok(());
         }
@@ -770,7 +776,7 @@ impl Shared {
             if let Err(e) = self.stopped_uploading() {
                 break Err(DeviceError::Io(e));
             }
-            self.upload_now.notify_one();
+            self.nudge_uploader();
             match tokio::time::timeout(STALL_CHECK_EVERY, rx.changed()).await {
                 Ok(Ok(())) | Err(_) => {}
                 Ok(Err(_)) => {
@@ -785,6 +791,25 @@ impl Shared {
 
 /// How often a writer waiting for the uploader re-checks that the store makes progress.
 const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Writers wake the uploader at most this often (it decides itself whether to upload).
+const NUDGE_EVERY_MS: u64 = 50;
+
+impl Shared {
+    /// Wakes the uploader, at most every [`NUDGE_EVERY_MS`]: with a busy journal every write
+    /// would, and each wake-up is a decision.
+    fn nudge_uploader(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.last_nudge_ms.load(Ordering::Relaxed);
+        if now >= last + NUDGE_EVERY_MS
+            && self
+                .last_nudge_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.upload_now.notify_one();
+        }
+    }
+}
 
 #[async_trait]
 impl BlockDevice for ObjectVolume {

@@ -12,7 +12,7 @@
 
 use super::gc::{self, GcReport};
 use super::read::stored_blocks;
-use super::upload_policy::{Situation, UploadPolicy};
+use super::upload_policy::{self, Situation, UploadPolicy};
 use super::{
     Durability, META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other,
 };
@@ -142,6 +142,20 @@ impl Shared {
     }
 }
 
+/// Publishes the uploader's view of the lag for the metrics endpoint.
+fn report_lag(shared: &Shared, policy: &UploadPolicy, situation: &Situation) {
+    let lag = policy
+        .oldest_wait(situation, Instant::now())
+        .unwrap_or_default();
+    let health = &shared.health;
+    health
+        .lag_millis
+        .store(lag.as_millis() as u64, Ordering::Relaxed);
+    health
+        .allowed_lag_millis
+        .store(policy.allowed_lag().as_millis() as u64, Ordering::Relaxed);
+}
+
 /// Uploads everything journaled up to `target`, one bounded step at a time. Returns the steps.
 async fn upload_through(
     shared: &Arc<Shared>,
@@ -154,11 +168,13 @@ async fn upload_through(
             return Err(io::Error::other("the volume stopped accepting writes"));
         }
         let mut collector = shared.maintenance.lock().await;
-        let end = shared
-            .overlay()
-            .step_end(target, shared.config.upload_step_blocks.max(1));
+        let bound = shared.config.upload_step_blocks.unwrap_or_else(|| {
+            upload_policy::step_blocks(shared.config.max_dirty_bytes, shared.meta.block_size)
+        });
+        let end = shared.overlay().step_end(target, bound.max(1));
         let blocks = upload_step(shared, end).await?;
         policy.step_done(&blocks);
+        report_lag(shared, policy, &shared.situation());
         steps += 1;
         collector.note_dead(shared).await?;
         collector.collect(shared).await?;
