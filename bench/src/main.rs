@@ -57,6 +57,10 @@ enum Suite {
     Quick(suites::compare::Args),
     /// As `quick` at 0, 20 and 50 ms, 3 repeats, a 1 GiB region; under 30 minutes.
     Full(suites::compare::Args),
+    /// Long loads: a sparse fill of a large volume on S3 (with and without a store stall),
+    /// then a cold boot that checks every block; store space and write amplification under
+    /// random overwrites; what garbage collection costs the foreground.
+    Sustained(suites::sustained::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +76,7 @@ fn main() -> std::process::ExitCode {
         Suite::Engine(args) => suites::engine::run(args, command),
         Suite::Quick(args) => suites::compare::run(suites::compare::Profile::Quick, args, command),
         Suite::Full(args) => suites::compare::run(suites::compare::Profile::Full, args, command),
+        Suite::Sustained(args) => suites::sustained::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

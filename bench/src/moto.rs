@@ -27,9 +27,19 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(log: &Path) -> Result<Moto> {
+        Moto::start_spooling_to(log, None)
+    }
+
+    /// As [`Moto::start`], with moto's temporary files in `spool`: moto keeps objects over
+    /// 5 MiB in (unlinked) temporary files rather than in memory, so a run that stores
+    /// gigabytes fills TMPDIR's filesystem, and its free-space check must look there.
+    pub fn start_spooling_to(log: &Path, spool: Option<&Path>) -> Result<Moto> {
         let port = free_loopback_port()?;
         let mut cmd = Command::new("moto_server");
         cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(dir) = spool {
+            cmd.env("TMPDIR", dir);
+        }
         let mut server = ServerProcess::spawn("moto_server", cmd, log)
             .context("starting moto_server (pip install 'moto[server]')")?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));

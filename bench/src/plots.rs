@@ -15,10 +15,10 @@ const FONT_PATHS: [&str; 2] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
 ];
-const FONT: &str = "sans-serif";
+pub const FONT: &str = "sans-serif";
 
 /// Loads the font once for the process (plotters keeps fonts for the program's lifetime).
-fn register_font() -> Result<()> {
+pub fn register_font() -> Result<()> {
     static LOADED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
@@ -143,7 +143,7 @@ fn median_run<'a>(report: &'a Report, row: &Row) -> Option<&'a crate::compare_re
         })
 }
 
-fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+pub fn chart_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("{e:?}")
 }
 

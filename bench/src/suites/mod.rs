@@ -5,3 +5,4 @@ pub mod compare;
 pub mod compare_clocks;
 pub mod engine;
 pub mod nbd_local;
+pub mod sustained;
