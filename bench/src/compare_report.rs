@@ -386,13 +386,7 @@ pub fn markdown(r: &Report, stem: &str) -> String {
     block_map_section(&mut o, r);
     hydration_section(&mut o, r);
     mkfs_section(&mut o, r, &seen);
-    if !r.notes.is_empty() {
-        let _ = writeln!(o, "## Notes from the run\n");
-        for n in &r.notes {
-            let _ = writeln!(o, "- {n}");
-        }
-        let _ = writeln!(o);
-    }
+    crate::report::notes_section(&mut o, &r.notes);
     let _ = writeln!(
         o,
         "Raw numbers for every run: [`{stem}.json`]({stem}.json) beside this file."

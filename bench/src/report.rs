@@ -276,17 +276,23 @@ pub fn markdown(r: &Report) -> String {
         }
         let _ = writeln!(o);
     }
-    if !r.notes.is_empty() {
-        let _ = writeln!(o, "## Notes from the run\n");
-        for n in &r.notes {
-            let _ = writeln!(o, "- {n}");
-        }
-        let _ = writeln!(o);
-    }
+    notes_section(&mut o, &r.notes);
     let _ = writeln!(
         o,
         "Raw numbers for every run: `{}.json` beside this file.",
         format_args!("{}-{}", r.suite, r.date)
     );
     o
+}
+
+/// The report's "Notes from the run" section (nothing without notes).
+pub fn notes_section(o: &mut String, notes: &[String]) {
+    if notes.is_empty() {
+        return;
+    }
+    let _ = writeln!(o, "## Notes from the run\n");
+    for n in notes {
+        let _ = writeln!(o, "- {n}");
+    }
+    let _ = writeln!(o);
 }

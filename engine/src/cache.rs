@@ -110,33 +110,11 @@ fn write_sparse_at(file: &File, data: &[u8], at: u64) -> io::Result<()> {
     }
     for (start, end, zero) in merged {
         let offset = at + start as u64;
-        if !zero || !punch_hole(file, offset, (end - start) as u64)? {
+        if !zero || !crate::fallocate::punch_hole(file, offset, (end - start) as u64)? {
             file.write_all_at(&data[start..end], offset)?;
         }
     }
     Ok(())
-}
-
-/// Deallocates a range of the cache file; `false` if the filesystem cannot.
-fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<bool> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain system call on an open descriptor this cache owns.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            length as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
-        _ => Err(err),
-    }
 }
 
 /// Splits slot-sorted reservations into runs of consecutive slots.

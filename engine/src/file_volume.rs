@@ -404,42 +404,12 @@ fn lock_file(file: &File, shared: bool) -> io::Result<()> {
 
 /// Deallocates a range. Returns false when the filesystem does not support punching holes.
 fn punch_hole(file: &File, offset: u64, length: u64) -> DeviceResult<bool> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        length,
-    )
+    crate::fallocate::punch_hole(file, offset, length).map_err(io_error)
 }
 
 /// Zeroes a range in place (allocated). Returns false when the filesystem cannot.
 fn zero_range(file: &File, offset: u64, length: u64) -> DeviceResult<bool> {
-    fallocate(
-        file,
-        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-        offset,
-        length,
-    )
-}
-
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, length: u64) -> DeviceResult<bool> {
-    // SAFETY: plain syscall on a valid open descriptor.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            mode,
-            offset as libc::off_t,
-            length as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
-        _ => Err(io_error(err)),
-    }
+    crate::fallocate::zero_range(file, offset, length).map_err(io_error)
 }
 
 fn write_zero_bytes(file: &File, offset: u64, length: u64) -> DeviceResult<()> {

@@ -10,6 +10,7 @@ pub mod chunk;
 pub mod chunk_store;
 pub mod counting_store;
 pub mod device;
+pub mod fallocate;
 pub mod fast_hash;
 pub mod file_volume;
 pub mod journal;

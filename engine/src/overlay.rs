@@ -392,18 +392,8 @@ mod tests {
             let mut seq = 0u64;
             for op in ops {
                 seq += 1;
-                match op {
-                    Op::Write(o, d) => {
-                        let o = o as usize;
-                        let n = d.len().min(size - o);
-                        model[o..o + n].copy_from_slice(&d[..n]);
-                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
-                    }
-                    Op::Zero(o, l) => {
-                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
-                        model[o..o + l].fill(0);
-                        overlay.zero(seq, o as u64, l as u64);
-                    }
+                match &op {
+                    Op::Write(..) | Op::Zero(..) => apply(&op, seq, &mut model, &mut overlay),
                     Op::Upload => {
                         let work = overlay.pending_through(seq);
                         for (first, end) in &work.zero_ranges {
@@ -452,18 +442,8 @@ mod tests {
             let mut seq = 0u64;
             for op in ops {
                 seq += 1;
-                match op {
-                    Op::Write(o, d) => {
-                        let o = o as usize;
-                        let n = d.len().min(size - o);
-                        model[o..o + n].copy_from_slice(&d[..n]);
-                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
-                    }
-                    Op::Zero(o, l) => {
-                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
-                        model[o..o + l].fill(0);
-                        overlay.zero(seq, o as u64, l as u64);
-                    }
+                match &op {
+                    Op::Write(..) | Op::Zero(..) => apply(&op, seq, &mut model, &mut overlay),
                     Op::Upload => {}
                 }
                 history.push(model.clone());
@@ -520,18 +500,8 @@ mod tests {
             let mut uploaded = 0u64;
             for op in ops {
                 seq += 1;
-                match op {
-                    Op::Write(o, d) => {
-                        let o = o as usize;
-                        let n = d.len().min(size - o);
-                        model[o..o + n].copy_from_slice(&d[..n]);
-                        overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
-                    }
-                    Op::Zero(o, l) => {
-                        let (o, l) = (o as usize, (l as usize).min(size - o as usize));
-                        model[o..o + l].fill(0);
-                        overlay.zero(seq, o as u64, l as u64);
-                    }
+                match &op {
+                    Op::Write(..) | Op::Zero(..) => apply(&op, seq, &mut model, &mut overlay),
                     Op::Upload => {
                         while uploaded < seq {
                             let end = overlay.step_end(seq, max);
@@ -634,6 +604,25 @@ mod tests {
         o.drop_through(2);
         assert!(!o.touches(0));
         assert!(o.blocks.is_empty());
+    }
+
+    /// Applies a write or a zeroing to the flat model and the overlay alike.
+    fn apply(op: &Op, seq: u64, model: &mut [u8], overlay: &mut Overlay) {
+        let size = model.len();
+        match op {
+            Op::Write(o, d) => {
+                let o = *o as usize;
+                let n = d.len().min(size - o);
+                model[o..o + n].copy_from_slice(&d[..n]);
+                overlay.write(seq, o as u64, Bytes::from(d[..n].to_vec()));
+            }
+            Op::Zero(o, l) => {
+                let (o, l) = (*o as usize, (*l as usize).min(size - *o as usize));
+                model[o..o + l].fill(0);
+                overlay.zero(seq, o as u64, l as u64);
+            }
+            Op::Upload => {}
+        }
     }
 
     fn unreachable_base() -> io::Result<Vec<u8>> {

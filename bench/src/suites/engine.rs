@@ -2069,13 +2069,7 @@ fn markdown(r: &EngineReport, stem: &str) -> String {
         );
     }
 
-    if !r.notes.is_empty() {
-        let _ = writeln!(o, "## Notes from the run\n");
-        for n in &r.notes {
-            let _ = writeln!(o, "- {n}");
-        }
-        let _ = writeln!(o);
-    }
+    crate::report::notes_section(&mut o, &r.notes);
     let _ = writeln!(
         o,
         "Raw numbers for every run: `{stem}.json` beside this file."

@@ -491,7 +491,9 @@ mod tests {
 
     #[test]
     fn fill_needs_scale_with_the_fill() {
-        assert!(fill_disk(100 * GIB) > 100 * GIB);
+        // The store holds about a sixteenth of the fill (measured: 6.9 GB for 100 GiB).
+        let need = fill_disk(100 * GIB);
+        assert!(need > 100 * GIB / 8 && need < 64 * GIB, "{need}");
         assert!(fill_memory(100 * GIB) > 8 * GIB);
         assert!(fill_disk(2 * GIB) < 8 * GIB);
     }

@@ -67,13 +67,7 @@ pub fn render(r: &Report, stem: &str) -> String {
         gc_cost(&mut o, g);
     }
     logs(&mut o, r);
-    if !r.notes.is_empty() {
-        let _ = writeln!(o, "## Notes from the run\n");
-        for n in &r.notes {
-            let _ = writeln!(o, "- {n}");
-        }
-        let _ = writeln!(o);
-    }
+    crate::report::notes_section(&mut o, &r.notes);
     let _ = writeln!(
         o,
         "Every sample of every part: `{stem}.json` beside this file."
