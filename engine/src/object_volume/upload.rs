@@ -66,15 +66,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         let now = Instant::now();
         let situation = shared.situation();
         policy.tick(situation.journaled + 1, now);
-        let lag = policy.oldest_wait(&situation, now).unwrap_or_default();
-        shared
-            .health
-            .lag_millis
-            .store(lag.as_millis() as u64, Ordering::Relaxed);
-        shared
-            .health
-            .allowed_lag_millis
-            .store(policy.allowed_lag().as_millis() as u64, Ordering::Relaxed);
+        report_lag(&shared, &policy, &situation);
         let Some(reason) = policy.decide(&situation, now) else {
             shared.health.idle();
             wait = true;
