@@ -26,8 +26,10 @@ use std::time::{Duration, Instant};
 /// would upload its rewritten blocks once per step: 4 KiB random writes over 8 GiB with 2 GiB
 /// steps PUT 8x the bytes written), while one step of a sparse fill (one short write per
 /// block, the worst case for per-block work) stays a few seconds of work. Chunks are built,
-/// PUT and cached as they fill, so memory does not grow with the step.
-pub const STEP_MIN_BLOCKS: u64 = 4096;
+/// PUT and cached as they fill, so memory does not grow with the step. The floor of 16,384:
+/// on a sparse fill at +20 ms, steps of 4,096 blocks gave 15k IOPS and a 7 s drain at a 256 MiB
+/// journal, 16,384 and more 17–22k and 4–5 s (`bench/results/upload-step-2026-12-05.md`).
+pub const STEP_MIN_BLOCKS: u64 = 16 * 1024;
 pub const STEP_MAX_BLOCKS: u64 = 256 * 1024;
 
 /// The step bound for a journal limit and block size (see [`STEP_MIN_BLOCKS`]).
