@@ -151,12 +151,26 @@ pub fn run(
 /// `size` bytes of an NBD export, every byte once, 1 MiB requests at queue depth 32 (deep, so
 /// that servers that fetch or store per block over a slow store do so in parallel).
 pub fn pass(rw: &str, size: u64, uri: &str, output: &Path) -> Result<FioResult> {
+    pass_with(rw, "1M", 32, size, uri, output)
+}
+
+/// [`pass`] with a chosen request size and queue depth.
+pub fn pass_with(
+    rw: &str,
+    bs: &str,
+    iodepth: u32,
+    size: u64,
+    uri: &str,
+    output: &Path,
+) -> Result<FioResult> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--name=pass-{rw}"))
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .arg(format!("--rw={rw}"))
-        .args(["--bs=1M", "--iodepth=32", "--numjobs=1"])
+        .arg(format!("--bs={bs}"))
+        .arg(format!("--iodepth={iodepth}"))
+        .arg("--numjobs=1")
         .arg(format!("--size={size}"))
         .arg("--output-format=json")
         .arg(format!("--output={}", output.display()))

@@ -7,7 +7,8 @@
 //! `nbd_client` (a minimal NBD client for timing), `store_watch` (counting store PUTs),
 //! `fuse_loop` (an export as a loop device), `moto` (an S3 server), `latency_proxy` (added
 //! store latency and request counts), `store_subjects` (the subjects of `quick`/`full`),
-//! `compare_report` and `plots` (their results), `progress` (what is running) and `suites`
+//! `compare_report` and `plots` (their results), `progress` (what is running), `store_ceiling` (what
+//! the store itself serves) and `suites`
 //! (one module per suite).
 
 mod compare_report;
@@ -22,6 +23,7 @@ mod process;
 mod progress;
 mod report;
 mod stats;
+mod store_ceiling;
 mod store_subjects;
 mod store_watch;
 mod subjects;
@@ -61,6 +63,10 @@ enum Suite {
     /// then a cold boot that checks every block; store space and write amplification under
     /// random overwrites; what garbage collection costs the foreground.
     Sustained(suites::sustained::Args),
+    /// Reads with nothing cached on S3 (moto behind a latency proxy): a 1M sequential pass and
+    /// 4k random reads of bucketdisk, nbdkit's S3 plugin and s3backer, against the store's own
+    /// GET ceilings measured in the same run.
+    Cold(suites::cold::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -77,6 +83,7 @@ fn main() -> std::process::ExitCode {
         Suite::Quick(args) => suites::compare::run(suites::compare::Profile::Quick, args, command),
         Suite::Full(args) => suites::compare::run(suites::compare::Profile::Full, args, command),
         Suite::Sustained(args) => suites::sustained::run(args, command),
+        Suite::Cold(args) => suites::cold::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

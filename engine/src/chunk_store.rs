@@ -11,6 +11,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use std::io;
 use std::sync::Arc;
 
+#[derive(Clone)]
 pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
@@ -93,18 +94,66 @@ impl ChunkStore {
 
     /// One block, fetched with a ranged GET and verified.
     pub async fn read_block(&self, location: &BlockLocation) -> io::Result<Vec<u8>> {
-        let path = self.path(location.chunk);
-        let range = location.offset..location.offset + u64::from(location.length);
+        let run = std::slice::from_ref(location);
+        let span = self.read_span(run).await?;
+        self.decode_run(run, &span).pop().unwrap_or_else(|| {
+            Err(io::Error::other(
+                "internal: a run of one block decoded to none",
+            ))
+        })
+    }
+
+    /// The bytes of one chunk from the first block of `run` to the end of its last, in one
+    /// ranged GET. `run` is sorted by offset and lies in one chunk (see `fetch::runs`); the
+    /// blocks between its members, if any, come along and are dropped by [`Self::decode_run`].
+    pub async fn read_span(&self, run: &[BlockLocation]) -> io::Result<Bytes> {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(Bytes::new());
+        };
+        if run.iter().any(|l| l.chunk != first.chunk) || last.offset < first.offset {
+            return Err(io::Error::other(
+                "internal: a ranged read spans more than one chunk or is not sorted",
+            ));
+        }
+        let path = self.path(first.chunk);
+        let range = first.offset..last.offset + u64::from(last.length);
         let payload = with_retries("read block", || self.store.get_range(&path, range.clone()))
             .await
             .map_err(|e| store_error(&format!("read {path} {range:?}"), e))?;
-        decode_block(&payload, self.block_size, location.checksum).map_err(|e| match e {
-            ChunkError::Checksum { .. } => io::Error::new(
+        if payload.len() as u64 != range.end - range.start {
+            return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("{path} at {}: {e}", location.offset),
-            ),
-            other => to_io(&format!("{path} at {}", location.offset), other),
-        })
+                format!(
+                    "read {path} {range:?}: the store returned {} bytes",
+                    payload.len()
+                ),
+            ));
+        }
+        Ok(payload)
+    }
+
+    /// Each block of `run` cut from `span` (what [`Self::read_span`] returned for it), decoded
+    /// and verified on its own: a damaged block is an error for that block only.
+    pub fn decode_run(&self, run: &[BlockLocation], span: &[u8]) -> Vec<io::Result<Vec<u8>>> {
+        let base = run.first().map_or(0, |l| l.offset);
+        run.iter()
+            .map(|location| {
+                let path = self.path(location.chunk);
+                let start = (location.offset - base) as usize;
+                let payload = span
+                    .get(start..start + location.length as usize)
+                    .ok_or_else(|| {
+                        io::Error::other(format!("{path} at {}: outside the read", location.offset))
+                    })?;
+                decode_block(payload, self.block_size, location.checksum).map_err(|e| match e {
+                    ChunkError::Checksum { .. } => io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{path} at {}: {e}", location.offset),
+                    ),
+                    other => to_io(&format!("{path} at {}", location.offset), other),
+                })
+            })
+            .collect()
     }
 
     /// Ids of every chunk object in the store.
@@ -182,5 +231,50 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         chunks.delete(1).await.expect("delete");
         chunks.delete(1).await.expect("deleting twice is fine");
+    }
+
+    #[tokio::test]
+    async fn a_run_is_one_get_and_each_block_is_verified_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+        let counted = Arc::new(crate::counting_store::CountingStore::new(local));
+        let chunks = ChunkStore::new(Arc::clone(&counted) as _, &Path::from("disk"), 4096);
+        let mut builder = ChunkBuilder::new(4096);
+        let blocks: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| (0..4096u32).map(|j| (j % 251) as u8 ^ i).collect())
+            .collect();
+        let locations: Vec<BlockLocation> = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let e = builder.add(i as u64, b).expect("add");
+                BlockLocation {
+                    chunk: 7,
+                    offset: e.offset,
+                    length: e.length,
+                    checksum: e.checksum,
+                }
+            })
+            .collect();
+        chunks.put(7, builder.finish().0).await.expect("upload");
+        // Blocks 2, 3, 5 and 6: block 4 lies in the span and is dropped; block 5's checksum is
+        // wrong, which fails block 5 alone.
+        let mut run = vec![locations[2], locations[3], locations[5], locations[6]];
+        run[2].checksum ^= 1;
+        let before = counted.counts().get_requests;
+        let span = chunks.read_span(&run).await.expect("one GET");
+        assert_eq!(counted.counts().get_requests - before, 1);
+        let decoded = chunks.decode_run(&run, &span);
+        assert_eq!(decoded[0].as_ref().expect("block 2"), &blocks[2]);
+        assert_eq!(decoded[1].as_ref().expect("block 3"), &blocks[3]);
+        let err = decoded[2].as_ref().expect_err("block 5 fails its checksum");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(decoded[3].as_ref().expect("block 6"), &blocks[6]);
+        let mut other_chunk = run.clone();
+        other_chunk[1].chunk = 8;
+        assert!(
+            chunks.read_span(&other_chunk).await.is_err(),
+            "one chunk per run"
+        );
     }
 }

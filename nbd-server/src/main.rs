@@ -114,6 +114,16 @@ struct ServeArgs {
     /// Pull every block into the local cache in the background (object-storage engine).
     #[arg(long)]
     hydrate: bool,
+    /// How far ahead of a sequential reader blocks are fetched from the store, at most: the
+    /// window starts at 1M and doubles with each read that continues the stream; 0 turns
+    /// readahead off. [default: 64M]
+    #[arg(long, value_parser = parse_size)]
+    readahead: Option<u64>,
+    /// Ranged GETs that readahead, NBD_CMD_CACHE and --hydrate keep in flight at most (each
+    /// brings up to 4 MiB of neighbouring blocks); reads a client waits for are not limited
+    /// by it. [default: 16]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    prefetch_gets: Option<u64>,
     /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9100).
     #[arg(long)]
     metrics: Option<String>,
@@ -556,6 +566,12 @@ async fn open_object_volume(
     config.collect_garbage = !args.no_gc;
     config.read_only = args.read_only;
     config.hydrate = args.hydrate;
+    if let Some(bytes) = args.readahead {
+        config.readahead_bytes = bytes;
+    }
+    if let Some(gets) = args.prefetch_gets {
+        config.prefetch_gets = gets as usize;
+    }
     config.holder = format!("{} pid {}", hostname(), std::process::id());
     ObjectVolume::open(
         Arc::clone(&location.store),
@@ -598,6 +614,8 @@ fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
         (args.stall_timeout.is_some(), "--stall-timeout"),
         (args.restore_window.is_some(), "--restore-window"),
         (args.hydrate, "--hydrate"),
+        (args.readahead.is_some(), "--readahead"),
+        (args.prefetch_gets.is_some(), "--prefetch-gets"),
     ]
     .into_iter()
     .filter_map(|(given, flag)| given.then_some(flag))

@@ -15,7 +15,7 @@
 //! upload steps (never beside one), its CPU work on the uploader's low-priority thread, so it
 //! takes what requests being served leave.
 
-use super::read::fetch_block;
+use super::fetch::fetch_blocks;
 use super::upload::{ChunkWriter, commit, sync_map};
 use super::{Shared, blocking, lock, other};
 use blockmap::BlockLocation;
@@ -31,8 +31,6 @@ pub const DEAD_SHARE_TARGET: f64 = 0.2;
 const REWRITE_PASS_BYTES: u64 = 64 << 20;
 /// Chunks at least this live are never worth rewriting: moving them frees little.
 const MAX_LIVE_FRACTION: f64 = 0.9;
-/// Live blocks fetched at once while rewriting (most come from the local cache).
-const FETCH_CONCURRENCY: usize = 16;
 /// Blocks rewritten per background job.
 const REWRITE_BATCH: usize = 128;
 
@@ -217,15 +215,13 @@ async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
         .collect();
     let mut writer = ChunkWriter::new(shared);
     for batch in moving.chunks(REWRITE_BATCH) {
-        let fetched: Vec<(u64, io::Result<bytes::Bytes>)> =
-            futures::stream::iter(batch.iter().copied())
-                .map(|(block, loc)| async move { (block, fetch_block(shared, loc).await) })
-                .buffered(FETCH_CONCURRENCY)
-                .collect()
-                .await;
-        let contents = fetched
-            .into_iter()
-            .map(|(block, data)| data.map(|d| (block, Some(d.to_vec()))))
+        // Neighbours in a victim come in one ranged GET each (see `fetch`).
+        let locations: Vec<BlockLocation> = batch.iter().map(|&(_, loc)| loc).collect();
+        let fetched = fetch_blocks(shared, &locations).await;
+        let contents = batch
+            .iter()
+            .zip(fetched)
+            .map(|(&(block, _), data)| data.map(|d| (block, Some(d.to_vec()))))
             .collect::<io::Result<Vec<_>>>()?;
         writer.add(shared, move || Ok(contents)).await?;
     }

@@ -17,10 +17,12 @@
 
 mod background;
 pub mod catalog;
+mod fetch;
 mod gc;
 mod local_state;
 mod locations;
 mod read;
+mod readahead;
 mod upload;
 mod upload_health;
 mod upload_policy;
@@ -52,7 +54,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
-use tokio::sync::{Notify, OnceCell, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 /// Largest read or write payload accepted in one request.
@@ -106,6 +108,11 @@ pub struct VolumeConfig {
     pub restore_window: Duration,
     /// Pull every block into the cache in the background.
     pub hydrate: bool,
+    /// How far ahead of a sequential reader blocks are fetched, at most (0: no readahead).
+    pub readahead_bytes: u64,
+    /// Ranged GETs that readahead, `NBD_CMD_CACHE` and hydration keep in flight at most (reads
+    /// a client waits for are never held back by them).
+    pub prefetch_gets: usize,
     /// Name of this process in the writer lease (host and pid).
     pub holder: String,
 }
@@ -126,6 +133,8 @@ impl VolumeConfig {
             upload_step_blocks: None,
             collect_garbage: true,
             hydrate: false,
+            readahead_bytes: 64 << 20,
+            prefetch_gets: 16,
             holder: format!("pid {}", std::process::id()),
         }
     }
@@ -166,9 +175,6 @@ enum MapRole {
     Empty,
 }
 
-/// A fetch of one block from the store that concurrent readers share.
-type SharedFetch = Arc<OnceCell<Result<Bytes, (io::ErrorKind, String)>>>;
-
 /// State shared by the device, the uploader and background tasks.
 pub(crate) struct Shared {
     meta: VolumeMetadata,
@@ -193,7 +199,8 @@ pub(crate) struct Shared {
     cache: BlockCache,
     /// Where the uploader's CPU-heavy work runs, below the priority of serving requests.
     background: background::BackgroundCpu,
-    fetches: Mutex<HashMap<CacheKey, SharedFetch>>,
+    /// Blocks being fetched from the store, for others who want them meanwhile (see `fetch`).
+    fetches: Mutex<HashMap<CacheKey, fetch::BlockFetch>>,
     /// Highest journal seq whose writes are in object storage.
     uploaded: watch::Sender<u64>,
     /// Highest journal seq someone waits to see stored (remote FLUSH, `sync_to_store`).
@@ -210,11 +217,9 @@ pub(crate) struct Shared {
     failure: Mutex<Option<String>>,
     next_chunk: AtomicU64,
     chunk_epoch: u64,
-    /// Block after the last one readahead asked for.
-    readahead_until: AtomicU64,
-    /// Block after the end of the previous read (sequential detection).
-    last_read_end: AtomicU64,
-    prefetch_slots: Semaphore,
+    readahead: readahead::Readahead,
+    /// GETs readahead, `NBD_CMD_CACHE` and hydration may have in flight.
+    prefetch_slots: Arc<Semaphore>,
     stats: Mutex<VolumeStats>,
     counters: ReadCounters,
     /// The store as this volume sees it, counting requests and bytes.
@@ -228,6 +233,10 @@ struct ReadCounters {
     cache_hits: AtomicU64,
     /// Blocks fetched from the store (reads, readahead and hydration alike).
     store_fetches: AtomicU64,
+    /// Ranged GETs of blocks (each brings one or more neighbouring blocks).
+    store_gets: AtomicU64,
+    /// Blocks readahead had planned and dropped because their stream was no longer read.
+    readahead_cancelled: AtomicU64,
     /// Disk hydration: blocks of the disk scanned so far (`--hydrate`).
     hydration_scanned: AtomicU64,
 }
@@ -451,6 +460,7 @@ impl ObjectVolume {
         let background = background::BackgroundCpu::start(&format!("upload-{name}"))?;
         let dirty = overlay.data_bytes() as u64;
         let (uploaded, _) = watch::channel(uploaded_seq);
+        let total_blocks = meta.size.div_ceil(u64::from(block_size));
         let shared = Arc::new(Shared {
             chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
             meta,
@@ -476,9 +486,13 @@ impl ObjectVolume {
             failure: Mutex::new(None),
             next_chunk: AtomicU64::new(0),
             chunk_epoch,
-            readahead_until: AtomicU64::new(0),
-            last_read_end: AtomicU64::new(u64::MAX),
-            prefetch_slots: Semaphore::new(read::PREFETCH_CONCURRENCY),
+            readahead: readahead::Readahead::new(
+                u64::from(block_size),
+                // Blocks fetched ahead must still be cached when the reader gets there.
+                config.readahead_bytes.min(config.cache_bytes / 4),
+                total_blocks,
+            ),
+            prefetch_slots: Arc::new(Semaphore::new(config.prefetch_gets.max(1))),
             stats: Mutex::new(VolumeStats::default()),
             counters: ReadCounters::default(),
             store_counts: counted,
@@ -997,6 +1011,21 @@ impl BlockDevice for ObjectVolume {
                 Counter,
                 "Blocks fetched from object storage (cache misses, readahead, hydration).",
                 self.shared.counters.store_fetches.load(Ordering::Relaxed) as f64,
+            ),
+            metric(
+                "bucketdisk_store_block_gets_total",
+                Counter,
+                "Ranged GETs of blocks (neighbouring blocks of one chunk come in one).",
+                self.shared.counters.store_gets.load(Ordering::Relaxed) as f64,
+            ),
+            metric(
+                "bucketdisk_readahead_cancelled_blocks_total",
+                Counter,
+                "Blocks readahead planned and dropped because their reader moved elsewhere.",
+                self.shared
+                    .counters
+                    .readahead_cancelled
+                    .load(Ordering::Relaxed) as f64,
             ),
             metric(
                 "bucketdisk_store_get_requests_total",

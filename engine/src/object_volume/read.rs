@@ -1,7 +1,10 @@
-//! The read path (DESIGN.md §4): overlay (journaled, not uploaded) → block cache → one ranged
-//! GET per missing block, verified against the map's checksum; holes cost nothing. Concurrent
-//! misses on one block share one GET; sequential reads trigger readahead.
+//! The read path: overlay (journaled, not uploaded) → block cache → the store, the missing
+//! blocks of a read fetched together (see `fetch`: neighbours in one ranged GET, each verified
+//! against the map's checksum); holes cost nothing. Sequential readers get readahead (see
+//! `readahead`), `--hydrate` pulls the whole disk in behind them.
 
+use super::fetch::{fetch_blocks, runs};
+use super::readahead::{Prefetch, Ticket};
 use super::{Shared, blocking, lock, other};
 use crate::cache::CacheKey;
 use crate::device::{Extent, ExtentKind, ReadSegment};
@@ -15,10 +18,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// GETs that readahead and `NBD_CMD_CACHE` may have in flight.
-pub(super) const PREFETCH_CONCURRENCY: usize = 64;
-/// How far ahead of a sequential reader blocks are fetched.
-const READAHEAD_BYTES: u64 = 8 << 20;
 /// Block status answers for at most this many blocks per request (clients ask again).
 const STATUS_MAX_BLOCKS: u64 = 16384;
 /// Reads up to this size are planned on the async worker when possible.
@@ -178,6 +177,13 @@ pub(super) async fn read(
     offset: u64,
     length: u32,
 ) -> io::Result<Vec<ReadSegment>> {
+    if length > 0 {
+        let bs = shared.block_size();
+        let end = (offset + u64::from(length)).div_ceil(bs);
+        if let Some(ahead) = shared.readahead.on_read(offset / bs, end) {
+            tokio::spawn(prefetch_blocks(Arc::clone(shared), ahead));
+        }
+    }
     for _attempt in 0..5 {
         // Small reads whose blocks are known are planned right here: a block-cache hit is a
         // pread from the page cache, cheaper than a hand-off to a blocking thread.
@@ -207,14 +213,11 @@ pub(super) async fn read(
                 _ => None,
             })
             .collect();
-        let fetches: Vec<_> = wanted
+        let locations: Vec<BlockLocation> = wanted.iter().map(|&(_, loc)| loc).collect();
+        let fetched = wanted
             .iter()
-            .map(|&(i, loc)| {
-                let shared = Arc::clone(shared);
-                async move { (i, fetch_block(&shared, loc).await) }
-            })
-            .collect();
-        let fetched = futures::future::join_all(fetches).await;
+            .map(|&(i, _)| i)
+            .zip(fetch_blocks(shared, &locations).await);
         let mut bases: HashMap<usize, Bytes> = HashMap::new();
         let mut retry = false;
         for (i, result) in fetched {
@@ -233,7 +236,6 @@ pub(super) async fn read(
         if !merge(shared, generation, &mut pieces, &mut bases)? {
             continue; // the uploader moved edits out of the overlay meanwhile
         }
-        note_read(shared, &pieces);
         return Ok(segments(pieces, &cached));
     }
     Err(io::Error::other(
@@ -328,71 +330,6 @@ fn segments(pieces: Vec<Piece>, cached: &Bytes) -> Vec<ReadSegment> {
     out
 }
 
-/// Fetches one block from the store (once, however many readers want it), verifies it and
-/// puts it in the cache.
-pub(super) async fn fetch_block(shared: &Shared, loc: BlockLocation) -> io::Result<Bytes> {
-    let key = CacheKey::of(&loc);
-    if let Some(data) = shared.cache.get(key, loc.checksum)? {
-        return Ok(Bytes::from(data));
-    }
-    let cell = Arc::clone(lock(&shared.fetches).entry(key).or_default());
-    let result = cell
-        .get_or_init(|| async {
-            shared.counters.store_fetches.fetch_add(1, Ordering::Relaxed);
-            shared
-                .chunks
-                .read_block(&loc)
-                .await
-                .map(Bytes::from)
-                .map_err(|e| {
-                    tracing::error!(volume = %shared.meta.name, "reading a block from the store failed: {e}");
-                    (e.kind(), e.to_string())
-                })
-        })
-        .await
-        .clone();
-    if let Ok(data) = &result {
-        // Into the cache before the shared fetch is forgotten, so nobody fetches it again.
-        if let Err(e) = shared.cache.insert(key, data) {
-            tracing::warn!("cannot cache a block: {e}");
-        }
-    }
-    {
-        let mut fetches = lock(&shared.fetches);
-        if fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            fetches.remove(&key);
-        }
-    }
-    result.map_err(|(kind, message)| io::Error::new(kind, message))
-}
-
-/// Sequential reads: keep `READAHEAD_BYTES` ahead of the reader in flight.
-fn note_read(shared: &Arc<Shared>, pieces: &[Piece]) {
-    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
-        return;
-    };
-    let previous_end = shared.last_read_end.swap(last.block + 1, Ordering::Relaxed);
-    let sequential = first.block == previous_end || first.block + 1 == previous_end;
-    if !sequential {
-        return;
-    }
-    let window = (READAHEAD_BYTES / shared.block_size()).max(4);
-    let ahead = shared.readahead_until.load(Ordering::Relaxed);
-    let next = last.block + 1;
-    if ahead >= next + window / 2 {
-        return;
-    }
-    let from = ahead.max(next);
-    let until = next + window;
-    shared.readahead_until.store(until, Ordering::Relaxed);
-    let total_blocks = shared.meta.size.div_ceil(shared.block_size());
-    if from >= total_blocks {
-        return;
-    }
-    let count = until.min(total_blocks) - from;
-    tokio::spawn(prefetch_blocks(Arc::clone(shared), from, count));
-}
-
 /// `NBD_CMD_CACHE`: starts fetching the range's stored blocks into the cache.
 pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> io::Result<()> {
     if length == 0 {
@@ -401,7 +338,14 @@ pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> 
     let bs = shared.block_size();
     let first = offset / bs;
     let count = (offset + length).div_ceil(bs) - first;
-    tokio::spawn(prefetch_blocks(Arc::clone(shared), first, count));
+    tokio::spawn(prefetch_blocks(
+        Arc::clone(shared),
+        Prefetch {
+            first,
+            count,
+            ticket: None,
+        },
+    ));
     Ok(())
 }
 
@@ -431,7 +375,15 @@ fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<Blo
         .collect())
 }
 
-async fn prefetch_blocks(shared: Arc<Shared>, first: u64, count: u64) {
+/// Fetches the stored, uncached blocks of a prefetch, a run per GET, at most
+/// `VolumeConfig::prefetch_gets` GETs at once; runs not yet started are dropped once the
+/// prefetch's stream is no longer read.
+async fn prefetch_blocks(shared: Arc<Shared>, prefetch: Prefetch) {
+    let Prefetch {
+        first,
+        count,
+        ticket,
+    } = prefetch;
     let s = Arc::clone(&shared);
     let missing = match blocking(move || missing_blocks(&s, first, count)).await {
         Ok(m) => m,
@@ -440,14 +392,25 @@ async fn prefetch_blocks(shared: Arc<Shared>, first: u64, count: u64) {
             return;
         }
     };
-    for loc in missing {
+    let current = |ticket: Option<Ticket>| ticket.is_none_or(|t| shared.readahead.is_current(t));
+    for run in runs(missing) {
+        let Ok(permit) = Arc::clone(&shared.prefetch_slots).acquire_owned().await else {
+            return;
+        };
+        if !current(ticket) {
+            shared
+                .counters
+                .readahead_cancelled
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
+            continue;
+        }
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let Ok(_permit) = shared.prefetch_slots.acquire().await else {
-                return;
-            };
-            if let Err(e) = fetch_block(&shared, loc).await {
-                tracing::debug!("readahead fetch failed: {e}");
+            let _permit = permit;
+            for result in fetch_blocks(&shared, &run).await {
+                if let Err(e) = result {
+                    tracing::debug!("readahead fetch failed: {e}");
+                }
             }
         });
     }
@@ -521,17 +484,12 @@ pub(super) async fn stored_blocks(
         Ok(found)
     })
     .await?;
-    let fetches: Vec<_> = locations
-        .iter()
-        .map(|&(block, loc)| {
-            let shared = Arc::clone(shared);
-            async move { (block, fetch_block(&shared, loc).await) }
-        })
-        .collect();
-    let fetched = futures::future::join_all(fetches).await;
-    fetched
+    let wanted: Vec<BlockLocation> = locations.iter().map(|&(_, loc)| loc).collect();
+    let fetched = fetch_blocks(shared, &wanted).await;
+    locations
         .into_iter()
-        .map(|(block, data)| data.map(|d| (block, d)))
+        .zip(fetched)
+        .map(|((block, _), data)| data.map(|d| (block, d)))
         .collect()
 }
 
@@ -557,18 +515,20 @@ pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
                 continue;
             }
         };
-        for loc in missing {
+        for run in runs(missing) {
             let permit = tokio::select! {
                 p = Arc::clone(&slots).acquire_owned() => p,
                 _ = stop.changed() => return,
             };
             let Ok(permit) = permit else { return };
             let shared = Arc::clone(&shared);
-            fetched += 1;
+            fetched += run.len() as u64;
             tokio::spawn(async move {
                 let _permit = permit;
-                if let Err(e) = fetch_block(&shared, loc).await {
-                    tracing::warn!("hydration fetch failed (will be fetched on demand): {e}");
+                for result in fetch_blocks(&shared, &run).await {
+                    if let Err(e) = result {
+                        tracing::warn!("hydration fetch failed (will be fetched on demand): {e}");
+                    }
                 }
             });
         }

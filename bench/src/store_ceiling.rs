@@ -1,0 +1,129 @@
+//! What the store itself serves: ranged GETs straight from a Rust S3 client through the same
+//! latency proxy the subjects use, with a fixed number in flight. These are the ceilings the
+//! cold-read rows are held against (a server cannot read faster than its store answers).
+
+use crate::moto;
+use anyhow::{Context, Result};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Objects the ceiling reads from, and their size: large enough that GETs rarely repeat.
+const OBJECTS: u64 = 16;
+const OBJECT_BYTES: u64 = 8 << 20;
+const PREFIX: &str = "ceiling";
+
+/// One ceiling: `in_flight` ranged GETs of `get_bytes` kept going for the whole time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub get_bytes: u64,
+    pub in_flight: usize,
+    pub seconds: f64,
+    pub gets: u64,
+    pub gets_per_sec: f64,
+    pub mib_per_sec: f64,
+}
+
+/// A client of `bucket` at `endpoint` (the proxy), with the objects the ceilings read.
+pub struct StoreProbe {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl StoreProbe {
+    pub fn new(endpoint: &str, bucket: &str) -> Result<StoreProbe> {
+        let store = AmazonS3Builder::new()
+            .with_endpoint(endpoint)
+            .with_bucket_name(bucket)
+            .with_access_key_id(moto::ACCESS_KEY)
+            .with_secret_access_key(moto::SECRET_KEY)
+            .with_region(moto::REGION)
+            .with_allow_http(true)
+            .build()
+            .context("an S3 client for the store ceiling")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .context("the store ceiling's runtime")?;
+        let probe = StoreProbe {
+            store: Arc::new(store),
+            runtime,
+        };
+        probe.runtime.block_on(probe.upload())?;
+        Ok(probe)
+    }
+
+    async fn upload(&self) -> Result<()> {
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for i in 0..OBJECTS {
+            let body: Vec<u8> = (0..OBJECT_BYTES / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect();
+            self.store
+                .put(&object(i), PutPayload::from(body))
+                .await
+                .context("uploading the ceiling's objects")?;
+        }
+        Ok(())
+    }
+
+    /// `in_flight` loops of ranged GETs of `get_bytes` at aligned random offsets for `time`.
+    pub fn measure(&self, get_bytes: u64, in_flight: usize, time: Duration) -> Result<Ceiling> {
+        let gets = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + time;
+        let slots = OBJECT_BYTES / get_bytes;
+        let result: Result<()> = self.runtime.block_on(async {
+            let loops: Vec<_> = (0..in_flight as u64)
+                .map(|seed| {
+                    let store = Arc::clone(&self.store);
+                    let gets = Arc::clone(&gets);
+                    tokio::spawn(async move {
+                        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                        while Instant::now() < deadline {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let start = (x % slots) * get_bytes;
+                            let bytes = store
+                                .get_range(&object((x >> 32) % OBJECTS), start..start + get_bytes)
+                                .await?;
+                            anyhow::ensure!(bytes.len() as u64 == get_bytes, "short GET");
+                            gets.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for l in loops {
+                l.await.context("a GET loop")??;
+            }
+            Ok(())
+        });
+        result?;
+        let seconds = started.elapsed().as_secs_f64();
+        let gets = gets.load(Ordering::Relaxed);
+        Ok(Ceiling {
+            get_bytes,
+            in_flight,
+            seconds,
+            gets,
+            gets_per_sec: gets as f64 / seconds,
+            mib_per_sec: (gets * get_bytes) as f64 / seconds / f64::from(1 << 20),
+        })
+    }
+}
+
+fn object(i: u64) -> Path {
+    Path::from(format!("{PREFIX}/{i:02}"))
+}

@@ -1,0 +1,472 @@
+//! `cold`: reads on a host that has never seen the disk, against what the store itself serves.
+//! One moto behind the latency proxy holds every S3-backed subject's disk; a region of each is
+//! written once (at no added latency), then every repeat measures, interleaved:
+//! - the store's ceilings: ranged GETs straight from a Rust S3 client through the same proxy
+//!   (1 MiB and 4 MiB with 8 in flight — the large-GET ceiling is the better of the two — and
+//!   4 KiB with 32 in flight);
+//! - for each subject, started with nothing cached: one 1M sequential read pass of the region
+//!   at QD8, and 4k random reads at QD32 for a fixed time, in fresh sessions.
+//!
+//! bucketdisk must reach 0.9× the large-GET ceiling on the pass and 0.9× the small-GET ceiling
+//! on the random reads, and be ahead of nbdkit's S3 plugin.
+
+use crate::fio::{self, RunSettings, Workload};
+use crate::latency_proxy::{LatencyProxy, Traffic};
+use crate::machine::{self, Machine, Tools};
+use crate::moto::Moto;
+use crate::process::check_interrupted;
+use crate::progress::Progress;
+use crate::report::notes_section;
+use crate::stats::Summary;
+use crate::store_ceiling::{Ceiling, StoreProbe};
+use crate::store_subjects::{self, Env, Kind};
+use crate::units::parse_size;
+use crate::workspace::{bucketdisk_binary, workspace_root};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const SUBJECTS: [Kind; 3] = [Kind::BucketdiskS3Cold, Kind::NbdkitS3, Kind::S3backer];
+const RANDOM: Workload = Workload {
+    name: "randread-4k-qd32",
+    rw: "randread",
+    bs: "4k",
+    iodepth: 32,
+};
+/// (GET size, in flight) of each ceiling.
+const LARGE_CEILINGS: [(u64, usize); 2] = [(1 << 20, 8), (4 << 20, 8)];
+const SMALL_CEILING: (u64, usize) = (4096, 32);
+const FLOOR: f64 = 0.9;
+const MIB: f64 = 1_048_576.0;
+const GIB: f64 = 1_073_741_824.0;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// First-byte delay the latency proxy adds to every S3 response, in ms.
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// Bytes at the start of each disk that are written, then read cold.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    region: u64,
+    /// Seconds of 4k random reads per subject and repeat.
+    #[arg(long, default_value_t = 15)]
+    random_secs: u64,
+    /// Seconds per store ceiling measurement.
+    #[arg(long, default_value_t = 5)]
+    ceiling_secs: u64,
+    /// Repeats of everything, interleaved.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Subjects (comma-separated) [bucketdisk-s3-cold,nbdkit-s3,s3backer].
+    #[arg(long, value_delimiter = ',')]
+    subjects: Option<Vec<String>>,
+    /// A prebuilt bucketdisk; by default this workspace's is built (release) and used.
+    #[arg(long)]
+    bucketdisk: Option<PathBuf>,
+    /// Where the scratch directory goes.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    dir: PathBuf,
+    /// Where results go [bench/results].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One measurement of one subject.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    pub subject: &'static str,
+    pub workload: &'static str,
+    pub repeat: usize,
+    /// MiB/s for the pass, IOPS for random reads.
+    pub value: f64,
+    pub seconds: f64,
+    pub bytes_read: u64,
+    pub store: Traffic,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub command: String,
+    pub started: String,
+    pub finished: String,
+    pub machine: Machine,
+    pub tools: Tools,
+    pub load_before: String,
+    pub load_after: String,
+    pub latency_ms: u64,
+    pub region_bytes: u64,
+    pub random_secs: u64,
+    pub repeats: usize,
+    pub subjects: Vec<(String, String)>,
+    pub ceilings: Vec<(usize, Ceiling)>,
+    pub measurements: Vec<Measurement>,
+    pub notes: Vec<String>,
+}
+
+pub fn run(args: Args, command: String) -> Result<()> {
+    let kinds: Vec<Kind> = match &args.subjects {
+        None => SUBJECTS.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                SUBJECTS
+                    .into_iter()
+                    .find(|k| k.name() == n)
+                    .with_context(|| format!("unknown subject {n} (cold runs {SUBJECTS:?})"))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let workspace = workspace_root();
+    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
+    let tools = Tools::probe(&bin, &workspace)?;
+    let load_before = machine::load_average();
+    let (date, started) = machine::utc_now();
+    let tmp = tempfile::Builder::new()
+        .prefix("bucketdisk-cold-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+    let machine = Machine::probe(tmp.path());
+    let moto = Moto::start(&tmp.path().join("moto.log"))?;
+    moto.create_bucket(store_subjects::BUCKET)?;
+    let proxy = LatencyProxy::start(moto.addr, Duration::ZERO)?;
+    let env = Env {
+        bucketdisk: bin,
+        work: tmp.path().to_path_buf(),
+        s3_endpoint: proxy.endpoint(),
+    };
+    let steps = (args.repeats * (LARGE_CEILINGS.len() + 1 + 2 * kinds.len()) + kinds.len()) as u64;
+    let mut progress = Progress::new(steps);
+    let mut notes = Vec::new();
+    let mut subjects = Vec::new();
+
+    for &kind in &kinds {
+        check_interrupted()?;
+        // The cold subject reads the volume the warm one writes (one volume, fresh caches).
+        let filler = if kind == Kind::BucketdiskS3Cold {
+            Kind::BucketdiskS3Warm
+        } else {
+            kind
+        };
+        progress.step(&format!(
+            "filling {} MiB of {}",
+            args.region >> 20,
+            kind.name()
+        ));
+        let session = store_subjects::start(filler, &env, 0)?;
+        let out = env.work.join(format!("fill-{}.json", kind.name()));
+        fio::pass("write", args.region, &session.uri, &out)
+            .with_context(|| format!("filling {}", kind.name()))?;
+        let (_, session_notes) = session.stop()?;
+        notes.extend(session_notes);
+        progress.step_done();
+    }
+
+    proxy.set_delay(Duration::from_millis(args.latency_ms));
+    let probe = StoreProbe::new(&proxy.endpoint(), store_subjects::BUCKET)?;
+    let mut ceilings = Vec::new();
+    let mut measurements = Vec::new();
+    let mut cold_index = 0;
+    let random_settings = RunSettings {
+        runtime_secs: args.random_secs,
+        ramp_secs: 0,
+        size: args.region,
+    };
+    for repeat in 0..args.repeats {
+        for (bytes, in_flight) in LARGE_CEILINGS.into_iter().chain([SMALL_CEILING]) {
+            check_interrupted()?;
+            progress.step(&format!(
+                "repeat {} · store ceiling: {} KiB GETs, {in_flight} in flight",
+                repeat + 1,
+                bytes >> 10
+            ));
+            let time = Duration::from_secs(args.ceiling_secs);
+            ceilings.push((repeat, probe.measure(bytes, in_flight, time)?));
+            progress.step_done();
+        }
+        for &kind in &kinds {
+            for workload in ["read-1m-qd8-pass", RANDOM.name] {
+                check_interrupted()?;
+                progress.step(&format!(
+                    "repeat {} · {} · {workload} (cold)",
+                    repeat + 1,
+                    kind.name()
+                ));
+                cold_index += 1;
+                let mut session = store_subjects::start(kind, &env, cold_index)?;
+                if subjects
+                    .iter()
+                    .all(|(k, _): &(String, String)| k != kind.name())
+                {
+                    subjects.push((kind.name().to_string(), session.command_line.clone()));
+                }
+                let out = env
+                    .work
+                    .join(format!("{}-{workload}-{repeat}.json", kind.name()));
+                let before = proxy.traffic();
+                let t = Instant::now();
+                let (value, bytes_read) = if workload == RANDOM.name {
+                    let target = fio::Target::Nbd {
+                        uri: session.uri.clone(),
+                    };
+                    let r = fio::run(&RANDOM, &target, &random_settings, &out)?;
+                    (r.iops, r.io_bytes)
+                } else {
+                    let r = fio::pass_with("read", "1M", 8, args.region, &session.uri, &out)?;
+                    (r.bw_bytes / MIB, r.io_bytes)
+                };
+                let seconds = t.elapsed().as_secs_f64();
+                let store = proxy.traffic().since(&before);
+                session.ensure_running()?;
+                let (_, session_notes) = session.stop()?;
+                notes.extend(session_notes);
+                measurements.push(Measurement {
+                    subject: kind.name(),
+                    workload: if workload == RANDOM.name {
+                        RANDOM.name
+                    } else {
+                        "read-1m-qd8-pass"
+                    },
+                    repeat,
+                    value,
+                    seconds,
+                    bytes_read,
+                    store,
+                });
+                progress.step_done();
+            }
+        }
+    }
+    progress.finish();
+
+    let report = Report {
+        command,
+        started,
+        finished: machine::utc_now().1,
+        machine,
+        tools,
+        load_before,
+        load_after: machine::load_average(),
+        latency_ms: args.latency_ms,
+        region_bytes: args.region,
+        random_secs: args.random_secs,
+        repeats: args.repeats,
+        subjects,
+        ceilings,
+        measurements,
+        notes,
+    };
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| workspace.join("bench").join("results"));
+    std::fs::create_dir_all(&out_dir)?;
+    let stem = format!("cold-{date}-{}", hhmm(&report.started));
+    let md = markdown(&report, &stem);
+    std::fs::write(out_dir.join(format!("{stem}.md")), &md)?;
+    std::fs::write(
+        out_dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    print!("{md}");
+    Ok(())
+}
+
+fn hhmm(started: &str) -> String {
+    started
+        .split('T')
+        .nth(1)
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(4)
+        .collect()
+}
+
+fn summary_of(values: impl Iterator<Item = f64>) -> Option<Summary> {
+    Summary::of(&values.collect::<Vec<_>>())
+}
+
+fn show(s: Option<Summary>, digits: usize) -> String {
+    match s {
+        Some(s) if s.n > 1 => format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits),
+        Some(s) => format!("{:.d$}", s.median, d = digits),
+        None => "–".into(),
+    }
+}
+
+/// Per-repeat ratios of a subject's value to a per-repeat reference (same repeat: the two ran
+/// minutes apart at most).
+fn ratios(
+    r: &Report,
+    subject: &str,
+    workload: &str,
+    reference: impl Fn(usize) -> Option<f64>,
+) -> Option<Summary> {
+    summary_of(
+        r.measurements
+            .iter()
+            .filter(|m| m.subject == subject && m.workload == workload)
+            .filter_map(|m| reference(m.repeat).map(|x| m.value / x)),
+    )
+}
+
+fn large_ceiling(r: &Report, repeat: usize) -> Option<f64> {
+    r.ceilings
+        .iter()
+        .filter(|(rep, c)| *rep == repeat && c.get_bytes > SMALL_CEILING.0)
+        .map(|(_, c)| c.mib_per_sec)
+        .reduce(f64::max)
+}
+
+fn small_ceiling(r: &Report, repeat: usize) -> Option<f64> {
+    r.ceilings
+        .iter()
+        .find(|(rep, c)| *rep == repeat && c.get_bytes == SMALL_CEILING.0)
+        .map(|(_, c)| c.gets_per_sec)
+}
+
+fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Option<f64> {
+    r.measurements
+        .iter()
+        .find(|m| m.subject == subject && m.workload == workload && m.repeat == repeat)
+        .map(|m| m.value)
+}
+
+fn markdown(r: &Report, stem: &str) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "# cold: reads with nothing cached — {}\n", r.started);
+    let _ = writeln!(o, "```\n{}\n```\n", r.command);
+    let m = &r.machine;
+    let _ = writeln!(o, "| | |\n|---|---|");
+    let _ = writeln!(o, "| CPU | {} × {} |", m.nproc, m.cpu_model);
+    let _ = writeln!(o, "| kernel | {} |", m.kernel);
+    let _ = writeln!(
+        o,
+        "| load average | before {} · after {} |",
+        r.load_before, r.load_after
+    );
+    let _ = writeln!(o, "| run | {} → {} |", r.started, r.finished);
+    let _ = writeln!(o, "| fio | {} |", r.tools.fio);
+    let _ = writeln!(o, "| nbdkit | {} |", r.tools.nbdkit);
+    let _ = writeln!(
+        o,
+        "| bucketdisk | {} (commit {}) |\n",
+        r.tools.bucketdisk, r.tools.bucketdisk_commit
+    );
+    let _ = writeln!(
+        o,
+        "Every subject exports a 100 GiB disk whose first {} MiB were written once (1M writes, no \
+         added latency); the store is one moto behind a proxy that delays the first byte of \
+         every response by {} ms. Each measurement starts the subject with nothing cached: \
+         `read-1m-qd8-pass` reads the region once in 1 MiB requests at QD8 (MiB/s); \
+         `randread-4k-qd32` reads 4 KiB at random offsets of the region for {} s at QD32 \
+         (IOPS). The store ceilings are ranged GETs from a Rust S3 client through the same \
+         proxy. {} repeats, interleaved; median (min–max); ratios are per repeat.\n",
+        r.region_bytes >> 20,
+        r.latency_ms,
+        r.random_secs,
+        r.repeats
+    );
+    for (name, line) in &r.subjects {
+        let _ = writeln!(o, "- **{name}**: `{line}`");
+    }
+    let _ = writeln!(o, "\n## Store ceilings\n");
+    let _ = writeln!(
+        o,
+        "| GET size | in flight | GETs/s | MiB/s |\n|---:|---:|---:|---:|"
+    );
+    for (bytes, in_flight) in LARGE_CEILINGS.into_iter().chain([SMALL_CEILING]) {
+        let of = |f: fn(&Ceiling) -> f64| {
+            summary_of(
+                r.ceilings
+                    .iter()
+                    .filter(|(_, c)| c.get_bytes == bytes && c.in_flight == in_flight)
+                    .map(|(_, c)| f(c)),
+            )
+        };
+        let _ = writeln!(
+            o,
+            "| {} KiB | {in_flight} | {} | {} |",
+            bytes >> 10,
+            show(of(|c| c.gets_per_sec), 0),
+            show(of(|c| c.mib_per_sec), 1)
+        );
+    }
+    let _ = writeln!(o, "\n## Floors\n");
+    let _ = writeln!(
+        o,
+        "| measurement | result | floor | met |\n|---|---:|---|---|"
+    );
+    let bd = Kind::BucketdiskS3Cold.name();
+    let seq = ratios(r, bd, "read-1m-qd8-pass", |rep| large_ceiling(r, rep));
+    let rnd = ratios(r, bd, RANDOM.name, |rep| small_ceiling(r, rep));
+    let vs_nbdkit = ratios(r, bd, "read-1m-qd8-pass", |rep| {
+        subject_value(r, Kind::NbdkitS3.name(), "read-1m-qd8-pass", rep)
+    });
+    let met = |s: Option<Summary>, floor: f64| match s {
+        Some(s) if s.min >= floor => "yes",
+        Some(s) if s.median >= floor => "median only",
+        Some(_) => "**no**",
+        None => "not measured",
+    };
+    let _ = writeln!(
+        o,
+        "| cold 1M sequential read QD8 ÷ large-GET ceiling | {} | ≥ {FLOOR} | {} |",
+        show(seq, 2),
+        met(seq, FLOOR)
+    );
+    let _ = writeln!(
+        o,
+        "| cold 4k random read QD32 ÷ small-GET ceiling | {} | ≥ {FLOOR} | {} |",
+        show(rnd, 2),
+        met(rnd, FLOOR)
+    );
+    let _ = writeln!(
+        o,
+        "| cold 1M sequential read ÷ nbdkit's S3 plugin | {} | > 1 | {} |",
+        show(vs_nbdkit, 1),
+        met(vs_nbdkit, 1.0)
+    );
+    for (workload, unit) in [("read-1m-qd8-pass", "MiB/s"), (RANDOM.name, "IOPS")] {
+        let _ = writeln!(o, "\n## {workload} ({unit})\n");
+        let _ = writeln!(
+            o,
+            "| subject | {unit} | ÷ ceiling | store GETs per GiB read | store MiB per GiB read |\n|---|---:|---:|---:|---:|"
+        );
+        for (subject, _) in &r.subjects {
+            let rows: Vec<&Measurement> = r
+                .measurements
+                .iter()
+                .filter(|m| m.subject == subject && m.workload == workload)
+                .collect();
+            let per_gib = |f: fn(&Traffic) -> f64| {
+                summary_of(
+                    rows.iter()
+                        .filter(|m| m.bytes_read > 0)
+                        .map(|m| f(&m.store) / (m.bytes_read as f64 / GIB)),
+                )
+            };
+            let ceiling = ratios(r, subject, workload, |rep| {
+                if workload == RANDOM.name {
+                    small_ceiling(r, rep)
+                } else {
+                    large_ceiling(r, rep)
+                }
+            });
+            let _ = writeln!(
+                o,
+                "| {subject} | {} | {} | {} | {} |",
+                show(summary_of(rows.iter().map(|m| m.value)), 1),
+                show(ceiling, 2),
+                show(per_gib(|t| t.gets as f64), 0),
+                show(per_gib(|t| t.response_bytes as f64 / MIB), 0)
+            );
+        }
+    }
+    let _ = writeln!(o);
+    notes_section(&mut o, &r.notes);
+    let _ = writeln!(o, "Raw numbers: `{stem}.json` beside this file.");
+    o
+}

@@ -1,0 +1,276 @@
+//! Fetching stored blocks into the cache. Every miss (reads, readahead, hydration, the uploader's
+//! bases, GC) comes through here, so that:
+//! - blocks that lie close together in one chunk come in one ranged GET (a run), because a store
+//!   serves a few hundred requests a second but hundreds of MiB/s in large ones;
+//! - concurrent wants of one block share one GET (a per-block cell that every wanter awaits);
+//! - every block is verified against the map's checksum on its own and cached once.
+
+use super::{Shared, lock};
+use crate::cache::CacheKey;
+use blockmap::BlockLocation;
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared as SharedFuture};
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::OnceCell;
+
+/// Most bytes one ranged GET spans: large enough to reach a store's bandwidth, small enough that
+/// a run's first block is not held back long by its last.
+pub(super) const MAX_RUN_BYTES: u64 = 4 << 20;
+/// Bytes of blocks nobody asked for that a run reads through rather than splitting in two: a
+/// second request costs more than this much transfer.
+pub(super) const MAX_RUN_GAP: u64 = 256 << 10;
+/// Runs of more blocks than this are decoded on a blocking thread.
+const INLINE_DECODE_BLOCKS: usize = 2;
+
+/// What one block's fetch ended with, shared by everyone who wanted it.
+pub(super) type FetchResult = Result<Bytes, (io::ErrorKind, String)>;
+/// A fetch of one block that concurrent wanters share.
+pub(super) type BlockFetch = Arc<OnceCell<FetchResult>>;
+
+/// One ranged GET, decoded: a result per block of the run, in the run's order.
+type RunFuture<'a> = SharedFuture<BoxFuture<'a, Arc<Vec<FetchResult>>>>;
+
+/// Groups blocks into runs, each one ranged GET: sorted by chunk and offset, duplicates
+/// dropped, a run broken where the chunk changes, the gap to the next block exceeds
+/// [`MAX_RUN_GAP`] or the span would exceed [`MAX_RUN_BYTES`].
+pub(super) fn runs(mut locations: Vec<BlockLocation>) -> Vec<Vec<BlockLocation>> {
+    locations.sort_unstable_by_key(|l| (l.chunk, l.offset));
+    locations.dedup_by_key(|l| (l.chunk, l.offset));
+    let mut runs: Vec<Vec<BlockLocation>> = Vec::new();
+    for location in locations {
+        if let Some(run) = runs.last_mut()
+            && let (Some(first), Some(last)) = (run.first(), run.last())
+        {
+            // Sorted: in the same chunk, `location` starts at or after `first`.
+            let last_end = last.offset + u64::from(last.length);
+            let end = location.offset + u64::from(location.length);
+            if location.chunk == first.chunk
+                && location.offset >= last_end
+                && location.offset - last_end <= MAX_RUN_GAP
+                && end - first.offset <= MAX_RUN_BYTES
+            {
+                run.push(location);
+                continue;
+            }
+        }
+        runs.push(vec![location]);
+    }
+    runs
+}
+
+/// The content of each block at `locations` (in that order): from the cache, or fetched from
+/// the store in as few GETs as [`runs`] allows and cached. Blocks another task is already
+/// fetching are awaited, not fetched again.
+pub(super) async fn fetch_blocks(
+    shared: &Shared,
+    locations: &[BlockLocation],
+) -> Vec<io::Result<Bytes>> {
+    let mut results: Vec<Option<io::Result<Bytes>>> = Vec::with_capacity(locations.len());
+    let mut wanted = Vec::new();
+    for (i, location) in locations.iter().enumerate() {
+        match shared.cache.get(CacheKey::of(location), location.checksum) {
+            Ok(Some(data)) => results.push(Some(Ok(Bytes::from(data)))),
+            Ok(None) => {
+                results.push(None);
+                wanted.push(i);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    if wanted.is_empty() {
+        return settled(results);
+    }
+    // Claim a cell per wanted block: a new one (ours to fill) or one another task is filling.
+    let mut cells: Vec<(usize, BlockFetch, bool)> = Vec::with_capacity(wanted.len());
+    {
+        let mut fetches = lock(&shared.fetches);
+        for i in wanted {
+            let key = CacheKey::of(&locations[i]);
+            let mut ours = false;
+            let cell = fetches.entry(key).or_insert_with(|| {
+                ours = true;
+                BlockFetch::default()
+            });
+            cells.push((i, Arc::clone(cell), ours));
+        }
+    }
+    let our_runs = runs(
+        cells
+            .iter()
+            .filter(|(_, _, ours)| *ours)
+            .map(|&(i, _, _)| locations[i])
+            .collect(),
+    );
+    let run_of: std::collections::HashMap<CacheKey, (RunFuture<'_>, usize)> = our_runs
+        .into_iter()
+        .flat_map(|run| {
+            let keys: Vec<CacheKey> = run.iter().map(CacheKey::of).collect();
+            let future = fetch_run(shared, run).boxed().shared();
+            keys.into_iter()
+                .enumerate()
+                .map(move |(at, key)| (key, (future.clone(), at)))
+        })
+        .collect();
+    let waits = cells.iter().map(|(i, cell, _)| {
+        let location = locations[*i];
+        let run = run_of.get(&CacheKey::of(&location)).cloned();
+        async move {
+            let result = cell
+                .get_or_init(|| async move {
+                    match run {
+                        Some((run, at)) => run.await.get(at).cloned().unwrap_or_else(|| {
+                            Err((io::ErrorKind::Other, "internal: a run lost a block".into()))
+                        }),
+                        // Its owner gave up (its reader went away) before filling it.
+                        None => fetch_run(shared, vec![location])
+                            .await
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                Err((
+                                    io::ErrorKind::Other,
+                                    "internal: a fetch lost its block".into(),
+                                ))
+                            }),
+                    }
+                })
+                .await
+                .clone();
+            (*i, result)
+        }
+    });
+    for (i, result) in futures::future::join_all(waits).await {
+        results[i] = Some(result.map_err(|(kind, message)| io::Error::new(kind, message)));
+    }
+    {
+        let mut fetches = lock(&shared.fetches);
+        for (i, cell, ours) in &cells {
+            let key = CacheKey::of(&locations[*i]);
+            if *ours && fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                fetches.remove(&key);
+            }
+        }
+    }
+    settled(results)
+}
+
+fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(io::Error::other("internal: a block was never fetched"))))
+        .collect()
+}
+
+/// One ranged GET for `run`, each block verified and put in the cache before anyone sees it
+/// (so nobody fetches it again once its cell is forgotten).
+async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
+    shared.counters.store_gets.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .store_fetches
+        .fetch_add(run.len() as u64, Ordering::Relaxed);
+    let span = match shared.chunks.read_span(&run).await {
+        Ok(span) => span,
+        Err(e) => {
+            tracing::error!(volume = %shared.meta.name, "reading blocks from the store failed: {e}");
+            let failed = (e.kind(), e.to_string());
+            return Arc::new(vec![Err(failed); run.len()]);
+        }
+    };
+    let decoded = if run.len() > INLINE_DECODE_BLOCKS {
+        let chunks = shared.chunks.clone();
+        let blocks = run.clone();
+        match tokio::task::spawn_blocking(move || chunks.decode_run(&blocks, &span)).await {
+            Ok(decoded) => decoded,
+            Err(e) => run
+                .iter()
+                .map(|_| Err(io::Error::other(format!("decoding blocks failed: {e}"))))
+                .collect(),
+        }
+    } else {
+        shared.chunks.decode_run(&run, &span)
+    };
+    let results = run
+        .iter()
+        .zip(decoded)
+        .map(|(location, block)| match block {
+            Ok(data) => {
+                if let Err(e) = shared.cache.insert(CacheKey::of(location), &data) {
+                    tracing::warn!("cannot cache a block: {e}");
+                }
+                Ok(Bytes::from(data))
+            }
+            Err(e) => {
+                tracing::error!(volume = %shared.meta.name, "a stored block is damaged: {e}");
+                Err((e.kind(), e.to_string()))
+            }
+        })
+        .collect();
+    Arc::new(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(chunk: u64, offset: u64, length: u32) -> BlockLocation {
+        BlockLocation {
+            chunk,
+            offset,
+            length,
+            checksum: 0,
+        }
+    }
+
+    #[test]
+    fn neighbours_in_one_chunk_share_a_run() {
+        let got = runs(vec![
+            at(2, 100, 50),
+            at(1, 8, 100),
+            at(1, 108, 100),
+            at(1, 108, 100),
+            at(2, 8, 92),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                vec![at(1, 8, 100), at(1, 108, 100)],
+                vec![at(2, 8, 92), at(2, 100, 50)]
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_break_at_wide_gaps_and_at_the_span_limit() {
+        let gap = MAX_RUN_GAP;
+        let got = runs(vec![
+            at(1, 8, 10),
+            at(1, 18 + gap, 10),
+            at(1, 29 + 2 * gap, 10),
+        ]);
+        assert_eq!(got.len(), 2, "the second gap is one byte too wide: {got:?}");
+        let got = runs(vec![at(2, 5, 10), at(1, 900, 10), at(1, 1000, 10)]);
+        assert_eq!(
+            got.len(),
+            2,
+            "a later chunk at a lower offset starts a new run"
+        );
+        let block = 64 << 10;
+        let many: Vec<_> = (0..200)
+            .map(|i| at(1, 8 + i * block, block as u32))
+            .collect();
+        let got = runs(many);
+        assert!(got.iter().all(|r| {
+            let span = r.last().map_or(0, |l| l.offset + u64::from(l.length)) - r[0].offset;
+            span <= MAX_RUN_BYTES
+        }));
+        assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 200);
+        assert_eq!(
+            got.len(),
+            200usize.div_ceil((MAX_RUN_BYTES / block) as usize)
+        );
+    }
+}
