@@ -2,7 +2,7 @@
 //! overwritten, read one block at a time with ranged GETs that are verified against the block
 //! map's checksum (invariant I5: a mismatch is an error, never data).
 
-use crate::chunk::{ChunkError, decode_block};
+use crate::chunk::{ChunkError, decode_block_bytes};
 use blockmap::BlockLocation;
 use blockmap::retry::with_retries;
 use bytes::Bytes;
@@ -96,11 +96,14 @@ impl ChunkStore {
     pub async fn read_block(&self, location: &BlockLocation) -> io::Result<Vec<u8>> {
         let run = std::slice::from_ref(location);
         let span = self.read_span(run).await?;
-        self.decode_run(run, &span).pop().unwrap_or_else(|| {
-            Err(io::Error::other(
-                "internal: a run of one block decoded to none",
-            ))
-        })
+        self.decode_run(run, &span)
+            .pop()
+            .map(|b| b.map(Vec::from))
+            .unwrap_or_else(|| {
+                Err(io::Error::other(
+                    "internal: a run of one block decoded to none",
+                ))
+            })
     }
 
     /// The bytes of one chunk from the first block of `run` to the end of its last, in one
@@ -134,18 +137,20 @@ impl ChunkStore {
 
     /// Each block of `run` cut from `span` (what [`Self::read_span`] returned for it), decoded
     /// and verified on its own: a damaged block is an error for that block only.
-    pub fn decode_run(&self, run: &[BlockLocation], span: &[u8]) -> Vec<io::Result<Vec<u8>>> {
+    pub fn decode_run(&self, run: &[BlockLocation], span: &Bytes) -> Vec<io::Result<Bytes>> {
         let base = run.first().map_or(0, |l| l.offset);
         run.iter()
             .map(|location| {
                 let path = self.path(location.chunk);
                 let start = (location.offset - base) as usize;
-                let payload = span
-                    .get(start..start + location.length as usize)
+                let end = start + location.length as usize;
+                let payload = (end <= span.len())
+                    .then(|| span.slice(start..end))
                     .ok_or_else(|| {
                         io::Error::other(format!("{path} at {}: outside the read", location.offset))
                     })?;
-                decode_block(payload, self.block_size, location.checksum).map_err(|e| match e {
+                decode_block_bytes(payload, self.block_size, location.checksum).map_err(|e| match e
+                {
                     ChunkError::Checksum { .. } => io::Error::new(
                         io::ErrorKind::InvalidData,
                         format!("{path} at {}: {e}", location.offset),

@@ -201,7 +201,7 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
                 if let Err(e) = shared.cache.insert(CacheKey::of(location), &data) {
                     tracing::warn!("cannot cache a block: {e}");
                 }
-                Ok(Bytes::from(data))
+                Ok(data)
             }
             Err(e) => {
                 tracing::error!(volume = %shared.meta.name, "a stored block is damaged: {e}");
