@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the test suite and benchmarks need on a fresh Debian 12 machine.
+# Installs what the test suite needs on a fresh Debian 12 machine; with --bench, also the peers
+# and tools the benchmarks (bench/) compare against.
 # qemu-utils is deliberately pinned: the machine ships qemu-utils 10 and Debian 12's own
 # packages would downgrade it to 7.2, which lacks features the tests rely on.
 set -euo pipefail
@@ -11,22 +12,32 @@ if dpkg -s qemu-utils >/dev/null 2>&1; then
     $SUDO apt-mark hold qemu-utils qemu-block-extra >/dev/null 2>&1 || true
 fi
 
+BENCH=0
+case "${1:-}" in
+    --bench) BENCH=1 ;;
+    "") ;;
+    *) echo "usage: scripts/install-deps.sh [--bench]" >&2; exit 2 ;;
+esac
+
 packages=(
-    fio            # benchmark + verify workloads through its nbd engine
-    nbdkit         # peer server in benchmarks
+    fio            # verify workloads (and benchmarks) through its nbd engine
     libnbd-bin     # nbdinfo, nbdcopy
     python3-libnbd # nbdsh and the python bindings used by protocol tests
     e2fsprogs      # mkfs.ext4, e2fsck
     fuse3          # qemu-storage-daemon --export type=fuse
     util-linux     # losetup, fstrim
     procps         # ps, pkill
-    netcat-openbsd # nc for raw-socket smoke checks
     sqlite3        # builds and checks databases in the LTX interop tests
-    s3backer       # S3-backed peer in benchmarks (FUSE file, exported with nbdkit file)
-    nbdkit-plugin-python # ships nbdkit's S3 plugin, an S3-backed peer in benchmarks
-    python3-boto3  # what the S3 plugin talks to S3 with (Debian's python3, not pip's)
-    fonts-dejavu-core # the font benchmark plots are labelled with
 )
+if [ "$BENCH" -eq 1 ]; then
+    packages+=(
+        nbdkit         # peer server (nbdkit file, and the S3 plugin below)
+        s3backer       # S3-backed peer (FUSE file, exported with nbdkit file)
+        nbdkit-plugin-python # ships nbdkit's S3 plugin, an S3-backed peer
+        python3-boto3  # what the S3 plugin talks to S3 with (Debian's python3, not pip's)
+        fonts-dejavu-core # the font benchmark plots are labelled with
+    )
+fi
 
 missing=()
 for p in "${packages[@]}"; do
@@ -54,7 +65,4 @@ if ! command -v moto_server >/dev/null 2>&1; then
 fi
 command -v moto_server >/dev/null || { echo "moto_server not on PATH after pip install" >&2; exit 1; }
 
-if ! command -v cargo-nextest >/dev/null 2>&1; then
-    cargo install --locked cargo-nextest
-fi
 echo "install-deps: ok"
