@@ -1,8 +1,10 @@
 //! A Litestream-layout replica of a database in object storage: list its LTX files, publish new
 //! ones create-only, and read single pages through the files' page indexes with ranged GETs.
 //!
-//! Opening costs two round trips per file, all files in parallel (header + tail, then index),
-//! and nothing proportional to the database size: pages are fetched when asked for.
+//! Opening costs one round trip per file, all files in parallel (header and the file's last
+//! [`INDEX_TAIL_GUESS`] bytes, which hold the page index of any map up to ~100 MB; a longer
+//! index costs a second), and nothing proportional to the database size: pages are fetched
+//! when asked for.
 
 use crate::retry::with_retries;
 use bytes::Bytes;
@@ -16,6 +18,13 @@ use std::sync::Arc;
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
+/// Bytes read from the end of an LTX file at open, in the same request as its header: the
+/// trailer, the index size and, almost always, the index itself (about 8 bytes per page), so
+/// opening a file is one round trip instead of two.
+pub const INDEX_TAIL_GUESS: u64 = 256 << 10;
+/// Frames of wanted pages at most this far apart are read in one GET by
+/// [`PageMap::read_pages`] (the pages between come along and are dropped).
+const PAGE_RUN_GAP: u64 = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("object store: {0}")]
@@ -52,6 +61,19 @@ pub struct ReplicaFile {
 }
 
 impl ReplicaFile {
+    /// A listed object that is a direct child of `level`'s directory, if it is named like an
+    /// LTX file; anything else is not ours.
+    fn from_listing(level: u8, meta: object_store::ObjectMeta) -> Option<ReplicaFile> {
+        let name = FileName::parse(meta.location.filename()?)?;
+        Some(ReplicaFile {
+            level,
+            name,
+            size: meta.size,
+            last_modified_ms: meta.last_modified.timestamp_millis(),
+            path: meta.location,
+        })
+    }
+
     pub fn as_ltx(&self) -> LtxFile {
         LtxFile {
             level: self.level,
@@ -84,14 +106,26 @@ impl Replica {
             .fold(self.root.clone(), |p, part| p.join(part))
     }
 
-    /// Every LTX file of every level (0–9), listed in parallel.
+    /// Every LTX file of every level (0–9): one listing of the whole replica (a store pages it
+    /// by 1,000 keys; retention keeps a replica far smaller), not one per level — on a store
+    /// that answers listings slowly, ten in parallel cost several round trips.
     pub async fn list(&self) -> ReplicaResult<Vec<ReplicaFile>> {
-        let levels = stream::iter(0..=ltx::naming::SNAPSHOT_LEVEL)
-            .map(|level| self.list_level(level))
-            .buffer_unordered(10)
-            .try_collect::<Vec<_>>()
-            .await?;
-        let mut files: Vec<ReplicaFile> = levels.into_iter().flatten().collect();
+        let levels: Vec<(Path, u8)> = (0..=ltx::naming::SNAPSHOT_LEVEL)
+            .map(|level| (self.level_path(level), level))
+            .collect();
+        let objects: Vec<_> = with_retries("list LTX files", || {
+            self.store.list(Some(&self.root)).try_collect::<Vec<_>>()
+        })
+        .await?;
+        let mut files: Vec<ReplicaFile> = objects
+            .into_iter()
+            .filter_map(|meta| {
+                let level = levels.iter().find_map(|(prefix, level)| {
+                    (meta.location.prefix_match(prefix)?.count() == 1).then_some(*level)
+                })?;
+                ReplicaFile::from_listing(level, meta)
+            })
+            .collect();
         files.sort_by_key(|f| (f.level, f.name));
         Ok(files)
     }
@@ -104,17 +138,12 @@ impl Replica {
         .await?;
         Ok(objects
             .into_iter()
-            .filter_map(|meta| {
-                // Only direct children named like LTX files; anything else is not ours.
-                let name = FileName::parse(meta.location.filename()?)?;
-                (meta.location.prefix_match(&prefix)?.count() == 1).then(|| ReplicaFile {
-                    level,
-                    name,
-                    size: meta.size,
-                    last_modified_ms: meta.last_modified.timestamp_millis(),
-                    path: meta.location.clone(),
-                })
+            .filter(|meta| {
+                meta.location
+                    .prefix_match(&prefix)
+                    .is_some_and(|rest| rest.count() == 1)
             })
+            .filter_map(|meta| ReplicaFile::from_listing(level, meta))
             .collect())
     }
 
@@ -187,8 +216,9 @@ impl Replica {
         }
     }
 
-    /// Header and page index of one file: one ranged GET for the header and the tail, one for
-    /// the index.
+    /// Header and page index of one file: one request for the header and the file's last
+    /// [`INDEX_TAIL_GUESS`] bytes (one GET when they are close), and a second only for an index
+    /// longer than that.
     pub async fn read_index(&self, file: &ReplicaFile) -> ReplicaResult<(Header, PageIndex)> {
         let ltx_err = |source| ReplicaError::Ltx {
             path: file.path.to_string(),
@@ -200,10 +230,11 @@ impl Replica {
                 file.size
             ))));
         }
-        let ranges = [
-            0..ltx::HEADER_SIZE as u64,
-            file.size - TAIL_LEN as u64..file.size,
-        ];
+        let tail_start = file
+            .size
+            .saturating_sub(INDEX_TAIL_GUESS)
+            .max(ltx::HEADER_SIZE as u64);
+        let ranges = [0..ltx::HEADER_SIZE as u64, tail_start..file.size];
         let parts = with_retries("read LTX header and tail", || {
             self.store.get_ranges(&file.path, &ranges)
         })
@@ -214,11 +245,24 @@ impl Replica {
             .map_err(|_| ReplicaError::Invalid("short header read".into()))?;
         let header = Header::decode(header_bytes).map_err(ltx_err)?;
         header.validate().map_err(ltx_err)?;
-        let (start, len) = PageIndex::locate(file.size, &parts[1]).map_err(ltx_err)?;
-        let index_bytes = with_retries("read LTX page index", || {
-            self.store.get_range(&file.path, start..start + len)
-        })
-        .await?;
+        let tail = &parts[1];
+        if tail.len() as u64 != file.size - tail_start {
+            return Err(ReplicaError::Invalid(format!(
+                "{}: short read of the file's tail",
+                file.path
+            )));
+        }
+        let (start, len) =
+            PageIndex::locate(file.size, &tail[tail.len() - TAIL_LEN..]).map_err(ltx_err)?;
+        let index_bytes = if start >= tail_start {
+            let at = (start - tail_start) as usize;
+            tail.slice(at..at + len as usize)
+        } else {
+            with_retries("read LTX page index", || {
+                self.store.get_range(&file.path, start..start + len)
+            })
+            .await?
+        };
         let index =
             PageIndex::decode(&index_bytes, PageIndex::frames_end(start)).map_err(ltx_err)?;
         Ok((header, index))
@@ -277,11 +321,94 @@ impl PageMap {
         })
     }
 
+    /// Several pages, with one ranged GET per file for the frames of the pages it holds (the
+    /// frames of neighbouring pages are adjacent in an LTX file, so a few pages at the start of
+    /// a database are one small GET rather than one each). Pages the map does not hold are
+    /// errors, as in [`Self::read_page`]; the lock page reads as zeros.
+    pub async fn read_pages(
+        &self,
+        replica: &Replica,
+        pgnos: &[u32],
+    ) -> ReplicaResult<Vec<(u32, Vec<u8>)>> {
+        let mut by_file: HashMap<usize, Vec<(u32, IndexEntry)>> = HashMap::new();
+        let mut out = Vec::with_capacity(pgnos.len());
+        for &pgno in pgnos {
+            if pgno == ltx::lock_pgno(self.page_size) && pgno <= self.commit {
+                out.push((pgno, vec![0u8; self.page_size as usize]));
+                continue;
+            }
+            let (file, entry) = self
+                .pages
+                .get(&pgno)
+                .ok_or(ReplicaError::MissingPage(pgno))?;
+            by_file.entry(*file).or_default().push((pgno, *entry));
+        }
+        // Runs of frames no more than `PAGE_RUN_GAP` apart: one GET each.
+        let mut runs: Vec<(usize, Vec<(u32, IndexEntry)>)> = Vec::new();
+        for (file, mut entries) in by_file {
+            entries.sort_by_key(|(_, e)| e.offset);
+            for (pgno, entry) in entries {
+                match runs.last_mut() {
+                    Some((f, run))
+                        if *f == file
+                            && run.last().is_some_and(|(_, last)| {
+                                entry.offset <= last.offset + last.size + PAGE_RUN_GAP
+                            }) =>
+                    {
+                        run.push((pgno, entry))
+                    }
+                    _ => runs.push((file, vec![(pgno, entry)])),
+                }
+            }
+        }
+        let fetches = runs.into_iter().map(|(file, entries)| async move {
+            let path = &self.files[file].path;
+            let start = entries.iter().map(|(_, e)| e.offset).min().unwrap_or(0);
+            let end = entries
+                .iter()
+                .map(|(_, e)| e.offset + e.size)
+                .max()
+                .unwrap_or(0);
+            let span = with_retries("read page frames", || {
+                replica.store.get_range(path, start..end)
+            })
+            .await?;
+            entries
+                .into_iter()
+                .map(|(pgno, e)| {
+                    let at = (e.offset - start) as usize;
+                    let frame = span.get(at..at + e.size as usize).ok_or_else(|| {
+                        ReplicaError::Invalid(format!("{path}: short read of page {pgno}"))
+                    })?;
+                    Ok((pgno, self.decode_page(path, pgno, frame)?))
+                })
+                .collect::<ReplicaResult<Vec<_>>>()
+        });
+        for pages in futures::future::try_join_all(fetches).await? {
+            out.extend(pages);
+        }
+        Ok(out)
+    }
+
+    fn decode_page(&self, path: &Path, pgno: u32, frame: &[u8]) -> ReplicaResult<Vec<u8>> {
+        let mut page = vec![0u8; self.page_size as usize];
+        let found =
+            ltx::frame::decode_frame(frame, &mut page).map_err(|source| ReplicaError::Ltx {
+                path: path.to_string(),
+                source,
+            })?;
+        if found != pgno {
+            return Err(ReplicaError::Invalid(format!(
+                "{path}: index says page {pgno}, frame holds {found}"
+            )));
+        }
+        Ok(page)
+    }
+
     /// One page, fetched with a ranged GET and decoded. The lock page reads as zeros.
     pub async fn read_page(&self, replica: &Replica, pgno: u32) -> ReplicaResult<Vec<u8>> {
-        let mut page = vec![0u8; self.page_size as usize];
         if pgno == ltx::lock_pgno(self.page_size) && pgno <= self.commit {
-            return Ok(page);
+            return Ok(vec![0u8; self.page_size as usize]);
         }
         let (file, entry) = self
             .pages
@@ -293,16 +420,6 @@ impl PageMap {
             replica.store.get_range(path, range.clone())
         })
         .await?;
-        let found =
-            ltx::frame::decode_frame(&frame, &mut page).map_err(|source| ReplicaError::Ltx {
-                path: path.to_string(),
-                source,
-            })?;
-        if found != pgno {
-            return Err(ReplicaError::Invalid(format!(
-                "{path}: index says page {pgno}, frame holds {found}"
-            )));
-        }
-        Ok(page)
+        self.decode_page(path, pgno, &frame)
     }
 }

@@ -64,32 +64,86 @@ impl MapWriter {
         holder: &str,
         runtime: Handle,
     ) -> Result<Self, WriterError> {
-        let lease = lease::acquire(&store, &lease_root, holder).await?;
+        let started = std::time::Instant::now();
+        let ms = |t: std::time::Instant| t.elapsed().as_millis() as u64;
+        // The lease and the map's latest state are fetched at once (each is a few round
+        // trips). Reading the map before the lease is safe because of the claim below: a
+        // writer we replace that publishes after our listing takes the TXID we claim, the
+        // claim collides, and the state is read again.
+        let (lease, mut latest) = tokio::join!(
+            lease::acquire(&store, &lease_root, holder),
+            Self::latest_state(&replica, &runtime)
+        );
+        let lease = lease?;
+        tracing::debug!(
+            ms = ms(started),
+            epoch = lease.epoch,
+            "map open: lease taken, state read"
+        );
+        let mut attempts = 0;
+        loop {
+            let (state, base_txid) = latest?;
+            let state = Arc::new(state);
+            attach(name, Arc::clone(&state));
+            let writer = MapWriter {
+                name: name.to_string(),
+                state,
+                replica: Arc::clone(&replica),
+                store: Arc::clone(&store),
+                lease_root: lease_root.clone(),
+                lease: lease.clone(),
+                independent_of_open_files: AtomicBool::new(base_txid.is_none()),
+                base_txid,
+                restore_window_ms: AtomicU64::new(0),
+            };
+            match writer.claim().await {
+                Ok(()) => {
+                    tracing::debug!(ms = ms(started), "map open: next TXID claimed");
+                    return Ok(writer);
+                }
+                Err(WriterError::Replica(ReplicaError::Conflict(path))) if attempts < 3 => {
+                    attempts += 1;
+                    tracing::info!(
+                        "the previous writer published {path} after this one read the map; \
+                         reading it again"
+                    );
+                    detach(name);
+                    latest = Self::latest_state(&replica, &runtime).await;
+                }
+                Err(e) => {
+                    detach(name);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// The replica's latest state as a page source (no base for an empty replica), and its TXID.
+    async fn latest_state(
+        replica: &Arc<Replica>,
+        runtime: &Handle,
+    ) -> Result<(DatabaseState, Option<u64>), WriterError> {
+        let started = std::time::Instant::now();
         let listing = replica.list().await?;
-        let (state, base_txid) = if listing.is_empty() {
-            (DatabaseState::new(None, PAGE_SIZE)?, None)
-        } else {
-            let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
-            let source = RemoteSource::open_files(Arc::clone(&replica), files, runtime).await?;
-            let txid = source.txid();
-            let base = Arc::new(source) as Arc<dyn PageSource>;
-            (DatabaseState::new(Some(base), PAGE_SIZE)?, Some(txid))
-        };
-        let state = Arc::new(state);
-        attach(name, Arc::clone(&state));
-        let writer = MapWriter {
-            name: name.to_string(),
-            state,
-            replica,
-            store,
-            lease_root,
-            lease,
-            independent_of_open_files: AtomicBool::new(base_txid.is_none()),
-            base_txid,
-            restore_window_ms: AtomicU64::new(0),
-        };
-        writer.claim().await?;
-        Ok(writer)
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            files = listing.len(),
+            "map open: replica listed"
+        );
+        if listing.is_empty() {
+            return Ok((DatabaseState::new(None, PAGE_SIZE)?, None));
+        }
+        let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
+        let planned = files.len();
+        let source = RemoteSource::open_files(Arc::clone(replica), files, runtime.clone()).await?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            files = planned,
+            "map open: files and first pages read"
+        );
+        let txid = source.txid();
+        let base = Arc::new(source) as Arc<dyn PageSource>;
+        Ok((DatabaseState::new(Some(base), PAGE_SIZE)?, Some(txid)))
     }
 
     /// Publishes page 1 unchanged as the next TXID (nothing to claim in an empty database: the

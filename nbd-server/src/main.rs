@@ -518,25 +518,6 @@ async fn open_object_volume(
     cache_dir: &Path,
     block_size: u32,
 ) -> Result<ObjectVolume> {
-    let exists = catalog::load(location.store.as_ref(), &location.prefix, name)
-        .await
-        .with_context(|| format!("reading volume {name}"))?
-        .is_some();
-    if !exists {
-        if args.read_only {
-            bail!("volume {name} does not exist in {}", location.description);
-        }
-        ObjectVolume::create(
-            location.store.as_ref(),
-            &location.prefix,
-            name,
-            args.size,
-            block_size,
-        )
-        .await
-        .with_context(|| format!("creating volume {name}"))?;
-        tracing::info!(volume = name, size = %format_size(args.size), "created volume");
-    }
     let mut config = VolumeConfig::new(cache_dir.join(name));
     if let Some(bytes) = args.cache_size {
         config.cache_bytes = bytes;
@@ -573,15 +554,44 @@ async fn open_object_volume(
         config.prefetch_gets = gets as usize;
     }
     config.holder = format!("{} pid {}", hostname(), std::process::id());
-    ObjectVolume::open(
-        Arc::clone(&location.store),
+    let open = |config: VolumeConfig| {
+        ObjectVolume::open(
+            Arc::clone(&location.store),
+            &location.prefix,
+            location.layout,
+            name,
+            config,
+        )
+    };
+    // Opened straight away (the open reads volume.json itself: a boot is a handful of round
+    // trips, and this saves one); created only when it is missing.
+    let missing = match open(config.clone()).await {
+        Ok(volume) => return Ok(volume),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let meta = catalog::load(location.store.as_ref(), &location.prefix, name)
+                .await
+                .with_context(|| format!("reading volume {name}"))?;
+            if meta.is_some() { Err(e) } else { Ok(()) }
+        }
+        Err(e) => Err(e),
+    };
+    missing.with_context(|| format!("opening volume {name} in {}", location.description))?;
+    if args.read_only {
+        bail!("volume {name} does not exist in {}", location.description);
+    }
+    ObjectVolume::create(
+        location.store.as_ref(),
         &location.prefix,
-        location.layout,
         name,
-        config,
+        args.size,
+        block_size,
     )
     .await
-    .with_context(|| format!("opening volume {name} in {}", location.description))
+    .with_context(|| format!("creating volume {name}"))?;
+    tracing::info!(volume = name, size = %format_size(args.size), "created volume");
+    open(config)
+        .await
+        .with_context(|| format!("opening volume {name} in {}", location.description))
 }
 
 fn hostname() -> String {

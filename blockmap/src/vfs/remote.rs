@@ -8,7 +8,6 @@
 
 use super::state::{DatabaseState, PageSource};
 use crate::replica::{PageMap, Replica, ReplicaError, ReplicaFile, ReplicaResult};
-use futures::{StreamExt, TryStreamExt};
 use ltx::RestoreTarget;
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -79,15 +78,8 @@ impl RemoteSource {
     /// every first query reads one after the other (a round trip each, otherwise).
     async fn from_map(replica: Arc<Replica>, map: PageMap, runtime: Handle) -> ReplicaResult<Self> {
         let map = Arc::new(map);
-        let first_pages = 1..=map.commit.min(WARM_PAGES);
-        let warm: Vec<(u32, Vec<u8>)> = futures::stream::iter(first_pages)
-            .map(|pgno| {
-                let (replica, map) = (Arc::clone(&replica), Arc::clone(&map));
-                async move { Ok::<_, ReplicaError>((pgno, map.read_page(&replica, pgno).await?)) }
-            })
-            .buffer_unordered(WARM_PAGES as usize)
-            .try_collect()
-            .await?;
+        let first_pages: Vec<u32> = (1..=map.commit.min(WARM_PAGES)).collect();
+        let warm = map.read_pages(&replica, &first_pages).await?;
         let source = RemoteSource {
             replica,
             map,

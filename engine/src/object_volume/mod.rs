@@ -326,6 +326,7 @@ impl ObjectVolume {
         name: &str,
         config: VolumeConfig,
     ) -> io::Result<ObjectVolume> {
+        let opening = std::time::Instant::now();
         let meta = catalog::load(store.as_ref(), prefix, name)
             .await?
             .ok_or_else(|| {
@@ -337,6 +338,17 @@ impl ObjectVolume {
         // Every request this volume makes is counted, for the metrics endpoint.
         let counted = Arc::new(CountingStore::new(store));
         let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as Arc<dyn ObjectStore>;
+        // Where an open's time goes (boot time is a floor): milliseconds and store requests
+        // at the end of each phase.
+        let phase = |what: &str| {
+            let c = counted.counts();
+            tracing::debug!(
+                volume = name,
+                ms = opening.elapsed().as_millis() as u64,
+                requests = c.get_requests + c.put_requests + c.list_requests + c.head_requests,
+                "open: {what}"
+            );
+        };
         let root = catalog::volume_root(prefix, name);
         let dir = config.local_dir.clone();
         let uuid = meta.uuid.clone();
@@ -378,6 +390,7 @@ impl ObjectVolume {
                 .map_err(|e| other("taking the volume", e))?,
             )
         };
+        phase("block map opened (lease, listing, files, claim)");
         let chunk_epoch = match &map {
             MapRole::Writer(w) => {
                 w.set_restore_window(config.restore_window);
@@ -406,6 +419,7 @@ impl ObjectVolume {
             .await?
         };
 
+        phase("SQLite opened");
         // Replay the journal on top of what the map holds.
         let block_size = meta.block_size;
         let max_dirty_bytes = config.max_dirty_bytes;
@@ -454,9 +468,11 @@ impl ObjectVolume {
             })
             .await?
         };
+        phase("journal replayed");
         let cache_dir = local_state::cache_dir(&config.local_dir);
         let cache_bytes = config.cache_bytes;
         let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
+        phase("cache opened");
         let background = background::BackgroundCpu::start(&format!("upload-{name}"))?;
         let dirty = overlay.data_bytes() as u64;
         let (uploaded, _) = watch::channel(uploaded_seq);
