@@ -20,6 +20,8 @@ pub struct FaultyStore {
     failures_left: AtomicU32,
     outage: AtomicU8,
     requests: AtomicU64,
+    /// PUTs to paths containing this text wait until the gate closes (see [`FaultyStore::hold_puts`]).
+    held_puts: std::sync::Mutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
 }
 
 /// A lasting failure of every request, until it is set back to `None`.
@@ -54,6 +56,7 @@ impl FaultyStore {
             failures_left: AtomicU32::new(0),
             outage: AtomicU8::new(Outage::None as u8),
             requests: AtomicU64::new(0),
+            held_puts: std::sync::Mutex::new(None),
         }
     }
 
@@ -71,6 +74,40 @@ impl FaultyStore {
     /// Every request fails this way from now on, until `Outage::None`.
     pub fn set_outage(&self, outage: Outage) {
         self.outage.store(outage as u8, Ordering::Relaxed);
+    }
+
+    /// PUTs to paths containing `fragment` wait (before reaching the store) until
+    /// [`FaultyStore::release_puts`]: to put another writer's step in between two of a test
+    /// subject's.
+    pub fn hold_puts(&self, fragment: &str) {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        *self.held_puts.lock().unwrap_or_else(|e| e.into_inner()) = Some((fragment.into(), gate));
+    }
+
+    /// Lets held PUTs (and later ones) through.
+    pub fn release_puts(&self) {
+        if let Some((_, gate)) = self
+            .held_puts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            gate.close();
+        }
+    }
+
+    async fn wait_if_held(&self, location: &Path) {
+        let gate = self
+            .held_puts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|(fragment, _)| location.as_ref().contains(fragment.as_str()))
+            .map(|(_, gate)| Arc::clone(gate));
+        if let Some(gate) = gate {
+            // Closed is the release: nothing is ever granted.
+            let _ = gate.acquire().await;
+        }
     }
 
     /// Requests seen so far.
@@ -115,6 +152,7 @@ impl ObjectStore for FaultyStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> Result<PutResult> {
+        self.wait_if_held(location).await;
         self.enter().await?;
         self.inner.put_opts(location, payload, opts).await
     }

@@ -153,6 +153,58 @@ async fn a_new_writer_fences_the_old_one() {
     );
 }
 
+/// A new writer reads the map while it takes the lease. If the writer it replaces publishes in
+/// between (here: the new lease's PUT is held until the old writer has synced), the new
+/// writer's claim collides, it reads the map again and serves the old writer's last sync; the
+/// old writer is fenced at its next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_between_the_new_writers_read_and_its_lease_is_not_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (faulty, store, replica) = counted_replica(dir.path());
+    let w1 = open_writer(&store, &replica, "race-writer-1", "host-1")
+        .await
+        .expect("open w1");
+    let mut map1 = BlockMap::new(w1.connection().expect("conn")).expect("map");
+    let put = |block: u64| MapChange::Put {
+        block,
+        location: loc(block),
+    };
+    map1.apply(&[(1, 1 << 20)], &[put(1)]).expect("apply");
+    w1.sync().await.expect("sync").expect("uploaded");
+
+    faulty.hold_puts("vol/lease/");
+    let opening = open_writer(&store, &replica, "race-writer-2", "host-2");
+    let meanwhile = async {
+        // w2 reads the map (a local store answers in microseconds) and waits on its lease;
+        // w1, still the newest lease holder, syncs once more. Had w2 finished first, this sync
+        // would be fenced.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        map1.apply(&[], &[put(2)]).expect("apply");
+        w1.sync()
+            .await
+            .expect("w1 still holds the newest lease")
+            .expect("uploaded");
+        faulty.release_puts();
+    };
+    let (w2, ()) = tokio::join!(opening, meanwhile);
+    let w2 = w2.expect("open w2 after a collision");
+    assert_eq!(w2.lease().epoch, 2);
+    assert!(w2.txid() > w1.txid(), "w2 claimed after w1's last sync");
+    let map2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    assert_eq!(
+        map2.get(2).expect("get"),
+        Some(loc(2)),
+        "w1's last sync is served"
+    );
+
+    map1.apply(&[], &[put(3)]).expect("late write on w1");
+    let err = w1.sync().await.expect_err("w1 must be fenced");
+    assert!(
+        matches!(err, WriterError::Lease(LeaseError::Fenced { .. })),
+        "{err}"
+    );
+}
+
 /// After many syncs and a maintenance pass, opening the map costs a handful of requests, not
 /// one per transaction ever written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
