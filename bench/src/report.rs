@@ -285,6 +285,37 @@ pub fn markdown(r: &Report) -> String {
     o
 }
 
+/// A "Machine and tools" table: the machine, the load before and after, when the run was
+/// (`run`, preformatted) and one row per tool.
+pub fn machine_table(
+    o: &mut String,
+    m: &Machine,
+    load: (&str, &str),
+    run: &str,
+    tools: &[(&str, String)],
+) {
+    let _ = writeln!(o, "## Machine and tools\n");
+    let _ = writeln!(o, "| | |\n|---|---|");
+    let _ = writeln!(o, "| CPU | {} × {} |", m.nproc, m.cpu_model);
+    let _ = writeln!(
+        o,
+        "| memory | {:.1} GiB |",
+        m.memory_bytes as f64 / f64::from(1u32 << 30)
+    );
+    let _ = writeln!(o, "| kernel | {} |", m.kernel);
+    let _ = writeln!(o, "| scratch filesystem | {} |", m.filesystem);
+    let _ = writeln!(
+        o,
+        "| load average (1/5/15 min) | before {} · after {} |",
+        load.0, load.1
+    );
+    let _ = writeln!(o, "| run | {run} |");
+    for (name, version) in tools {
+        let _ = writeln!(o, "| {name} | {version} |");
+    }
+    let _ = writeln!(o);
+}
+
 /// The report's "Notes from the run" section (nothing without notes).
 pub fn notes_section(o: &mut String, notes: &[String]) {
     if notes.is_empty() {

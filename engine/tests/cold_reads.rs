@@ -4,12 +4,12 @@
 //! against what was written.
 
 use engine::BlockDevice;
-use engine::object_volume::{ObjectVolume, VolumeConfig};
+use engine::object_volume::VolumeConfig;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Fixture, MIB, read};
+use common::{Fixture, MIB, metric, read};
 
 const BLOCK: u64 = 65536;
 
@@ -54,15 +54,6 @@ fn cold_config(f: &Fixture, name: &str) -> VolumeConfig {
     config.read_only = true;
     config.cache_bytes = 512 * MIB;
     config
-}
-
-async fn metric(v: &ObjectVolume, name: &str) -> f64 {
-    v.metrics()
-        .await
-        .iter()
-        .find(|m| m.name == name)
-        .map(|m| m.value)
-        .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
-use common::{Fixture, MIB, assert_state_is_complete, chunk_files, pattern, read};
+use common::{Fixture, MIB, assert_state_is_complete, chunk_files, metric, pattern, read};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_see_writes_before_and_after_upload() {
@@ -52,12 +52,7 @@ async fn reads_see_writes_before_and_after_upload() {
 
 /// Blocks fetched from the store so far, from the volume's own metrics.
 async fn store_fetches(v: &ObjectVolume) -> f64 {
-    v.metrics()
-        .await
-        .iter()
-        .find(|m| m.name == "bucketdisk_store_block_fetches_total")
-        .map(|m| m.value)
-        .expect("the fetch counter")
+    metric(v, "bucketdisk_store_block_fetches_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Fixture, MIB, chunk_files, pattern, read, restore_state};
+use common::{Fixture, MIB, chunk_files, metric, pattern, read, restore_state};
 
 const BLOCK: u64 = 65536;
 
@@ -19,15 +19,6 @@ fn quiet(f: &Fixture, local: &str) -> VolumeConfig {
     let mut c = f.config(local);
     c.sync_interval = Duration::from_secs(3600);
     c
-}
-
-async fn metric(v: &ObjectVolume, name: &str) -> f64 {
-    v.metrics()
-        .await
-        .iter()
-        .find(|m| m.name == name)
-        .map(|m| m.value)
-        .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -338,22 +338,22 @@ fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "# cold: reads with nothing cached — {}\n", r.started);
     let _ = writeln!(o, "```\n{}\n```\n", r.command);
-    let m = &r.machine;
-    let _ = writeln!(o, "| | |\n|---|---|");
-    let _ = writeln!(o, "| CPU | {} × {} |", m.nproc, m.cpu_model);
-    let _ = writeln!(o, "| kernel | {} |", m.kernel);
-    let _ = writeln!(
-        o,
-        "| load average | before {} · after {} |",
-        r.load_before, r.load_after
-    );
-    let _ = writeln!(o, "| run | {} → {} |", r.started, r.finished);
-    let _ = writeln!(o, "| fio | {} |", r.tools.fio);
-    let _ = writeln!(o, "| nbdkit | {} |", r.tools.nbdkit);
-    let _ = writeln!(
-        o,
-        "| bucketdisk | {} (commit {}) |\n",
-        r.tools.bucketdisk, r.tools.bucketdisk_commit
+    crate::report::machine_table(
+        &mut o,
+        &r.machine,
+        (&r.load_before, &r.load_after),
+        &format!("{} → {}", r.started, r.finished),
+        &[
+            ("fio", r.tools.fio.clone()),
+            ("nbdkit", r.tools.nbdkit.clone()),
+            (
+                "bucketdisk",
+                format!(
+                    "{} (commit {})",
+                    r.tools.bucketdisk, r.tools.bucketdisk_commit
+                ),
+            ),
+        ],
     );
     let _ = writeln!(
         o,

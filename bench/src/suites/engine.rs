@@ -18,8 +18,8 @@ use crate::fuse_loop::FuseLoop;
 use crate::machine::{self, Machine, Tools};
 use crate::nbd_client::NbdClient;
 use crate::process::{
-    Memory, RssSampler, ServerProcess, check_interrupted, die_with_parent, free_loopback_port,
-    memory, output_of, peak_rss, wait_with_timeout,
+    Memory, RssSampler, ServerProcess, check_interrupted, free_loopback_port, memory, output_of,
+    peak_rss,
 };
 use crate::stats::Summary;
 use crate::store_watch::StoreWatch;
@@ -356,39 +356,6 @@ fn busy_cores(before: (u64, u64), after: (u64, u64)) -> f64 {
         return 0.0;
     }
     after.0.saturating_sub(before.0) as f64 / total as f64 * cpus
-}
-
-/// Runs fio once over `size` bytes (not time-based: every byte once).
-fn fio_pass(
-    name: &str,
-    rw: &str,
-    bs: &str,
-    iodepth: u32,
-    size: u64,
-    uri: &str,
-    output: &Path,
-) -> Result<FioResult> {
-    let mut cmd = Command::new("fio");
-    cmd.arg(format!("--name={name}"))
-        .arg("--ioengine=nbd")
-        .arg(format!("--uri={uri}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={bs}"))
-        .arg(format!("--iodepth={iodepth}"))
-        .arg(format!("--size={size}"))
-        .arg("--numjobs=1")
-        .arg("--output-format=json")
-        .arg(format!("--output={}", output.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    die_with_parent(&mut cmd);
-    let mut child = cmd.spawn().context("starting fio")?;
-    let status = wait_with_timeout(&mut child, "fio", Duration::from_secs(1800))?;
-    let text =
-        std::fs::read_to_string(output).with_context(|| format!("reading {}", output.display()))?;
-    ensure!(status.success(), "fio {name} failed ({status}): {text}");
-    fio::parse(&text, rw.contains("write"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,9 +921,9 @@ fn part_warm(ctx: &mut Ctx, sizes: &Sizes) -> Result<WarmResult> {
                 let t = Instant::now();
                 let size = sizes.warm_bytes;
                 let out = dir.join("fill.json");
-                fio_pass("fill", "write", "1M", 8, size, &server.uri, &out)?;
+                fio::pass_with("write", "1M", 8, size, &server.uri, &out)?;
                 server.settle()?;
-                fio_pass("read-pass", "read", "1M", 8, size, &server.uri, &out)?;
+                fio::pass_with("read", "1M", 8, size, &server.uri, &out)?;
                 fill_secs.insert(subject.name().to_string(), t.elapsed().as_secs_f64());
             }
             for w in &WORKLOADS {
@@ -1078,8 +1045,7 @@ fn part_cold_read(ctx: &mut Ctx, sizes: &Sizes) -> Result<ColdReadResult> {
         &[],
         &dir.join("fill.log"),
     )?;
-    let fill = fio_pass(
-        "fill",
+    let fill = fio::pass_with(
         "write",
         "1M",
         8,
@@ -1107,8 +1073,7 @@ fn part_cold_read(ctx: &mut Ctx, sizes: &Sizes) -> Result<ColdReadResult> {
                 extra,
                 &dir.join(format!("read-{repeat}-{latency}.log")),
             )?;
-            let r = fio_pass(
-                "cold-read",
+            let r = fio::pass_with(
                 "read",
                 "1M",
                 8,
@@ -1188,8 +1153,7 @@ fn part_sustained(ctx: &mut Ctx, sizes: &Sizes) -> Result<SustainedResult> {
         let watch = StoreWatch::start(&store)?;
         let before = data_files(&store);
         let t0 = Instant::now();
-        let r = fio_pass(
-            "sustained",
+        let r = fio::pass_with(
             "write",
             "1M",
             8,

@@ -78,6 +78,16 @@ impl Fixture {
     }
 }
 
+/// One of the volume's metrics, by name (panics if it has none by that name).
+pub async fn metric(v: &ObjectVolume, name: &str) -> f64 {
+    v.metrics()
+        .await
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.value)
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
+
 pub async fn read(v: &ObjectVolume, offset: u64, len: u32) -> Vec<u8> {
     let mut out = Vec::with_capacity(len as usize);
     for seg in v.read(offset, len).await.expect("read") {

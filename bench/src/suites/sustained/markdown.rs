@@ -76,33 +76,19 @@ pub fn render(r: &Report, stem: &str) -> String {
 }
 
 fn machine(o: &mut String, r: &Report) {
-    let m = &r.machine;
-    let _ = writeln!(o, "## Machine and tools\n");
-    let _ = writeln!(o, "| | |\n|---|---|");
-    let _ = writeln!(o, "| CPU | {} × {} |", m.nproc, m.cpu_model);
-    let _ = writeln!(
+    crate::report::machine_table(
         o,
-        "| memory | {:.1} GiB |",
-        m.memory_bytes as f64 / f64::from(1u32 << 30)
-    );
-    let _ = writeln!(o, "| kernel | {} |", m.kernel);
-    let _ = writeln!(o, "| scratch filesystem | {} |", m.filesystem);
-    let _ = writeln!(
-        o,
-        "| load average (1/5/15 min) | before {} · after {} |",
-        r.load_before, r.load_after
-    );
-    let _ = writeln!(
-        o,
-        "| run | {} → {} ({:.0} s) |",
-        r.started, r.finished, r.elapsed_secs
-    );
-    let _ = writeln!(o, "| fio | {} |", r.tools.fio);
-    let _ = writeln!(o, "| moto | {} |", r.tools.moto);
-    let _ = writeln!(
-        o,
-        "| bucketdisk | {} (commit {}) |\n",
-        r.tools.bucketdisk, r.tools.commit
+        &r.machine,
+        (&r.load_before, &r.load_after),
+        &format!("{} → {} ({:.0} s)", r.started, r.finished, r.elapsed_secs),
+        &[
+            ("fio", r.tools.fio.clone()),
+            ("moto", r.tools.moto.clone()),
+            (
+                "bucketdisk",
+                format!("{} (commit {})", r.tools.bucketdisk, r.tools.commit),
+            ),
+        ],
     );
 }
 
