@@ -275,8 +275,10 @@ pub fn markdown(r: &Report, stem: &str) -> String {
          median IOPS over the better of qemu-nbd and nbdkit-file on a raw file on the same \
          disk; \"÷ best S3 peer\" over the better of s3backer and nbdkit-s3 at the same \
          latency. `bucketdisk-s3-cold` starts with an empty cache for every workload and runs \
-         only workloads that read. Peak RSS is per server session (s3backer: s3backer + \
-         nbdkit).\n",
+         only workloads that read. bucketdisk's warm subjects start each workload once the \
+         previous one's writes are uploaded (its metrics show no dirty bytes and no upload \
+         lag; the notes say how long that took), so a read row never shares the machine with \
+         an upload. Peak RSS is per server session (s3backer: s3backer + nbdkit).\n",
         s.region_bytes >> 20,
         s.runtime_secs,
         s.ramp_secs,

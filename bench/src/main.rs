@@ -8,7 +8,7 @@
 //! `fuse_loop` (an export as a loop device), `moto` (an S3 server), `latency_proxy` (added
 //! store latency and request counts), `store_subjects` (the subjects of `quick`/`full`),
 //! `compare_report` and `plots` (their results), `progress` (what is running), `store_ceiling` (what
-//! the store itself serves) and `suites`
+//! the store itself serves), `server_metrics` (scraping a server's Prometheus endpoint) and `suites`
 //! (one module per suite).
 
 mod compare_report;
@@ -22,6 +22,7 @@ mod plots;
 mod process;
 mod progress;
 mod report;
+mod server_metrics;
 mod stats;
 mod store_ceiling;
 mod store_subjects;

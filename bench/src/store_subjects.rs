@@ -125,6 +125,8 @@ pub struct Session {
     pub command_line: String,
     /// The NBD server's log (bucketdisk's says when its map and disk are hydrated).
     pub log: PathBuf,
+    /// bucketdisk's metrics endpoint (`--metrics`), to see when its uploads have settled.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Session {
@@ -144,6 +146,29 @@ impl Session {
         match self.nbd.as_mut() {
             Some(server) => server.wait_until_serving(addr, START_TIMEOUT),
             None => bail!("the session has no server"),
+        }
+    }
+
+    /// For bucketdisk: waits (outside any timed part) until nothing written is waiting for
+    /// upload — no dirty bytes, no upload lag — so the next run does not share the machine with
+    /// an upload of the previous one's writes. Returns the seconds waited (0 for the peers).
+    pub fn wait_uploads_settled(&mut self, timeout: Duration) -> Result<f64> {
+        let Some(addr) = self.metrics else {
+            return Ok(0.0);
+        };
+        let started = Instant::now();
+        loop {
+            self.ensure_running()?;
+            let scrape = crate::server_metrics::scrape(addr)?;
+            let dirty = scrape.get("bucketdisk_dirty_bytes").unwrap_or(0.0);
+            let lag = scrape.get("bucketdisk_upload_lag_records").unwrap_or(0.0);
+            if dirty == 0.0 && lag == 0.0 {
+                return Ok(started.elapsed().as_secs_f64());
+            }
+            if started.elapsed() > timeout {
+                bail!("uploads did not settle within {timeout:?} ({dirty} bytes dirty)");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -222,6 +247,7 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
     let log = env.logs().join(format!("{}-{port}.log", kind.name()));
     let mut scratch_cache = None;
     let mut s3backer = None;
+    let mut metrics = None;
     let mut cmd = match kind {
         Kind::QemuNbd => {
             let mut cmd = Command::new("qemu-nbd");
@@ -276,7 +302,9 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
         kind,
         Kind::BucketdiskS3Cold | Kind::BucketdiskS3Warm | Kind::BucketdiskLocal
     ) {
-        cmd.args(extra);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
+        cmd.arg("--metrics").arg(addr.to_string()).args(extra);
+        metrics = Some(addr);
     }
     let command_line = describe(&cmd);
     let server = ServerProcess::spawn(kind.name(), cmd, &log)?;
@@ -297,6 +325,7 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         command_line,
         log,
+        metrics,
     })
 }
 

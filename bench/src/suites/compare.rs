@@ -39,6 +39,9 @@ const fn w(name: &'static str, rw: &'static str, bs: &'static str, iodepth: u32)
     }
 }
 
+/// How long a workload may wait for bucketdisk's uploads of the previous one's writes.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The defaults of each suite. `quick` must fit in 5 minutes (CI), `full` in 30.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
@@ -459,7 +462,18 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
     let before = ctx.proxy.traffic();
     let mut runs = Vec::new();
     let mut failed = None;
+    let mut settle_waits: Vec<f64> = Vec::new();
     for w in &workloads {
+        // bucketdisk uploads what a workload wrote after it: the next workload starts once
+        // that is done, so warm rows measure the engine and not a concurrent upload.
+        match session.wait_uploads_settled(SETTLE_TIMEOUT) {
+            Ok(waited) if session.metrics.is_some() => settle_waits.push(waited),
+            Ok(_) => {}
+            Err(e) => {
+                failed = Some(e.context(format!("{label}: waiting for uploads to settle")));
+                break;
+            }
+        }
         match measure_one(ctx, &mut session, kind, latency, repeat, w) {
             Ok(r) => runs.push(r),
             Err(e) => {
@@ -467,6 +481,15 @@ fn measure_subject(ctx: &mut Ctx, kind: Kind, latency: Option<u64>, repeat: usiz
                 break;
             }
         }
+    }
+    if !settle_waits.is_empty() {
+        ctx.notes.push(format!(
+            "{label}, repeat {}: each workload started once uploads had settled (no dirty \
+             bytes, no upload lag); waited {:.1} s in all, at most {:.1} s",
+            repeat + 1,
+            settle_waits.iter().sum::<f64>(),
+            settle_waits.iter().copied().fold(0.0, f64::max)
+        ));
     }
     finish_session(ctx, session, before, failed.map_or(Ok(runs), Err))
 }

@@ -17,7 +17,6 @@ mod fill;
 mod fio_job;
 mod floors;
 mod markdown;
-mod metrics;
 mod overwrite;
 mod plot;
 mod server;

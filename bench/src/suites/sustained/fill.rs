@@ -6,12 +6,12 @@
 
 use super::cold::{self, ColdCheck};
 use super::fio_job::{self, Outcome};
-use super::metrics::{self, Sampler, Scrape};
 use super::server::{self, LogProblems, ServeSpec, Server, Stall, Stopped, Store};
 use super::{Ctx, KIB};
 use crate::latency_proxy::{LatencyProxy, Traffic};
 use crate::moto::Moto;
 use crate::process::{RssSampler, check_interrupted};
+use crate::server_metrics::{self as metrics, Sampler, Scrape};
 use anyhow::{Context, Result};
 use nbd_server::units::format_size;
 use serde::Serialize;

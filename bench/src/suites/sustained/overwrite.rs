@@ -4,10 +4,10 @@
 //! the foreground's IOPS with garbage collection on and off (`serve --no-gc`).
 
 use super::fio_job::{self, Outcome};
-use super::metrics::{self, Sampler};
 use super::server::{self, LogProblems, ServeSpec, Server, Stopped, Store};
 use super::{Ctx, GIB};
 use crate::process::check_interrupted;
+use crate::server_metrics::{self as metrics, Sampler};
 use crate::stats::Summary;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
