@@ -43,3 +43,18 @@ pub fn bucketdisk_binary(given: Option<&Path>, workspace: &Path) -> Result<PathB
     bin.canonicalize()
         .with_context(|| format!("bucketdisk binary {}", bin.display()))
 }
+
+/// What every suite that starts servers takes: the binary under test, where scratch goes and
+/// where results go.
+#[derive(Debug, clap::Args)]
+pub struct Places {
+    /// A prebuilt bucketdisk; by default this workspace's is built (release) and used.
+    #[arg(long)]
+    pub bucketdisk: Option<PathBuf>,
+    /// Where the scratch directories (stores, caches, kept server logs) go.
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    pub dir: PathBuf,
+    /// Where results go [bench/results].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}

@@ -21,11 +21,10 @@ use crate::stats::Summary;
 use crate::store_ceiling::{Ceiling, StoreProbe};
 use crate::store_subjects::{self, Env, Kind};
 use crate::units::parse_size;
-use crate::workspace::{bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 const SUBJECTS: [Kind; 3] = [Kind::BucketdiskS3Cold, Kind::NbdkitS3, Kind::S3backer];
@@ -62,15 +61,8 @@ pub struct Args {
     /// Subjects (comma-separated) [bucketdisk-s3-cold,nbdkit-s3,s3backer].
     #[arg(long, value_delimiter = ',')]
     subjects: Option<Vec<String>>,
-    /// A prebuilt bucketdisk; by default this workspace's is built (release) and used.
-    #[arg(long)]
-    bucketdisk: Option<PathBuf>,
-    /// Where the scratch directory goes.
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    dir: PathBuf,
-    /// Where results go [bench/results].
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    places: Places,
 }
 
 /// One measurement of one subject.
@@ -119,14 +111,19 @@ pub fn run(args: Args, command: String) -> Result<()> {
             .collect::<Result<_>>()?,
     };
     let workspace = workspace_root();
-    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
+    let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let load_before = machine::load_average();
     let (date, started) = machine::utc_now();
     let tmp = tempfile::Builder::new()
         .prefix("bucketdisk-cold-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+        .tempdir_in(&args.places.dir)
+        .with_context(|| {
+            format!(
+                "creating a scratch directory in {}",
+                args.places.dir.display()
+            )
+        })?;
     let machine = Machine::probe(tmp.path());
     let moto = Moto::start(&tmp.path().join("moto.log"))?;
     moto.create_bucket(store_subjects::BUCKET)?;
@@ -258,6 +255,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         notes,
     };
     let out_dir = args
+        .places
         .out
         .clone()
         .unwrap_or_else(|| workspace.join("bench").join("results"));

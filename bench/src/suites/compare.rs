@@ -15,9 +15,9 @@ use crate::store_subjects::{self, Env, Kind, Session};
 use crate::suites::compare_clocks::{self, BootRun, HydrationRun, LitestreamRun, MkfsRun};
 use crate::units::parse_size;
 use crate::volume;
-use crate::workspace::{bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, ensure};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub const WORKLOADS: [Workload; 7] = [
@@ -81,15 +81,8 @@ pub struct Args {
     /// Workloads to run (comma-separated names) [all seven].
     #[arg(long, value_delimiter = ',')]
     workloads: Option<Vec<String>>,
-    /// A prebuilt bucketdisk; by default this workspace's is built (release) and used.
-    #[arg(long)]
-    bucketdisk: Option<PathBuf>,
-    /// Where the scratch directory goes (raw file, local store, caches, logs).
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    dir: PathBuf,
-    /// Where results go [bench/results].
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    places: Places,
 }
 
 /// Everything one measurement loop needs.
@@ -153,7 +146,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     };
 
     let workspace = workspace_root();
-    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
+    let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let peer_versions = vec![
         ("s3backer".into(), version_line("s3backer", &["--version"])),
@@ -167,8 +160,13 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     let (date, started) = machine::utc_now();
     let tmp = tempfile::Builder::new()
         .prefix("bucketdisk-compare-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
+        .tempdir_in(&args.places.dir)
+        .with_context(|| {
+            format!(
+                "creating a scratch directory in {}",
+                args.places.dir.display()
+            )
+        })?;
     let machine = Machine::probe(tmp.path());
     let suite_start = Instant::now();
 
@@ -291,6 +289,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
 
     let rows = compare_report::summarize(&ctx.runs, &ctx.workloads, &order);
     let out_dir = args
+        .places
         .out
         .clone()
         .unwrap_or_else(|| workspace.join("bench").join("results"));

@@ -24,7 +24,7 @@ mod server;
 use crate::machine::{self, Machine};
 use crate::process::{check_interrupted, output_of};
 use crate::units::parse_size;
-use crate::workspace::{bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -97,15 +97,8 @@ pub struct Args {
     /// gc-cost runs per mode (GC on, GC off), interleaved.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
-    /// A prebuilt bucketdisk; by default this workspace's is built (release) and used.
-    #[arg(long)]
-    bucketdisk: Option<PathBuf>,
-    /// Where the scratch directories (stores, caches) and the kept server logs go.
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    dir: PathBuf,
-    /// Where results go [bench/results].
-    #[arg(long)]
-    out: Option<PathBuf>,
+    #[command(flatten)]
+    places: Places,
 }
 
 /// The settings of a run, as the report records them.
@@ -195,16 +188,21 @@ pub fn run(args: Args, command: String) -> Result<()> {
         repeats: args.repeats,
     };
     let workspace = workspace_root();
-    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
+    let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tools = probe_tools(&bin, &workspace)?;
     let load_before = machine::load_average();
     let (_, started) = machine::utc_now();
     let stamp = stamp_of(&started);
     let tmp = tempfile::Builder::new()
         .prefix("bucketdisk-sustained-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a scratch directory in {}", args.dir.display()))?;
-    let logs = args.dir.join(format!(
+        .tempdir_in(&args.places.dir)
+        .with_context(|| {
+            format!(
+                "creating a scratch directory in {}",
+                args.places.dir.display()
+            )
+        })?;
+    let logs = args.places.dir.join(format!(
         "bucketdisk-sustained-logs-{stamp}-{}",
         std::process::id()
     ));
@@ -417,6 +415,7 @@ fn stamp_of(started: &str) -> String {
 /// `<stem>.md`, `<stem>.json` and the PNGs into `--out`; results are never overwritten.
 fn write_results(report: &mut Report, args: &Args, workspace: &Path, stamp: &str) -> Result<()> {
     let out_dir = args
+        .places
         .out
         .clone()
         .unwrap_or_else(|| workspace.join("bench").join("results"));
