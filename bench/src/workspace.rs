@@ -58,3 +58,13 @@ pub struct Places {
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
+
+impl Places {
+    /// A new scratch directory under `--dir`, named `<prefix>XXXXXX`, deleted when dropped.
+    pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(&self.dir)
+            .with_context(|| format!("creating a scratch directory in {}", self.dir.display()))
+    }
+}

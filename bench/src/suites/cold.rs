@@ -115,15 +115,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let tools = Tools::probe(&bin, &workspace)?;
     let load_before = machine::load_average();
     let (date, started) = machine::utc_now();
-    let tmp = tempfile::Builder::new()
-        .prefix("bucketdisk-cold-")
-        .tempdir_in(&args.places.dir)
-        .with_context(|| {
-            format!(
-                "creating a scratch directory in {}",
-                args.places.dir.display()
-            )
-        })?;
+    let tmp = args.places.scratch("bucketdisk-cold-")?;
     let machine = Machine::probe(tmp.path());
     let moto = Moto::start(&tmp.path().join("moto.log"))?;
     moto.create_bucket(store_subjects::BUCKET)?;

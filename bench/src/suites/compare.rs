@@ -158,15 +158,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     ];
     let load_before = machine::load_average();
     let (date, started) = machine::utc_now();
-    let tmp = tempfile::Builder::new()
-        .prefix("bucketdisk-compare-")
-        .tempdir_in(&args.places.dir)
-        .with_context(|| {
-            format!(
-                "creating a scratch directory in {}",
-                args.places.dir.display()
-            )
-        })?;
+    let tmp = args.places.scratch("bucketdisk-compare-")?;
     let machine = Machine::probe(tmp.path());
     let suite_start = Instant::now();
 

@@ -193,15 +193,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let load_before = machine::load_average();
     let (_, started) = machine::utc_now();
     let stamp = stamp_of(&started);
-    let tmp = tempfile::Builder::new()
-        .prefix("bucketdisk-sustained-")
-        .tempdir_in(&args.places.dir)
-        .with_context(|| {
-            format!(
-                "creating a scratch directory in {}",
-                args.places.dir.display()
-            )
-        })?;
+    let tmp = args.places.scratch("bucketdisk-sustained-")?;
     let logs = args.places.dir.join(format!(
         "bucketdisk-sustained-logs-{stamp}-{}",
         std::process::id()
