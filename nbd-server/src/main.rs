@@ -119,7 +119,7 @@ struct ServeArgs {
     /// readahead off. [default: 64M]
     #[arg(long, value_parser = parse_size)]
     readahead: Option<u64>,
-    /// Ranged GETs that readahead, NBD_CMD_CACHE and --hydrate keep in flight at most (each
+    /// Ranged GETs that readahead and NBD_CMD_CACHE keep in flight at most (each
     /// brings up to 4 MiB of neighbouring blocks); reads a client waits for are not limited
     /// by it. [default: 16]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]

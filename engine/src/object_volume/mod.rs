@@ -110,7 +110,7 @@ pub struct VolumeConfig {
     pub hydrate: bool,
     /// How far ahead of a sequential reader blocks are fetched, at most (0: no readahead).
     pub readahead_bytes: u64,
-    /// Ranged GETs that readahead, `NBD_CMD_CACHE` and hydration keep in flight at most (reads
+    /// Ranged GETs that readahead and `NBD_CMD_CACHE` keep in flight at most (reads
     /// a client waits for are never held back by them).
     pub prefetch_gets: usize,
     /// Name of this process in the writer lease (host and pid).
@@ -218,7 +218,7 @@ pub(crate) struct Shared {
     next_chunk: AtomicU64,
     chunk_epoch: u64,
     readahead: readahead::Readahead,
-    /// GETs readahead, `NBD_CMD_CACHE` and hydration may have in flight.
+    /// GETs readahead and `NBD_CMD_CACHE` may have in flight (hydration has its own few).
     prefetch_slots: Arc<Semaphore>,
     stats: Mutex<VolumeStats>,
     counters: ReadCounters,
