@@ -97,6 +97,14 @@ pub(super) async fn fetch_blocks(
             cells.push((i, Arc::clone(cell), ours));
         }
     }
+    let claimed = Claimed {
+        shared,
+        cells: cells
+            .iter()
+            .filter(|(_, _, ours)| *ours)
+            .map(|(i, cell, _)| (CacheKey::of(&locations[*i]), Arc::clone(cell)))
+            .collect(),
+    };
     let our_runs = runs(
         cells
             .iter()
@@ -145,16 +153,27 @@ pub(super) async fn fetch_blocks(
     for (i, result) in futures::future::join_all(waits).await {
         results[i] = Some(result.map_err(|(kind, message)| io::Error::new(kind, message)));
     }
-    {
-        let mut fetches = lock(&shared.fetches);
-        for (i, cell, ours) in &cells {
-            let key = CacheKey::of(&locations[*i]);
-            if *ours && fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
-                fetches.remove(&key);
+    drop(claimed);
+    settled(results)
+}
+
+/// The cells a [`fetch_blocks`] call created: forgotten when it ends, however it ends (a
+/// reader whose client went away is dropped mid-fetch; a cell left behind would keep its
+/// block in memory for good). Someone still waiting on one holds its own `Arc`.
+struct Claimed<'a> {
+    shared: &'a Shared,
+    cells: Vec<(CacheKey, BlockFetch)>,
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        let mut fetches = lock(&self.shared.fetches);
+        for (key, cell) in &self.cells {
+            if fetches.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                fetches.remove(key);
             }
         }
     }
-    settled(results)
 }
 
 fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
