@@ -97,6 +97,36 @@ impl Tools {
     }
 }
 
+/// HHMM of an RFC 3339 timestamp from [`utc_now`] (what a second run of a day appends to its
+/// results' names).
+pub fn hhmm(started: &str) -> String {
+    started
+        .split('T')
+        .nth(1)
+        .unwrap_or_default()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(4)
+        .collect()
+}
+
+/// Bytes available to us on the filesystem holding `dir`.
+pub fn free_bytes(dir: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("path with NUL")?;
+    // SAFETY: a zeroed plain-data out-parameter of the right type.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and the out-parameter above.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
+    anyhow::ensure!(
+        rc == 0,
+        "statvfs {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Today's UTC date as YYYY-MM-DD and the time as an RFC 3339 timestamp.
 pub fn utc_now() -> (String, String) {
     let secs = std::time::SystemTime::now()

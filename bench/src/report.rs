@@ -316,6 +316,24 @@ pub fn machine_table(
     let _ = writeln!(o);
 }
 
+/// `stem`, or `stem-HHMM` (the UTC start time) if results by that name already exist: results
+/// are never overwritten.
+pub fn free_stem(out_dir: &Path, stem: &str, started: &str) -> Result<String> {
+    let taken = |stem: &str| {
+        out_dir.join(format!("{stem}.md")).exists() || out_dir.join(format!("{stem}.json")).exists()
+    };
+    if !taken(stem) {
+        return Ok(stem.to_string());
+    }
+    let stem = format!("{stem}-{}", crate::machine::hhmm(started));
+    anyhow::ensure!(
+        !taken(&stem),
+        "results {stem}.* already exist in {}",
+        out_dir.display()
+    );
+    Ok(stem)
+}
+
 /// The report's "Notes from the run" section (nothing without notes).
 pub fn notes_section(o: &mut String, notes: &[String]) {
     if notes.is_empty() {

@@ -60,6 +60,13 @@ pub struct Places {
 }
 
 impl Places {
+    /// Where results go: `--out`, or bench/results of `workspace`.
+    pub fn out_dir(&self, workspace: &Path) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| workspace.join("bench").join("results"))
+    }
+
     /// A new scratch directory under `--dir`, named `<prefix>XXXXXX`, deleted when dropped.
     pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
         tempfile::Builder::new()

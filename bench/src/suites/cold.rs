@@ -246,13 +246,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
         measurements,
         notes,
     };
-    let out_dir = args
-        .places
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace.join("bench").join("results"));
+    let out_dir = args.places.out_dir(&workspace);
     std::fs::create_dir_all(&out_dir)?;
-    let stem = format!("cold-{date}-{}", hhmm(&report.started));
+    let stem = format!("cold-{date}-{}", machine::hhmm(&report.started));
     let md = markdown(&report, &stem);
     std::fs::write(out_dir.join(format!("{stem}.md")), &md)?;
     std::fs::write(
@@ -261,17 +257,6 @@ pub fn run(args: Args, command: String) -> Result<()> {
     )?;
     print!("{md}");
     Ok(())
-}
-
-fn hhmm(started: &str) -> String {
-    started
-        .split('T')
-        .nth(1)
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_digit)
-        .take(4)
-        .collect()
 }
 
 fn summary_of(values: impl Iterator<Item = f64>) -> Option<Summary> {

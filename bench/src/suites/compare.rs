@@ -17,7 +17,6 @@ use crate::units::parse_size;
 use crate::volume;
 use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, ensure};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub const WORKLOADS: [Workload; 7] = [
@@ -280,13 +279,9 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     }
 
     let rows = compare_report::summarize(&ctx.runs, &ctx.workloads, &order);
-    let out_dir = args
-        .places
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace.join("bench").join("results"));
+    let out_dir = args.places.out_dir(&workspace);
     std::fs::create_dir_all(&out_dir)?;
-    let stem = free_stem(&out_dir, &format!("{}-{date}", profile.name()), &started)?;
+    let stem = crate::report::free_stem(&out_dir, &format!("{}-{date}", profile.name()), &started)?;
     let mut report = Report {
         suite: profile.name().into(),
         date,
@@ -657,30 +652,4 @@ fn version_line(program: &str, args: &[&str]) -> String {
     output_of(program, args)
         .map(|s| s.lines().next().unwrap_or_default().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"))
-}
-
-/// `stem`, or `stem-HHMM` (the UTC start time) if results by that name already exist: results
-/// are never overwritten.
-fn free_stem(out_dir: &Path, stem: &str, started: &str) -> Result<String> {
-    let taken = |stem: &str| {
-        out_dir.join(format!("{stem}.md")).exists() || out_dir.join(format!("{stem}.json")).exists()
-    };
-    if !taken(stem) {
-        return Ok(stem.to_string());
-    }
-    let hhmm: String = started
-        .split('T')
-        .nth(1)
-        .unwrap_or_default()
-        .chars()
-        .filter(char::is_ascii_digit)
-        .take(4)
-        .collect();
-    let stem = format!("{stem}-{hhmm}");
-    ensure!(
-        !taken(&stem),
-        "results {stem}.* already exist in {}",
-        out_dir.display()
-    );
-    Ok(stem)
 }

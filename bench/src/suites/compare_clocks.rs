@@ -290,7 +290,7 @@ pub fn mkfs_once(
     cold_index: usize,
     repeat: usize,
 ) -> Result<MkfsRun> {
-    let free = free_bytes(&env.work)?;
+    let free = crate::machine::free_bytes(&env.work)?;
     ensure!(
         free >= MKFS_MIN_FREE,
         "only {} MiB free in {}; mkfs needs {} MiB of headroom",
@@ -322,7 +322,7 @@ pub fn mkfs_once(
     stack.down()?;
     session.stop()?;
     let _ = std::fs::remove_dir_all(&dir);
-    let after = free_bytes(&env.work)?;
+    let after = crate::machine::free_bytes(&env.work)?;
     ensure!(
         after + (1 << 30) >= free,
         "mkfs on {} took {} MiB of the scratch disk",
@@ -336,22 +336,6 @@ pub fn mkfs_once(
         seconds,
         store,
     })
-}
-
-/// Bytes available on the filesystem holding `dir`.
-fn free_bytes(dir: &std::path::Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("path with NUL")?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a zeroed out-parameter of the right type.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    ensure!(
-        rc == 0,
-        "statvfs {}: {}",
-        dir.display(),
-        std::io::Error::last_os_error()
-    );
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]

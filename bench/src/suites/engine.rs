@@ -26,7 +26,7 @@ use crate::store_watch::StoreWatch;
 use crate::subjects::{self, Subject, Volume};
 use crate::suites::nbd_local::WORKLOADS;
 use crate::synthetic::{self, BLOCK, Built, DISTINCT};
-use crate::workspace::{bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -85,16 +85,8 @@ pub struct Args {
         default_value = "boot,warm,cold-read,sustained,mkfs,memory"
     )]
     pub parts: Vec<Part>,
-    /// The bucketdisk binary. Default: build it (`cargo build --release -p nbd-server`) and use
-    /// target/release/bucketdisk of this workspace.
-    #[arg(long)]
-    pub bucketdisk: Option<PathBuf>,
-    /// Where stores, caches and logs go while the suite runs (its filesystem is recorded).
-    #[arg(long, default_value_os_t = std::env::temp_dir())]
-    pub dir: PathBuf,
-    /// Where the results go. Default: bench/results of this workspace.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub places: Places,
 }
 
 /// Sizes of one run of the suite.
@@ -1424,7 +1416,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     ensure!(repeats > 0, "--repeats must be at least 1");
     let sizes = Sizes::new(&args);
     let workspace = workspace_root();
-    let bin = bucketdisk_binary(args.bucketdisk.as_deref(), &workspace)?;
+    let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let extra_tools = ExtraTools {
         litestream: version_of("litestream", &["version"]),
@@ -1433,10 +1425,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     };
     let load_before = machine::load_average();
     let (date, started) = machine::utc_now();
-    let tmp = tempfile::Builder::new()
-        .prefix("bucketdisk-engine-bench-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("creating a temporary directory in {}", args.dir.display()))?;
+    let tmp = args.places.scratch("bucketdisk-engine-bench-")?;
     let machine = Machine::probe(tmp.path());
     eprintln!(
         "engine: working in {} ({}), load {load_before}",
@@ -1519,34 +1508,10 @@ pub fn run(args: Args, command: String) -> Result<()> {
     } else {
         format!("{SUITE}-{date}")
     };
-    let out_dir = args
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace.join("bench").join("results"));
+    let out_dir = args.places.out_dir(&workspace);
     std::fs::create_dir_all(&out_dir)?;
     // Results already written today are never overwritten: a second run gets its start time.
-    let taken = |stem: &str| {
-        out_dir.join(format!("{stem}.md")).exists() || out_dir.join(format!("{stem}.json")).exists()
-    };
-    let stem = if taken(&stem) {
-        let hhmm: String = report
-            .started
-            .split('T')
-            .nth(1)
-            .unwrap_or_default()
-            .chars()
-            .filter(char::is_ascii_digit)
-            .take(4)
-            .collect();
-        format!("{stem}-{hhmm}")
-    } else {
-        stem
-    };
-    ensure!(
-        !taken(&stem),
-        "results {stem}.* already exist in {}",
-        out_dir.display()
-    );
+    let stem = crate::report::free_stem(&out_dir, &stem, &report.started)?;
     let md_path = out_dir.join(format!("{stem}.md"));
     let json_path = out_dir.join(format!("{stem}.json"));
     let md = markdown(&report, &stem);

@@ -357,7 +357,7 @@ fn fill_memory(fill: u64) -> u64 {
 
 /// Refuses a part that cannot fit in the scratch filesystem or in memory.
 fn ensure_fits(work: &Path, part: Part, disk: u64, memory: u64) -> Result<()> {
-    let free = server::free_bytes(work)?;
+    let free = crate::machine::free_bytes(work)?;
     ensure!(
         free >= disk,
         "{} needs about {:.1} GiB free in {}, there are {:.1} GiB",
@@ -399,18 +399,13 @@ fn probe_tools(bin: &Path, workspace: &Path) -> Result<Tools> {
 
 /// "2026-12-05T16:52:20Z" → "2026-12-05-1652".
 fn stamp_of(started: &str) -> String {
-    let (date, time) = started.split_once('T').unwrap_or((started, ""));
-    let hhmm: String = time.chars().filter(char::is_ascii_digit).take(4).collect();
-    format!("{date}-{hhmm}")
+    let date = started.split_once('T').map_or(started, |(date, _)| date);
+    format!("{date}-{}", machine::hhmm(started))
 }
 
 /// `<stem>.md`, `<stem>.json` and the PNGs into `--out`; results are never overwritten.
 fn write_results(report: &mut Report, args: &Args, workspace: &Path, stamp: &str) -> Result<()> {
-    let out_dir = args
-        .places
-        .out
-        .clone()
-        .unwrap_or_else(|| workspace.join("bench").join("results"));
+    let out_dir = args.places.out_dir(workspace);
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let stem = free_stem(&out_dir, &format!("{SUITE}-{stamp}"));
     report.plots = draw_plots(report, &out_dir, &stem);

@@ -330,7 +330,7 @@ fn session_in(ctx: &Ctx, plan: &SessionPlan<'_>, dir: &Path) -> Result<Session> 
 
 /// `Some(why)` once the scratch filesystem is nearly full.
 fn guard_disk(work: &Path) -> Result<Option<String>> {
-    let free = server::free_bytes(work)?;
+    let free = crate::machine::free_bytes(work)?;
     Ok((free < MIN_FREE).then(|| {
         let why = format!(
             "fio stopped early: {:.1} GiB left free in {}",

@@ -243,23 +243,6 @@ pub fn info(bin: &Path, store: &Store, scratch: &Path) -> Result<serde_json::Val
     serde_json::from_str(text.trim()).with_context(|| format!("bucketdisk info printed {text:?}"))
 }
 
-/// Bytes available to us on the filesystem holding `dir`.
-pub fn free_bytes(dir: &Path) -> Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).context("path with NUL")?;
-    // SAFETY: a zeroed plain-data out-parameter of the right type.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and the out-parameter above.
-    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut st) };
-    ensure!(
-        rc == 0,
-        "statvfs {}: {}",
-        dir.display(),
-        std::io::Error::last_os_error()
-    );
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
 /// `MemAvailable` from /proc/meminfo, in bytes.
 pub fn available_memory() -> Result<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
