@@ -6,6 +6,7 @@
 //! Every S3-backed subject uses 64 KiB objects/blocks (bucketdisk's default block size) and a
 //! 100 GiB disk, and talks to the store only through the proxy, so all see the same latency.
 
+use crate::latency_proxy::LatencyProxy;
 use crate::moto;
 use crate::process::{Memory, RssSampler, ServerProcess, free_loopback_port};
 use anyhow::{Context, Result, bail};
@@ -98,6 +99,20 @@ pub struct Env {
 }
 
 impl Env {
+    /// Moto in `work` with the subjects' bucket, the latency proxy in front of it (no delay
+    /// yet), and the environment that points the subjects at the proxy.
+    pub fn on_moto(bucketdisk: PathBuf, work: &Path) -> Result<(Env, moto::Moto, LatencyProxy)> {
+        let moto = moto::Moto::start(&work.join("moto.log"))?;
+        moto.create_bucket(BUCKET)?;
+        let proxy = LatencyProxy::start(moto.addr, Duration::ZERO)?;
+        let env = Env {
+            bucketdisk,
+            work: work.to_path_buf(),
+            s3_endpoint: proxy.endpoint(),
+        };
+        Ok((env, moto, proxy))
+    }
+
     /// The raw file the local-limit subjects serve.
     pub fn raw_file(&self) -> PathBuf {
         self.work.join("limit.raw")

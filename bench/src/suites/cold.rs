@@ -11,9 +11,8 @@
 //! on the random reads, and be ahead of nbdkit's S3 plugin.
 
 use crate::fio::{self, RunSettings, Workload};
-use crate::latency_proxy::{LatencyProxy, Traffic};
+use crate::latency_proxy::Traffic;
 use crate::machine::{self, Machine, Tools};
-use crate::moto::Moto;
 use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::report::notes_section;
@@ -117,14 +116,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let (date, started) = machine::utc_now();
     let tmp = args.places.scratch("bucketdisk-cold-")?;
     let machine = Machine::probe(tmp.path());
-    let moto = Moto::start(&tmp.path().join("moto.log"))?;
-    moto.create_bucket(store_subjects::BUCKET)?;
-    let proxy = LatencyProxy::start(moto.addr, Duration::ZERO)?;
-    let env = Env {
-        bucketdisk: bin,
-        work: tmp.path().to_path_buf(),
-        s3_endpoint: proxy.endpoint(),
-    };
+    let (env, _moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let steps = (args.repeats * (LARGE_CEILINGS.len() + 1 + 2 * kinds.len()) + kinds.len()) as u64;
     let mut progress = Progress::new(steps);
     let mut notes = Vec::new();

@@ -161,16 +161,9 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     let machine = Machine::probe(tmp.path());
     let suite_start = Instant::now();
 
-    let moto = Moto::start(&tmp.path().join("moto.log"))?;
+    let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
     // Moto keeps every object in memory: its peak says how close a run came to the RAM limit.
     let moto_memory = moto.pid().map(crate::process::RssSampler::start);
-    moto.create_bucket(store_subjects::BUCKET)?;
-    let proxy = LatencyProxy::start(moto.addr, Duration::ZERO)?;
-    let env = Env {
-        bucketdisk: bin,
-        work: tmp.path().to_path_buf(),
-        s3_endpoint: proxy.endpoint(),
-    };
     let order = plan(&kinds, &settings.latencies_ms);
     let hydrate = kinds
         .iter()
