@@ -330,7 +330,7 @@ impl PageMap {
         replica: &Replica,
         pgnos: &[u32],
     ) -> ReplicaResult<Vec<(u32, Vec<u8>)>> {
-        let mut by_file: HashMap<usize, Vec<(u32, IndexEntry)>> = HashMap::new();
+        let mut wanted: Vec<(usize, u32, IndexEntry)> = Vec::with_capacity(pgnos.len());
         let mut out = Vec::with_capacity(pgnos.len());
         for &pgno in pgnos {
             if pgno == ltx::lock_pgno(self.page_size) && pgno <= self.commit {
@@ -341,24 +341,22 @@ impl PageMap {
                 .pages
                 .get(&pgno)
                 .ok_or(ReplicaError::MissingPage(pgno))?;
-            by_file.entry(*file).or_default().push((pgno, *entry));
+            wanted.push((*file, pgno, *entry));
         }
-        // Runs of frames no more than `PAGE_RUN_GAP` apart: one GET each.
+        // Runs of frames of one file no more than `PAGE_RUN_GAP` apart: one GET each.
+        wanted.sort_by_key(|&(file, _, e)| (file, e.offset));
         let mut runs: Vec<(usize, Vec<(u32, IndexEntry)>)> = Vec::new();
-        for (file, mut entries) in by_file {
-            entries.sort_by_key(|(_, e)| e.offset);
-            for (pgno, entry) in entries {
-                match runs.last_mut() {
-                    Some((f, run))
-                        if *f == file
-                            && run.last().is_some_and(|(_, last)| {
-                                entry.offset <= last.offset + last.size + PAGE_RUN_GAP
-                            }) =>
-                    {
-                        run.push((pgno, entry))
-                    }
-                    _ => runs.push((file, vec![(pgno, entry)])),
+        for (file, pgno, entry) in wanted {
+            match runs.last_mut() {
+                Some((f, run))
+                    if *f == file
+                        && run.last().is_some_and(|(_, last)| {
+                            entry.offset <= last.offset + last.size + PAGE_RUN_GAP
+                        }) =>
+                {
+                    run.push((pgno, entry))
                 }
+                _ => runs.push((file, vec![(pgno, entry)])),
             }
         }
         let fetches = runs.into_iter().map(|(file, entries)| async move {
@@ -407,19 +405,10 @@ impl PageMap {
 
     /// One page, fetched with a ranged GET and decoded. The lock page reads as zeros.
     pub async fn read_page(&self, replica: &Replica, pgno: u32) -> ReplicaResult<Vec<u8>> {
-        if pgno == ltx::lock_pgno(self.page_size) && pgno <= self.commit {
-            return Ok(vec![0u8; self.page_size as usize]);
-        }
-        let (file, entry) = self
-            .pages
-            .get(&pgno)
-            .ok_or(ReplicaError::MissingPage(pgno))?;
-        let path = &self.files[*file].path;
-        let range = entry.offset..entry.offset + entry.size;
-        let frame = with_retries("read page frame", || {
-            replica.store.get_range(path, range.clone())
-        })
-        .await?;
-        self.decode_page(path, pgno, &frame)
+        let mut pages = self.read_pages(replica, &[pgno]).await?;
+        pages
+            .pop()
+            .map(|(_, page)| page)
+            .ok_or(ReplicaError::MissingPage(pgno))
     }
 }

@@ -1,6 +1,6 @@
 //! Chunks in object storage: `<volume>/chunks/<id as %016x>`, written once and never
-//! overwritten, read one block at a time with ranged GETs that are verified against the block
-//! map's checksum (invariant I5: a mismatch is an error, never data).
+//! overwritten, read as runs of neighbouring blocks with one ranged GET each, every block
+//! verified against the block map's checksum (invariant I5: a mismatch is an error, never data).
 
 use crate::chunk::{ChunkError, decode_block_bytes};
 use blockmap::BlockLocation;
@@ -92,20 +92,6 @@ impl ChunkStore {
         .map_err(|e| store_error(&format!("fetch chunk {path}"), e))
     }
 
-    /// One block, fetched with a ranged GET and verified.
-    pub async fn read_block(&self, location: &BlockLocation) -> io::Result<Vec<u8>> {
-        let run = std::slice::from_ref(location);
-        let span = self.read_span(run).await?;
-        self.decode_run(run, &span)
-            .pop()
-            .map(|b| b.map(Vec::from))
-            .unwrap_or_else(|| {
-                Err(io::Error::other(
-                    "internal: a run of one block decoded to none",
-                ))
-            })
-    }
-
     /// The bytes of one chunk from the first block of `run` to the end of its last, in one
     /// ranged GET. `run` is sorted by offset and lies in one chunk (see `fetch::runs`); the
     /// blocks between its members, if any, come along and are dropped by [`Self::decode_run`].
@@ -190,6 +176,13 @@ mod tests {
     use blockmap::faulty_store::FaultyStore;
     use object_store::local::LocalFileSystem;
 
+    /// One block, as `fetch` reads it: a run of one.
+    async fn read_block(chunks: &ChunkStore, location: &BlockLocation) -> io::Result<Vec<u8>> {
+        let run = std::slice::from_ref(location);
+        let span = chunks.read_span(run).await?;
+        chunks.decode_run(run, &span).remove(0).map(Vec::from)
+    }
+
     #[tokio::test]
     async fn blocks_round_trip_and_bad_checksums_are_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -220,7 +213,7 @@ mod tests {
                 length: e.length,
                 checksum: e.checksum,
             };
-            assert_eq!(&chunks.read_block(&loc).await.expect("read"), b);
+            assert_eq!(&read_block(&chunks, &loc).await.expect("read"), b);
         }
         let e = entries[3];
         let wrong = BlockLocation {
@@ -229,8 +222,7 @@ mod tests {
             length: e.length,
             checksum: e.checksum ^ 1,
         };
-        let err = chunks
-            .read_block(&wrong)
+        let err = read_block(&chunks, &wrong)
             .await
             .expect_err("checksum mismatch");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
