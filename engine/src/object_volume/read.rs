@@ -404,16 +404,29 @@ async fn prefetch_blocks(shared: Arc<Shared>, prefetch: Prefetch) {
                 .fetch_add(run.len() as u64, Ordering::Relaxed);
             continue;
         }
-        let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            let _permit = permit;
-            for result in fetch_blocks(&shared, &run).await {
-                if let Err(e) = result {
-                    tracing::debug!("readahead fetch failed: {e}");
-                }
-            }
+        fetch_in_background(&shared, run, permit, |e| {
+            tracing::debug!("readahead fetch failed: {e}")
         });
     }
+}
+
+/// Fetches `run` into the cache on a task of its own, holding `permit` until it is done; a
+/// failure is only reported (the blocks are fetched again when someone reads them).
+fn fetch_in_background(
+    shared: &Arc<Shared>,
+    run: Vec<BlockLocation>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    report: fn(&io::Error),
+) {
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let _permit = permit;
+        for result in fetch_blocks(&shared, &run).await {
+            if let Err(e) = result {
+                report(&e);
+            }
+        }
+    });
 }
 
 /// Allocation of a range: overlay first, then the map (holes come straight from it).
@@ -521,15 +534,9 @@ pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
                 _ = stop.changed() => return,
             };
             let Ok(permit) = permit else { return };
-            let shared = Arc::clone(&shared);
             fetched += run.len() as u64;
-            tokio::spawn(async move {
-                let _permit = permit;
-                for result in fetch_blocks(&shared, &run).await {
-                    if let Err(e) = result {
-                        tracing::warn!("hydration fetch failed (will be fetched on demand): {e}");
-                    }
-                }
+            fetch_in_background(&shared, run, permit, |e| {
+                tracing::warn!("hydration fetch failed (will be fetched on demand): {e}")
             });
         }
         next += count;
