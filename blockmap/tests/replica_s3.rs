@@ -9,11 +9,11 @@ use object_store::{ObjectStoreExt, PutPayload};
 use std::sync::Arc;
 
 mod common;
-use common::{create_bucket, s3, start_moto, testdata};
+use common::{create_bucket, s3, start_moto, start_moto_serial, testdata};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_over_s3() {
-    let moto = start_moto();
+    let moto = start_moto_serial();
     create_bucket(moto.port, "bucketdisk");
     let store = s3(moto.port, "bucketdisk");
 

@@ -3,7 +3,7 @@
 
 mod moto;
 #[allow(unused_imports)] // each test binary uses a different subset
-pub use moto::{Moto, create_bucket, start_moto};
+pub use moto::{Moto, create_bucket, start_moto, start_moto_serial};
 
 use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
