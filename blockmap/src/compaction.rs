@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use ltx::naming::SNAPSHOT_LEVEL;
 use ltx::{CompactOptions, RestoreTarget};
+use object_store::path::Path;
 
 /// Downloads of source files running at once.
 const FETCH_PARALLELISM: usize = 16;
@@ -43,18 +44,19 @@ pub async fn compact_level(
     from: u8,
     to: u8,
 ) -> ReplicaResult<Option<ReplicaFile>> {
-    let done = replica
-        .list_level(to)
-        .await?
+    // What `to` or any level above it (snapshots included) holds needs no compaction:
+    // starting after all of it keeps the merged files contiguous where files those levels
+    // made unnecessary have been deleted.
+    let listing = replica.list().await?;
+    let done = listing
         .iter()
+        .filter(|f| f.level >= to)
         .map(|f| f.name.max_txid)
         .max()
         .unwrap_or(0);
-    let mut sources: Vec<ReplicaFile> = replica
-        .list_level(from)
-        .await?
+    let mut sources: Vec<ReplicaFile> = listing
         .into_iter()
-        .filter(|f| f.name.max_txid > done)
+        .filter(|f| f.level == from && f.name.max_txid > done)
         .collect();
     sources.sort_by_key(|f| f.name);
     let Some(first) = sources.first() else {
@@ -107,6 +109,17 @@ pub async fn enforce_retention_since(
     keep_snapshots: usize,
     since_ms: i64,
 ) -> ReplicaResult<Vec<ReplicaFile>> {
+    enforce_retention_keeping(replica, keep_snapshots, since_ms, &[]).await
+}
+
+/// [`enforce_retention_since`] that never deletes the files at `reading` (those a reader still
+/// reads pages from).
+pub async fn enforce_retention_keeping(
+    replica: &Replica,
+    keep_snapshots: usize,
+    since_ms: i64,
+    reading: &[Path],
+) -> ReplicaResult<Vec<ReplicaFile>> {
     let listing = replica.list().await?;
     let mut snapshots: Vec<&ReplicaFile> = listing
         .iter()
@@ -125,6 +138,7 @@ pub async fn enforce_retention_since(
     let horizon = oldest_kept.name.max_txid;
     let doomed: Vec<ReplicaFile> = listing
         .iter()
+        .filter(|f| !reading.contains(&f.path))
         .filter(|f| {
             if f.level == SNAPSHOT_LEVEL {
                 f.name.max_txid < horizon
@@ -138,4 +152,39 @@ pub async fn enforce_retention_since(
         replica.delete(f).await?;
     }
     Ok(doomed)
+}
+
+/// Deletes the level-0 to level-8 files whose transactions a file of a higher level (below the
+/// snapshots) holds as well, once they are older than `since_ms` (outside the restore window)
+/// and not at `reading`. Restores of the latest state and of any state in the window plan
+/// the same files as before; a state inside a folded range and outside the window is no
+/// longer restorable on its own, as with Litestream's level-0 retention. Keeps the replica —
+/// and so every open's listing of it — small while a writer folds often. Returns how many
+/// files were deleted.
+pub async fn drop_covered(
+    replica: &Replica,
+    since_ms: i64,
+    reading: &[Path],
+) -> ReplicaResult<usize> {
+    let listing = replica.list().await?;
+    let levels: Vec<&ReplicaFile> = listing
+        .iter()
+        .filter(|f| f.level < SNAPSHOT_LEVEL)
+        .collect();
+    let covered: Vec<&ReplicaFile> = levels
+        .iter()
+        .copied()
+        .filter(|f| f.last_modified_ms < since_ms && !reading.contains(&f.path))
+        .filter(|f| {
+            levels.iter().any(|g| {
+                g.level > f.level
+                    && g.name.min_txid <= f.name.min_txid
+                    && g.name.max_txid >= f.name.max_txid
+            })
+        })
+        .collect();
+    for f in &covered {
+        replica.delete(f).await?;
+    }
+    Ok(covered.len())
 }

@@ -1,10 +1,10 @@
 //! A Litestream-layout replica of a database in object storage: list its LTX files, publish new
 //! ones create-only, and read single pages through the files' page indexes with ranged GETs.
 //!
-//! Opening costs one round trip per file, all files in parallel (header and the file's last
-//! [`INDEX_TAIL_GUESS`] bytes, which hold the page index of any map up to ~100 MB; a longer
-//! index costs a second), and nothing proportional to the database size: pages are fetched
-//! when asked for.
+//! Opening costs one round trip per file, all files in parallel (the file's first
+//! [`HEAD_GUESS`] bytes — header and first page frames — and its last [`INDEX_TAIL_GUESS`]
+//! bytes, which hold the page index of any map up to ~100 MB; a longer index costs a second),
+//! and nothing proportional to the database size: other pages are fetched when asked for.
 
 use crate::retry::with_retries;
 use bytes::Bytes;
@@ -22,6 +22,11 @@ const OPEN_PARALLELISM: usize = 32;
 /// trailer, the index size and, almost always, the index itself (about 8 bytes per page), so
 /// opening a file is one round trip instead of two.
 pub const INDEX_TAIL_GUESS: u64 = 256 << 10;
+/// Bytes read from the start of an LTX file at open, in the same request as its tail: the
+/// header and the first page frames. Frames are in page order, so these hold the schema and
+/// the tables' root pages that every first query reads (about 16 pages of a block map); they
+/// are kept and served from memory, which saves the open a dependent round trip.
+pub const HEAD_GUESS: u64 = 64 << 10;
 /// Frames of wanted pages at most this far apart are read in one GET by
 /// [`PageMap::read_pages`] (the pages between come along and are dropped).
 const PAGE_RUN_GAP: u64 = 64 << 10;
@@ -216,10 +221,13 @@ impl Replica {
         }
     }
 
-    /// Header and page index of one file: one request for the header and the file's last
-    /// [`INDEX_TAIL_GUESS`] bytes (one GET when they are close), and a second only for an index
-    /// longer than that.
-    pub async fn read_index(&self, file: &ReplicaFile) -> ReplicaResult<(Header, PageIndex)> {
+    /// Header and page index of one file, and its first [`HEAD_GUESS`] bytes: one request for
+    /// the head and the file's last [`INDEX_TAIL_GUESS`] bytes (one GET when they are close),
+    /// and a second only for an index longer than that.
+    pub async fn read_index(
+        &self,
+        file: &ReplicaFile,
+    ) -> ReplicaResult<(Header, PageIndex, Bytes)> {
         let ltx_err = |source| ReplicaError::Ltx {
             path: file.path.to_string(),
             source,
@@ -234,18 +242,36 @@ impl Replica {
             .size
             .saturating_sub(INDEX_TAIL_GUESS)
             .max(ltx::HEADER_SIZE as u64);
-        let ranges = [0..ltx::HEADER_SIZE as u64, tail_start..file.size];
-        let parts = with_retries("read LTX header and tail", || {
+        // A file no longer than head and tail together is read whole, in one GET, and all of
+        // it is the head; a longer one is two ranges (one request each on S3).
+        let whole = file.size <= HEAD_GUESS + INDEX_TAIL_GUESS;
+        let ranges: Vec<std::ops::Range<u64>> = if whole {
+            std::iter::once(0..file.size).collect()
+        } else {
+            vec![0..HEAD_GUESS, tail_start..file.size]
+        };
+        let parts = with_retries("read LTX head and tail", || {
             self.store.get_ranges(&file.path, &ranges)
         })
         .await?;
-        let header_bytes: &[u8; ltx::HEADER_SIZE] = parts[0]
-            .as_ref()
-            .try_into()
-            .map_err(|_| ReplicaError::Invalid("short header read".into()))?;
+        let head = parts[0].clone();
+        if whole && head.len() as u64 != file.size {
+            return Err(ReplicaError::Invalid(format!(
+                "{}: short read of the whole file",
+                file.path
+            )));
+        }
+        let tail = if whole {
+            head.slice(tail_start as usize..)
+        } else {
+            parts[1].clone()
+        };
+        let header_bytes: &[u8; ltx::HEADER_SIZE] = head
+            .get(..ltx::HEADER_SIZE)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| ReplicaError::Invalid("short header read".into()))?;
         let header = Header::decode(header_bytes).map_err(ltx_err)?;
         header.validate().map_err(ltx_err)?;
-        let tail = &parts[1];
         if tail.len() as u64 != file.size - tail_start {
             return Err(ReplicaError::Invalid(format!(
                 "{}: short read of the file's tail",
@@ -265,7 +291,7 @@ impl Replica {
         };
         let index =
             PageIndex::decode(&index_bytes, PageIndex::frames_end(start)).map_err(ltx_err)?;
-        Ok((header, index))
+        Ok((header, index, head))
     }
 }
 
@@ -273,6 +299,8 @@ impl Replica {
 /// file winning. Reading a page is then one ranged GET.
 pub struct PageMap {
     files: Vec<ReplicaFile>,
+    /// The first bytes of each file, read with its index: frames inside are served from here.
+    heads: Vec<Bytes>,
     pages: HashMap<u32, (usize, IndexEntry)>,
     pub page_size: u32,
     /// Database size in pages.
@@ -289,17 +317,17 @@ impl PageMap {
 
     /// Builds the page map of planned `files` (oldest first), fetching their indexes.
     pub async fn open_files(replica: &Replica, files: Vec<ReplicaFile>) -> ReplicaResult<Self> {
-        let indexes: Vec<(Header, PageIndex)> = stream::iter(&files)
+        let indexes: Vec<(Header, PageIndex, Bytes)> = stream::iter(&files)
             .map(|f| replica.read_index(f))
             .buffered(OPEN_PARALLELISM)
             .try_collect()
             .await?;
         let last = indexes
             .last()
-            .map(|(h, _)| *h)
+            .map(|(h, _, _)| *h)
             .ok_or_else(|| ReplicaError::Invalid("empty plan".into()))?;
         let mut pages = HashMap::new();
-        for (i, (header, index)) in indexes.iter().enumerate() {
+        for (i, (header, index, _)) in indexes.iter().enumerate() {
             if header.page_size != last.page_size {
                 return Err(ReplicaError::Invalid(format!(
                     "{}: page size differs",
@@ -314,11 +342,20 @@ impl PageMap {
         }
         Ok(PageMap {
             files,
+            heads: indexes.into_iter().map(|(_, _, head)| head).collect(),
             pages,
             page_size: last.page_size,
             commit: last.commit,
             txid: last.max_txid,
         })
+    }
+
+    /// Drops the file heads read at open: their memory is freed, and every page is fetched
+    /// from the store when asked for.
+    pub fn forget_heads(&mut self) {
+        for head in &mut self.heads {
+            *head = Bytes::new();
+        }
     }
 
     /// Several pages, with one ranged GET per file for the frames of the pages it holds (the
@@ -367,10 +404,15 @@ impl PageMap {
                 .map(|(_, e)| e.offset + e.size)
                 .max()
                 .unwrap_or(0);
-            let span = with_retries("read page frames", || {
-                replica.store.get_range(path, start..end)
-            })
-            .await?;
+            let head = &self.heads[file];
+            let span = if end <= head.len() as u64 {
+                head.slice(start as usize..end as usize)
+            } else {
+                with_retries("read page frames", || {
+                    replica.store.get_range(path, start..end)
+                })
+                .await?
+            };
             entries
                 .into_iter()
                 .map(|(pgno, e)| {

@@ -3,7 +3,7 @@
 //! committed transactions to the replica.
 
 use crate::lease::{self, Lease, LeaseError};
-use crate::replica::{Replica, ReplicaError};
+use crate::replica::{Replica, ReplicaError, ReplicaFile};
 use crate::vfs::ffi::{attach, detach, open_connection};
 use crate::vfs::remote::{RemoteSource, sync_once};
 use crate::vfs::state::{DatabaseState, PageSource};
@@ -19,6 +19,11 @@ use tokio::runtime::Handle;
 pub const PAGE_SIZE: u32 = 4096;
 /// [`MapWriter::tidy`] takes a snapshot once this many level-1 files follow the latest one.
 pub const TIDY_SNAPSHOT_AFTER: usize = 8;
+/// [`MapWriter::fold`] folds a level's files into one file of the next level once this many
+/// follow the next level's newest file (or the snapshot).
+pub const FOLD_AFTER: usize = 3;
+/// The highest level [`MapWriter::fold`] writes.
+pub const FOLD_TOP_LEVEL: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -42,8 +47,13 @@ pub struct MapWriter {
     /// Reads no longer depend on the replica files present at open, so retention may delete
     /// them (until then, the open page map points into them).
     independent_of_open_files: AtomicBool,
+    /// The files the open read its state from: until hydration, retention keeps them.
+    open_files: Vec<Path>,
     /// States committed this recently stay restorable: retention keeps their files.
     restore_window_ms: AtomicU64,
+    /// Held by [`MapWriter::maintain`] and [`MapWriter::tidy`], which may run from different
+    /// tasks: two compactions of the same level at once would publish the same file twice.
+    compacting: tokio::sync::Mutex<()>,
 }
 
 fn now_ms() -> i64 {
@@ -64,6 +74,22 @@ impl MapWriter {
         holder: &str,
         runtime: Handle,
     ) -> Result<Self, WriterError> {
+        Self::open_listed(store, replica, lease_root, name, holder, runtime, None).await
+    }
+
+    /// [`MapWriter::open`] with the replica's listing already made (by a caller that listed it
+    /// while fetching something else): saves the open a round trip. The listing may be older
+    /// than the lease; the claim catches a writer that published since, as it does for a
+    /// listing made during the lease.
+    pub async fn open_listed(
+        store: Arc<dyn ObjectStore>,
+        replica: Arc<Replica>,
+        lease_root: Path,
+        name: &str,
+        holder: &str,
+        runtime: Handle,
+        listing: Option<Vec<ReplicaFile>>,
+    ) -> Result<Self, WriterError> {
         let started = std::time::Instant::now();
         let ms = |t: std::time::Instant| t.elapsed().as_millis() as u64;
         // The lease and the map's latest state are fetched at once (each is a few round
@@ -72,7 +98,7 @@ impl MapWriter {
         // claim collides, and the state is read again.
         let (lease, mut latest) = tokio::join!(
             lease::acquire(&store, &lease_root, holder),
-            Self::latest_state(&replica, &runtime)
+            Self::latest_state(&replica, &runtime, listing)
         );
         let lease = lease?;
         tracing::debug!(
@@ -82,7 +108,7 @@ impl MapWriter {
         );
         let mut attempts = 0;
         loop {
-            let (state, base_txid) = latest?;
+            let (state, base_txid, open_files) = latest?;
             let state = Arc::new(state);
             attach(name, Arc::clone(&state));
             let writer = MapWriter {
@@ -93,8 +119,10 @@ impl MapWriter {
                 lease_root: lease_root.clone(),
                 lease: lease.clone(),
                 independent_of_open_files: AtomicBool::new(base_txid.is_none()),
+                open_files,
                 base_txid,
                 restore_window_ms: AtomicU64::new(0),
+                compacting: tokio::sync::Mutex::new(()),
             };
             match writer.claim().await {
                 Ok(()) => {
@@ -108,7 +136,7 @@ impl MapWriter {
                          reading it again"
                     );
                     detach(name);
-                    latest = Self::latest_state(&replica, &runtime).await;
+                    latest = Self::latest_state(&replica, &runtime, None).await;
                 }
                 Err(e) => {
                     detach(name);
@@ -122,19 +150,24 @@ impl MapWriter {
     async fn latest_state(
         replica: &Arc<Replica>,
         runtime: &Handle,
-    ) -> Result<(DatabaseState, Option<u64>), WriterError> {
+        listing: Option<Vec<ReplicaFile>>,
+    ) -> Result<(DatabaseState, Option<u64>, Vec<Path>), WriterError> {
         let started = std::time::Instant::now();
-        let listing = replica.list().await?;
+        let listing = match listing {
+            Some(listing) => listing,
+            None => replica.list().await?,
+        };
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             files = listing.len(),
             "map open: replica listed"
         );
         if listing.is_empty() {
-            return Ok((DatabaseState::new(None, PAGE_SIZE)?, None));
+            return Ok((DatabaseState::new(None, PAGE_SIZE)?, None, Vec::new()));
         }
         let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
         let planned = files.len();
+        let paths = files.iter().map(|f| f.path.clone()).collect();
         let source = RemoteSource::open_files(Arc::clone(replica), files, runtime.clone()).await?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
@@ -143,7 +176,11 @@ impl MapWriter {
         );
         let txid = source.txid();
         let base = Arc::new(source) as Arc<dyn PageSource>;
-        Ok((DatabaseState::new(Some(base), PAGE_SIZE)?, Some(txid)))
+        Ok((
+            DatabaseState::new(Some(base), PAGE_SIZE)?,
+            Some(txid),
+            paths,
+        ))
     }
 
     /// Publishes page 1 unchanged as the next TXID (nothing to claim in an empty database: the
@@ -222,19 +259,26 @@ impl MapWriter {
     /// the last step only once [`MapWriter::hydrate`] has made reads independent of the files
     /// that were there at open.
     pub async fn maintain(&self) -> Result<(), WriterError> {
+        let _one_at_a_time = self.compacting.lock().await;
         crate::compaction::compact_level(&self.replica, 0, 1).await?;
         self.snapshot_and_retain().await
     }
 
-    /// Writes a snapshot, then (once reads no longer depend on the files present at open)
-    /// deletes what neither the older of the two newest snapshots nor the restore window
-    /// needs.
+    /// Writes a snapshot, then deletes what neither the older of the two newest snapshots nor
+    /// the restore window needs — except, until reads no longer depend on them (hydration),
+    /// the files the open read from. (Keeping only those, not everything, matters to a writer
+    /// killed again and again before it hydrates: its replica would grow without end, and
+    /// every open would list it all.)
     async fn snapshot_and_retain(&self) -> Result<(), WriterError> {
         crate::compaction::snapshot(&self.replica).await?;
-        if self.independent_of_open_files.load(Ordering::Acquire) {
-            let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
-            crate::compaction::enforce_retention_since(&self.replica, 2, now_ms() - window).await?;
-        }
+        let keep: &[Path] = if self.independent_of_open_files.load(Ordering::Acquire) {
+            &[]
+        } else {
+            &self.open_files
+        };
+        let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
+        crate::compaction::enforce_retention_keeping(&self.replica, 2, now_ms() - window, keep)
+            .await?;
         Ok(())
     }
 
@@ -257,21 +301,13 @@ impl MapWriter {
         }
     }
 
-    /// Light upkeep for when the writer goes idle or closes: folds level 0 into one level-1
-    /// file and, once [`TIDY_SNAPSHOT_AFTER`] level-1 files have piled up after the latest
-    /// snapshot, takes a snapshot. The next open then reads a handful of files instead of one
-    /// per transaction since the last [`MapWriter::maintain`] (each a store round trip).
+    /// Light upkeep for when the writer goes idle or closes: [`MapWriter::fold`], and once
+    /// [`TIDY_SNAPSHOT_AFTER`] level-1 files have piled up after the latest snapshot, a
+    /// snapshot. The next open then reads a handful of files instead of one per transaction
+    /// since the last [`MapWriter::maintain`] (each a store request).
     pub async fn tidy(&self) -> Result<(), WriterError> {
-        crate::compaction::compact_level(&self.replica, 0, 1).await?;
-        // Only the two levels that decide it are listed (a full listing is ten requests).
-        let snapshot_txid = self
-            .replica
-            .list_level(ltx::naming::SNAPSHOT_LEVEL)
-            .await?
-            .iter()
-            .map(|f| f.name.max_txid)
-            .max()
-            .unwrap_or(0);
+        let _one_at_a_time = self.compacting.lock().await;
+        let snapshot_txid = self.fold_levels().await?;
         let level1_after = self
             .replica
             .list_level(1)
@@ -283,6 +319,68 @@ impl MapWriter {
             self.snapshot_and_retain().await?;
         }
         Ok(())
+    }
+
+    /// The cheap part of [`MapWriter::tidy`], for a writer that never pauses (it publishes
+    /// beside uploads and never blocks them): level 0 folded into one level-1 file, and every
+    /// [`FOLD_AFTER`] files of a level since the next level's newest into one file of the next
+    /// level, up to level [`FOLD_TOP_LEVEL`]; when that level has [`FOLD_AFTER`] files too, a
+    /// snapshot. However long the writer runs, and however often it is killed, an open reads a
+    /// snapshot and a few files of each level.
+    pub async fn fold(&self) -> Result<(), WriterError> {
+        let _one_at_a_time = self.compacting.lock().await;
+        self.fold_levels().await.map(|_| ())
+    }
+
+    /// Returns the newest snapshot's TXID (0 without one).
+    async fn fold_levels(&self) -> Result<u64, WriterError> {
+        let snapshot_txid = self.fold_levels_only().await?;
+        // Files folded into a higher level are deleted once outside the restore window (those
+        // the open still reads from stay until hydration).
+        let reading: &[Path] = if self.independent_of_open_files.load(Ordering::Acquire) {
+            &[]
+        } else {
+            &self.open_files
+        };
+        let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
+        crate::compaction::drop_covered(&self.replica, now_ms() - window, reading).await?;
+        Ok(snapshot_txid)
+    }
+
+    async fn fold_levels_only(&self) -> Result<u64, WriterError> {
+        crate::compaction::compact_level(&self.replica, 0, 1).await?;
+        // The end of everything above `level` (snapshots included): files of `level` up to
+        // there are folded already.
+        let end_above = |listing: &[ReplicaFile], level: u8| {
+            listing
+                .iter()
+                .filter(|f| f.level > level)
+                .map(|f| f.name.max_txid)
+                .max()
+                .unwrap_or(0)
+        };
+        let waiting = |listing: &[ReplicaFile], level: u8| {
+            let end = end_above(listing, level);
+            listing
+                .iter()
+                .filter(|f| f.level == level && f.name.max_txid > end)
+                .count()
+        };
+        let mut listing = self.replica.list().await?;
+        for level in 1..FOLD_TOP_LEVEL {
+            if waiting(&listing, level) < FOLD_AFTER {
+                break;
+            }
+            crate::compaction::compact_level(&self.replica, level, level + 1).await?;
+            listing = self.replica.list().await?;
+        }
+        let snapshot_txid = end_above(&listing, ltx::naming::SNAPSHOT_LEVEL - 1);
+        // The top level filled up too (a writer that never pauses and never lives long enough
+        // for maintenance, such as one in a crash loop): a snapshot starts the levels afresh.
+        if waiting(&listing, FOLD_TOP_LEVEL) >= FOLD_AFTER {
+            self.snapshot_and_retain().await?;
+        }
+        Ok(snapshot_txid)
     }
 
     /// Final sync, then the database is detached from the VFS.

@@ -396,3 +396,112 @@ async fn retention_waits_for_the_writer_to_hydrate() {
     }
     assert_eq!(fresh.meta("round").expect("meta").as_deref(), Some("5"));
 }
+
+/// An open reads each file's first bytes with its index, so the pages every first query reads
+/// (the schema, the tables' root pages) cost no further request, even from a snapshot too
+/// large to be read whole; a page further in costs one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_pages_come_with_the_open() {
+    use blockmap::replica::{HEAD_GUESS, INDEX_TAIL_GUESS};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (counted, store, replica) = counted_replica(dir.path());
+    let w = open_writer(&store, &replica, "writer-test-first-pages", "host")
+        .await
+        .expect("open");
+    let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
+    map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
+    let changes: Vec<MapChange> = (0..40_000u64)
+        .map(|i| MapChange::Put {
+            block: i * 7,
+            location: loc(i),
+        })
+        .collect();
+    map.apply(&[], &changes).expect("apply");
+    w.sync().await.expect("sync");
+    w.maintain().await.expect("maintain");
+    let plan = replica
+        .plan(ltx::RestoreTarget::Latest)
+        .await
+        .expect("plan");
+    assert_eq!(plan.len(), 1, "a snapshot alone: {plan:?}");
+    assert!(
+        plan[0].size > HEAD_GUESS + INDEX_TAIL_GUESS,
+        "the snapshot ({} bytes) must be too large to be read whole",
+        plan[0].size
+    );
+    let before = counted.requests();
+    let pages = PageMap::open(&replica, ltx::RestoreTarget::Latest)
+        .await
+        .expect("open");
+    let opened = counted.requests() - before;
+    let first: Vec<u32> = (1..=8).collect();
+    let read = pages
+        .read_pages(&replica, &first)
+        .await
+        .expect("first pages");
+    assert_eq!(read.len(), 8);
+    assert_eq!(
+        counted.requests() - before,
+        opened,
+        "the first pages cost requests of their own"
+    );
+    pages
+        .read_page(&replica, pages.commit)
+        .await
+        .expect("last page");
+    assert_eq!(counted.requests() - before, opened + 1);
+}
+
+/// A writer that tidies after every few transactions and never pauses long enough for a
+/// snapshot leaves, between snapshots, one level-2 file and a few level-1 files: the open
+/// reads a handful of files however long it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tidying_folds_level_one_into_level_two() {
+    use blockmap::writer::{FOLD_AFTER, TIDY_SNAPSHOT_AFTER};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, store, replica) = counted_replica(dir.path());
+    let w = open_writer(&store, &replica, "writer-test-level2", "host")
+        .await
+        .expect("open");
+    let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
+    map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
+    w.sync().await.expect("sync");
+    w.maintain().await.expect("snapshot");
+    let mut most = 0;
+    for block in 0..(4 * (TIDY_SNAPSHOT_AFTER as u64 - 1)) {
+        map.apply(
+            &[],
+            &[MapChange::Put {
+                block,
+                location: loc(block),
+            }],
+        )
+        .expect("apply");
+        w.sync().await.expect("sync");
+        if block % 4 == 3 {
+            w.tidy().await.expect("tidy");
+            let plan = replica
+                .plan(ltx::RestoreTarget::Latest)
+                .await
+                .expect("plan");
+            most = most.max(plan.len());
+        }
+    }
+    let plan = replica
+        .plan(ltx::RestoreTarget::Latest)
+        .await
+        .expect("plan");
+    assert!(
+        plan.iter().any(|f| f.level == 2),
+        "no level-2 file in {plan:?}"
+    );
+    // A snapshot, one level-2 file, and the level-1 files since it.
+    assert!(most <= 2 + FOLD_AFTER, "an open read up to {most} files");
+    let w2 = open_writer(&store, &replica, "writer-test-level2-b", "host2")
+        .await
+        .expect("reopen");
+    let map2 = BlockMap::new(w2.connection().expect("conn")).expect("map");
+    for b in 0..(4 * (TIDY_SNAPSHOT_AFTER as u64 - 1)) {
+        assert_eq!(map2.get(b).expect("get"), Some(loc(b)));
+    }
+}

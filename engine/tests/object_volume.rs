@@ -450,8 +450,9 @@ async fn idle_and_closed_volumes_leave_their_map_cheap_to_open() {
                 .expect("write");
             v.sync_to_store().await.expect("upload");
         }
+        // Folded beside the uploads every few of them: a handful of files, not 12.
         let busy = map_files_to_open(&f).await;
-        assert!(busy >= 12, "12 uploads, yet an open reads {busy} files");
+        assert!(busy <= 8, "after 12 uploads an open reads {busy} files");
         if session == 0 {
             // Uploads idle: the uploader tidies by itself.
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -465,8 +466,9 @@ async fn idle_and_closed_volumes_leave_their_map_cheap_to_open() {
         }
         v.close().await.expect("close");
         let closed = map_files_to_open(&f).await;
+        // A few folded files (level 0 into 1, three of a level into one of the next).
         assert!(
-            closed <= usize::from(session) + 1,
+            closed <= 4,
             "after {} clean closes an open reads {closed} files",
             session + 1
         );

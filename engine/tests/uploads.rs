@@ -302,3 +302,45 @@ async fn a_state_inside_the_restore_window_restores_and_one_outside_is_gone() {
     }
     v.close().await.expect("close");
 }
+
+/// A writer that never pauses (a FLUSH after every write, each an upload) still folds its
+/// map's transaction files every few uploads, so a crash leaves an open on any host a handful
+/// of files to read, not one per upload since the last pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_writer_keeps_the_map_cheap_to_open() {
+    use blockmap::replica::Replica;
+    use object_store::path::Path;
+    let f = Fixture::new(64 * MIB, BLOCK as u32).await;
+    let mut config = f.config("local");
+    config.durability = Durability::Remote;
+    let v = f.open(config).await;
+    for round in 0..40u64 {
+        v.write(round * BLOCK, pattern(4096, round as u8), false)
+            .await
+            .expect("write");
+        v.flush().await.expect("flush");
+    }
+    // The tidies run beside the uploads: give the last one a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replica = Replica::new(Arc::clone(&f.store), Path::from("disk/blockmap"), f.layout);
+    let plan = replica
+        .plan(ltx::RestoreTarget::Latest)
+        .await
+        .expect("plan");
+    let level0 = plan.iter().filter(|f| f.level == 0).count();
+    assert!(
+        plan.len() <= 12 && level0 <= 9,
+        "after 40 uploads without a pause an open reads {} files, {level0} of level 0",
+        plan.len()
+    );
+    // Dropped without a close: what a crash leaves.
+    drop(v);
+    let fresh = f.open(f.config("fresh")).await;
+    for round in [0u64, 20, 39] {
+        assert_eq!(
+            read(&fresh, round * BLOCK, 4096).await,
+            pattern(4096, round as u8).to_vec()
+        );
+    }
+    fresh.close().await.expect("close");
+}

@@ -99,6 +99,15 @@ impl RemoteSource {
         Ok(source)
     }
 
+    /// Drops the file heads the open read (see [`PageMap::forget_heads`]); only while no
+    /// reader shares the page map yet.
+    pub fn without_open_heads(mut self) -> Self {
+        if let Some(map) = Arc::get_mut(&mut self.map) {
+            map.forget_heads();
+        }
+        self
+    }
+
     /// Sets how many pages the shared cache holds (0 disables it).
     pub fn with_cache_pages(self, pages: usize) -> Self {
         {

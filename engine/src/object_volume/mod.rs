@@ -327,14 +327,6 @@ impl ObjectVolume {
         config: VolumeConfig,
     ) -> io::Result<ObjectVolume> {
         let opening = std::time::Instant::now();
-        let meta = catalog::load(store.as_ref(), prefix, name)
-            .await?
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("no volume {name} in the store"),
-                )
-            })?;
         // Every request this volume makes is counted, for the metrics endpoint.
         let counted = Arc::new(CountingStore::new(store));
         let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as Arc<dyn ObjectStore>;
@@ -350,46 +342,58 @@ impl ObjectVolume {
             );
         };
         let root = catalog::volume_root(prefix, name);
-        let dir = config.local_dir.clone();
-        let uuid = meta.uuid.clone();
-        let instance = blocking(move || local_state::prepare(&dir, &uuid)).await?;
         let replica = Arc::new(Replica::new(
             Arc::clone(&store),
             root.clone().join("blockmap"),
             layout,
         ));
+        // volume.json and the map's listing are both needed before anything else and neither
+        // depends on the other: one round trip for the two. (Listing a volume that turns out
+        // not to exist costs one read-only request.)
+        let (meta, listing) =
+            tokio::join!(catalog::load(store.as_ref(), prefix, name), replica.list());
+        let meta = meta?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no volume {name} in the store"),
+            )
+        })?;
+        let listing = listing.map_err(|e| other("listing the block map", e))?;
+        phase("volume.json read, block map listed");
+        let dir = config.local_dir.clone();
+        let uuid = meta.uuid.clone();
+        // The local folder is made ready while the map opens (a dozen ms of directory work
+        // beside round trips to the store).
+        let local = blocking(move || local_state::prepare(&dir, &uuid));
         // One VFS database per volume and process.
         let db_name = format!("{root}#{}", meta.uuid);
         let runtime = tokio::runtime::Handle::current();
-        let map = if config.read_only {
-            let empty = replica
-                .list()
-                .await
-                .map_err(|e| other("listing the block map", e))?
-                .is_empty();
-            if empty {
-                MapRole::Empty
+        let map = async {
+            if config.read_only {
+                if listing.is_empty() {
+                    return Ok(MapRole::Empty);
+                }
+                Follower::open(Arc::clone(&replica), &db_name, runtime)
+                    .await
+                    .map(MapRole::Follower)
+                    .map_err(|e| other("opening the block map", e))
             } else {
-                MapRole::Follower(
-                    Follower::open(Arc::clone(&replica), &db_name, runtime)
-                        .await
-                        .map_err(|e| other("opening the block map", e))?,
-                )
-            }
-        } else {
-            MapRole::Writer(
-                MapWriter::open(
+                MapWriter::open_listed(
                     Arc::clone(&store),
                     Arc::clone(&replica),
                     root.clone(),
                     &db_name,
                     &config.holder,
                     runtime,
+                    Some(listing),
                 )
                 .await
-                .map_err(|e| other("taking the volume", e))?,
-            )
+                .map(MapRole::Writer)
+                .map_err(|e| other("taking the volume", e))
+            }
         };
+        let (instance, map) = tokio::join!(local, map);
+        let (instance, map) = (instance?, map?);
         phase("block map opened (lease, listing, files, claim)");
         let chunk_epoch = match &map {
             MapRole::Writer(w) => {
@@ -653,12 +657,19 @@ impl Change {
     }
 }
 
+/// How long after the open the block map's download starts.
+const MAP_HYDRATION_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Restores the block map into a local file in the background (DESIGN.md §5): until then,
 /// lookups that miss the page cache are ranged GETs; after, they are local reads.
 async fn hydrate_map(shared: Arc<Shared>) {
     let MapRole::Writer(writer) = &shared.map else {
         return;
     };
+    // The first reads after a boot look their blocks up with ranged GETs of map pages; the
+    // download of the whole map (tens of MB for a full 100 GiB volume) would share the store
+    // and the link with them, so it waits until those first reads are done.
+    tokio::time::sleep(MAP_HYDRATION_DELAY).await;
     let path = shared.config.local_dir.join("blockmap.db");
     let started = std::time::Instant::now();
     match upload::boxed(writer.hydrate(&path)).await {

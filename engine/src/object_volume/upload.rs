@@ -36,6 +36,10 @@ const PUT_CONCURRENCY: usize = 2;
 const MAINTAIN_EVERY: u64 = 60;
 /// Uploads idle this long: tidy the map replica (cheap; a busy writer never waits for it).
 const TIDY_WHEN_IDLE_FOR: Duration = Duration::from_secs(5);
+/// A busy writer folds its map files every this many upload steps, beside the uploads: the
+/// next open (here or on another host, after a crash too) reads about this many level-0
+/// files and a few of each higher level, however long the writer ran without a pause.
+const FOLD_EVERY_STEPS: u64 = 4;
 /// Retry delays after a failed upload, doubling from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
@@ -47,6 +51,8 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         shared.config.durability == Durability::Remote,
     );
     let mut steps_since_maintenance = 0u64;
+    let mut steps_since_fold = 0u64;
+    let mut busy_fold: Option<tokio::task::JoinHandle<()>> = None;
     // When the last upload finished, while the map replica has files an idle tidy would fold.
     let mut untidy_since: Option<Instant> = None;
     let mut last_collection = Instant::now();
@@ -91,6 +97,14 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(steps) => {
                 retry_delay = RETRY_FIRST;
                 steps_since_maintenance += steps;
+                steps_since_fold += steps;
+                if steps_since_fold >= FOLD_EVERY_STEPS
+                    && steps_since_maintenance < MAINTAIN_EVERY
+                    && busy_fold.as_ref().is_none_or(|t| t.is_finished())
+                {
+                    steps_since_fold = 0;
+                    busy_fold = Some(tokio::spawn(fold_beside_uploads(Arc::clone(&shared))));
+                }
                 untidy_since = Some(Instant::now());
                 last_collection = Instant::now();
                 policy.upload_done();
@@ -187,6 +201,16 @@ pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
             .map_err(|e| other("block map tidy", e))?;
     }
     Ok(())
+}
+
+/// [`MapWriter::fold`] from its own task, so uploads go on meanwhile (the map's own lock keeps
+/// it apart from maintenance; a failure only leaves more files for the next open).
+async fn fold_beside_uploads(shared: Arc<Shared>) {
+    if let MapRole::Writer(writer) = &shared.map
+        && let Err(e) = boxed(writer.fold()).await
+    {
+        tracing::warn!(volume = %shared.meta.name, "block map fold failed: {e}");
+    }
 }
 
 /// One garbage collection pass between uploads.
