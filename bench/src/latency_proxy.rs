@@ -17,9 +17,9 @@
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -68,6 +68,55 @@ struct Shared {
     deletes: AtomicU64,
     request_bytes: AtomicU64,
     response_bytes: AtomicU64,
+    /// When recording: every request's start and the moment its response began.
+    spans: Mutex<Option<Vec<RequestSpan>>>,
+}
+
+/// One request as the proxy saw it: sent by the client at `start`, its response's first byte
+/// passed on at `end` (after the added delay).
+#[derive(Debug, Clone)]
+pub struct RequestSpan {
+    pub start: Instant,
+    pub end: Instant,
+    /// The request line and any Range header, e.g. `GET /bucket/key bytes=0-99`.
+    pub what: String,
+}
+
+/// `METHOD PATH` of a request's first bytes, and its Range header if they hold it.
+fn describe_request(first_bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&first_bytes[..first_bytes.len().min(4096)]);
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or_default();
+    let mut what: String = line.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    if let Some(range) = lines.find_map(|l| {
+        l.split_once(':')
+            .filter(|(k, _)| k.eq_ignore_ascii_case("range"))
+            .map(|(_, v)| v.trim().to_string())
+    }) {
+        what.push(' ');
+        what.push_str(&range);
+    }
+    what
+}
+
+/// How many store round trips a set of requests took one after another: requests whose
+/// lifetimes overlap (directly or through others) count as one round trip, so a critical path
+/// of N dependent requests shows N, however many ran beside each of them.
+pub fn round_trips(spans: &[RequestSpan]) -> usize {
+    let mut sorted: Vec<&RequestSpan> = spans.iter().collect();
+    sorted.sort_by_key(|s| s.start);
+    let mut rounds = 0;
+    let mut busy_until: Option<Instant> = None;
+    for s in sorted {
+        match busy_until {
+            Some(until) if s.start < until => busy_until = Some(until.max(s.end)),
+            _ => {
+                rounds += 1;
+                busy_until = Some(s.end);
+            }
+        }
+    }
+    rounds
 }
 
 impl Shared {
@@ -141,6 +190,16 @@ impl LatencyProxy {
         self.shared.delay_us.store(us, Ordering::Relaxed);
     }
 
+    /// Starts keeping a [`RequestSpan`] for every request from now on (dropping any kept).
+    pub fn start_recording(&self) {
+        *lock(&self.shared.spans) = Some(Vec::new());
+    }
+
+    /// Stops recording and returns the spans of the requests whose response has begun.
+    pub fn take_recording(&self) -> Vec<RequestSpan> {
+        lock(&self.shared.spans).take().unwrap_or_default()
+    }
+
     /// Totals since the proxy started; subtract two snapshots with [`Traffic::since`].
     pub fn traffic(&self) -> Traffic {
         let s = &self.shared;
@@ -186,6 +245,14 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
 #[derive(Default)]
 struct Turn {
     awaiting_response: AtomicBool,
+    /// When the request awaiting its response was sent, and what it was (kept only while
+    /// recording).
+    started: Mutex<Option<(Instant, String)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The data is a plain record; a panicked holder cannot leave it half-written.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn relay(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) -> Result<()> {
@@ -225,6 +292,9 @@ async fn requests(
         }
         if !turn.awaiting_response.swap(true, Ordering::SeqCst) {
             shared.count_request(&buf[..n]);
+            if lock(&shared.spans).is_some() {
+                *lock(&turn.started) = Some((Instant::now(), describe_request(&buf[..n])));
+            }
         }
         shared.request_bytes.fetch_add(n as u64, Ordering::Relaxed);
         to.write_all(&buf[..n]).await?;
@@ -252,6 +322,15 @@ async fn responses(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
+            if let Some((start, what)) = lock(&turn.started).take()
+                && let Some(spans) = lock(&shared.spans).as_mut()
+            {
+                spans.push(RequestSpan {
+                    start,
+                    end: Instant::now(),
+                    what,
+                });
+            }
         }
         shared.response_bytes.fetch_add(n as u64, Ordering::Relaxed);
         to.write_all(chunk).await?;
@@ -262,7 +341,6 @@ async fn responses(
 mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Read, Write};
-    use std::time::Instant;
 
     /// A tiny keep-alive HTTP server: answers every request with `body`, forever.
     fn http_server(body: &'static [u8]) -> SocketAddr {
@@ -396,5 +474,23 @@ mod tests {
         );
         let t = proxy.traffic();
         assert_eq!((t.requests, t.puts), (1, 1));
+    }
+
+    #[test]
+    fn overlapping_requests_are_one_round_trip() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let span = |a, b| RequestSpan {
+            start: ms(a),
+            end: ms(b),
+            what: String::new(),
+        };
+        assert_eq!(round_trips(&[]), 0);
+        // Two in parallel, then one that starts after both: two round trips.
+        assert_eq!(round_trips(&[span(0, 20), span(1, 21), span(25, 45)]), 2);
+        // A chain of overlaps is one busy period.
+        assert_eq!(round_trips(&[span(10, 30), span(0, 20), span(25, 45)]), 1);
+        // Three dependent requests one after another: three.
+        assert_eq!(round_trips(&[span(0, 20), span(20, 40), span(40, 60)]), 3);
     }
 }

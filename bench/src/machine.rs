@@ -159,6 +159,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// The first line `program args` prints (its version), or why there is none.
+pub fn version_line(program: &str, args: &[&str]) -> String {
+    crate::process::output_of(program, args)
+        .map(|s| s.lines().next().unwrap_or_default().to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -68,6 +68,10 @@ enum Suite {
     /// 4k random reads of bucketdisk, nbdkit's S3 plugin and s3backer, against the store's own
     /// GET ceilings measured in the same run.
     Cold(suites::cold::Args),
+    /// Start → first verified read of a 100 GiB disk with a fully written block map, empty
+    /// cache, moto behind 20 ms, in four states (clean stop, killed during writes, after 1,000
+    /// uploads, snapshot far behind), with s3backer in the same run.
+    Boot(suites::boot::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +89,7 @@ fn main() -> std::process::ExitCode {
         Suite::Full(args) => suites::compare::run(suites::compare::Profile::Full, args, command),
         Suite::Sustained(args) => suites::sustained::run(args, command),
         Suite::Cold(args) => suites::cold::run(args, command),
+        Suite::Boot(args) => suites::boot::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

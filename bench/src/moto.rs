@@ -6,6 +6,8 @@
 
 use crate::process::{ServerProcess, free_loopback_port};
 use anyhow::{Context, Result, bail, ensure};
+use object_store::ObjectStore;
+use object_store::aws::AmazonS3Builder;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -19,6 +21,20 @@ pub const REGION: &str = "us-east-1";
 
 /// How long moto may take to start (it imports a lot of Python).
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An S3 client of `bucket` at `endpoint` (moto itself, or the proxy in front of it).
+pub fn client(endpoint: &str, bucket: &str) -> Result<std::sync::Arc<dyn ObjectStore>> {
+    let store = AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_bucket_name(bucket)
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key(SECRET_KEY)
+        .with_region(REGION)
+        .with_allow_http(true)
+        .build()
+        .with_context(|| format!("an S3 client of {bucket} at {endpoint}"))?;
+    Ok(std::sync::Arc::new(store))
+}
 
 pub struct Moto {
     server: ServerProcess,

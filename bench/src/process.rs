@@ -171,6 +171,17 @@ impl ServerProcess {
         terminate(child, &self.name, grace)
     }
 
+    /// SIGKILL: the crash a server must survive. Returns once the process is gone.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("server already stopped")?;
+        child
+            .kill()
+            .with_context(|| format!("killing {}", self.name))?;
+        child
+            .wait()
+            .with_context(|| format!("waiting for {} to die", self.name))
+    }
+
     /// Waits for the process to exit by itself (e.g. a FUSE daemon after its unmount); after
     /// `timeout`, SIGKILL.
     pub fn wait_exit(mut self, timeout: Duration) -> Result<ExitStatus> {

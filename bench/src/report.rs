@@ -335,6 +335,17 @@ pub fn free_stem(out_dir: &Path, stem: &str, started: &str) -> Result<String> {
 }
 
 /// The report's "Notes from the run" section (nothing without notes).
+/// Writes `<stem>.md` and `<stem>.json` (`data`, pretty) into `out_dir`, creating it.
+pub fn write_md_json<T: Serialize>(out_dir: &Path, stem: &str, md: &str, data: &T) -> Result<()> {
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join(format!("{stem}.md")), md)?;
+    std::fs::write(
+        out_dir.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(data)? + "\n",
+    )?;
+    Ok(())
+}
+
 pub fn notes_section(o: &mut String, notes: &[String]) {
     if notes.is_empty() {
         return;

@@ -32,6 +32,20 @@ impl Summary {
             n,
         })
     }
+
+    /// [`Summary::of`] the values an iterator yields.
+    pub fn of_iter(values: impl Iterator<Item = f64>) -> Option<Summary> {
+        Summary::of(&values.collect::<Vec<_>>())
+    }
+}
+
+/// `median (min–max)` with `digits` decimals, the median alone for one value, `–` for none.
+pub fn show(s: Option<Summary>, digits: usize) -> String {
+    match s {
+        Some(s) if s.n > 1 => format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits),
+        Some(s) => format!("{:.d$}", s.median, d = digits),
+        None => "–".into(),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 
 use crate::moto;
 use anyhow::{Context, Result};
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
@@ -36,24 +35,13 @@ pub struct StoreProbe {
 
 impl StoreProbe {
     pub fn new(endpoint: &str, bucket: &str) -> Result<StoreProbe> {
-        let store = AmazonS3Builder::new()
-            .with_endpoint(endpoint)
-            .with_bucket_name(bucket)
-            .with_access_key_id(moto::ACCESS_KEY)
-            .with_secret_access_key(moto::SECRET_KEY)
-            .with_region(moto::REGION)
-            .with_allow_http(true)
-            .build()
-            .context("an S3 client for the store ceiling")?;
+        let store = moto::client(endpoint, bucket)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("the store ceiling's runtime")?;
-        let probe = StoreProbe {
-            store: Arc::new(store),
-            runtime,
-        };
+        let probe = StoreProbe { store, runtime };
         probe.runtime.block_on(probe.upload())?;
         Ok(probe)
     }

@@ -367,9 +367,15 @@ fn bucketdisk(env: &Env, port: u16, cache: &Path) -> Command {
 }
 
 fn bucketdisk_s3(env: &Env, port: u16, cache: &Path) -> Command {
+    bucketdisk_s3_at(env, "bucketdisk", port, cache)
+}
+
+/// `bucketdisk serve` of the 100 GiB disk stored under `prefix` of [`BUCKET`] (through the
+/// proxy), with its cache in `cache`.
+pub fn bucketdisk_s3_at(env: &Env, prefix: &str, port: u16, cache: &Path) -> Command {
     let mut cmd = bucketdisk(env, port, cache);
     cmd.arg("--store")
-        .arg(format!("s3://{BUCKET}/bucketdisk"))
+        .arg(format!("s3://{BUCKET}/{prefix}"))
         .env("AWS_ENDPOINT_URL", &env.s3_endpoint)
         .env("AWS_ALLOW_HTTP", "true")
         .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY)
@@ -378,7 +384,7 @@ fn bucketdisk_s3(env: &Env, port: u16, cache: &Path) -> Command {
     cmd
 }
 
-fn describe(cmd: &Command) -> String {
+pub fn describe(cmd: &Command) -> String {
     std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy().into_owned())
@@ -425,7 +431,8 @@ impl S3backerMount {
             if Instant::now() >= deadline {
                 bail!("s3backer did not mount within {START_TIMEOUT:?}");
             }
-            std::thread::sleep(Duration::from_millis(100));
+            // Polled often: the boot clock includes this wait, and must not round it up.
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(mount)
     }

@@ -71,22 +71,42 @@ pub struct Built {
 }
 
 /// Creates volume `name` of `volume_bytes` in the local-directory store `store_dir` with a map
-/// of `rows` rows, syncs it, compacts it and writes a snapshot (as a long-running writer
-/// would have), and leaves it closed.
+/// of `rows` rows; see [`build_volume_in`].
 pub fn build_volume(store_dir: &Path, name: &str, volume_bytes: u64, rows: u64) -> Result<Built> {
+    std::fs::create_dir_all(store_dir)?;
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(store_dir)?);
+    build_volume_in(
+        store,
+        &StorePath::from(""),
+        Layout::File,
+        name,
+        volume_bytes,
+        rows,
+    )
+}
+
+/// Creates volume `name` of `volume_bytes` under `prefix` of `store` (its LTX files named as
+/// `layout` says) with a map of `rows` rows, syncs it, compacts it and writes a snapshot (as a
+/// long-running writer would have), and leaves it closed.
+pub fn build_volume_in(
+    store: Arc<dyn ObjectStore>,
+    prefix: &StorePath,
+    layout: Layout,
+    name: &str,
+    volume_bytes: u64,
+    rows: u64,
+) -> Result<Built> {
     let started = Instant::now();
     let blocks = volume_bytes / u64::from(BLOCK);
     ensure!(rows > 0 && rows <= blocks, "{rows} rows on {blocks} blocks");
-    std::fs::create_dir_all(store_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(store_dir)?);
-    let root = StorePath::from(name);
+    let root = prefix.clone().join(name);
     rt.block_on(ObjectVolume::create(
         store.as_ref(),
-        &StorePath::from(""),
+        prefix,
         name,
         volume_bytes,
         BLOCK,
@@ -95,7 +115,7 @@ pub fn build_volume(store_dir: &Path, name: &str, volume_bytes: u64, rows: u64) 
     let replica = Arc::new(Replica::new(
         Arc::clone(&store),
         root.clone().join("blockmap"),
-        Layout::File,
+        layout,
     ));
     let db_name = format!("bench-build-{name}-{}", std::process::id());
     let writer = rt
@@ -157,21 +177,21 @@ pub fn build_volume(store_dir: &Path, name: &str, volume_bytes: u64, rows: u64) 
     rt.block_on(writer.close())
         .map_err(|e| anyhow!("closing the map: {e}"))?;
 
-    let blockmap_dir = store_dir.join(name).join("blockmap");
-    let mut files = Vec::new();
-    list_files(&blockmap_dir, &mut files);
+    let files = rt
+        .block_on(replica.list())
+        .map_err(|e| anyhow!("listing the map replica: {e}"))?;
     let snapshot_bytes = files
         .iter()
-        .filter(|(p, _)| p.parent().and_then(|d| d.file_name()) == Some("9".as_ref()))
-        .max_by_key(|(p, _)| p.file_name().map(|n| n.to_owned()))
-        .map_or(0, |(_, len)| *len);
+        .filter(|f| f.level == ltx::naming::SNAPSHOT_LEVEL)
+        .max_by_key(|f| f.name.max_txid)
+        .map_or(0, |f| f.size);
     Ok(Built {
         volume_bytes,
         rows,
         map_bytes: (pages * page_size) as u64,
         snapshot_bytes,
         replica_files: files.len() as u64,
-        replica_bytes: files.iter().map(|(_, l)| l).sum(),
+        replica_bytes: files.iter().map(|f| f.size).sum(),
         chunk_bytes,
         build_secs: started.elapsed().as_secs_f64(),
     })

@@ -57,6 +57,9 @@ pub struct Places {
     /// Where results go [bench/results].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Keep the scratch directory (server logs, stores) when the suite ends, to inspect it.
+    #[arg(long)]
+    pub keep_scratch: bool,
 }
 
 impl Places {
@@ -69,9 +72,14 @@ impl Places {
 
     /// A new scratch directory under `--dir`, named `<prefix>XXXXXX`, deleted when dropped.
     pub fn scratch(&self, prefix: &str) -> Result<tempfile::TempDir> {
-        tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix(prefix)
             .tempdir_in(&self.dir)
-            .with_context(|| format!("creating a scratch directory in {}", self.dir.display()))
+            .with_context(|| format!("creating a scratch directory in {}", self.dir.display()))?;
+        if self.keep_scratch {
+            dir.disable_cleanup(true);
+            eprintln!("bench: scratch kept in {}", dir.path().display());
+        }
+        Ok(dir)
     }
 }

@@ -16,7 +16,7 @@ use crate::machine::{self, Machine, Tools};
 use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::report::notes_section;
-use crate::stats::Summary;
+use crate::stats::{Summary, show};
 use crate::store_ceiling::{Ceiling, StoreProbe};
 use crate::store_subjects::{self, Env, Kind};
 use crate::units::parse_size;
@@ -239,28 +239,11 @@ pub fn run(args: Args, command: String) -> Result<()> {
         notes,
     };
     let out_dir = args.places.out_dir(&workspace);
-    std::fs::create_dir_all(&out_dir)?;
     let stem = format!("cold-{date}-{}", machine::hhmm(&report.started));
     let md = markdown(&report, &stem);
-    std::fs::write(out_dir.join(format!("{stem}.md")), &md)?;
-    std::fs::write(
-        out_dir.join(format!("{stem}.json")),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
+    crate::report::write_md_json(&out_dir, &stem, &md, &report)?;
     print!("{md}");
     Ok(())
-}
-
-fn summary_of(values: impl Iterator<Item = f64>) -> Option<Summary> {
-    Summary::of(&values.collect::<Vec<_>>())
-}
-
-fn show(s: Option<Summary>, digits: usize) -> String {
-    match s {
-        Some(s) if s.n > 1 => format!("{:.d$} ({:.d$}–{:.d$})", s.median, s.min, s.max, d = digits),
-        Some(s) => format!("{:.d$}", s.median, d = digits),
-        None => "–".into(),
-    }
 }
 
 /// Per-repeat ratios of a subject's value to a per-repeat reference (same repeat: the two ran
@@ -271,7 +254,7 @@ fn ratios(
     workload: &str,
     reference: impl Fn(usize) -> Option<f64>,
 ) -> Option<Summary> {
-    summary_of(
+    Summary::of_iter(
         r.measurements
             .iter()
             .filter(|m| m.subject == subject && m.workload == workload)
@@ -346,7 +329,7 @@ fn markdown(r: &Report, stem: &str) -> String {
     );
     for (bytes, in_flight) in LARGE_CEILINGS.into_iter().chain([SMALL_CEILING]) {
         let of = |f: fn(&Ceiling) -> f64| {
-            summary_of(
+            Summary::of_iter(
                 r.ceilings
                     .iter()
                     .filter(|(_, c)| c.get_bytes == bytes && c.in_flight == in_flight)
@@ -409,7 +392,7 @@ fn markdown(r: &Report, stem: &str) -> String {
                 .filter(|m| m.subject == subject && m.workload == workload)
                 .collect();
             let per_gib = |f: fn(&Traffic) -> f64| {
-                summary_of(
+                Summary::of_iter(
                     rows.iter()
                         .filter(|m| m.bytes_read > 0)
                         .map(|m| f(&m.store) / (m.bytes_read as f64 / GIB)),
@@ -425,7 +408,7 @@ fn markdown(r: &Report, stem: &str) -> String {
             let _ = writeln!(
                 o,
                 "| {subject} | {} | {} | {} | {} |",
-                show(summary_of(rows.iter().map(|m| m.value)), 1),
+                show(Summary::of_iter(rows.iter().map(|m| m.value)), 1),
                 show(ceiling, 2),
                 show(per_gib(|t| t.gets as f64), 0),
                 show(per_gib(|t| t.response_bytes as f64 / MIB), 0)

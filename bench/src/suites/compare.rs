@@ -9,7 +9,7 @@ use crate::latency_proxy::{LatencyProxy, Traffic};
 use crate::machine::{self, Machine, Tools};
 use crate::moto::Moto;
 use crate::plots;
-use crate::process::{check_interrupted, output_of};
+use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::store_subjects::{self, Env, Kind, Session};
 use crate::suites::compare_clocks::{self, BootRun, HydrationRun, LitestreamRun, MkfsRun};
@@ -148,11 +148,20 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tools = Tools::probe(&bin, &workspace)?;
     let peer_versions = vec![
-        ("s3backer".into(), version_line("s3backer", &["--version"])),
-        ("moto".into(), version_line("moto_server", &["--version"])),
+        (
+            "s3backer".into(),
+            machine::version_line("s3backer", &["--version"]),
+        ),
+        (
+            "moto".into(),
+            machine::version_line(
+                "python3",
+                &["-c", "import moto; print('moto', moto.__version__)"],
+            ),
+        ),
         (
             "nbdkit S3 plugin".into(),
-            version_line("dpkg-query", &["-W", "nbdkit-plugin-python"]),
+            machine::version_line("dpkg-query", &["-W", "nbdkit-plugin-python"]),
         ),
     ];
     let load_before = machine::load_average();
@@ -639,10 +648,4 @@ fn measure_one(
             .then(|| ctx.proxy.traffic().since(&traffic_before)),
         session_peak_rss_bytes: 0,
     })
-}
-
-fn version_line(program: &str, args: &[&str]) -> String {
-    output_of(program, args)
-        .map(|s| s.lines().next().unwrap_or_default().to_string())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
 }

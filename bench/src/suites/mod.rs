@@ -1,6 +1,7 @@
 //! Benchmark suites, one module each.
 
 pub mod blockmap;
+pub mod boot;
 pub mod cold;
 pub mod compare;
 pub mod compare_clocks;
