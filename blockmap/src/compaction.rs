@@ -154,8 +154,8 @@ pub async fn enforce_retention_keeping(
     Ok(doomed)
 }
 
-/// Deletes the level-0 to level-8 files whose transactions a file of a higher level (below the
-/// snapshots) holds as well, once they are older than `since_ms` (outside the restore window)
+/// Deletes, of `listing` (the replica's, recent), the level-0 to level-8 files whose
+/// transactions a file of a higher level (below the snapshots) holds as well, once they are older than `since_ms` (outside the restore window)
 /// and not at `reading`. Restores of the latest state and of any state in the window plan
 /// the same files as before; a state inside a folded range and outside the window is no
 /// longer restorable on its own, as with Litestream's level-0 retention. Keeps the replica —
@@ -163,10 +163,10 @@ pub async fn enforce_retention_keeping(
 /// files were deleted.
 pub async fn drop_covered(
     replica: &Replica,
+    listing: &[ReplicaFile],
     since_ms: i64,
     reading: &[Path],
 ) -> ReplicaResult<usize> {
-    let listing = replica.list().await?;
     let levels: Vec<&ReplicaFile> = listing
         .iter()
         .filter(|f| f.level < SNAPSHOT_LEVEL)

@@ -271,15 +271,28 @@ impl MapWriter {
     /// every open would list it all.)
     async fn snapshot_and_retain(&self) -> Result<(), WriterError> {
         crate::compaction::snapshot(&self.replica).await?;
-        let keep: &[Path] = if self.independent_of_open_files.load(Ordering::Acquire) {
+        crate::compaction::enforce_retention_keeping(
+            &self.replica,
+            2,
+            self.restorable_since_ms(),
+            self.files_still_read(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// States committed since then (Unix ms) stay restorable: the restore window.
+    fn restorable_since_ms(&self) -> i64 {
+        now_ms() - self.restore_window_ms.load(Ordering::Relaxed) as i64
+    }
+
+    /// Replica files reads still depend on: the open's, until hydration.
+    fn files_still_read(&self) -> &[Path] {
+        if self.independent_of_open_files.load(Ordering::Acquire) {
             &[]
         } else {
             &self.open_files
-        };
-        let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
-        crate::compaction::enforce_retention_keeping(&self.replica, 2, now_ms() - window, keep)
-            .await?;
-        Ok(())
+        }
     }
 
     /// Syncs every `interval`, and runs [`Self::maintain`] every `maintain_every` syncs, until a
@@ -334,20 +347,21 @@ impl MapWriter {
 
     /// Returns the newest snapshot's TXID (0 without one).
     async fn fold_levels(&self) -> Result<u64, WriterError> {
-        let snapshot_txid = self.fold_levels_only().await?;
+        let (snapshot_txid, listing) = self.fold_levels_only().await?;
         // Files folded into a higher level are deleted once outside the restore window (those
         // the open still reads from stay until hydration).
-        let reading: &[Path] = if self.independent_of_open_files.load(Ordering::Acquire) {
-            &[]
-        } else {
-            &self.open_files
-        };
-        let window = self.restore_window_ms.load(Ordering::Relaxed) as i64;
-        crate::compaction::drop_covered(&self.replica, now_ms() - window, reading).await?;
+        crate::compaction::drop_covered(
+            &self.replica,
+            &listing,
+            self.restorable_since_ms(),
+            self.files_still_read(),
+        )
+        .await?;
         Ok(snapshot_txid)
     }
 
-    async fn fold_levels_only(&self) -> Result<u64, WriterError> {
+    /// Returns the newest snapshot's TXID and the listing made after the last fold.
+    async fn fold_levels_only(&self) -> Result<(u64, Vec<ReplicaFile>), WriterError> {
         crate::compaction::compact_level(&self.replica, 0, 1).await?;
         // The end of everything above `level` (snapshots included): files of `level` up to
         // there are folded already.
@@ -380,7 +394,7 @@ impl MapWriter {
         if waiting(&listing, FOLD_TOP_LEVEL) >= FOLD_AFTER {
             self.snapshot_and_retain().await?;
         }
-        Ok(snapshot_txid)
+        Ok((snapshot_txid, listing))
     }
 
     /// Final sync, then the database is detached from the VFS.
