@@ -400,9 +400,15 @@ pub fn run(args: Args, command: String) -> Result<()> {
             ));
             let run_prefix = format!("boot-run-{}-{repeat}", state.name());
             bucket.copy_prefix(&state.prefix(), &run_prefix)?;
-            let (boot, line) =
-                boot_bucketdisk(&env, &proxy, &run_prefix, &expected, &args.server_log)
-                    .with_context(|| format!("booting after {}", state.name()))?;
+            let (boot, line) = boot_bucketdisk(
+                &env,
+                &proxy,
+                (state, repeat),
+                &run_prefix,
+                &expected,
+                &args.server_log,
+            )
+            .with_context(|| format!("booting after {}", state.name()))?;
             server_command = line;
             eprintln!(
                 "boot: {} — first read {:.0} ms, {} requests, {} round trips",
@@ -411,11 +417,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
                 boot.store.requests,
                 boot.round_trips.unwrap_or(0)
             );
-            boots.push(Boot {
-                subject: state.name().to_string(),
-                repeat,
-                ..boot
-            });
+            boots.push(boot);
             bucket.delete_prefix(&run_prefix)?;
             progress.step_done();
         }
@@ -680,12 +682,13 @@ fn uploads_then_kill(env: &Env, prefix: &str, uploads: u64) -> Result<u64> {
     bail!("flushed writes made only {done} of {uploads} uploads")
 }
 
-/// One timed boot of the volume under `prefix`: spawn with an empty cache → connect →
-/// handshake → read block 0's first 4 KiB → check it. Returns the boot and the server's
-/// command line.
+/// One timed boot (`repeat` of `state`) of the volume under `prefix`: spawn with an empty
+/// cache → connect → handshake → read block 0's first 4 KiB → check it. Returns the boot and
+/// the server's command line.
 fn boot_bucketdisk(
     env: &Env,
     proxy: &LatencyProxy,
+    (state, repeat): (State, usize),
     prefix: &str,
     expected: &[u8],
     log_level: &str,
@@ -748,8 +751,8 @@ fn boot_bucketdisk(
     }
     Ok((
         Boot {
-            subject: String::new(),
-            repeat: 0,
+            subject: state.name().to_string(),
+            repeat,
             first_read_ms: first_read.as_secs_f64() * 1000.0,
             listening_ms: listening.as_secs_f64() * 1000.0,
             store,

@@ -185,14 +185,6 @@ fn bucketdisk_command(
     cmd
 }
 
-fn describe(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Starts `bucketdisk serve` and waits until it answers NBD.
 fn serve(
     bin: &Path,
@@ -207,7 +199,7 @@ fn serve(
     }
     let port = free_loopback_port()?;
     let cmd = bucketdisk_command(bin, engine, store, cache, port, extra);
-    let command_line = describe(&cmd);
+    let command_line = crate::store_subjects::describe(&cmd);
     let mut server = ServerProcess::spawn("bucketdisk", cmd, log)?;
     server
         .wait_until_serving(
@@ -747,7 +739,7 @@ fn part_boot(ctx: &Ctx, sizes: &Sizes) -> Result<BootResult> {
         );
         peer_runs.push(peer);
     }
-    let server_command = describe(&bucketdisk_command(
+    let server_command = crate::store_subjects::describe(&bucketdisk_command(
         &ctx.bin,
         Engine::Object,
         Path::new("STORE"),

@@ -386,7 +386,10 @@ fn probe_tools(bin: &Path, workspace: &Path) -> Result<Tools> {
         .unwrap_or(false);
     Ok(Tools {
         fio: output_of("fio", &["--version"]).context("fio is required (apt-get install fio)")?,
-        moto: server::version_line("python3", &["-c", "import moto; print(moto.__version__)"]),
+        moto: crate::machine::version_line(
+            "python3",
+            &["-c", "import moto; print(moto.__version__)"],
+        ),
         bucketdisk: output_of(&bin.to_string_lossy(), &["--version"])
             .context("running bucketdisk --version")?,
         commit: if dirty {

@@ -3,7 +3,7 @@
 //! parts share around it (the volume's `info`, free disk and memory, stopping moto).
 
 use crate::moto;
-use crate::process::{ServerProcess, free_loopback_port, output_of};
+use crate::process::{ServerProcess, free_loopback_port};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -342,13 +342,6 @@ impl Drop for Stall {
             let _ = signal_tree(pid, libc::SIGCONT);
         }
     }
-}
-
-/// First line of a tool's `--version`-style output, or why there is none.
-pub fn version_line(program: &str, args: &[&str]) -> String {
-    output_of(program, args)
-        .map(|s| s.lines().next().unwrap_or_default().to_string())
-        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 #[cfg(test)]
