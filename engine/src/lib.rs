@@ -14,6 +14,8 @@ pub mod fallocate;
 pub mod fast_hash;
 pub mod file_volume;
 pub mod journal;
+pub mod local_store;
+pub mod low_priority;
 pub mod metadata;
 pub mod object_volume;
 pub mod overlay;

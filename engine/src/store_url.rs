@@ -10,10 +10,10 @@
 //!   AWS_REGION, AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
 //! - `memory://`: in-process, gone at exit (tests, benchmarks).
 
+use crate::local_store::LocalStore;
 use blockmap::faulty_store::FaultyStore;
 use blockmap::replica::Layout;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ClientConfigKey, ObjectStore};
@@ -86,8 +86,7 @@ fn local(dir: &std::path::Path) -> io::Result<StoreLocation> {
     std::fs::create_dir_all(dir)?;
     // Canonical, so messages show the real directory and not `a/../b`.
     let dir = std::fs::canonicalize(dir)?;
-    let store = LocalFileSystem::new_with_prefix(&dir)
-        .map_err(|e| io::Error::other(format!("store {}: {e}", dir.display())))?;
+    let store = LocalStore::new(&dir)?;
     Ok(StoreLocation {
         store: Arc::new(store),
         prefix: Path::default(),

@@ -15,7 +15,6 @@
 //! Everything that touches SQLite runs on blocking threads: a block-map page that is not local
 //! yet is fetched from the store by the calling thread.
 
-mod background;
 pub mod catalog;
 mod fetch;
 mod gc;
@@ -38,6 +37,7 @@ use crate::device::{
     MetricKind, ReadSegment, ZeroMode, check_range,
 };
 use crate::journal::{Journal, Record};
+use crate::low_priority::LowPriorityThreads;
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
 use async_trait::async_trait;
@@ -198,7 +198,7 @@ pub(crate) struct Shared {
     chunks: ChunkStore,
     cache: BlockCache,
     /// Where the uploader's CPU-heavy work runs, below the priority of serving requests.
-    background: background::BackgroundCpu,
+    background: LowPriorityThreads,
     /// Blocks being fetched from the store, for others who want them meanwhile (see `fetch`).
     fetches: Mutex<HashMap<CacheKey, fetch::BlockFetch>>,
     /// Highest journal seq whose writes are in object storage.
@@ -477,7 +477,7 @@ impl ObjectVolume {
         let cache_bytes = config.cache_bytes;
         let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
         phase("cache opened");
-        let background = background::BackgroundCpu::start(&format!("upload-{name}"))?;
+        let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
         let dirty = overlay.data_bytes() as u64;
         let (uploaded, _) = watch::channel(uploaded_seq);
         let total_blocks = meta.size.div_ceil(u64::from(block_size));
