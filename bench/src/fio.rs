@@ -163,8 +163,27 @@ pub fn pass_with(
     uri: &str,
     output: &Path,
 ) -> Result<FioResult> {
+    pass_with_options(rw, bs, iodepth, size, uri, output, &[])
+}
+
+/// One 1 MiB sequential write pass at QD8 that ends with an fsync (NBD FLUSH), so the job ends
+/// when the server has the data where it promises durability: the write floor's job.
+pub fn synced_write_pass(size: u64, uri: &str, output: &Path) -> Result<FioResult> {
+    pass_with_options("write", "1M", 8, size, uri, output, &["--end_fsync=1"])
+}
+
+fn pass_with_options(
+    rw: &str,
+    bs: &str,
+    iodepth: u32,
+    size: u64,
+    uri: &str,
+    output: &Path,
+    options: &[&str],
+) -> Result<FioResult> {
     let mut cmd = Command::new("fio");
     cmd.arg(format!("--name=pass-{rw}"))
+        .args(options)
         .arg("--ioengine=nbd")
         .arg(format!("--uri={uri}"))
         .arg(format!("--rw={rw}"))

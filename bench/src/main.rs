@@ -72,6 +72,9 @@ enum Suite {
     /// cache, moto behind 20 ms, in four states (clean stop, killed during writes, after 1,000
     /// uploads, snapshot far behind), with s3backer in the same run.
     Boot(suites::boot::Args),
+    /// 1M sequential writes ending in fsync over 4 GiB: every local subject, bucketdisk on
+    /// moto (until uploaded, and with --durability remote) against moto's PUT ceiling.
+    Writes(suites::writes::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,6 +93,7 @@ fn main() -> std::process::ExitCode {
         Suite::Sustained(args) => suites::sustained::run(args, command),
         Suite::Cold(args) => suites::cold::run(args, command),
         Suite::Boot(args) => suites::boot::run(args, command),
+        Suite::Writes(args) => suites::writes::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

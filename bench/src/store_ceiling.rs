@@ -1,6 +1,8 @@
-//! What the store itself serves: ranged GETs straight from a Rust S3 client through the same
-//! latency proxy the subjects use, with a fixed number in flight. These are the ceilings the
-//! cold-read rows are held against (a server cannot read faster than its store answers).
+//! What the store itself serves and absorbs: ranged GETs, and PUTs of chunk-sized objects,
+//! straight from a Rust S3 client through the same latency proxy the subjects use, with a fixed
+//! number in flight. These are the ceilings the cold-read and store-durable write rows are held
+//! against (a server cannot read faster than its store answers, nor upload faster than it
+//! stores).
 
 use crate::moto;
 use anyhow::{Context, Result};
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 const OBJECTS: u64 = 16;
 const OBJECT_BYTES: u64 = 8 << 20;
 const PREFIX: &str = "ceiling";
+/// Where the PUT ceiling's objects go (deleted after each measurement).
+const PUT_PREFIX: &str = "ceiling-puts";
 
 /// One ceiling: `in_flight` ranged GETs of `get_bytes` kept going for the whole time.
 #[derive(Debug, Clone, Serialize)]
@@ -33,30 +37,108 @@ pub struct StoreProbe {
     runtime: tokio::runtime::Runtime,
 }
 
+/// One PUT ceiling: `in_flight` PUTs of `put_bytes` kept going for the whole time.
+#[derive(Debug, Clone, Serialize)]
+pub struct PutCeiling {
+    pub put_bytes: u64,
+    pub in_flight: usize,
+    pub seconds: f64,
+    pub puts: u64,
+    pub mib_per_sec: f64,
+}
+
 impl StoreProbe {
+    /// A probe with the objects the GET ceilings read.
     pub fn new(endpoint: &str, bucket: &str) -> Result<StoreProbe> {
+        let probe = StoreProbe::connect(endpoint, bucket)?;
+        probe.runtime.block_on(probe.upload())?;
+        Ok(probe)
+    }
+
+    /// A probe that uploads nothing until asked (for PUT ceilings).
+    pub fn connect(endpoint: &str, bucket: &str) -> Result<StoreProbe> {
         let store = moto::client(endpoint, bucket)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("the store ceiling's runtime")?;
-        let probe = StoreProbe { store, runtime };
-        probe.runtime.block_on(probe.upload())?;
-        Ok(probe)
+        Ok(StoreProbe { store, runtime })
+    }
+
+    /// `in_flight` loops of PUTs of `put_bytes` (incompressible, new keys) for `time`; the
+    /// objects are deleted afterwards, outside the clock.
+    pub fn measure_puts(
+        &self,
+        put_bytes: u64,
+        in_flight: usize,
+        time: Duration,
+    ) -> Result<PutCeiling> {
+        let body = PutPayload::from(random_bytes(put_bytes, 0x5DEE_CE66_D1CE_4E5B));
+        let puts = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + time;
+        let result: Result<()> = self.runtime.block_on(async {
+            let loops: Vec<_> = (0..in_flight)
+                .map(|lane| {
+                    let store = Arc::clone(&self.store);
+                    let puts = Arc::clone(&puts);
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while Instant::now() < deadline {
+                            let key = Path::from(format!("{PUT_PREFIX}/{lane:02}-{n:06}"));
+                            store.put(&key, body.clone()).await?;
+                            puts.fetch_add(1, Ordering::Relaxed);
+                            n += 1;
+                        }
+                        Ok::<(), anyhow::Error>(())
+                    })
+                })
+                .collect();
+            for l in loops {
+                l.await.context("a PUT loop")??;
+            }
+            Ok(())
+        });
+        let seconds = started.elapsed().as_secs_f64();
+        result?;
+        self.runtime.block_on(self.delete_under(PUT_PREFIX))?;
+        let puts = puts.load(Ordering::Relaxed);
+        Ok(PutCeiling {
+            put_bytes,
+            in_flight,
+            seconds,
+            puts,
+            mib_per_sec: (puts * put_bytes) as f64 / seconds / f64::from(1 << 20),
+        })
+    }
+
+    /// Deletes every object under `prefix` (e.g. a subject's disk between two runs).
+    pub fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.runtime.block_on(self.delete_under(prefix))
+    }
+
+    async fn delete_under(&self, prefix: &str) -> Result<()> {
+        use futures::{StreamExt, TryStreamExt};
+        let prefix = Path::from(prefix);
+        let locations = self
+            .store
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .boxed();
+        let _: Vec<Path> = self
+            .store
+            .delete_stream(locations)
+            .try_collect()
+            .await
+            .with_context(|| format!("deleting {prefix}"))?;
+        Ok(())
     }
 
     async fn upload(&self) -> Result<()> {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
         for i in 0..OBJECTS {
-            let body: Vec<u8> = (0..OBJECT_BYTES / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect();
+            let body = random_bytes(OBJECT_BYTES, 0x2545_F491_4F6C_DD1D ^ i);
             self.store
                 .put(&object(i), PutPayload::from(body))
                 .await
@@ -110,6 +192,20 @@ impl StoreProbe {
             mib_per_sec: (gets * get_bytes) as f64 / seconds / f64::from(1 << 20),
         })
     }
+}
+
+/// `len` incompressible bytes (xorshift from `seed`).
+fn random_bytes(len: u64, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len.div_ceil(8))
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .take(len as usize)
+        .collect()
 }
 
 fn object(i: u64) -> Path {

@@ -39,6 +39,9 @@ pub enum Kind {
     NbdkitFile,
     /// bucketdisk, object engine, local-directory store, warm cache.
     BucketdiskLocal,
+    /// bucketdisk's local-file engine (one sparse file per volume): not in [`ALL`], the
+    /// `writes` suite holds the object engine against it.
+    BucketdiskFile,
     /// bucketdisk on S3, a fresh `--cache-dir` for every workload.
     BucketdiskS3Cold,
     /// bucketdisk on S3, its cache warmed by a read pass first.
@@ -55,6 +58,7 @@ impl Kind {
             Kind::QemuNbd => "qemu-nbd",
             Kind::NbdkitFile => "nbdkit-file",
             Kind::BucketdiskLocal => "bucketdisk-local",
+            Kind::BucketdiskFile => "bucketdisk-file",
             Kind::BucketdiskS3Cold => "bucketdisk-s3-cold",
             Kind::BucketdiskS3Warm => "bucketdisk-s3-warm",
             Kind::S3backer => "s3backer",
@@ -119,7 +123,7 @@ impl Env {
     }
 
     /// bucketdisk-s3-warm's cache, kept across its sessions.
-    fn warm_cache(&self) -> PathBuf {
+    pub fn warm_cache(&self) -> PathBuf {
         self.work.join("s3-warm-cache")
     }
 
@@ -276,9 +280,14 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
         }
         Kind::NbdkitFile => nbdkit_file(port, &env.raw_file()),
         Kind::BucketdiskLocal => {
-            let mut cmd = bucketdisk(env, port, &env.work.join("local-cache"));
+            let mut cmd = bucketdisk(env, port, &env.work.join("local-cache"), "object");
             cmd.arg("--store")
                 .arg(format!("file://{}", env.work.join("local-store").display()));
+            cmd
+        }
+        Kind::BucketdiskFile => {
+            let mut cmd = bucketdisk(env, port, &env.work.join("file-cache"), "file");
+            cmd.arg("--store").arg(env.work.join("file-store"));
             cmd
         }
         Kind::BucketdiskS3Warm => bucketdisk_s3(env, port, &env.warm_cache()),
@@ -315,7 +324,10 @@ pub fn spawn(kind: Kind, env: &Env, cold_index: usize, extra: &[&str]) -> Result
     };
     if matches!(
         kind,
-        Kind::BucketdiskS3Cold | Kind::BucketdiskS3Warm | Kind::BucketdiskLocal
+        Kind::BucketdiskS3Cold
+            | Kind::BucketdiskS3Warm
+            | Kind::BucketdiskLocal
+            | Kind::BucketdiskFile
     ) {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_loopback_port()?));
         cmd.arg("--metrics").arg(addr.to_string()).args(extra);
@@ -353,10 +365,10 @@ fn nbdkit_file(port: u16, file: &Path) -> Command {
     cmd
 }
 
-fn bucketdisk(env: &Env, port: u16, cache: &Path) -> Command {
+fn bucketdisk(env: &Env, port: u16, cache: &Path, engine: &str) -> Command {
     let mut cmd = Command::new(&env.bucketdisk);
     cmd.arg("serve")
-        .args(["--engine", "object", "--volume", VOLUME])
+        .args(["--engine", engine, "--volume", VOLUME])
         .args(["--size", DISK_SIZE, "--block-size", BLOCK])
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -373,7 +385,7 @@ fn bucketdisk_s3(env: &Env, port: u16, cache: &Path) -> Command {
 /// `bucketdisk serve` of the 100 GiB disk stored under `prefix` of [`BUCKET`] (through the
 /// proxy), with its cache in `cache`.
 pub fn bucketdisk_s3_at(env: &Env, prefix: &str, port: u16, cache: &Path) -> Command {
-    let mut cmd = bucketdisk(env, port, cache);
+    let mut cmd = bucketdisk(env, port, cache, "object");
     cmd.arg("--store")
         .arg(format!("s3://{BUCKET}/{prefix}"))
         .env("AWS_ENDPOINT_URL", &env.s3_endpoint)

@@ -8,3 +8,4 @@ pub mod compare_clocks;
 pub mod engine;
 pub mod nbd_local;
 pub mod sustained;
+pub mod writes;
