@@ -136,7 +136,8 @@ pub struct CeilingRun {
     pub repeat: usize,
     pub ceiling: PutCeiling,
     pub moto_cpu_seconds: f64,
-    /// The benchmark's own CPU seconds (the S3 client making the PUTs).
+    /// The benchmark's own CPU seconds: the S3 client making the PUTs and the latency proxy
+    /// they pass through.
     pub client_cpu_seconds: f64,
 }
 
@@ -160,6 +161,9 @@ pub struct Measurement {
     pub moto_cpu_seconds: f64,
     /// fio's CPU seconds (its usr + sys share of the job).
     pub fio_cpu_seconds: f64,
+    /// This benchmark's own CPU seconds over the job: the latency proxy every S3 byte passes
+    /// through (and a metrics scrape every 100 ms).
+    pub proxy_cpu_seconds: f64,
     /// Store traffic over the job and the settling (S3 subjects).
     pub store: Traffic,
 }
@@ -317,6 +321,7 @@ fn measure(
     let before = proxy.traffic();
     let cpu_before = session.cpu_time();
     let moto_before = cpu_seconds(moto.pid());
+    let proxy_before = cpu_seconds(Some(std::process::id()));
     let started = Instant::now();
     let fio = fio::synced_write_pass(size, &session.uri, &out)
         .with_context(|| format!("{}: the write job", subject.name()))?;
@@ -330,6 +335,7 @@ fn measure(
     let store = proxy.traffic().since(&before);
     let server_cpu_seconds = (session.cpu_time() - cpu_before).as_secs_f64();
     let moto_cpu_seconds = cpu_seconds(moto.pid()) - moto_before;
+    let proxy_cpu_seconds = cpu_seconds(Some(std::process::id())) - proxy_before;
     let fio_cpu_seconds = (fio.fio_usr_cpu + fio.fio_sys_cpu) / 100.0 * fio_seconds;
     let until_uploaded_mib_per_sec = subject
         .on_s3()
@@ -344,6 +350,7 @@ fn measure(
         server_cpu_seconds,
         moto_cpu_seconds,
         fio_cpu_seconds,
+        proxy_cpu_seconds,
         store,
     })
 }
@@ -500,7 +507,7 @@ fn markdown(r: &Report, stem: &str) -> String {
     let _ = writeln!(o, "\n## Moto's PUT ceiling\n");
     let _ = writeln!(
         o,
-        "| PUT size | in flight | MiB/s | moto CPU s per GiB | client CPU s per GiB |\n|---:|---:|---:|---:|---:|"
+        "| PUT size | in flight | MiB/s | moto CPU s per GiB | client + proxy CPU s per GiB |\n|---:|---:|---:|---:|---:|"
     );
     for in_flight in CEILING_IN_FLIGHT {
         let runs: Vec<&CeilingRun> = r
@@ -600,32 +607,35 @@ fn markdown(r: &Report, stem: &str) -> String {
     );
     let _ = writeln!(
         o,
-        "| subject | server | moto | fio | all | CPU-bound limit MiB/s |\n|---|---:|---:|---:|---:|---:|"
+        "| subject | server | moto | fio | proxy | all | CPU-bound limit MiB/s |\n|---|---:|---:|---:|---:|---:|---:|"
     );
     for (name, _) in &r.subjects {
         let Some(subject) = SUBJECTS.into_iter().find(|s| s.name() == name) else {
             continue;
         };
         let all = values(r, subject, |m| {
-            Some(m.server_cpu_seconds + m.moto_cpu_seconds + m.fio_cpu_seconds)
+            Some(
+                m.server_cpu_seconds + m.moto_cpu_seconds + m.fio_cpu_seconds + m.proxy_cpu_seconds,
+            )
         })
         .map(|s| per(s, gib));
         let limit = all.map(|s| r.machine.nproc as f64 * 1024.0 / s.median);
+        let cpu = |f: fn(&Measurement) -> f64| {
+            let total = Summary::of_iter(
+                r.measurements
+                    .iter()
+                    .filter(|m| m.subject == subject)
+                    .map(f),
+            );
+            show(total.map(|s| per(s, gib)), 2)
+        };
         let _ = writeln!(
             o,
-            "| {name} | {} | {} | {} | {} | {} |",
-            show(
-                values(r, subject, |m| Some(m.server_cpu_seconds)).map(|s| per(s, gib)),
-                2
-            ),
-            show(
-                values(r, subject, |m| Some(m.moto_cpu_seconds)).map(|s| per(s, gib)),
-                2
-            ),
-            show(
-                values(r, subject, |m| Some(m.fio_cpu_seconds)).map(|s| per(s, gib)),
-                2
-            ),
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            cpu(|m| m.server_cpu_seconds),
+            cpu(|m| m.moto_cpu_seconds),
+            cpu(|m| m.fio_cpu_seconds),
+            cpu(|m| m.proxy_cpu_seconds),
             show(all, 2),
             limit.map_or("–".into(), |l| format!("{l:.0}"))
         );
