@@ -72,6 +72,11 @@ pub struct Tools {
 }
 
 impl Tools {
+    /// bucketdisk's version and the commit it was built from, as report tables show it.
+    pub fn bucketdisk_line(&self) -> String {
+        format!("{} (commit {})", self.bucketdisk, self.bucketdisk_commit)
+    }
+
     pub fn probe(bucketdisk: &Path, workspace: &Path) -> Result<Tools> {
         let first_line = |s: String| s.lines().next().unwrap_or_default().to_string();
         let ws = workspace.to_string_lossy();

@@ -764,17 +764,17 @@ fn boot_bucketdisk(
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# boot: start → first read, cold, in every state — {}\n",
-        r.started
-    );
-    let _ = writeln!(o, "```\n{}\n```\n", r.command);
-    crate::report::machine_table(
+    crate::report::suite_header(
         &mut o,
-        &r.machine,
-        (&r.load_before, &r.load_after),
-        &format!("{} → {}", r.started, r.finished),
+        "boot: start → first read, cold, in every state",
+        &crate::report::RunHeader {
+            command: &r.command,
+            started: &r.started,
+            finished: &r.finished,
+            machine: &r.machine,
+            load_before: &r.load_before,
+            load_after: &r.load_after,
+        },
         &[
             (
                 "s3backer",
@@ -787,13 +787,7 @@ fn markdown(r: &Report, stem: &str) -> String {
                     &["-c", "import moto; print('moto', moto.__version__)"],
                 ),
             ),
-            (
-                "bucketdisk",
-                format!(
-                    "{} (commit {})",
-                    r.tools.bucketdisk, r.tools.bucketdisk_commit
-                ),
-            ),
+            ("bucketdisk", r.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(

@@ -286,23 +286,21 @@ fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Op
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "# cold: reads with nothing cached — {}\n", r.started);
-    let _ = writeln!(o, "```\n{}\n```\n", r.command);
-    crate::report::machine_table(
+    crate::report::suite_header(
         &mut o,
-        &r.machine,
-        (&r.load_before, &r.load_after),
-        &format!("{} → {}", r.started, r.finished),
+        "cold: reads with nothing cached",
+        &crate::report::RunHeader {
+            command: &r.command,
+            started: &r.started,
+            finished: &r.finished,
+            machine: &r.machine,
+            load_before: &r.load_before,
+            load_after: &r.load_after,
+        },
         &[
             ("fio", r.tools.fio.clone()),
             ("nbdkit", r.tools.nbdkit.clone()),
-            (
-                "bucketdisk",
-                format!(
-                    "{} (commit {})",
-                    r.tools.bucketdisk, r.tools.bucketdisk_commit
-                ),
-            ),
+            ("bucketdisk", r.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(

@@ -461,28 +461,22 @@ fn per(s: Summary, unit: f64) -> Summary {
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# writes: the 1M sequential write floor — {}\n",
-        r.started
-    );
-    let _ = writeln!(o, "```\n{}\n```\n", r.command);
-    crate::report::machine_table(
+    crate::report::suite_header(
         &mut o,
-        &r.machine,
-        (&r.load_before, &r.load_after),
-        &format!("{} → {}", r.started, r.finished),
+        "writes: the 1M sequential write floor",
+        &crate::report::RunHeader {
+            command: &r.command,
+            started: &r.started,
+            finished: &r.finished,
+            machine: &r.machine,
+            load_before: &r.load_before,
+            load_after: &r.load_after,
+        },
         &[
             ("fio", r.tools.fio.clone()),
             ("qemu-nbd", r.tools.qemu_nbd.clone()),
             ("nbdkit", r.tools.nbdkit.clone()),
-            (
-                "bucketdisk",
-                format!(
-                    "{} (commit {})",
-                    r.tools.bucketdisk, r.tools.bucketdisk_commit
-                ),
-            ),
+            ("bucketdisk", r.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(
