@@ -11,6 +11,7 @@
 //! the store itself serves), `server_metrics` (scraping a server's Prometheus endpoint) and `suites`
 //! (one module per suite).
 
+mod choose;
 mod compare_report;
 mod fio;
 mod fuse_loop;
@@ -22,6 +23,7 @@ mod plots;
 mod process;
 mod progress;
 mod report;
+mod run_info;
 mod server_metrics;
 mod stats;
 mod store_ceiling;

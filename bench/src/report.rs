@@ -285,30 +285,6 @@ pub fn markdown(r: &Report) -> String {
     o
 }
 
-/// When a suite ran and on what: the pieces of its report's first screen.
-pub struct RunHeader<'a> {
-    pub command: &'a str,
-    pub started: &'a str,
-    pub finished: &'a str,
-    pub machine: &'a Machine,
-    pub load_before: &'a str,
-    pub load_after: &'a str,
-}
-
-/// A suite report's first screen: `# {title} — {started}`, the command that produced it and
-/// the "Machine and tools" table with `tools`.
-pub fn suite_header(o: &mut String, title: &str, run: &RunHeader<'_>, tools: &[(&str, String)]) {
-    let _ = writeln!(o, "# {title} — {}\n", run.started);
-    let _ = writeln!(o, "```\n{}\n```\n", run.command);
-    machine_table(
-        o,
-        run.machine,
-        (run.load_before, run.load_after),
-        &format!("{} → {}", run.started, run.finished),
-        tools,
-    );
-}
-
 /// A "Machine and tools" table: the machine, the load before and after, when the run was
 /// (`run`, preformatted) and one row per tool.
 pub fn machine_table(

@@ -16,11 +16,12 @@
 //! requests and round trips on the critical path (spawn → read answered) come from the proxy.
 
 use crate::latency_proxy::{LatencyProxy, Traffic, round_trips};
-use crate::machine::{self, Machine, Tools};
+use crate::machine;
 use crate::nbd_client::NbdClient;
 use crate::process::{ServerProcess, check_interrupted, die_with_parent, free_loopback_port};
 use crate::progress::Progress;
 use crate::report::notes_section;
+use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
 use crate::store_subjects::{self, BUCKET, DISK_BYTES, Env, Kind};
 use crate::suites::compare_clocks;
@@ -148,13 +149,8 @@ struct Boot {
 
 #[derive(Debug, Serialize)]
 struct Report {
-    command: String,
-    started: String,
-    finished: String,
-    machine: Machine,
-    tools: Tools,
-    load_before: String,
-    load_after: String,
+    #[serde(flatten)]
+    run: RunInfo,
     latency_ms: u64,
     built: Built,
     states: Vec<StateShape>,
@@ -307,11 +303,8 @@ impl Bucket {
 pub fn run(args: Args, command: String) -> Result<()> {
     let workspace = workspace_root();
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
-    let tools = Tools::probe(&bin, &workspace)?;
-    let load_before = machine::load_average();
-    let (date, started) = machine::utc_now();
     let tmp = args.places.scratch("bucketdisk-boot-")?;
-    let machine = Machine::probe(tmp.path());
+    let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
     let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let bucket = Bucket {
         store: moto::client(&format!("http://{}", moto.addr), BUCKET)?,
@@ -320,18 +313,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
             .enable_all()
             .build()?,
     };
-    let chosen: Vec<State> = match &args.states {
-        None => STATES.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                STATES
-                    .into_iter()
-                    .find(|s| s.name() == n)
-                    .with_context(|| format!("unknown state {n}"))
-            })
-            .collect::<Result<_>>()?,
-    };
+    let chosen = crate::choose::by_name(&STATES, args.states.as_deref(), State::name, "state")?;
     let steps = (2 + chosen.len() + args.repeats * (chosen.len() + 1)) as u64;
     let mut progress = Progress::new(steps);
     let mut notes = Vec::new();
@@ -464,14 +446,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
     }
     progress.finish();
 
+    run.finish();
     let report = Report {
-        command,
-        started,
-        finished: machine::utc_now().1,
-        machine,
-        tools,
-        load_before,
-        load_after: machine::load_average(),
+        run,
         latency_ms: args.latency_ms,
         built,
         states,
@@ -486,7 +463,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         notes,
     };
     let out_dir = args.places.out_dir(&workspace);
-    let stem = format!("boot-{date}-{}", machine::hhmm(&report.started));
+    let stem = report.run.stem("boot");
     let md = markdown(&report, &stem);
     crate::report::write_md_json(&out_dir, &stem, &md, &report)?;
     print!("{md}");
@@ -764,17 +741,9 @@ fn boot_bucketdisk(
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    crate::report::suite_header(
+    r.run.header(
         &mut o,
         "boot: start → first read, cold, in every state",
-        &crate::report::RunHeader {
-            command: &r.command,
-            started: &r.started,
-            finished: &r.finished,
-            machine: &r.machine,
-            load_before: &r.load_before,
-            load_after: &r.load_after,
-        },
         &[
             (
                 "s3backer",
@@ -787,7 +756,7 @@ fn markdown(r: &Report, stem: &str) -> String {
                     &["-c", "import moto; print('moto', moto.__version__)"],
                 ),
             ),
-            ("bucketdisk", r.tools.bucketdisk_line()),
+            ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(

@@ -12,10 +12,10 @@
 
 use crate::fio::{self, RunSettings, Workload};
 use crate::latency_proxy::Traffic;
-use crate::machine::{self, Machine, Tools};
 use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::report::notes_section;
+use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
 use crate::store_ceiling::{Ceiling, StoreProbe};
 use crate::store_subjects::{self, Env, Kind};
@@ -79,13 +79,8 @@ pub struct Measurement {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub command: String,
-    pub started: String,
-    pub finished: String,
-    pub machine: Machine,
-    pub tools: Tools,
-    pub load_before: String,
-    pub load_after: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub latency_ms: u64,
     pub region_bytes: u64,
     pub random_secs: u64,
@@ -97,25 +92,11 @@ pub struct Report {
 }
 
 pub fn run(args: Args, command: String) -> Result<()> {
-    let kinds: Vec<Kind> = match &args.subjects {
-        None => SUBJECTS.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                SUBJECTS
-                    .into_iter()
-                    .find(|k| k.name() == n)
-                    .with_context(|| format!("unknown subject {n} (cold runs {SUBJECTS:?})"))
-            })
-            .collect::<Result<_>>()?,
-    };
+    let kinds = crate::choose::by_name(&SUBJECTS, args.subjects.as_deref(), Kind::name, "subject")?;
     let workspace = workspace_root();
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
-    let tools = Tools::probe(&bin, &workspace)?;
-    let load_before = machine::load_average();
-    let (date, started) = machine::utc_now();
     let tmp = args.places.scratch("bucketdisk-cold-")?;
-    let machine = Machine::probe(tmp.path());
+    let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
     let (env, _moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let steps = (args.repeats * (LARGE_CEILINGS.len() + 1 + 2 * kinds.len()) + kinds.len()) as u64;
     let mut progress = Progress::new(steps);
@@ -221,14 +202,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
     }
     progress.finish();
 
+    run.finish();
     let report = Report {
-        command,
-        started,
-        finished: machine::utc_now().1,
-        machine,
-        tools,
-        load_before,
-        load_after: machine::load_average(),
+        run,
         latency_ms: args.latency_ms,
         region_bytes: args.region,
         random_secs: args.random_secs,
@@ -239,7 +215,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         notes,
     };
     let out_dir = args.places.out_dir(&workspace);
-    let stem = format!("cold-{date}-{}", machine::hhmm(&report.started));
+    let stem = report.run.stem("cold");
     let md = markdown(&report, &stem);
     crate::report::write_md_json(&out_dir, &stem, &md, &report)?;
     print!("{md}");
@@ -286,21 +262,13 @@ fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Op
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    crate::report::suite_header(
+    r.run.header(
         &mut o,
         "cold: reads with nothing cached",
-        &crate::report::RunHeader {
-            command: &r.command,
-            started: &r.started,
-            finished: &r.finished,
-            machine: &r.machine,
-            load_before: &r.load_before,
-            load_after: &r.load_after,
-        },
         &[
-            ("fio", r.tools.fio.clone()),
-            ("nbdkit", r.tools.nbdkit.clone()),
-            ("bucketdisk", r.tools.bucketdisk_line()),
+            ("fio", r.run.tools.fio.clone()),
+            ("nbdkit", r.run.tools.nbdkit.clone()),
+            ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(

@@ -14,11 +14,12 @@
 
 use crate::fio;
 use crate::latency_proxy::Traffic;
-use crate::machine::{self, Machine, Tools};
+use crate::machine;
 use crate::moto::Moto;
 use crate::process::{check_interrupted, process_cpu_time};
 use crate::progress::Progress;
 use crate::report::notes_section;
+use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
 use crate::store_ceiling::{PutCeiling, StoreProbe};
 use crate::store_subjects::{self, Env, Kind, Session};
@@ -170,13 +171,8 @@ pub struct Measurement {
 
 #[derive(Debug, Serialize)]
 pub struct Report {
-    pub command: String,
-    pub started: String,
-    pub finished: String,
-    pub machine: Machine,
-    pub tools: Tools,
-    pub load_before: String,
-    pub load_after: String,
+    #[serde(flatten)]
+    pub run: RunInfo,
     pub size_bytes: u64,
     pub latency_ms: u64,
     pub repeats: usize,
@@ -187,26 +183,17 @@ pub struct Report {
 }
 
 pub fn run(args: Args, command: String) -> Result<()> {
-    let chosen: Vec<Subject> = match &args.subjects {
-        None => SUBJECTS.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                SUBJECTS
-                    .into_iter()
-                    .find(|s| s.name() == n)
-                    .with_context(|| format!("unknown subject {n}"))
-            })
-            .collect::<Result<_>>()?,
-    };
+    let chosen = crate::choose::by_name(
+        &SUBJECTS,
+        args.subjects.as_deref(),
+        Subject::name,
+        "subject",
+    )?;
     ensure!(args.repeats > 0, "--repeats must be at least 1");
     let workspace = workspace_root();
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
-    let tools = Tools::probe(&bin, &workspace)?;
-    let load_before = machine::load_average();
-    let (date, started) = machine::utc_now();
     let tmp = args.places.scratch("bucketdisk-writes-")?;
-    let machine = Machine::probe(tmp.path());
+    let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
     // One job's data, its journal and its chunks (object engine), and moto's spooled copy.
     let need = 3 * args.size + (2 << 30);
     let free = machine::free_bytes(tmp.path())?;
@@ -283,14 +270,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
     }
     progress.finish();
 
+    run.finish();
     let report = Report {
-        command,
-        started,
-        finished: machine::utc_now().1,
-        machine,
-        tools,
-        load_before,
-        load_after: machine::load_average(),
+        run,
         size_bytes: args.size,
         latency_ms: args.latency_ms,
         repeats: args.repeats,
@@ -300,7 +282,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         notes,
     };
     let out_dir = args.places.out_dir(&workspace);
-    let stem = format!("writes-{date}-{}", machine::hhmm(&report.started));
+    let stem = report.run.stem("writes");
     let md = markdown(&report, &stem);
     crate::report::write_md_json(&out_dir, &stem, &md, &report)?;
     print!("{md}");
@@ -461,22 +443,14 @@ fn per(s: Summary, unit: f64) -> Summary {
 
 fn markdown(r: &Report, stem: &str) -> String {
     let mut o = String::new();
-    crate::report::suite_header(
+    r.run.header(
         &mut o,
         "writes: the 1M sequential write floor",
-        &crate::report::RunHeader {
-            command: &r.command,
-            started: &r.started,
-            finished: &r.finished,
-            machine: &r.machine,
-            load_before: &r.load_before,
-            load_after: &r.load_after,
-        },
         &[
-            ("fio", r.tools.fio.clone()),
-            ("qemu-nbd", r.tools.qemu_nbd.clone()),
-            ("nbdkit", r.tools.nbdkit.clone()),
-            ("bucketdisk", r.tools.bucketdisk_line()),
+            ("fio", r.run.tools.fio.clone()),
+            ("qemu-nbd", r.run.tools.qemu_nbd.clone()),
+            ("nbdkit", r.run.tools.nbdkit.clone()),
+            ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );
     let _ = writeln!(
@@ -597,7 +571,7 @@ fn markdown(r: &Report, stem: &str) -> String {
         o,
         "The machine has {} cores; a job whose processes together need C core-seconds per GiB \
          cannot go faster than {} ÷ C GiB/s however the work is arranged.\n",
-        r.machine.nproc, r.machine.nproc
+        r.run.machine.nproc, r.run.machine.nproc
     );
     let _ = writeln!(
         o,
@@ -613,7 +587,7 @@ fn markdown(r: &Report, stem: &str) -> String {
             )
         })
         .map(|s| per(s, gib));
-        let limit = all.map(|s| r.machine.nproc as f64 * 1024.0 / s.median);
+        let limit = all.map(|s| r.run.machine.nproc as f64 * 1024.0 / s.median);
         let cpu = |f: fn(&Measurement) -> f64| {
             let total = Summary::of_iter(
                 r.measurements
