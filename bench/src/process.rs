@@ -231,6 +231,13 @@ fn nbd_greeting(addr: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// CPU seconds a process has used so far; 0 without a process or when it cannot be read (a
+/// statistic for reports, never a reason to fail a run).
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    pid.and_then(|p| process_cpu_time(p).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// utime + stime of a process (all its threads) from /proc/PID/stat.
 pub fn process_cpu_time(pid: u32) -> Result<Duration> {
     let path = format!("/proc/{pid}/stat");

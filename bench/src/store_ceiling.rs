@@ -5,6 +5,7 @@
 //! stores).
 
 use crate::moto;
+use crate::process::cpu_seconds;
 use anyhow::{Context, Result};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -13,9 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// Objects the ceiling reads from, and their size: large enough that GETs rarely repeat.
+/// Objects the GET ceilings read from: enough that GETs rarely repeat.
 const OBJECTS: u64 = 16;
-const OBJECT_BYTES: u64 = 8 << 20;
 const PREFIX: &str = "ceiling";
 /// Where the PUT ceiling's objects go (deleted after each measurement).
 const PUT_PREFIX: &str = "ceiling-puts";
@@ -35,6 +35,8 @@ pub struct Ceiling {
 pub struct StoreProbe {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Runtime,
+    /// Size of the objects the GET ceilings read (0 until [`StoreProbe::new`] uploads them).
+    object_bytes: u64,
 }
 
 /// One PUT ceiling: `in_flight` PUTs of `put_bytes` kept going for the whole time.
@@ -47,10 +49,44 @@ pub struct PutCeiling {
     pub mib_per_sec: f64,
 }
 
+/// One ceiling measurement of a repeat and the CPU it took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured<T> {
+    pub repeat: usize,
+    pub ceiling: T,
+    pub moto_cpu_seconds: f64,
+    /// The benchmark's own CPU seconds: the S3 client and the latency proxy its requests pass
+    /// through.
+    pub client_cpu_seconds: f64,
+}
+
+impl<T> Measured<T> {
+    /// Runs `measure` (a ceiling of repeat `repeat`) and notes the CPU moto (`moto_pid`) and
+    /// this process spent on it.
+    pub fn run(
+        repeat: usize,
+        moto_pid: Option<u32>,
+        measure: impl FnOnce() -> Result<T>,
+    ) -> Result<Measured<T>> {
+        let own = Some(std::process::id());
+        let (moto_before, client_before) = (cpu_seconds(moto_pid), cpu_seconds(own));
+        let ceiling = measure()?;
+        Ok(Measured {
+            repeat,
+            ceiling,
+            moto_cpu_seconds: cpu_seconds(moto_pid) - moto_before,
+            client_cpu_seconds: cpu_seconds(own) - client_before,
+        })
+    }
+}
+
 impl StoreProbe {
-    /// A probe with the objects the GET ceilings read.
-    pub fn new(endpoint: &str, bucket: &str) -> Result<StoreProbe> {
-        let probe = StoreProbe::connect(endpoint, bucket)?;
+    /// A probe with the objects the GET ceilings read, each `object_bytes` long. Make them
+    /// the size of the subject's objects: moto reads a whole object to answer a range of it,
+    /// so the same GET costs it more from a larger object (S3's cost does not grow so).
+    pub fn new(endpoint: &str, bucket: &str, object_bytes: u64) -> Result<StoreProbe> {
+        let mut probe = StoreProbe::connect(endpoint, bucket)?;
+        probe.object_bytes = object_bytes;
         probe.runtime.block_on(probe.upload())?;
         Ok(probe)
     }
@@ -63,7 +99,11 @@ impl StoreProbe {
             .enable_all()
             .build()
             .context("the store ceiling's runtime")?;
-        Ok(StoreProbe { store, runtime })
+        Ok(StoreProbe {
+            store,
+            runtime,
+            object_bytes: 0,
+        })
     }
 
     /// `in_flight` loops of PUTs of `put_bytes` (incompressible, new keys) for `time`; the
@@ -138,7 +178,7 @@ impl StoreProbe {
 
     async fn upload(&self) -> Result<()> {
         for i in 0..OBJECTS {
-            let body = random_bytes(OBJECT_BYTES, 0x2545_F491_4F6C_DD1D ^ i);
+            let body = random_bytes(self.object_bytes, 0x2545_F491_4F6C_DD1D ^ i);
             self.store
                 .put(&object(i), PutPayload::from(body))
                 .await
@@ -152,7 +192,12 @@ impl StoreProbe {
         let gets = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let deadline = started + time;
-        let slots = OBJECT_BYTES / get_bytes;
+        anyhow::ensure!(
+            get_bytes > 0 && self.object_bytes >= get_bytes,
+            "GETs of {get_bytes} bytes from objects of {}",
+            self.object_bytes
+        );
+        let slots = self.object_bytes / get_bytes;
         let result: Result<()> = self.runtime.block_on(async {
             let loops: Vec<_> = (0..in_flight as u64)
                 .map(|seed| {

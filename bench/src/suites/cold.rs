@@ -12,12 +12,12 @@
 
 use crate::fio::{self, RunSettings, Workload};
 use crate::latency_proxy::Traffic;
-use crate::process::check_interrupted;
+use crate::process::{check_interrupted, cpu_seconds};
 use crate::progress::Progress;
 use crate::report::notes_section;
 use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
-use crate::store_ceiling::{Ceiling, StoreProbe};
+use crate::store_ceiling::{Ceiling, Measured, StoreProbe};
 use crate::store_subjects::{self, Env, Kind};
 use crate::units::parse_size;
 use crate::workspace::{Places, bucketdisk_binary, workspace_root};
@@ -36,6 +36,9 @@ const RANDOM: Workload = Workload {
 /// (GET size, in flight) of each ceiling.
 const LARGE_CEILINGS: [(u64, usize); 2] = [(1 << 20, 8), (4 << 20, 8)];
 const SMALL_CEILING: (u64, usize) = (4096, 32);
+/// The size of the objects the GET ceilings read: bucketdisk's chunk size (`--chunk-size`
+/// default), the objects its cold reads GET ranges of.
+const CEILING_OBJECT_BYTES: u64 = 24 << 20;
 const FLOOR: f64 = 0.9;
 const MIB: f64 = 1_048_576.0;
 const GIB: f64 = 1_073_741_824.0;
@@ -75,6 +78,12 @@ pub struct Measurement {
     pub seconds: f64,
     pub bytes_read: u64,
     pub store: Traffic,
+    /// CPU seconds over the measurement: the subject's server processes, moto, fio (its usr +
+    /// sys share), and this benchmark (the latency proxy every S3 byte passes through).
+    pub server_cpu_seconds: f64,
+    pub moto_cpu_seconds: f64,
+    pub fio_cpu_seconds: f64,
+    pub proxy_cpu_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +95,7 @@ pub struct Report {
     pub random_secs: u64,
     pub repeats: usize,
     pub subjects: Vec<(String, String)>,
-    pub ceilings: Vec<(usize, Ceiling)>,
+    pub ceilings: Vec<Measured<Ceiling>>,
     pub measurements: Vec<Measurement>,
     pub notes: Vec<String>,
 }
@@ -97,7 +106,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
     let tmp = args.places.scratch("bucketdisk-cold-")?;
     let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
-    let (env, _moto, proxy) = Env::on_moto(bin, tmp.path())?;
+    let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let steps = (args.repeats * (LARGE_CEILINGS.len() + 1 + 2 * kinds.len()) + kinds.len()) as u64;
     let mut progress = Progress::new(steps);
     let mut notes = Vec::new();
@@ -126,7 +135,11 @@ pub fn run(args: Args, command: String) -> Result<()> {
     }
 
     proxy.set_delay(Duration::from_millis(args.latency_ms));
-    let probe = StoreProbe::new(&proxy.endpoint(), store_subjects::BUCKET)?;
+    let probe = StoreProbe::new(
+        &proxy.endpoint(),
+        store_subjects::BUCKET,
+        CEILING_OBJECT_BYTES,
+    )?;
     let mut ceilings = Vec::new();
     let mut measurements = Vec::new();
     let mut cold_index = 0;
@@ -144,7 +157,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
                 bytes >> 10
             ));
             let time = Duration::from_secs(args.ceiling_secs);
-            ceilings.push((repeat, probe.measure(bytes, in_flight, time)?));
+            ceilings.push(Measured::run(repeat, moto.pid(), || {
+                probe.measure(bytes, in_flight, time)
+            })?);
             progress.step_done();
         }
         for &kind in &kinds {
@@ -167,19 +182,32 @@ pub fn run(args: Args, command: String) -> Result<()> {
                     .work
                     .join(format!("{}-{workload}-{repeat}.json", kind.name()));
                 let before = proxy.traffic();
+                let own = Some(std::process::id());
+                let cpu_before = (
+                    session.cpu_time().as_secs_f64(),
+                    cpu_seconds(moto.pid()),
+                    cpu_seconds(own),
+                );
                 let t = Instant::now();
-                let (value, bytes_read) = if workload == RANDOM.name {
+                let r = if workload == RANDOM.name {
                     let target = fio::Target::Nbd {
                         uri: session.uri.clone(),
                     };
-                    let r = fio::run(&RANDOM, &target, &random_settings, &out)?;
-                    (r.iops, r.io_bytes)
+                    fio::run(&RANDOM, &target, &random_settings, &out)?
                 } else {
-                    let r = fio::pass_with("read", "1M", 8, args.region, &session.uri, &out)?;
-                    (r.bw_bytes / MIB, r.io_bytes)
+                    fio::pass_with("read", "1M", 8, args.region, &session.uri, &out)?
                 };
                 let seconds = t.elapsed().as_secs_f64();
+                let (value, bytes_read) = if workload == RANDOM.name {
+                    (r.iops, r.io_bytes)
+                } else {
+                    (r.bw_bytes / MIB, r.io_bytes)
+                };
                 let store = proxy.traffic().since(&before);
+                let server_cpu_seconds = session.cpu_time().as_secs_f64() - cpu_before.0;
+                let moto_cpu_seconds = cpu_seconds(moto.pid()) - cpu_before.1;
+                let proxy_cpu_seconds = cpu_seconds(own) - cpu_before.2;
+                let fio_cpu_seconds = (r.fio_usr_cpu + r.fio_sys_cpu) / 100.0 * seconds;
                 session.ensure_running()?;
                 let (_, session_notes) = session.stop()?;
                 notes.extend(session_notes);
@@ -195,6 +223,10 @@ pub fn run(args: Args, command: String) -> Result<()> {
                     seconds,
                     bytes_read,
                     store,
+                    server_cpu_seconds,
+                    moto_cpu_seconds,
+                    fio_cpu_seconds,
+                    proxy_cpu_seconds,
                 });
                 progress.step_done();
             }
@@ -241,16 +273,16 @@ fn ratios(
 fn large_ceiling(r: &Report, repeat: usize) -> Option<f64> {
     r.ceilings
         .iter()
-        .filter(|(rep, c)| *rep == repeat && c.get_bytes > SMALL_CEILING.0)
-        .map(|(_, c)| c.mib_per_sec)
+        .filter(|m| m.repeat == repeat && m.ceiling.get_bytes > SMALL_CEILING.0)
+        .map(|m| m.ceiling.mib_per_sec)
         .reduce(f64::max)
 }
 
 fn small_ceiling(r: &Report, repeat: usize) -> Option<f64> {
     r.ceilings
         .iter()
-        .find(|(rep, c)| *rep == repeat && c.get_bytes == SMALL_CEILING.0)
-        .map(|(_, c)| c.gets_per_sec)
+        .find(|m| m.repeat == repeat && m.ceiling.get_bytes == SMALL_CEILING.0)
+        .map(|m| m.ceiling.gets_per_sec)
 }
 
 fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Option<f64> {
@@ -258,6 +290,49 @@ fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Op
         .iter()
         .find(|m| m.subject == subject && m.workload == workload && m.repeat == repeat)
         .map(|m| m.value)
+}
+
+/// What each GiB read cost every process, and the rate the cores allow at that cost.
+fn cpu_section(o: &mut String, r: &Report) {
+    let cores = r.run.machine.nproc as f64;
+    let _ = writeln!(o, "\n## CPU per GiB read (core-seconds)\n");
+    let _ = writeln!(
+        o,
+        "The machine has {cores} cores; a read whose processes together need C core-seconds \
+         per GiB cannot go faster than {cores} ÷ C GiB/s however the work is arranged.\n"
+    );
+    let _ = writeln!(
+        o,
+        "| subject | workload | server | moto | fio | proxy | all | CPU-bound limit MiB/s |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for (subject, _) in &r.subjects {
+        for workload in ["read-1m-qd8-pass", RANDOM.name] {
+            let rows: Vec<&Measurement> = r
+                .measurements
+                .iter()
+                .filter(|m| m.subject == subject && m.workload == workload && m.bytes_read > 0)
+                .collect();
+            let per_gib = |f: &dyn Fn(&Measurement) -> f64| {
+                Summary::of_iter(rows.iter().map(|m| f(m) / (m.bytes_read as f64 / GIB)))
+            };
+            let all = per_gib(&|m| {
+                m.server_cpu_seconds + m.moto_cpu_seconds + m.fio_cpu_seconds + m.proxy_cpu_seconds
+            });
+            let limit = all.map_or("–".into(), |s| {
+                format!("{:.0}", cores * 1024.0 / s.median)
+            });
+            let _ = writeln!(
+                o,
+                "| {subject} | {workload} | {} | {} | {} | {} | {} | {limit} |",
+                show(per_gib(&|m| m.server_cpu_seconds), 2),
+                show(per_gib(&|m| m.moto_cpu_seconds), 2),
+                show(per_gib(&|m| m.fio_cpu_seconds), 2),
+                show(per_gib(&|m| m.proxy_cpu_seconds), 2),
+                show(all, 2),
+            );
+        }
+    }
+    let _ = writeln!(o);
 }
 
 fn markdown(r: &Report, stem: &str) -> String {
@@ -279,10 +354,12 @@ fn markdown(r: &Report, stem: &str) -> String {
          `read-1m-qd8-pass` reads the region once in 1 MiB requests at QD8 (MiB/s); \
          `randread-4k-qd32` reads 4 KiB at random offsets of the region for {} s at QD32 \
          (IOPS). The store ceilings are ranged GETs from a Rust S3 client through the same \
-         proxy. {} repeats, interleaved; median (min–max); ratios are per repeat.\n",
+         proxy, from {} MiB objects (bucketdisk's chunk size: moto reads a whole object to \
+         answer a range, so GETs from larger objects cost it more). {} repeats, interleaved; median (min–max); ratios are per repeat.\n",
         r.region_bytes >> 20,
         r.latency_ms,
         r.random_secs,
+        CEILING_OBJECT_BYTES >> 20,
         r.repeats
     );
     for (name, line) in &r.subjects {
@@ -291,23 +368,25 @@ fn markdown(r: &Report, stem: &str) -> String {
     let _ = writeln!(o, "\n## Store ceilings\n");
     let _ = writeln!(
         o,
-        "| GET size | in flight | GETs/s | MiB/s |\n|---:|---:|---:|---:|"
+        "| GET size | in flight | GETs/s | MiB/s | moto CPU s per GiB | client + proxy CPU s per GiB |\n|---:|---:|---:|---:|---:|---:|"
     );
     for (bytes, in_flight) in LARGE_CEILINGS.into_iter().chain([SMALL_CEILING]) {
-        let of = |f: fn(&Ceiling) -> f64| {
-            Summary::of_iter(
-                r.ceilings
-                    .iter()
-                    .filter(|(_, c)| c.get_bytes == bytes && c.in_flight == in_flight)
-                    .map(|(_, c)| f(c)),
-            )
-        };
+        let runs: Vec<&Measured<Ceiling>> = r
+            .ceilings
+            .iter()
+            .filter(|m| m.ceiling.get_bytes == bytes && m.ceiling.in_flight == in_flight)
+            .collect();
+        let of =
+            |f: &dyn Fn(&Measured<Ceiling>) -> f64| Summary::of_iter(runs.iter().map(|m| f(m)));
+        let gib = |m: &Measured<Ceiling>| (m.ceiling.gets * bytes) as f64 / GIB;
         let _ = writeln!(
             o,
-            "| {} KiB | {in_flight} | {} | {} |",
+            "| {} KiB | {in_flight} | {} | {} | {} | {} |",
             bytes >> 10,
-            show(of(|c| c.gets_per_sec), 0),
-            show(of(|c| c.mib_per_sec), 1)
+            show(of(&|m| m.ceiling.gets_per_sec), 0),
+            show(of(&|m| m.ceiling.mib_per_sec), 1),
+            show(of(&|m| m.moto_cpu_seconds / gib(m)), 2),
+            show(of(&|m| m.client_cpu_seconds / gib(m)), 2)
         );
     }
     let _ = writeln!(o, "\n## Floors\n");
@@ -381,7 +460,7 @@ fn markdown(r: &Report, stem: &str) -> String {
             );
         }
     }
-    let _ = writeln!(o);
+    cpu_section(&mut o, r);
     notes_section(&mut o, &r.notes);
     let _ = writeln!(o, "Raw numbers: `{stem}.json` beside this file.");
     o

@@ -16,12 +16,12 @@ use crate::fio;
 use crate::latency_proxy::Traffic;
 use crate::machine;
 use crate::moto::Moto;
-use crate::process::{check_interrupted, process_cpu_time};
+use crate::process::{check_interrupted, cpu_seconds};
 use crate::progress::Progress;
 use crate::report::notes_section;
 use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
-use crate::store_ceiling::{PutCeiling, StoreProbe};
+use crate::store_ceiling::{Measured, PutCeiling, StoreProbe};
 use crate::store_subjects::{self, Env, Kind, Session};
 use crate::units::parse_size;
 use crate::workspace::{Places, bucketdisk_binary, workspace_root};
@@ -132,15 +132,7 @@ pub struct Args {
 }
 
 /// One PUT ceiling measurement and the CPU it took.
-#[derive(Debug, Clone, Serialize)]
-pub struct CeilingRun {
-    pub repeat: usize,
-    pub ceiling: PutCeiling,
-    pub moto_cpu_seconds: f64,
-    /// The benchmark's own CPU seconds: the S3 client making the PUTs and the latency proxy
-    /// they pass through.
-    pub client_cpu_seconds: f64,
-}
+pub type CeilingRun = Measured<PutCeiling>;
 
 /// One job of one subject.
 #[derive(Debug, Clone, Serialize)]
@@ -223,15 +215,9 @@ pub fn run(args: Args, command: String) -> Result<()> {
                 CEILING_PUT_BYTES >> 20
             ));
             let time = Duration::from_secs(args.ceiling_secs);
-            let moto_before = cpu_seconds(moto.pid());
-            let client_before = cpu_seconds(Some(std::process::id()));
-            let ceiling = probe.measure_puts(CEILING_PUT_BYTES, in_flight, time)?;
-            ceilings.push(CeilingRun {
-                repeat,
-                ceiling,
-                moto_cpu_seconds: cpu_seconds(moto.pid()) - moto_before,
-                client_cpu_seconds: cpu_seconds(Some(std::process::id())) - client_before,
-            });
+            ceilings.push(Measured::run(repeat, moto.pid(), || {
+                probe.measure_puts(CEILING_PUT_BYTES, in_flight, time)
+            })?);
             progress.step_done();
         }
         for &subject in &chosen {
@@ -335,12 +321,6 @@ fn measure(
         proxy_cpu_seconds,
         store,
     })
-}
-
-/// CPU seconds a process has used so far (0 if it cannot be read).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    pid.and_then(|p| process_cpu_time(p).ok())
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Removes what a subject keeps, so its next job starts on an empty disk.
