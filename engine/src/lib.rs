@@ -19,7 +19,6 @@ pub mod low_priority;
 pub mod metadata;
 pub mod object_volume;
 pub mod overlay;
-pub mod slot_writer;
 pub mod store_url;
 pub mod zeros;
 

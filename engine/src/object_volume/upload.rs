@@ -16,7 +16,7 @@ use super::upload_policy::{self, Situation, UploadPolicy};
 use super::{
     Durability, META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared, blocking, lock, other,
 };
-use crate::cache::{CacheInsert, CacheKey, CacheWrite};
+use crate::cache::{CacheInsert, CacheKey};
 use crate::chunk::ChunkBuilder;
 use blockmap::writer::WriterError;
 use blockmap::{BlockLocation, MapChange};
@@ -401,7 +401,7 @@ impl ChunkWriter {
                     }
                 }
                 // Just written means likely read soon: keep the batch in the cache, in one go.
-                if let Err(e) = s.cache.insert_batch(&to_cache, CacheWrite::Direct) {
+                if let Err(e) = s.cache.insert_batch(&to_cache) {
                     tracing::debug!("cannot cache uploaded blocks: {e}");
                 }
                 Ok(packer)
