@@ -44,10 +44,20 @@ pub async fn compact_level(
     from: u8,
     to: u8,
 ) -> ReplicaResult<Option<ReplicaFile>> {
+    compact_level_listed(replica, &replica.list().await?, from, to).await
+}
+
+/// [`compact_level`] with the replica's listing already made (by a caller that compacts several
+/// levels in a row and keeps its listing up to date with what each step published).
+pub async fn compact_level_listed(
+    replica: &Replica,
+    listing: &[ReplicaFile],
+    from: u8,
+    to: u8,
+) -> ReplicaResult<Option<ReplicaFile>> {
     // What `to` or any level above it (snapshots included) holds needs no compaction:
     // starting after all of it keeps the merged files contiguous where files those levels
     // made unnecessary have been deleted.
-    let listing = replica.list().await?;
     let done = listing
         .iter()
         .filter(|f| f.level >= to)
@@ -55,8 +65,9 @@ pub async fn compact_level(
         .max()
         .unwrap_or(0);
     let mut sources: Vec<ReplicaFile> = listing
-        .into_iter()
+        .iter()
         .filter(|f| f.level == from && f.name.max_txid > done)
+        .cloned()
         .collect();
     sources.sort_by_key(|f| f.name);
     let Some(first) = sources.first() else {
@@ -98,22 +109,13 @@ pub async fn enforce_retention(
     replica: &Replica,
     keep_snapshots: usize,
 ) -> ReplicaResult<Vec<ReplicaFile>> {
-    enforce_retention_since(replica, keep_snapshots, i64::MAX).await
+    enforce_retention_keeping(replica, keep_snapshots, i64::MAX, &[]).await
 }
 
 /// [`enforce_retention`] that also keeps every state since `since_ms` (Unix milliseconds)
-/// restorable: the snapshots written since then, the newest one written before, and every file
-/// after that one.
-pub async fn enforce_retention_since(
-    replica: &Replica,
-    keep_snapshots: usize,
-    since_ms: i64,
-) -> ReplicaResult<Vec<ReplicaFile>> {
-    enforce_retention_keeping(replica, keep_snapshots, since_ms, &[]).await
-}
-
-/// [`enforce_retention_since`] that never deletes the files at `reading` (those a reader still
-/// reads pages from).
+/// restorable — the snapshots written since then, the newest one written before, and every
+/// file after that one — and never deletes the files at `reading` (those a reader still reads
+/// pages from).
 pub async fn enforce_retention_keeping(
     replica: &Replica,
     keep_snapshots: usize,

@@ -362,7 +362,18 @@ impl MapWriter {
 
     /// Returns the newest snapshot's TXID and the listing made after the last fold.
     async fn fold_levels_only(&self) -> Result<(u64, Vec<ReplicaFile>), WriterError> {
-        crate::compaction::compact_level(&self.replica, 0, 1).await?;
+        // One listing, kept current with what each fold publishes: levels above 0 change only
+        // under `compacting`, which this holds, so listing again after each fold would only
+        // repeat requests.
+        let mut listing = self.replica.list().await?;
+        let fold = async |listing: &mut Vec<ReplicaFile>, from: u8| {
+            let published =
+                crate::compaction::compact_level_listed(&self.replica, listing, from, from + 1)
+                    .await?;
+            listing.extend(published);
+            Ok::<(), WriterError>(())
+        };
+        fold(&mut listing, 0).await?;
         // The end of everything above `level` (snapshots included): files of `level` up to
         // there are folded already.
         let end_above = |listing: &[ReplicaFile], level: u8| {
@@ -380,13 +391,11 @@ impl MapWriter {
                 .filter(|f| f.level == level && f.name.max_txid > end)
                 .count()
         };
-        let mut listing = self.replica.list().await?;
         for level in 1..FOLD_TOP_LEVEL {
             if waiting(&listing, level) < FOLD_AFTER {
                 break;
             }
-            crate::compaction::compact_level(&self.replica, level, level + 1).await?;
-            listing = self.replica.list().await?;
+            fold(&mut listing, level).await?;
         }
         let snapshot_txid = end_above(&listing, ltx::naming::SNAPSHOT_LEVEL - 1);
         // The top level filled up too (a writer that never pauses and never lives long enough
