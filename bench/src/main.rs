@@ -13,6 +13,7 @@
 
 mod choose;
 mod compare_report;
+mod cpu_account;
 mod fio;
 mod fuse_loop;
 mod latency_proxy;

@@ -10,9 +10,10 @@
 //! bucketdisk must reach 0.9× the large-GET ceiling on the pass and 0.9× the small-GET ceiling
 //! on the random reads, and be ahead of nbdkit's S3 plugin.
 
+use crate::cpu_account::{CpuClock, CpuSeconds};
 use crate::fio::{self, RunSettings, Workload};
 use crate::latency_proxy::Traffic;
-use crate::process::{check_interrupted, cpu_seconds};
+use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::report::notes_section;
 use crate::run_info::RunInfo;
@@ -78,12 +79,9 @@ pub struct Measurement {
     pub seconds: f64,
     pub bytes_read: u64,
     pub store: Traffic,
-    /// CPU seconds over the measurement: the subject's server processes, moto, fio (its usr +
-    /// sys share), and this benchmark (the latency proxy every S3 byte passes through).
-    pub server_cpu_seconds: f64,
-    pub moto_cpu_seconds: f64,
-    pub fio_cpu_seconds: f64,
-    pub proxy_cpu_seconds: f64,
+    /// CPU over the measurement.
+    #[serde(flatten)]
+    pub cpu: CpuSeconds,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,12 +180,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
                     .work
                     .join(format!("{}-{workload}-{repeat}.json", kind.name()));
                 let before = proxy.traffic();
-                let own = Some(std::process::id());
-                let cpu_before = (
-                    session.cpu_time().as_secs_f64(),
-                    cpu_seconds(moto.pid()),
-                    cpu_seconds(own),
-                );
+                let clock = CpuClock::start(&session, moto.pid());
                 let t = Instant::now();
                 let r = if workload == RANDOM.name {
                     let target = fio::Target::Nbd {
@@ -204,10 +197,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
                     (r.bw_bytes / MIB, r.io_bytes)
                 };
                 let store = proxy.traffic().since(&before);
-                let server_cpu_seconds = session.cpu_time().as_secs_f64() - cpu_before.0;
-                let moto_cpu_seconds = cpu_seconds(moto.pid()) - cpu_before.1;
-                let proxy_cpu_seconds = cpu_seconds(own) - cpu_before.2;
-                let fio_cpu_seconds = (r.fio_usr_cpu + r.fio_sys_cpu) / 100.0 * seconds;
+                let cpu = clock.stop(&session, &r, seconds);
                 session.ensure_running()?;
                 let (_, session_notes) = session.stop()?;
                 notes.extend(session_notes);
@@ -223,10 +213,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
                     seconds,
                     bytes_read,
                     store,
-                    server_cpu_seconds,
-                    moto_cpu_seconds,
-                    fio_cpu_seconds,
-                    proxy_cpu_seconds,
+                    cpu,
                 });
                 progress.step_done();
             }
@@ -294,42 +281,18 @@ fn subject_value(r: &Report, subject: &str, workload: &str, repeat: usize) -> Op
 
 /// What each GiB read cost every process, and the rate the cores allow at that cost.
 fn cpu_section(o: &mut String, r: &Report) {
-    let cores = r.run.machine.nproc as f64;
-    let _ = writeln!(o, "\n## CPU per GiB read (core-seconds)\n");
-    let _ = writeln!(
-        o,
-        "The machine has {cores} cores; a read whose processes together need C core-seconds \
-         per GiB cannot go faster than {cores} ÷ C GiB/s however the work is arranged.\n"
-    );
-    let _ = writeln!(
-        o,
-        "| subject | workload | server | moto | fio | proxy | all | CPU-bound limit MiB/s |\n|---|---|---:|---:|---:|---:|---:|---:|"
-    );
+    let cores = r.run.machine.nproc;
+    crate::cpu_account::table_head(o, cores, "read", "subject | workload");
     for (subject, _) in &r.subjects {
         for workload in ["read-1m-qd8-pass", RANDOM.name] {
-            let rows: Vec<&Measurement> = r
+            let runs: Vec<(CpuSeconds, u64)> = r
                 .measurements
                 .iter()
-                .filter(|m| m.subject == subject && m.workload == workload && m.bytes_read > 0)
+                .filter(|m| m.subject == subject && m.workload == workload)
+                .map(|m| (m.cpu, m.bytes_read))
                 .collect();
-            let per_gib = |f: &dyn Fn(&Measurement) -> f64| {
-                Summary::of_iter(rows.iter().map(|m| f(m) / (m.bytes_read as f64 / GIB)))
-            };
-            let all = per_gib(&|m| {
-                m.server_cpu_seconds + m.moto_cpu_seconds + m.fio_cpu_seconds + m.proxy_cpu_seconds
-            });
-            let limit = all.map_or("–".into(), |s| {
-                format!("{:.0}", cores * 1024.0 / s.median)
-            });
-            let _ = writeln!(
-                o,
-                "| {subject} | {workload} | {} | {} | {} | {} | {} | {limit} |",
-                show(per_gib(&|m| m.server_cpu_seconds), 2),
-                show(per_gib(&|m| m.moto_cpu_seconds), 2),
-                show(per_gib(&|m| m.fio_cpu_seconds), 2),
-                show(per_gib(&|m| m.proxy_cpu_seconds), 2),
-                show(all, 2),
-            );
+            let cells = crate::cpu_account::row_cells(&runs, cores);
+            let _ = writeln!(o, "| {subject} | {workload} | {cells} |");
         }
     }
     let _ = writeln!(o);

@@ -12,11 +12,12 @@
 //! Floors: the object engine on the local-directory store ≥ 0.9× the local-file engine; store-
 //! durable on moto ≥ 0.9× moto's PUT ceiling.
 
+use crate::cpu_account::{CpuClock, CpuSeconds};
 use crate::fio;
 use crate::latency_proxy::Traffic;
 use crate::machine;
 use crate::moto::Moto;
-use crate::process::{check_interrupted, cpu_seconds};
+use crate::process::check_interrupted;
 use crate::progress::Progress;
 use crate::report::notes_section;
 use crate::run_info::RunInfo;
@@ -148,15 +149,9 @@ pub struct Measurement {
     /// Bytes written ÷ (fio + settle): durable in the store (bucketdisk-s3); the same as the
     /// fio figure with `--durability remote`, up to the settle check.
     pub until_uploaded_mib_per_sec: Option<f64>,
-    /// Server CPU seconds (user + system) over the job and the settling.
-    pub server_cpu_seconds: f64,
-    /// moto's CPU seconds over the same time.
-    pub moto_cpu_seconds: f64,
-    /// fio's CPU seconds (its usr + sys share of the job).
-    pub fio_cpu_seconds: f64,
-    /// This benchmark's own CPU seconds over the job: the latency proxy every S3 byte passes
-    /// through (and a metrics scrape every 100 ms).
-    pub proxy_cpu_seconds: f64,
+    /// CPU over the job and the settling.
+    #[serde(flatten)]
+    pub cpu: CpuSeconds,
     /// Store traffic over the job and the settling (S3 subjects).
     pub store: Traffic,
 }
@@ -287,9 +282,7 @@ fn measure(
 ) -> Result<Measurement> {
     let out = env.work.join(format!("{}-{repeat}.json", subject.name()));
     let before = proxy.traffic();
-    let cpu_before = session.cpu_time();
-    let moto_before = cpu_seconds(moto.pid());
-    let proxy_before = cpu_seconds(Some(std::process::id()));
+    let clock = CpuClock::start(session, moto.pid());
     let started = Instant::now();
     let fio = fio::synced_write_pass(size, &session.uri, &out)
         .with_context(|| format!("{}: the write job", subject.name()))?;
@@ -301,10 +294,7 @@ fn measure(
         0.0
     };
     let store = proxy.traffic().since(&before);
-    let server_cpu_seconds = (session.cpu_time() - cpu_before).as_secs_f64();
-    let moto_cpu_seconds = cpu_seconds(moto.pid()) - moto_before;
-    let proxy_cpu_seconds = cpu_seconds(Some(std::process::id())) - proxy_before;
-    let fio_cpu_seconds = (fio.fio_usr_cpu + fio.fio_sys_cpu) / 100.0 * fio_seconds;
+    let cpu = clock.stop(session, &fio, fio_seconds);
     let until_uploaded_mib_per_sec = subject
         .on_s3()
         .then(|| size as f64 / MIB / (fio_seconds + settle_seconds));
@@ -315,10 +305,7 @@ fn measure(
         fio_seconds,
         settle_seconds,
         until_uploaded_mib_per_sec,
-        server_cpu_seconds,
-        moto_cpu_seconds,
-        fio_cpu_seconds,
-        proxy_cpu_seconds,
+        cpu,
         store,
     })
 }
@@ -537,7 +524,7 @@ fn markdown(r: &Report, stem: &str) -> String {
             show(values(r, subject, |m| Some(m.settle_seconds)), 1),
             show(values(r, subject, uploaded_figure), 0),
             show(vs_file, 2),
-            show(values(r, subject, |m| Some(m.server_cpu_seconds)), 1),
+            show(values(r, subject, |m| Some(m.cpu.server_cpu_seconds)), 1),
             show(values(r, subject, |m| Some(m.store.puts as f64)), 0),
             show(
                 values(r, subject, |m| Some(m.store.request_bytes as f64 / MIB))
@@ -546,47 +533,17 @@ fn markdown(r: &Report, stem: &str) -> String {
             ),
         );
     }
-    let _ = writeln!(o, "\n## CPU per GiB written (core-seconds)\n");
-    let _ = writeln!(
-        o,
-        "The machine has {} cores; a job whose processes together need C core-seconds per GiB \
-         cannot go faster than {} ÷ C GiB/s however the work is arranged.\n",
-        r.run.machine.nproc, r.run.machine.nproc
-    );
-    let _ = writeln!(
-        o,
-        "| subject | server | moto | fio | proxy | all | CPU-bound limit MiB/s |\n|---|---:|---:|---:|---:|---:|---:|"
-    );
+    let cores = r.run.machine.nproc;
+    crate::cpu_account::table_head(&mut o, cores, "written", "subject");
     for (name, _) in &r.subjects {
-        let Some(subject) = SUBJECTS.into_iter().find(|s| s.name() == name) else {
-            continue;
-        };
-        let all = values(r, subject, |m| {
-            Some(
-                m.server_cpu_seconds + m.moto_cpu_seconds + m.fio_cpu_seconds + m.proxy_cpu_seconds,
-            )
-        })
-        .map(|s| per(s, gib));
-        let limit = all.map(|s| r.run.machine.nproc as f64 * 1024.0 / s.median);
-        let cpu = |f: fn(&Measurement) -> f64| {
-            let total = Summary::of_iter(
-                r.measurements
-                    .iter()
-                    .filter(|m| m.subject == subject)
-                    .map(f),
-            );
-            show(total.map(|s| per(s, gib)), 2)
-        };
-        let _ = writeln!(
-            o,
-            "| {name} | {} | {} | {} | {} | {} | {} |",
-            cpu(|m| m.server_cpu_seconds),
-            cpu(|m| m.moto_cpu_seconds),
-            cpu(|m| m.fio_cpu_seconds),
-            cpu(|m| m.proxy_cpu_seconds),
-            show(all, 2),
-            limit.map_or("–".into(), |l| format!("{l:.0}"))
-        );
+        let runs: Vec<(CpuSeconds, u64)> = r
+            .measurements
+            .iter()
+            .filter(|m| m.subject.name() == name)
+            .map(|m| (m.cpu, r.size_bytes))
+            .collect();
+        let cells = crate::cpu_account::row_cells(&runs, cores);
+        let _ = writeln!(o, "| {name} | {cells} |");
     }
     let _ = writeln!(o);
     notes_section(&mut o, &r.notes);
