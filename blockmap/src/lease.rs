@@ -55,8 +55,23 @@ pub async fn acquire(
     root: &Path,
     holder: &str,
 ) -> Result<Lease, LeaseError> {
+    acquire_after(store, root, holder, None).await
+}
+
+/// [`acquire`] for a caller that listed the leases already (while it fetched something else)
+/// and found `listed` the highest epoch: the first attempt saves the listing's round trip.
+/// The epoch may be stale; creating it then fails, and the next attempt lists again.
+pub async fn acquire_after(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    holder: &str,
+    mut listed: Option<u64>,
+) -> Result<Lease, LeaseError> {
     for _ in 0..ACQUIRE_ATTEMPTS {
-        let epoch = current_epoch(store.as_ref(), root).await? + 1;
+        let epoch = match listed.take() {
+            Some(epoch) => epoch,
+            None => current_epoch(store.as_ref(), root).await?,
+        } + 1;
         let path = lease_dir(root).join(format!("{epoch:016x}"));
         let body = format!("{{\"epoch\":{epoch},\"holder\":{holder:?}}}\n");
         let options = PutOptions {

@@ -10,6 +10,7 @@ pub mod compaction;
 pub mod faulty_store;
 pub mod lease;
 mod map;
+pub mod open_hint;
 pub mod replica;
 pub mod retry;
 mod schema;

@@ -6,6 +6,7 @@
 //! bytes, which hold the page index of any map up to ~100 MB; a longer index costs a second),
 //! and nothing proportional to the database size: other pages are fetched when asked for.
 
+use crate::open_hint::{self, KnownRanges, OpenHint};
 use crate::retry::with_retries;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
@@ -14,7 +15,9 @@ use ltx::{FileName, Header, IndexEntry, LtxFile, PageIndex, RestoreTarget, plan_
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
@@ -63,6 +66,8 @@ pub struct ReplicaFile {
     pub size: u64,
     pub last_modified_ms: i64,
     pub path: Path,
+    /// As the listing gave it (stores that have none leave it out).
+    pub e_tag: Option<String>,
 }
 
 impl ReplicaFile {
@@ -76,6 +81,7 @@ impl ReplicaFile {
             size: meta.size,
             last_modified_ms: meta.last_modified.timestamp_millis(),
             path: meta.location,
+            e_tag: meta.e_tag,
         })
     }
 
@@ -103,6 +109,16 @@ impl Replica {
             root,
             layout,
         }
+    }
+
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Where the replica's open hint lives: beside its directory, where neither Litestream nor
+    /// a listing of the replica sees it (see [`crate::open_hint`]).
+    pub fn hint_path(&self) -> Path {
+        Path::from(format!("{}.open-hint", self.root))
     }
 
     fn level_path(&self, level: u8) -> Path {
@@ -221,13 +237,15 @@ impl Replica {
         }
     }
 
-    /// Header and page index of one file, and its first [`HEAD_GUESS`] bytes: one request for
-    /// the head and the file's last [`INDEX_TAIL_GUESS`] bytes (one GET when they are close),
-    /// and a second only for an index longer than that.
+    /// Header and page index of one file, and the byte ranges read on the way (its first
+    /// [`HEAD_GUESS`] bytes and its tail): one request for the head and the file's last
+    /// [`INDEX_TAIL_GUESS`] bytes (one GET when they are close), and a second only for an
+    /// index longer than that. Ranges `hint` holds for this file cost no request.
     pub async fn read_index(
         &self,
         file: &ReplicaFile,
-    ) -> ReplicaResult<(Header, PageIndex, Bytes)> {
+        hint: Option<&OpenHint>,
+    ) -> ReplicaResult<(Header, PageIndex, KnownRanges)> {
         let ltx_err = |source| ReplicaError::Ltx {
             path: file.path.to_string(),
             source,
@@ -238,60 +256,97 @@ impl Replica {
                 file.size
             ))));
         }
-        let tail_start = file
-            .size
-            .saturating_sub(INDEX_TAIL_GUESS)
-            .max(ltx::HEADER_SIZE as u64);
+        let hinted = hint.filter(|h| h.describes(file)).map(|h| &h.ranges);
+        let tail_start = open_hint::tail_start(file.size);
         // A file no longer than head and tail together is read whole, in one GET, and all of
         // it is the head; a longer one is two ranges (one request each on S3).
-        let whole = file.size <= HEAD_GUESS + INDEX_TAIL_GUESS;
-        let ranges: Vec<std::ops::Range<u64>> = if whole {
+        let ranges: Vec<Range<u64>> = if open_hint::read_whole(file.size) {
             std::iter::once(0..file.size).collect()
         } else {
             vec![0..HEAD_GUESS, tail_start..file.size]
         };
-        let parts = with_retries("read LTX head and tail", || {
-            self.store.get_ranges(&file.path, &ranges)
-        })
-        .await?;
-        let head = parts[0].clone();
-        if whole && head.len() as u64 != file.size {
-            return Err(ReplicaError::Invalid(format!(
-                "{}: short read of the whole file",
-                file.path
-            )));
+        let mut known = KnownRanges::default();
+        for (range, bytes) in ranges
+            .iter()
+            .zip(self.read_ranges(file, &ranges, hinted).await?)
+        {
+            known.add(range.start, bytes);
         }
-        let tail = if whole {
-            head.slice(tail_start as usize..)
-        } else {
-            parts[1].clone()
-        };
-        let header_bytes: &[u8; ltx::HEADER_SIZE] = head
-            .get(..ltx::HEADER_SIZE)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| ReplicaError::Invalid("short header read".into()))?;
+        let short =
+            |what: &str| ReplicaError::Invalid(format!("{}: short read of {what}", file.path));
+        let header_bytes = known
+            .covering(0..ltx::HEADER_SIZE as u64)
+            .ok_or_else(|| short("the header"))?;
+        let header_bytes: &[u8; ltx::HEADER_SIZE] = header_bytes[..]
+            .try_into()
+            .map_err(|_| short("the header"))?;
         let header = Header::decode(header_bytes).map_err(ltx_err)?;
         header.validate().map_err(ltx_err)?;
-        if tail.len() as u64 != file.size - tail_start {
-            return Err(ReplicaError::Invalid(format!(
-                "{}: short read of the file's tail",
-                file.path
-            )));
-        }
-        let (start, len) =
-            PageIndex::locate(file.size, &tail[tail.len() - TAIL_LEN..]).map_err(ltx_err)?;
-        let index_bytes = if start >= tail_start {
-            let at = (start - tail_start) as usize;
-            tail.slice(at..at + len as usize)
-        } else {
-            with_retries("read LTX page index", || {
-                self.store.get_range(&file.path, start..start + len)
-            })
-            .await?
+        let trailer = known
+            .covering(file.size - TAIL_LEN as u64..file.size)
+            .ok_or_else(|| short("the file's tail"))?;
+        let (start, len) = PageIndex::locate(file.size, &trailer).map_err(ltx_err)?;
+        let index_range = start..start + len;
+        let index_bytes = match known.covering(index_range.clone()) {
+            Some(bytes) => bytes,
+            None => {
+                let wanted = [index_range.clone()];
+                let bytes = self.read_ranges(file, &wanted, hinted).await?.remove(0);
+                known.add(index_range.start, bytes.clone());
+                bytes
+            }
         };
         let index =
             PageIndex::decode(&index_bytes, PageIndex::frames_end(start)).map_err(ltx_err)?;
-        Ok((header, index, head))
+        Ok((header, index, known))
+    }
+
+    /// `ranges` of `file`, from `hinted` where it holds them and with one request for the rest;
+    /// a short answer is an error.
+    async fn read_ranges(
+        &self,
+        file: &ReplicaFile,
+        ranges: &[Range<u64>],
+        hinted: Option<&KnownRanges>,
+    ) -> ReplicaResult<Vec<Bytes>> {
+        let from_hint: Vec<Option<Bytes>> = ranges
+            .iter()
+            .map(|r| hinted.and_then(|h| h.covering(r.clone())))
+            .collect();
+        let missing: Vec<Range<u64>> = ranges
+            .iter()
+            .zip(&from_hint)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut fetched = if missing.is_empty() {
+            Vec::new()
+        } else {
+            with_retries("read LTX head and tail", || {
+                self.store.get_ranges(&file.path, &missing)
+            })
+            .await?
+        }
+        .into_iter();
+        ranges
+            .iter()
+            .zip(from_hint)
+            .map(|(range, hit)| {
+                let bytes = match hit {
+                    Some(bytes) => bytes,
+                    None => fetched.next().ok_or_else(|| {
+                        ReplicaError::Invalid(format!("{}: fewer ranges than asked", file.path))
+                    })?,
+                };
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(ReplicaError::Invalid(format!(
+                        "{}: short read of bytes {range:?}",
+                        file.path
+                    )));
+                }
+                Ok(bytes)
+            })
+            .collect()
     }
 }
 
@@ -299,8 +354,11 @@ impl Replica {
 /// file winning. Reading a page is then one ranged GET.
 pub struct PageMap {
     files: Vec<ReplicaFile>,
-    /// The first bytes of each file, read with its index: frames inside are served from here.
-    heads: Vec<Bytes>,
+    /// Bytes of each file read with its index (or found in the open hint): frames inside are
+    /// served from here.
+    known: Vec<KnownRanges>,
+    /// Ranged GETs of page frames so far, per file.
+    frame_gets: Vec<AtomicU64>,
     pages: HashMap<u32, (usize, IndexEntry)>,
     pub page_size: u32,
     /// Database size in pages.
@@ -312,13 +370,27 @@ impl PageMap {
     /// Plans the files for `target` and fetches their indexes in parallel.
     pub async fn open(replica: &Replica, target: RestoreTarget) -> ReplicaResult<Self> {
         let files = replica.plan(target).await?;
-        Self::open_files(replica, files).await
+        Self::open_files(replica, files, None).await
     }
 
-    /// Builds the page map of planned `files` (oldest first), fetching their indexes.
-    pub async fn open_files(replica: &Replica, files: Vec<ReplicaFile>) -> ReplicaResult<Self> {
-        let indexes: Vec<(Header, PageIndex, Bytes)> = stream::iter(&files)
-            .map(|f| replica.read_index(f))
+    /// Builds the page map of planned `files` (oldest first), fetching their indexes (what
+    /// `hint` holds costs no request).
+    pub async fn open_files(
+        replica: &Replica,
+        files: Vec<ReplicaFile>,
+        hint: Option<&OpenHint>,
+    ) -> ReplicaResult<Self> {
+        let indexes: Vec<(Header, PageIndex, KnownRanges)> = stream::iter(&files)
+            .map(|f| async move {
+                let (header, index, mut known) = replica.read_index(f, hint).await?;
+                // The hint's frames of this file serve page reads too.
+                if let Some(hint) = hint.filter(|h| h.describes(f)) {
+                    for (start, bytes) in hint.ranges.iter() {
+                        known.add(*start, bytes.clone());
+                    }
+                }
+                Ok::<_, ReplicaError>((header, index, known))
+            })
             .buffered(OPEN_PARALLELISM)
             .try_collect()
             .await?;
@@ -341,8 +413,9 @@ impl PageMap {
             }
         }
         Ok(PageMap {
+            frame_gets: files.iter().map(|_| AtomicU64::new(0)).collect(),
             files,
-            heads: indexes.into_iter().map(|(_, _, head)| head).collect(),
+            known: indexes.into_iter().map(|(_, _, known)| known).collect(),
             pages,
             page_size: last.page_size,
             commit: last.commit,
@@ -353,9 +426,21 @@ impl PageMap {
     /// Drops the file heads read at open: their memory is freed, and every page is fetched
     /// from the store when asked for.
     pub fn forget_heads(&mut self) {
-        for head in &mut self.heads {
-            *head = Bytes::new();
+        for known in &mut self.known {
+            known.clear();
         }
+    }
+
+    /// The oldest file of the plan (the snapshot, when the plan starts with one).
+    pub fn base_file(&self) -> Option<&ReplicaFile> {
+        self.files.first()
+    }
+
+    /// Ranged GETs of page frames made so far from [`Self::base_file`].
+    pub fn base_frame_gets(&self) -> u64 {
+        self.frame_gets
+            .first()
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     /// Several pages, with one ranged GET per file for the frames of the pages it holds (the
@@ -404,14 +489,15 @@ impl PageMap {
                 .map(|(_, e)| e.offset + e.size)
                 .max()
                 .unwrap_or(0);
-            let head = &self.heads[file];
-            let span = if end <= head.len() as u64 {
-                head.slice(start as usize..end as usize)
-            } else {
-                with_retries("read page frames", || {
-                    replica.store.get_range(path, start..end)
-                })
-                .await?
+            let span = match self.known[file].covering(start..end) {
+                Some(bytes) => bytes,
+                None => {
+                    self.frame_gets[file].fetch_add(1, Ordering::Relaxed);
+                    with_retries("read page frames", || {
+                        replica.store.get_range(path, start..end)
+                    })
+                    .await?
+                }
             };
             entries
                 .into_iter()

@@ -2,12 +2,15 @@
 //! (or start a new one), claim the next TXID so no older writer can publish again, and sync
 //! committed transactions to the replica.
 
+use crate::BlockLocation;
 use crate::lease::{self, Lease, LeaseError};
+use crate::open_hint::OpenHint;
 use crate::replica::{Replica, ReplicaError, ReplicaFile};
 use crate::vfs::ffi::{attach, detach, open_connection};
 use crate::vfs::remote::{RemoteSource, sync_once};
 use crate::vfs::state::{DatabaseState, PageSource};
 use ltx::RestoreTarget;
+use ltx::naming::SNAPSHOT_LEVEL;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::sync::Arc;
@@ -15,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::runtime::Handle;
 
+/// How long after an open the open hint it found lacking is rewritten.
+const HINT_WRITE_DELAY: Duration = Duration::from_secs(2);
 /// Page size of new block maps.
 pub const PAGE_SIZE: u32 = 4096;
 /// [`MapWriter::tidy`] takes a snapshot once this many level-1 files follow the latest one.
@@ -54,12 +59,107 @@ pub struct MapWriter {
     /// Held by [`MapWriter::maintain`] and [`MapWriter::tidy`], which may run from different
     /// tasks: two compactions of the same level at once would publish the same file twice.
     compacting: tokio::sync::Mutex<()>,
+    /// The pages this writer's open and first lookups read: the open hint written with each
+    /// new snapshot holds their frames.
+    boot_pages: std::sync::Mutex<Vec<u32>>,
 }
 
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Where the map says the first lookups' blocks are (`None`: not stored), for
+/// [`OpenAhead::first_located`].
+pub type FirstLocated = tokio::sync::oneshot::Sender<Vec<(u64, Option<BlockLocation>)>>;
+
+/// What a caller of [`MapWriter::open_ahead`] knows before the open starts.
+#[derive(Debug, Default)]
+pub struct OpenAhead {
+    /// The replica's listing, made while the caller fetched something else.
+    pub listing: Option<Vec<ReplicaFile>>,
+    /// The replica's open hint, fetched beside the listing ([`crate::open_hint::load`]).
+    pub hint: Option<OpenHint>,
+    /// The highest lease epoch, listed beside the listing ([`lease::current_epoch`]).
+    pub lease_epoch: Option<u64>,
+    /// Blocks the first reads will look up (a boot reads block 0 first, a partition scan the
+    /// last block too): the map pages on their paths are fetched while the lease and the
+    /// claim are in flight, so those reads find them in memory.
+    pub first_lookups: Vec<u64>,
+    /// Told where the first lookups' blocks are as soon as that is known (before the claim
+    /// lands), so the caller can start reading them.
+    pub first_located: Option<FirstLocated>,
+}
+
+/// A state attached to the VFS: the state, the TXID of its base, the files the base reads
+/// from, and the base's page source (`None` for a new database).
+type OpenedState = (
+    Arc<DatabaseState>,
+    Option<u64>,
+    Vec<Path>,
+    Option<Arc<RemoteSource>>,
+);
+
+/// Looks `blocks` up in database `name` on a connection of its own, which fetches the pages on
+/// their paths into the state's shared page cache. Only a head start: a failure is logged, and
+/// the lookup is made again when the block is read.
+async fn look_up_first(name: &str, blocks: Option<&[u64]>) -> Vec<(u64, Option<BlockLocation>)> {
+    let Some(blocks) = blocks.filter(|b| !b.is_empty()) else {
+        return Vec::new();
+    };
+    let started = std::time::Instant::now();
+    let (db, wanted) = (name.to_string(), blocks.to_vec());
+    let looked_up = tokio::task::spawn_blocking(move || -> crate::Result<Vec<_>> {
+        let map = crate::BlockMap::open_read_only(open_connection(&db)?)?;
+        wanted
+            .into_iter()
+            .map(|block| Ok((block, map.get(block)?)))
+            .collect()
+    })
+    .await;
+    match looked_up {
+        Ok(Ok(found)) => {
+            tracing::debug!(
+                ms = started.elapsed().as_millis() as u64,
+                blocks = blocks.len(),
+                "map open: first lookups' pages fetched"
+            );
+            found
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("map open: first lookups failed: {e}");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!("map open: first lookups' task failed: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Publishes page 1 unchanged as the next TXID, so that a previous writer's next upload
+/// collides (nothing to claim in an empty database: the first upload then races for TXID 1 and
+/// create-only settles it).
+async fn claim_next_txid(state: &Arc<DatabaseState>, replica: &Replica) -> Result<(), WriterError> {
+    if state.file_size() == 0 {
+        return Ok(());
+    }
+    let rewrite = {
+        let state = Arc::clone(state);
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut page = vec![0u8; state.page_size() as usize];
+            state.read(0, &mut page)?;
+            state.write(0, &page)?;
+            state.commit();
+            Ok(())
+        })
+    };
+    rewrite
+        .await
+        .map_err(|e| std::io::Error::other(format!("claim task failed: {e}")))??;
+    sync_once(state, replica, now_ms()).await?;
+    Ok(())
 }
 
 impl MapWriter {
@@ -74,61 +174,112 @@ impl MapWriter {
         holder: &str,
         runtime: Handle,
     ) -> Result<Self, WriterError> {
-        Self::open_listed(store, replica, lease_root, name, holder, runtime, None).await
+        let ahead = OpenAhead::default();
+        Self::open_ahead(store, replica, lease_root, name, holder, runtime, ahead).await
     }
 
-    /// [`MapWriter::open`] with the replica's listing already made (by a caller that listed it
-    /// while fetching something else): saves the open a round trip. The listing may be older
-    /// than the lease; the claim catches a writer that published since, as it does for a
-    /// listing made during the lease.
-    pub async fn open_listed(
+    /// [`MapWriter::open`] with what the caller knows ahead (see [`OpenAhead`]): each item saves
+    /// a boot a round trip.
+    pub async fn open_ahead(
         store: Arc<dyn ObjectStore>,
         replica: Arc<Replica>,
         lease_root: Path,
         name: &str,
         holder: &str,
         runtime: Handle,
-        listing: Option<Vec<ReplicaFile>>,
+        ahead: OpenAhead,
     ) -> Result<Self, WriterError> {
         let started = std::time::Instant::now();
         let ms = |t: std::time::Instant| t.elapsed().as_millis() as u64;
-        // The lease and the map's latest state are fetched at once (each is a few round
-        // trips). Reading the map before the lease is safe because of the claim below: a
-        // writer we replace that publishes after our listing takes the TXID we claim, the
-        // claim collides, and the state is read again.
-        let (lease, mut latest) = tokio::join!(
-            lease::acquire(&store, &lease_root, holder),
-            Self::latest_state(&replica, &runtime, listing)
+        // The lease is taken while the map's latest state is read and the next TXID claimed
+        // (each a round trip or two). Reading the map before the lease is safe because of the
+        // claim: a writer we replace that publishes after our listing takes the TXID we claim,
+        // the claim collides, and the state is read again. Claiming before the lease lands is
+        // safe because taking the lease never waits for or yields to a holder (it takes the
+        // next epoch): the claim only fences a writer this open replaces, and is a no-op
+        // transaction (page 1 unchanged) should the lease fail after all. Nothing is served
+        // before both land; the first lookups made meanwhile only fetch pages.
+        let OpenAhead {
+            listing,
+            hint,
+            lease_epoch,
+            first_lookups,
+            first_located,
+        } = ahead;
+        let (lease, claimed) = tokio::join!(
+            lease::acquire_after(&store, &lease_root, holder, lease_epoch),
+            Self::claim_latest(
+                &replica,
+                &runtime,
+                name,
+                listing,
+                hint.as_ref(),
+                &first_lookups,
+                first_located
+            )
         );
-        let lease = lease?;
+        let (lease, (state, base_txid, open_files, source)) = match (lease, claimed) {
+            (Ok(lease), Ok(claimed)) => (lease, claimed),
+            (Err(e), _) => {
+                detach(name);
+                return Err(e.into());
+            }
+            (_, Err(e)) => {
+                detach(name);
+                return Err(e);
+            }
+        };
         tracing::debug!(
             ms = ms(started),
             epoch = lease.epoch,
-            "map open: lease taken, state read"
+            "map open: lease taken, next TXID claimed"
         );
+        let writer = MapWriter {
+            name: name.to_string(),
+            state,
+            replica: Arc::clone(&replica),
+            store: Arc::clone(&store),
+            lease_root: lease_root.clone(),
+            lease,
+            independent_of_open_files: AtomicBool::new(base_txid.is_none()),
+            open_files,
+            base_txid,
+            restore_window_ms: AtomicU64::new(0),
+            compacting: tokio::sync::Mutex::new(()),
+            boot_pages: std::sync::Mutex::new(Vec::new()),
+        };
+        if let Some(source) = source {
+            writer.keep_boot_pages(&source, hint.as_ref(), &runtime);
+        }
+        Ok(writer)
+    }
+
+    /// Attaches the replica's latest state as `name` and claims the next TXID; a writer that
+    /// published meanwhile makes the claim collide, and the state is read again (three times
+    /// at most). The first lookups' pages are fetched while the claim is in flight.
+    async fn claim_latest(
+        replica: &Arc<Replica>,
+        runtime: &Handle,
+        name: &str,
+        mut listing: Option<Vec<ReplicaFile>>,
+        hint: Option<&OpenHint>,
+        first_lookups: &[u64],
+        mut first_located: Option<FirstLocated>,
+    ) -> Result<OpenedState, WriterError> {
         let mut attempts = 0;
         loop {
-            let (state, base_txid, open_files) = latest?;
-            let state = Arc::new(state);
-            attach(name, Arc::clone(&state));
-            let writer = MapWriter {
-                name: name.to_string(),
-                state,
-                replica: Arc::clone(&replica),
-                store: Arc::clone(&store),
-                lease_root: lease_root.clone(),
-                lease: lease.clone(),
-                independent_of_open_files: AtomicBool::new(base_txid.is_none()),
-                open_files,
-                base_txid,
-                restore_window_ms: AtomicU64::new(0),
-                compacting: tokio::sync::Mutex::new(()),
-            };
-            match writer.claim().await {
-                Ok(()) => {
-                    tracing::debug!(ms = ms(started), "map open: next TXID claimed");
-                    return Ok(writer);
+            let opened = Self::attach_latest(replica, runtime, name, listing.take(), hint).await?;
+            let lookups = opened.3.is_some().then_some(first_lookups);
+            let (claimed, ()) = tokio::join!(claim_next_txid(&opened.0, replica), async {
+                let found = look_up_first(name, lookups).await;
+                // Said once, for the first state read: should the claim collide, the blocks
+                // may have moved, and the caller's early reads are only a head start.
+                if let Some(tell) = first_located.take() {
+                    let _ = tell.send(found);
                 }
+            });
+            match claimed {
+                Ok(()) => return Ok(opened),
                 Err(WriterError::Replica(ReplicaError::Conflict(path))) if attempts < 3 => {
                     attempts += 1;
                     tracing::info!(
@@ -136,7 +287,6 @@ impl MapWriter {
                          reading it again"
                     );
                     detach(name);
-                    latest = Self::latest_state(&replica, &runtime, None).await;
                 }
                 Err(e) => {
                     detach(name);
@@ -146,12 +296,61 @@ impl MapWriter {
         }
     }
 
+    /// Remembers the pages the open read, and when the open hint did not hold all of them
+    /// from the snapshot the open started from, writes a new one in the background.
+    fn keep_boot_pages(&self, source: &RemoteSource, hint: Option<&OpenHint>, runtime: &Handle) {
+        let pages = source.take_first_reads();
+        *self.boot_pages.lock().unwrap_or_else(|e| e.into_inner()) = pages.clone();
+        let map = source.page_map();
+        let Some(base) = map.base_file().filter(|f| f.level == SNAPSHOT_LEVEL) else {
+            return;
+        };
+        let current = hint.is_some_and(|h| h.describes(base)) && map.base_frame_gets() == 0;
+        if current {
+            return;
+        }
+        let (replica, base) = (Arc::clone(&self.replica), base.clone());
+        runtime.spawn(async move {
+            // After the boot's first reads, which it would slow down (it reads the snapshot's
+            // head and index again).
+            tokio::time::sleep(HINT_WRITE_DELAY).await;
+            match crate::open_hint::write(&replica, &base, &pages).await {
+                Ok(()) => tracing::debug!(snapshot = %base.path, "open hint written"),
+                Err(e) => tracing::info!("open hint not written (the next open reads more): {e}"),
+            }
+        });
+    }
+
+    /// The replica's latest state attached to the VFS as `name`, and the source of its pages.
+    async fn attach_latest(
+        replica: &Arc<Replica>,
+        runtime: &Handle,
+        name: &str,
+        listing: Option<Vec<ReplicaFile>>,
+        hint: Option<&OpenHint>,
+    ) -> Result<OpenedState, WriterError> {
+        let (state, base_txid, open_files, source) =
+            Self::latest_state(replica, runtime, listing, hint).await?;
+        let state = Arc::new(state);
+        attach(name, Arc::clone(&state));
+        Ok((state, base_txid, open_files, source))
+    }
+
     /// The replica's latest state as a page source (no base for an empty replica), and its TXID.
     async fn latest_state(
         replica: &Arc<Replica>,
         runtime: &Handle,
         listing: Option<Vec<ReplicaFile>>,
-    ) -> Result<(DatabaseState, Option<u64>, Vec<Path>), WriterError> {
+        hint: Option<&OpenHint>,
+    ) -> Result<
+        (
+            DatabaseState,
+            Option<u64>,
+            Vec<Path>,
+            Option<Arc<RemoteSource>>,
+        ),
+        WriterError,
+    > {
         let started = std::time::Instant::now();
         let listing = match listing {
             Some(listing) => listing,
@@ -163,46 +362,27 @@ impl MapWriter {
             "map open: replica listed"
         );
         if listing.is_empty() {
-            return Ok((DatabaseState::new(None, PAGE_SIZE)?, None, Vec::new()));
+            return Ok((DatabaseState::new(None, PAGE_SIZE)?, None, Vec::new(), None));
         }
         let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
         let planned = files.len();
         let paths = files.iter().map(|f| f.path.clone()).collect();
-        let source = RemoteSource::open_files(Arc::clone(replica), files, runtime.clone()).await?;
+        let source =
+            RemoteSource::open_files(Arc::clone(replica), files, runtime.clone(), hint).await?;
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             files = planned,
             "map open: files and first pages read"
         );
         let txid = source.txid();
-        let base = Arc::new(source) as Arc<dyn PageSource>;
+        let source = Arc::new(source);
+        let base = Arc::clone(&source) as Arc<dyn PageSource>;
         Ok((
             DatabaseState::new(Some(base), PAGE_SIZE)?,
             Some(txid),
             paths,
+            Some(source),
         ))
-    }
-
-    /// Publishes page 1 unchanged as the next TXID (nothing to claim in an empty database: the
-    /// first upload then races for TXID 1 and create-only settles it).
-    async fn claim(&self) -> Result<(), WriterError> {
-        if self.state.file_size() == 0 {
-            return Ok(());
-        }
-        let task = {
-            let state = Arc::clone(&self.state);
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                let mut page = vec![0u8; state.page_size() as usize];
-                state.read(0, &mut page)?;
-                state.write(0, &page)?;
-                state.commit();
-                Ok(())
-            })
-        };
-        task.await
-            .map_err(|e| std::io::Error::other(format!("claim task failed: {e}")))??;
-        self.sync().await?;
-        Ok(())
     }
 
     /// A new connection to the map (SQLite, through the VFS).
@@ -270,7 +450,17 @@ impl MapWriter {
     /// killed again and again before it hydrates: its replica would grow without end, and
     /// every open would list it all.)
     async fn snapshot_and_retain(&self) -> Result<(), WriterError> {
-        crate::compaction::snapshot(&self.replica).await?;
+        if let Some(snapshot) = crate::compaction::snapshot(&self.replica).await? {
+            let pages = self
+                .boot_pages
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            // Best effort: without a current hint, the next open reads the snapshot itself.
+            if let Err(e) = crate::open_hint::write(&self.replica, &snapshot, &pages).await {
+                tracing::info!("open hint for {} not written: {e}", snapshot.path);
+            }
+        }
         crate::compaction::enforce_retention_keeping(
             &self.replica,
             2,

@@ -153,15 +153,17 @@ async fn a_new_writer_fences_the_old_one() {
     );
 }
 
-/// A new writer reads the map while it takes the lease. If the writer it replaces publishes in
-/// between (here: the new lease's PUT is held until the old writer has synced), the new
-/// writer's claim collides, it reads the map again and serves the old writer's last sync; the
-/// old writer is fenced at its next one.
+/// A new writer reads the map, then claims the next TXID. If the writer it replaces publishes
+/// in between (here: the new writer's PUTs to the replica are held until the old writer has
+/// synced), the new writer's claim collides, it reads the map again and serves the old
+/// writer's last sync; the old writer is fenced at its next one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sync_between_the_new_writers_read_and_its_lease_is_not_lost() {
+async fn a_sync_between_the_new_writers_read_and_its_claim_is_not_lost() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (faulty, store, replica) = counted_replica(dir.path());
-    let w1 = open_writer(&store, &replica, "race-writer-1", "host-1")
+    // The old writer reaches the same directory without the held gate.
+    let (_, plain_store, plain_replica) = counted_replica(dir.path());
+    let w1 = open_writer(&plain_store, &plain_replica, "race-writer-1", "host-1")
         .await
         .expect("open w1");
     let mut map1 = BlockMap::new(w1.connection().expect("conn")).expect("map");
@@ -172,17 +174,16 @@ async fn a_sync_between_the_new_writers_read_and_its_lease_is_not_lost() {
     map1.apply(&[(1, 1 << 20)], &[put(1)]).expect("apply");
     w1.sync().await.expect("sync").expect("uploaded");
 
-    faulty.hold_puts("vol/lease/");
+    faulty.hold_puts("vol/blockmap/");
     let opening = open_writer(&store, &replica, "race-writer-2", "host-2");
     let meanwhile = async {
-        // w2 reads the map (a local store answers in microseconds) and waits on its lease;
-        // w1, still the newest lease holder, syncs once more. Had w2 finished first, this sync
-        // would be fenced.
+        // w2 reads the map (a local store answers in microseconds) and waits on its claim;
+        // w1 syncs once more. Had w2's claim landed first, this sync would be fenced.
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         map1.apply(&[], &[put(2)]).expect("apply");
         w1.sync()
             .await
-            .expect("w1 still holds the newest lease")
+            .expect("nothing has collided with w1 yet")
             .expect("uploaded");
         faulty.release_puts();
     };
@@ -399,7 +400,8 @@ async fn retention_waits_for_the_writer_to_hydrate() {
 
 /// An open reads each file's first bytes with its index, so the pages every first query reads
 /// (the schema, the tables' root pages) cost no further request, even from a snapshot too
-/// large to be read whole; a page further in costs one.
+/// large to be read whole; a page in the middle (neither in the head nor in the tail read for
+/// the index) costs one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_pages_come_with_the_open() {
     use blockmap::replica::{HEAD_GUESS, INDEX_TAIL_GUESS};
@@ -410,7 +412,7 @@ async fn the_first_pages_come_with_the_open() {
         .expect("open");
     let mut map = BlockMap::new(w.connection().expect("conn")).expect("map");
     map.apply(&[(1, 1 << 20)], &[]).expect("chunk");
-    let changes: Vec<MapChange> = (0..40_000u64)
+    let changes: Vec<MapChange> = (0..120_000u64)
         .map(|i| MapChange::Put {
             block: i * 7,
             location: loc(i),
@@ -425,8 +427,8 @@ async fn the_first_pages_come_with_the_open() {
         .expect("plan");
     assert_eq!(plan.len(), 1, "a snapshot alone: {plan:?}");
     assert!(
-        plan[0].size > HEAD_GUESS + INDEX_TAIL_GUESS,
-        "the snapshot ({} bytes) must be too large to be read whole",
+        plan[0].size > 2 * (HEAD_GUESS + INDEX_TAIL_GUESS),
+        "the snapshot ({} bytes) must be far too large to be read whole",
         plan[0].size
     );
     let before = counted.requests();
@@ -446,9 +448,9 @@ async fn the_first_pages_come_with_the_open() {
         "the first pages cost requests of their own"
     );
     pages
-        .read_page(&replica, pages.commit)
+        .read_page(&replica, pages.commit / 2)
         .await
-        .expect("last page");
+        .expect("middle page");
     assert_eq!(counted.requests() - before, opened + 1);
 }
 

@@ -7,6 +7,7 @@
 //! on a thread that belongs to another runtime).
 
 use super::state::{DatabaseState, PageSource};
+use crate::open_hint::OpenHint;
 use crate::replica::{PageMap, Replica, ReplicaError, ReplicaFile, ReplicaResult};
 use ltx::RestoreTarget;
 use std::collections::{HashMap, VecDeque};
@@ -18,12 +19,17 @@ use tokio::runtime::Handle;
 pub const DEFAULT_CACHE_PAGES: usize = 4096;
 /// Pages fetched in parallel at open.
 const WARM_PAGES: u32 = 16;
+/// Pages recorded as a boot's first reads at most (a boot's first lookups read a handful).
+const FIRST_READS_MAX: usize = 64;
 
 pub struct RemoteSource {
     replica: Arc<Replica>,
     map: Arc<PageMap>,
     runtime: Handle,
     cache: Mutex<PageCache>,
+    /// Pages asked for since the open, until [`RemoteSource::take_first_reads`] (`None` after):
+    /// what a boot reads first, for the next open hint.
+    first_reads: Mutex<Option<Vec<u32>>>,
 }
 
 /// A bounded page cache shared by every connection to the database. Eviction is first-in
@@ -64,13 +70,15 @@ impl RemoteSource {
         Self::from_map(replica, map, runtime).await
     }
 
-    /// Opens planned `files` (oldest first) of a listing the caller already made.
+    /// Opens planned `files` (oldest first) of a listing the caller already made; what `hint`
+    /// holds costs no request.
     pub async fn open_files(
         replica: Arc<Replica>,
         files: Vec<ReplicaFile>,
         runtime: Handle,
+        hint: Option<&OpenHint>,
     ) -> ReplicaResult<Self> {
-        let map = PageMap::open_files(&replica, files).await?;
+        let map = PageMap::open_files(&replica, files, hint).await?;
         Self::from_map(replica, map, runtime).await
     }
 
@@ -89,6 +97,7 @@ impl RemoteSource {
                 pages: HashMap::new(),
                 order: VecDeque::new(),
             }),
+            first_reads: Mutex::new(Some(first_pages.clone())),
         };
         {
             let mut cache = source.cache();
@@ -125,6 +134,21 @@ impl RemoteSource {
     fn cache(&self) -> MutexGuard<'_, PageCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The pages read since the open (the first pages and the first queries'), in order;
+    /// stops recording.
+    pub fn take_first_reads(&self) -> Vec<u32> {
+        let mut reads = self.first_reads.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pages = reads.take().unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        pages.retain(|p| seen.insert(*p));
+        pages
+    }
+
+    /// Where the state's pages live.
+    pub fn page_map(&self) -> &PageMap {
+        &self.map
+    }
 }
 
 impl PageSource for RemoteSource {
@@ -141,6 +165,16 @@ impl PageSource for RemoteSource {
     }
 
     fn read_page(&self, pgno: u32) -> io::Result<Vec<u8>> {
+        if let Some(reads) = self
+            .first_reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            if reads.len() < FIRST_READS_MAX {
+                reads.push(pgno);
+            }
+        }
         if let Some(page) = self.cache().get(pgno) {
             return Ok(page.as_ref().clone());
         }

@@ -191,7 +191,17 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
         .counters
         .store_fetches
         .fetch_add(run.len() as u64, Ordering::Relaxed);
-    let span = match shared.chunks.read_span(&run).await {
+    let span = shared.chunks.read_span(&run).await;
+    settle_run(shared, run, span).await
+}
+
+/// The blocks of `run` from `span`, its ranged GET's answer: each verified and cached.
+async fn settle_run(
+    shared: &Shared,
+    run: Vec<BlockLocation>,
+    span: io::Result<Bytes>,
+) -> Arc<Vec<FetchResult>> {
+    let span = match span {
         Ok(span) => span,
         Err(e) => {
             tracing::error!(volume = %shared.meta.name, "reading blocks from the store failed: {e}");
@@ -229,6 +239,52 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
         })
         .collect();
     Arc::new(results)
+}
+
+/// A block's GET started before the volume was open (see [`EarlyFetch`]): adopted as that
+/// block's fetch, so a read that wants it meanwhile awaits it instead of fetching it again.
+/// Should it fail, the block is fetched the usual way.
+pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
+    let key = CacheKey::of(&early.location);
+    let cell = BlockFetch::default();
+    lock(&shared.fetches).insert(key, Arc::clone(&cell));
+    let shared = Arc::clone(shared);
+    tokio::spawn(async move {
+        let location = early.location;
+        cell.get_or_init(|| async {
+            let span = match early.span.await {
+                Ok(span) => span,
+                Err(e) => Err(io::Error::other(format!("early fetch task failed: {e}"))),
+            };
+            shared.counters.store_gets.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .store_fetches
+                .fetch_add(1, Ordering::Relaxed);
+            let settled = match settle_run(&shared, vec![location], span).await.first() {
+                Some(Ok(data)) => return Ok(data.clone()),
+                _ => fetch_run(&shared, vec![location]).await,
+            };
+            settled.first().cloned().unwrap_or_else(|| {
+                Err((
+                    io::ErrorKind::Other,
+                    "internal: a fetch lost its block".into(),
+                ))
+            })
+        })
+        .await;
+        let mut fetches = lock(&shared.fetches);
+        if fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            fetches.remove(&key);
+        }
+    });
+}
+
+/// The ranged GET of one block, started while the volume opens (a boot's first read is block
+/// 0: its lookup is made while the map's next TXID is claimed, and its GET can run then too).
+pub(super) struct EarlyFetch {
+    pub location: BlockLocation,
+    pub span: tokio::task::JoinHandle<io::Result<Bytes>>,
 }
 
 #[cfg(test)]

@@ -41,9 +41,10 @@ use crate::low_priority::LowPriorityThreads;
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
 use async_trait::async_trait;
+use blockmap::lease;
 use blockmap::replica::{Layout, Replica};
 use blockmap::vfs::follower::Follower;
-use blockmap::writer::MapWriter;
+use blockmap::writer::{FirstLocated, MapWriter, OpenAhead};
 use blockmap::{BlockLocation, BlockMap};
 use bytes::Bytes;
 use object_store::ObjectStore;
@@ -348,10 +349,28 @@ impl ObjectVolume {
             layout,
         ));
         // volume.json and the map's listing are both needed before anything else and neither
-        // depends on the other: one round trip for the two. (Listing a volume that turns out
-        // not to exist costs one read-only request.)
-        let (meta, listing) =
-            tokio::join!(catalog::load(store.as_ref(), prefix, name), replica.list());
+        // depends on the other: one round trip for the two; and for a writer (a follower uses
+        // neither) the map's open hint and the lease's epoch too: every request of an open
+        // that depends on nothing else goes in this round trip. (Opening a volume that turns
+        // out not to exist costs these read-only requests.)
+        let writer = !config.read_only;
+        let (meta, listing, hint, lease_epoch) = tokio::join!(
+            catalog::load(store.as_ref(), prefix, name),
+            replica.list(),
+            async {
+                match writer {
+                    true => blockmap::open_hint::load(&replica).await,
+                    false => None,
+                }
+            },
+            async {
+                match writer {
+                    // A failed listing is made again when the lease is taken.
+                    true => lease::current_epoch(store.as_ref(), &root).await.ok(),
+                    false => None,
+                }
+            }
+        );
         let meta = meta?.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -368,6 +387,7 @@ impl ObjectVolume {
         // One VFS database per volume and process.
         let db_name = format!("{root}#{}", meta.uuid);
         let runtime = tokio::runtime::Handle::current();
+        let (first_located, early_fetch) = early_first_reads(&store, &root, meta.block_size);
         let map = async {
             if config.read_only {
                 if listing.is_empty() {
@@ -378,14 +398,20 @@ impl ObjectVolume {
                     .map(MapRole::Follower)
                     .map_err(|e| other("opening the block map", e))
             } else {
-                MapWriter::open_listed(
+                MapWriter::open_ahead(
                     Arc::clone(&store),
                     Arc::clone(&replica),
                     root.clone(),
                     &db_name,
                     &config.holder,
                     runtime,
-                    Some(listing),
+                    OpenAhead {
+                        listing: Some(listing),
+                        hint,
+                        lease_epoch,
+                        first_lookups: FIRST_LOOKUPS.to_vec(),
+                        first_located: Some(first_located),
+                    },
                 )
                 .await
                 .map(MapRole::Writer)
@@ -394,6 +420,8 @@ impl ObjectVolume {
         };
         let (instance, map) = tokio::join!(local, map);
         let (instance, map) = (instance?, map?);
+        // Found while the claim was in flight (or never, for a new or read-only map).
+        let early_fetch = early_fetch.await.ok().flatten();
         phase("block map opened (lease, listing, files, claim)");
         let chunk_epoch = match &map {
             MapRole::Writer(w) => {
@@ -525,6 +553,9 @@ impl ObjectVolume {
                 Arc::clone(&shared),
                 stop_rx.clone(),
             )));
+        }
+        if let Some(early) = early_fetch {
+            fetch::adopt_early(&shared, early);
         }
         if let MapRole::Writer(_) = &shared.map {
             tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared))));
@@ -712,6 +743,34 @@ fn warm_locations(shared: &Shared) -> io::Result<()> {
     }
     tracing::debug!(volume = %shared.meta.name, blocks = warmed, "lookups warmed from the cache");
     Ok(())
+}
+
+/// The blocks a boot reads first: block 0 (boot sector, partition table, superblock). (The
+/// last block, which a GPT partition scan reads next, is not worth it: its lookup path shares
+/// no page with block 0's below the root, so it would add round trips to every open.)
+const FIRST_LOOKUPS: [u64; 1] = [0];
+
+/// A sender for the map's open to say where block 0 is, and a task that starts block 0's GET
+/// as soon as it does (while the claim is in flight): a boot's first read is block 0, and its
+/// GET then overlaps the open's last round trip instead of following it. The task ends with
+/// the fetch to adopt, or `None` when block 0 is not stored (never written, or a new map).
+fn early_first_reads(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    block_size: u32,
+) -> (
+    FirstLocated,
+    tokio::task::JoinHandle<Option<fetch::EarlyFetch>>,
+) {
+    let (tell, located) = tokio::sync::oneshot::channel::<Vec<(u64, Option<BlockLocation>)>>();
+    let chunks = ChunkStore::new(Arc::clone(store), root, block_size);
+    let task = tokio::spawn(async move {
+        let found = located.await.ok()?;
+        let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
+        let span = tokio::spawn(async move { chunks.read_span(&[location]).await });
+        Some(fetch::EarlyFetch { location, span })
+    });
+    (tell, task)
 }
 
 /// Full disk → ENOSPC; everything else is an I/O error.
