@@ -257,6 +257,15 @@ impl BlockMap {
     }
 
     /// Bytes of every chunk the map knows, dead ones included.
+    /// Chunks the map knows (live or waiting for collection).
+    pub fn chunk_count(&self) -> Result<u64> {
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM chunks", [], |r| {
+                r.get::<_, i64>(0).map(|n| n as u64)
+            })?)
+    }
+
     pub fn chunk_bytes(&self) -> Result<u64> {
         Ok(self.conn.query_row(
             "SELECT COALESCE(SUM(total_bytes), 0) FROM chunks",

@@ -1,6 +1,6 @@
-//! The Litestream VFS defects DESIGN.md §5 lists, each shown impossible here. (Fencing without
-//! check-then-PUT is shown in writer.rs and replica_s3.rs; hydration racing new commits in
-//! vfs_replica.rs.)
+//! The Litestream VFS defects docs/ARCHITECTURE.md §7 lists, each shown impossible here.
+//! (Fencing without check-then-PUT is shown in writer.rs and replica_s3.rs; hydration racing
+//! new commits in vfs_replica.rs.)
 
 use blockmap::replica::{Layout, Replica};
 use blockmap::vfs::ffi::{attach, open_connection};

@@ -1,5 +1,5 @@
 //! An `ObjectStore` wrapper that counts requests and bytes, for the metrics endpoint and for
-//! benchmarks that report S3 traffic (DESIGN.md §9, §10).
+//! benchmarks that report S3 traffic.
 //!
 //! Wrapping the trait once, instead of counting at every call site, means nothing that reaches
 //! the store can bypass the counters. Only what this wrapper can observe is counted: a request

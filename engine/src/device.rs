@@ -89,6 +89,10 @@ pub struct ZeroMode {
     pub fast_only: bool,
 }
 
+/// The largest READ or WRITE payload a device accepts in one request (NBD's default maximum,
+/// advertised as the block-size maximum; the protocol layer refuses larger requests).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
 /// What a device can do; the protocol layer advertises exactly this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
@@ -106,12 +110,43 @@ pub struct Capabilities {
     pub rotational: bool,
 }
 
+impl Capabilities {
+    /// A disk with every operation (both engines): writes, flushes, trims and zeroing unless
+    /// read-only; safe for several connections at once; not rotational.
+    pub fn disk(writable: bool) -> Self {
+        Capabilities {
+            read_only: !writable,
+            flush: writable,
+            fua: writable,
+            trim: writable,
+            write_zeroes: writable,
+            fast_zero: writable,
+            cache: true,
+            block_status: true,
+            multi_conn: true,
+            rotational: false,
+        }
+    }
+}
+
 /// I/O size constraints (NBD_INFO_BLOCK_SIZE).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSizes {
     pub minimum: u32,
     pub preferred: u32,
     pub maximum: u32,
+}
+
+impl Default for BlockSizes {
+    /// Any byte-aligned request up to [`MAX_PAYLOAD`]; 4 KiB preferred (smaller writes cost a
+    /// read-modify-write of a page or a block).
+    fn default() -> Self {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: MAX_PAYLOAD,
+        }
+    }
 }
 
 /// A virtual disk. Every method may be called concurrently from many connections.
@@ -123,7 +158,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Size in bytes.
     fn size(&self) -> u64;
     fn capabilities(&self) -> Capabilities;
-    fn block_sizes(&self) -> BlockSizes;
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes::default()
+    }
 
     /// Reads `length` bytes at `offset`. The segments cover the range exactly, in order.
     async fn read(&self, offset: u64, length: u32) -> DeviceResult<Vec<ReadSegment>>;

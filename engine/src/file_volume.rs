@@ -6,8 +6,8 @@
 //! engine is compared against.
 
 use crate::device::{
-    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,
-    ReadSegment, ZeroMode, check_range,
+    BlockDevice, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind, ReadSegment,
+    ZeroMode, check_range,
 };
 use crate::metadata::VolumeMetadata;
 use async_trait::async_trait;
@@ -22,9 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub const DATA_FILE: &str = "disk.raw";
 pub const FORMAT: &str = "raw-file";
-
-/// Largest read or write payload accepted in one request (the NBD default maximum).
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
 /// Reads at least this long look for holes first, so sparse regions are not sent as bytes.
 /// Smaller reads skip the two extra `lseek`s: they would save little and cost latency.
@@ -223,27 +220,7 @@ impl BlockDevice for FileVolume {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let writable = !self.read_only;
-        Capabilities {
-            read_only: self.read_only,
-            flush: writable,
-            fua: writable,
-            trim: writable,
-            write_zeroes: writable,
-            fast_zero: writable,
-            cache: true,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-        }
-    }
-
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: MAX_PAYLOAD,
-        }
+        Capabilities::disk(!self.read_only)
     }
 
     async fn read(&self, offset: u64, length: u32) -> DeviceResult<Vec<ReadSegment>> {

@@ -1,5 +1,5 @@
 //! The local write journal: every write is appended here before it is acknowledged, and FLUSH
-//! returns once the journal is fdatasync'd (DESIGN.md §3, invariant I2).
+//! returns once the journal is fdatasync'd (docs/ARCHITECTURE.md, invariant I2).
 //!
 //! The journal is a sequence of segment files `journal-<first seq as %016x>.log`. Records:
 //!

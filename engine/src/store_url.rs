@@ -1,10 +1,11 @@
 //! `--store URL` → an object store, the key prefix inside it, and the block map's replica
-//! layout. Every backend is reached through the one `ObjectStore` trait (DESIGN.md §1), so this
-//! is the only place that knows which URL means which backend.
+//! layout. Every backend is reached through the one `ObjectStore` trait
+//! (docs/ARCHITECTURE.md §1), so this is the only place that knows which URL means which
+//! backend.
 //!
 //! - `file:///abs/path` or a plain directory path: the embedded local-directory store, the
 //!   default that needs nothing installed. It uses Litestream's file layout, so
-//!   `litestream restore file://…/V/blockmap` works on it (DESIGN.md §9).
+//!   `litestream restore file://…/V/blockmap` works on it (docs/ARCHITECTURE.md §2).
 //! - `s3://bucket/prefix`: S3 or any S3-compatible service, configured by the standard AWS_*
 //!   environment (AWS_ENDPOINT_URL or AWS_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 //!   AWS_REGION, AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).

@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 /// Largest read or write payload accepted (and advertised through NBD_INFO_BLOCK_SIZE).
-pub const MAX_PAYLOAD: u64 = 32 * 1024 * 1024;
+pub const MAX_PAYLOAD: u64 = engine::device::MAX_PAYLOAD as u64;
 /// Memory budget for payloads of in-flight requests on one connection, in units of `BUDGET_UNIT`.
 const BUDGET_UNIT: u64 = 64 * 1024;
 const BUDGET_UNITS: u32 = 4096; // 256 MiB

@@ -1,5 +1,5 @@
-//! Crashes and lost local disks (DESIGN.md §3, invariants I1 and I2), through the NBD contract
-//! only, so the same checks hold for every engine.
+//! Crashes and lost local disks (docs/ARCHITECTURE.md, invariants I1 and I2), through the NBD
+//! contract only, so the same checks hold for every engine.
 //!
 //! A verifying writer (a thread with its own NBD connection, one request at a time) writes
 //! self-checking 4 KiB records to random blocks of the first 64 MiB: each names its block and a

@@ -1,4 +1,5 @@
-//! The writable, Litestream-compatible SQLite VFS that stores the block map (DESIGN.md §5).
+//! The writable, Litestream-compatible SQLite VFS that stores the block map
+//! (docs/ARCHITECTURE.md §4, §7).
 //!
 //! [`state`] is the part SQLite's file callbacks drive: one [`state::DatabaseState`] per
 //! database, shared by every connection, holding committed-but-unsynced pages over a base page

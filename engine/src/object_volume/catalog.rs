@@ -72,7 +72,7 @@ pub async fn create(
 }
 
 /// Checks the shape of a new volume: a size that is a non-zero multiple of the block size, and
-/// a block size that is a power of two from 4 KiB to 4 MiB (DESIGN.md §2).
+/// a block size that is a power of two from 4 KiB to 4 MiB (docs/ARCHITECTURE.md §2).
 pub fn validate_geometry(size: u64, block_size: u32) -> io::Result<()> {
     let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
     if !block_size.is_power_of_two() || !(4096..=4 << 20).contains(&block_size) {

@@ -1,4 +1,4 @@
-//! A volume whose blocks live in object storage (DESIGN.md §2–§7).
+//! A volume whose blocks live in object storage (docs/ARCHITECTURE.md §2–§6).
 //!
 //! - Writes are appended to a local journal and recorded in an in-memory [`Overlay`]; FLUSH
 //!   and FUA fdatasync the journal (`Durability::Local`) or also wait for the upload
@@ -33,8 +33,8 @@ use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
 use crate::counting_store::CountingStore;
 use crate::device::{
-    BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceMetric, DeviceResult, Extent,
-    MetricKind, ReadSegment, ZeroMode, check_range,
+    BlockDevice, Capabilities, DeviceError, DeviceMetric, DeviceResult, Extent, MetricKind,
+    ReadSegment, ZeroMode, check_range,
 };
 use crate::journal::{Journal, Record};
 use crate::low_priority::LowPriorityThreads;
@@ -57,9 +57,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
-
-/// Largest read or write payload accepted in one request.
-pub const MAX_PAYLOAD: u32 = 32 * 1024 * 1024;
 
 /// Block-map metadata key: the last journal seq whose writes the map holds.
 const META_JOURNAL_SEQ: &str = "journal_seq";
@@ -164,6 +161,17 @@ pub struct VolumeStats {
     pub chunks_deleted: u64,
     /// Bytes of every chunk in the store, dead ones waiting for deletion included.
     pub chunk_bytes: u64,
+}
+
+/// The SQLite connections a [`MapRole`] needs (see [`open_maps`]).
+#[derive(Debug, Clone, Copy)]
+enum MapConnections {
+    /// A lookup connection and an update connection, both through the VFS.
+    LookupAndUpdate,
+    /// One query-only lookup connection through the VFS.
+    LookupOnly,
+    /// Nothing stored: an empty in-memory map.
+    InMemory,
 }
 
 /// The block map, as this process holds it.
@@ -432,13 +440,13 @@ impl ObjectVolume {
         };
         let (lookups, updates, uploaded_seq, owner) = {
             let name = db_name.clone();
-            let role = match &map {
-                MapRole::Writer(_) => 0,
-                MapRole::Follower(_) => 1,
-                MapRole::Empty => 2,
+            let connections = match &map {
+                MapRole::Writer(_) => MapConnections::LookupAndUpdate,
+                MapRole::Follower(_) => MapConnections::LookupOnly,
+                MapRole::Empty => MapConnections::InMemory,
             };
             blocking(move || {
-                let (lookups, updates) = open_maps(&name, role)?;
+                let (lookups, updates) = open_maps(&name, connections)?;
                 let read = |e| other("reading the block map", e);
                 let seq = lookups
                     .meta(META_JOURNAL_SEQ)
@@ -595,10 +603,7 @@ impl ObjectVolume {
             let (blocks, bytes) = map.usage().map_err(|e| other("block map", e))?;
             stats.allocated_blocks = blocks;
             stats.allocated_stored_bytes = bytes;
-            stats.chunks = map
-                .connection()
-                .query_row("SELECT COUNT(*) FROM chunks", [], |r| r.get::<_, i64>(0))
-                .map_err(|e| other("block map", e))? as u64;
+            stats.chunks = map.chunk_count().map_err(|e| other("block map", e))?;
             stats.chunk_bytes = map.chunk_bytes().map_err(|e| other("block map", e))?;
             Ok(stats)
         })
@@ -691,8 +696,8 @@ impl Change {
 /// How long after the open the block map's download starts.
 const MAP_HYDRATION_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Restores the block map into a local file in the background (DESIGN.md §5): until then,
-/// lookups that miss the page cache are ranged GETs; after, they are local reads.
+/// Restores the block map into a local file in the background (docs/ARCHITECTURE.md §4): until
+/// then, lookups that miss the page cache are ranged GETs; after, they are local reads.
 async fn hydrate_map(shared: Arc<Shared>) {
     let MapRole::Writer(writer) = &shared.map else {
         return;
@@ -782,11 +787,11 @@ fn device_error(e: io::Error) -> DeviceError {
 }
 
 /// Opens the lookup connection and, for a writer, the update connection.
-fn open_maps(name: &str, role: u8) -> io::Result<(BlockMap, Option<BlockMap>)> {
+fn open_maps(name: &str, connections: MapConnections) -> io::Result<(BlockMap, Option<BlockMap>)> {
     let sql = |e: rusqlite::Error| other("opening the block map", e);
     let map = |e: blockmap::Error| other("opening the block map", e);
-    match role {
-        0 => {
+    match connections {
+        MapConnections::LookupAndUpdate => {
             let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
             conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
             // The uploader's transactions touch many pages; keep them in memory until commit.
@@ -797,13 +802,13 @@ fn open_maps(name: &str, role: u8) -> io::Result<(BlockMap, Option<BlockMap>)> {
             conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
             Ok((BlockMap::new(conn).map_err(map)?, Some(updates)))
         }
-        1 => {
+        MapConnections::LookupOnly => {
             let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
             conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
             conn.pragma_update(None, "query_only", true).map_err(sql)?;
             Ok((BlockMap::open_read_only(conn).map_err(map)?, None))
         }
-        _ => Ok((BlockMap::in_memory().map_err(map)?, None)),
+        MapConnections::InMemory => Ok((BlockMap::in_memory().map_err(map)?, None)),
     }
 }
 
@@ -918,27 +923,7 @@ impl BlockDevice for ObjectVolume {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let writable = !self.shared.config.read_only;
-        Capabilities {
-            read_only: !writable,
-            flush: writable,
-            fua: writable,
-            trim: writable,
-            write_zeroes: writable,
-            fast_zero: writable,
-            cache: true,
-            block_status: true,
-            multi_conn: true,
-            rotational: false,
-        }
-    }
-
-    fn block_sizes(&self) -> BlockSizes {
-        BlockSizes {
-            minimum: 1,
-            preferred: 4096,
-            maximum: MAX_PAYLOAD,
-        }
+        Capabilities::disk(!self.shared.config.read_only)
     }
 
     async fn read(&self, offset: u64, length: u32) -> DeviceResult<Vec<ReadSegment>> {

@@ -1,5 +1,5 @@
-//! The uploader (DESIGN.md §3). When the [`UploadPolicy`] says so, it uploads everything
-//! journaled so far in bounded steps. A step takes the journal position `p` that bounds it
+//! The uploader (docs/ARCHITECTURE.md §4). When the [`UploadPolicy`] says so, it uploads
+//! everything journaled so far in bounded steps. A step takes the journal position `p` that bounds it
 //! (see [`Overlay::step_end`](crate::overlay::Overlay::step_end)), builds the content of every
 //! block dirty up to `p` as of `p` (so the store always holds exactly a prefix of the write
 //! history, I1), packs the blocks into chunks, PUTs them (I3: before any map row points at
