@@ -7,12 +7,10 @@
 //! or the Litestream-compatible VFS over object storage) is the caller's choice of connection.
 
 pub mod compaction;
-pub mod faulty_store;
 pub mod lease;
 mod map;
 pub mod open_hint;
 pub mod replica;
-pub mod retry;
 mod schema;
 pub mod vfs;
 pub mod writer;

@@ -13,11 +13,11 @@
 //! replica's directory, not inside it.
 
 use crate::replica::{HEAD_GUESS, INDEX_TAIL_GUESS, Replica, ReplicaError, ReplicaFile};
-use crate::retry::with_retries;
 use bytes::{Buf, BufMut, Bytes};
 use crc::{CRC_32_ISCSI, Crc};
 use object_store::ObjectStoreExt;
 use std::ops::Range;
+use stores::retry::with_retries;
 
 const MAGIC: &[u8; 8] = b"BDOPENH1";
 /// A hint larger than this is not one we wrote (ours hold ~320 KiB: head, index, a few frames).

@@ -7,7 +7,6 @@
 //! and nothing proportional to the database size: other pages are fetched when asked for.
 
 use crate::open_hint::{self, KnownRanges, OpenHint};
-use crate::retry::with_retries;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use ltx::page_index::TAIL_LEN;
@@ -18,6 +17,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use stores::retry::with_retries;
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
@@ -49,14 +49,8 @@ pub enum ReplicaError {
 
 pub type ReplicaResult<T> = std::result::Result<T, ReplicaError>;
 
-/// Where levels live under the replica root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// `ltx/<level>/`, as Litestream writes to file:// replicas.
-    File,
-    /// `<level as %04x>/`, as on S3-style object stores.
-    ObjectStore,
-}
+/// Where levels live under the replica root (decided by the store: see [`stores::Layout`]).
+pub use stores::Layout;
 
 /// One LTX object in the replica.
 #[derive(Debug, Clone, PartialEq, Eq)]

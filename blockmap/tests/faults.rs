@@ -1,12 +1,12 @@
 //! A flaky store: transient failures are retried and invisible; a dead store is a clear error,
 //! never garbage; service resumes when the store does.
 
-use blockmap::faulty_store::FaultyStore;
 use blockmap::replica::{Layout, PageMap, Replica};
 use ltx::RestoreTarget;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
+use stores::faulty::FaultyStore;
 
 mod common;
 use common::testdata;

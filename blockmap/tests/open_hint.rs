@@ -2,7 +2,6 @@
 //! from the snapshot; a stale or damaged one is ignored; a writer whose first lookups had to
 //! read the snapshot writes a hint that spares the next open those reads.
 
-use blockmap::faulty_store::FaultyStore;
 use blockmap::open_hint::{self, OpenHint};
 use blockmap::replica::{Layout, PageMap, Replica};
 use blockmap::writer::{MapWriter, OpenAhead};
@@ -12,6 +11,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
 use std::time::Duration;
+use stores::faulty::FaultyStore;
 
 fn loc(i: u64) -> BlockLocation {
     BlockLocation {

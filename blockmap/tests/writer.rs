@@ -2,7 +2,6 @@
 //! takes the lease and claims the history; the first is fenced at its next sync and its late
 //! write never reaches the replica.
 
-use blockmap::faulty_store::FaultyStore;
 use blockmap::lease::LeaseError;
 use blockmap::replica::{Layout, PageMap, Replica};
 use blockmap::writer::{MapWriter, WriterError};
@@ -11,6 +10,7 @@ use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use std::sync::Arc;
+use stores::faulty::FaultyStore;
 
 fn loc(i: u64) -> BlockLocation {
     BlockLocation {

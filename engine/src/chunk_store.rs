@@ -4,12 +4,12 @@
 
 use crate::chunk::{ChunkError, decode_block_bytes};
 use blockmap::BlockLocation;
-use blockmap::retry::with_retries;
 use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::io;
 use std::sync::Arc;
+use stores::retry::with_retries;
 
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -173,8 +173,8 @@ impl ChunkStore {
 mod tests {
     use super::*;
     use crate::chunk::ChunkBuilder;
-    use blockmap::faulty_store::FaultyStore;
     use object_store::local::LocalFileSystem;
+    use stores::faulty::FaultyStore;
 
     /// One block, as `fetch` reads it: a run of one.
     async fn read_block(chunks: &ChunkStore, location: &BlockLocation) -> io::Result<Vec<u8>> {
@@ -234,7 +234,7 @@ mod tests {
     async fn a_run_is_one_get_and_each_block_is_verified_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let local = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
-        let counted = Arc::new(crate::counting_store::CountingStore::new(local));
+        let counted = Arc::new(stores::counting::CountingStore::new(local));
         let chunks = ChunkStore::new(Arc::clone(&counted) as _, &Path::from("disk"), 4096);
         let mut builder = ChunkBuilder::new(4096);
         let blocks: Vec<Vec<u8>> = (0..8u8)

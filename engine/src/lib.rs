@@ -8,18 +8,14 @@ pub mod cache;
 pub mod checksum;
 pub mod chunk;
 pub mod chunk_store;
-pub mod counting_store;
 pub mod device;
 pub mod fallocate;
 pub mod fast_hash;
 pub mod file_volume;
 pub mod journal;
-pub mod local_store;
-pub mod low_priority;
 pub mod metadata;
 pub mod object_volume;
 pub mod overlay;
-pub mod store_url;
 pub mod zeros;
 
 pub use device::{

@@ -80,7 +80,7 @@ async fn a_large_read_fetches_its_blocks_in_one_get() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequential_reader_is_served_from_readahead_in_large_gets() {
     let f = written(1024).await; // 64 MiB
-    let slow = engine::store_url::with_latency(Arc::clone(&f.store), Duration::from_millis(20));
+    let slow = stores::url::with_latency(Arc::clone(&f.store), Duration::from_millis(20));
     let v = f.open_on(slow, cold_config(&f, "cold")).await;
     for i in 0..64u64 {
         assert_eq!(read(&v, i * MIB, MIB as u32).await, expected(i * 16, 16));
@@ -98,7 +98,7 @@ async fn a_sequential_reader_is_served_from_readahead_in_large_gets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readahead_for_a_reader_that_jumped_away_is_dropped() {
     let f = written(1024).await;
-    let slow = engine::store_url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
+    let slow = stores::url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
     let mut config = cold_config(&f, "cold");
     config.prefetch_gets = 1; // one GET at a time: most of the window waits in the queue
     let v = f.open_on(slow, config).await;
@@ -123,7 +123,7 @@ async fn readahead_for_a_reader_that_jumped_away_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_readers_of_one_block_share_one_get() {
     let f = written(16).await;
-    let slow = engine::store_url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
+    let slow = stores::url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
     let mut config = cold_config(&f, "cold");
     config.readahead_bytes = 0;
     let v = Arc::new(f.open_on(slow, config).await);

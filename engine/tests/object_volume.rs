@@ -2,13 +2,13 @@
 //! once, the journal survives a crash, the store alone holds a prefix of the history, zeros are
 //! map deletions, and a second writer fences the first.
 
-use blockmap::faulty_store::FaultyStore;
 use engine::object_volume::{Durability, ObjectVolume};
 use engine::{BlockDevice, ExtentKind, ZeroMode};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use stores::faulty::FaultyStore;
 
 mod common;
 use common::{Fixture, MIB, assert_state_is_complete, chunk_files, metric, pattern, read};
@@ -58,7 +58,7 @@ async fn store_fetches(v: &ObjectVolume) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_during_an_upload_keep_using_the_cached_base() {
     let f = Fixture::new(64 * MIB, 65536).await;
-    let slow = engine::store_url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
+    let slow = stores::url::with_latency(Arc::clone(&f.store), Duration::from_millis(100));
     let mut config = f.config("local");
     config.sync_interval = Duration::from_secs(3600);
     let v = Arc::new(f.open_on(slow, config).await);

@@ -3,11 +3,11 @@
 //! none for the stall timeout (or refuses uploads), a store that lags only as far as allowed
 //! under overwrites, and garbage collection that keeps exactly the restore window.
 
-use blockmap::faulty_store::{FaultyStore, Outage};
 use engine::BlockDevice;
 use engine::object_volume::{Durability, ObjectVolume, VolumeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stores::faulty::{FaultyStore, Outage};
 
 mod common;
 use common::{Fixture, MIB, chunk_files, metric, pattern, read, restore_state};

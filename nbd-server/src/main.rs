@@ -3,7 +3,6 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use engine::object_volume::{ObjectVolume, VolumeConfig, catalog};
-use engine::store_url::{StoreLocation, open_store};
 use engine::{BlockDevice, Durability, FileVolume};
 use nbd_server::exports::{Export, Exports};
 use nbd_server::server::{self, Listener};
@@ -11,6 +10,7 @@ use nbd_server::units::{format_size, parse_chunk_size, parse_duration, parse_siz
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use stores::url::{StoreLocation, open_store};
 use tokio::sync::watch;
 
 const DEFAULT_DATA_DIR: &str = "bucketdisk-data";
@@ -440,7 +440,7 @@ fn serve(args: ServeArgs) -> Result<()> {
                 tracing::warn!(
                     "every object-store request is delayed by {latency:?} (--inject-latency)"
                 );
-                location.store = engine::store_url::with_latency(location.store, latency);
+                location.store = stores::url::with_latency(location.store, latency);
             }
             Some(location)
         };

@@ -10,7 +10,6 @@
 use crate::machine::{Machine, load_average, utc_now};
 use crate::stats::Summary;
 use anyhow::{Context, Result, anyhow};
-use blockmap::faulty_store::FaultyStore;
 use blockmap::replica::{Layout, Replica};
 use blockmap::vfs::ffi::{attach, detach, open_connection};
 use blockmap::vfs::hydrate::{Progress, hydrate};
@@ -24,6 +23,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use stores::faulty::FaultyStore;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

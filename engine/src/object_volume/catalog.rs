@@ -2,10 +2,10 @@
 //! (create-only) so that any host can serve the volume with nothing but the store URL.
 
 use crate::metadata::{METADATA_FILE, VolumeMetadata};
-use blockmap::retry::with_retries;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::io;
+use stores::retry::with_retries;
 
 /// Format name of volumes kept as chunks and a block map in object storage.
 pub const FORMAT: &str = "object-v1";

@@ -31,13 +31,11 @@ pub use upload_health::UploadStall;
 
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
-use crate::counting_store::CountingStore;
 use crate::device::{
     BlockDevice, Capabilities, DeviceError, DeviceMetric, DeviceResult, Extent, MetricKind,
     ReadSegment, ZeroMode, check_range,
 };
 use crate::journal::{Journal, Record};
-use crate::low_priority::LowPriorityThreads;
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
 use async_trait::async_trait;
@@ -55,6 +53,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
+use stores::counting::CountingStore;
+use stores::low_priority::LowPriorityThreads;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 

@@ -4,9 +4,9 @@
 //! This file holds a single test because it sets process-wide environment variables.
 
 use bytes::Bytes;
-use engine::store_url::open_store;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
+use stores::url::open_store;
 
 #[path = "../../blockmap/tests/common/mod.rs"]
 mod s3_server;

@@ -11,9 +11,8 @@
 //!   AWS_REGION, AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
 //! - `memory://`: in-process, gone at exit (tests, benchmarks).
 
-use crate::local_store::LocalStore;
-use blockmap::faulty_store::FaultyStore;
-use blockmap::replica::Layout;
+use crate::faulty::FaultyStore;
+use crate::local::LocalStore;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::memory::InMemory;
 use object_store::path::Path;
@@ -22,6 +21,16 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How a replica's LTX levels are named under its root: Litestream names them differently on
+/// directories and on buckets, and its tools expect its own names on each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `ltx/<level>/`, as Litestream writes to file:// replicas.
+    File,
+    /// `<level as %04x>/`, as on S3-style object stores.
+    ObjectStore,
+}
 
 /// Where volumes live: everything a volume needs to find its objects.
 pub struct StoreLocation {

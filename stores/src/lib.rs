@@ -1,0 +1,21 @@
+//! The bottom of the stack: how bucketdisk reaches object storage. Everything above talks to
+//! one `Arc<dyn ObjectStore>` and never knows which backend or wrapper is behind it.
+//!
+//! - [`url`]: `--store URL` → a store, the key prefix of the volumes in it, and the replica
+//!   layout its block maps use.
+//! - [`local`]: the embedded local-directory store (durable PUTs, written at low priority).
+//! - [`counting`]: counts requests and bytes (the metrics endpoint, benchmarks).
+//! - [`retry`]: retries of transient failures, with backoff.
+//! - [`faulty`]: latency and failures injected on purpose — tests, and `serve
+//!   --inject-latency` for benchmarks on one machine; never on by default.
+//! - [`low_priority`]: threads at the lowest CPU and I/O priority, for the local store's writes
+//!   and the uploader's CPU work.
+
+pub mod counting;
+pub mod faulty;
+pub mod local;
+pub mod low_priority;
+pub mod retry;
+pub mod url;
+
+pub use url::Layout;
