@@ -6,15 +6,10 @@
 //! the inner store retries internally is one request here, a paged listing is one LIST, and a
 //! bulk delete counts one DELETE per object (the batching is invisible from outside).
 
+use crate::forward::{Around, Request, Wrapped};
 use async_trait::async_trait;
-use futures::stream::{BoxStream, StreamExt};
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, Result, UploadPart,
-};
-use std::fmt;
-use std::sync::Arc;
+use object_store::{GetResult, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A snapshot of a [`CountingStore`]'s counters.
@@ -36,9 +31,12 @@ pub struct StoreCounts {
     pub bytes_written: u64,
 }
 
-/// The live counters, shared with multipart uploads that outlive the call that started them.
+/// Every request to the store inside, counted (see [`StoreCounts`]).
+pub type CountingStore = Wrapped<Counters>;
+
+/// The live counters of a [`CountingStore`].
 #[derive(Debug, Default)]
-struct Counters {
+pub struct Counters {
     get_requests: AtomicU64,
     put_requests: AtomicU64,
     list_requests: AtomicU64,
@@ -54,7 +52,8 @@ fn bump(counter: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    fn snapshot(&self) -> StoreCounts {
+    /// The counters so far (each field read separately: not one atomic snapshot).
+    pub fn counts(&self) -> StoreCounts {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StoreCounts {
             get_requests: load(&self.get_requests),
@@ -68,173 +67,64 @@ impl Counters {
     }
 }
 
-/// Delegates every call to `inner`, counting requests and bytes on the way.
-#[derive(Debug)]
-pub struct CountingStore {
-    inner: Arc<dyn ObjectStore>,
-    counters: Arc<Counters>,
-}
+#[async_trait]
+impl Around for Counters {
+    const NAME: &'static str = "CountingStore";
 
-impl CountingStore {
-    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        CountingStore {
-            inner,
-            counters: Arc::default(),
+    async fn before(&self, request: Request<'_>) -> Result<()> {
+        match request {
+            // A server-side copy is a PUT on S3 (no bytes cross the wire).
+            Request::Put { .. }
+            | Request::MultipartStart { .. }
+            | Request::MultipartPart { .. }
+            | Request::MultipartComplete
+            | Request::Copy { .. } => bump(&self.put_requests, 1),
+            // Counted as the copy + delete it costs on S3.
+            Request::Rename { .. } => {
+                bump(&self.put_requests, 1);
+                bump(&self.delete_requests, 1);
+            }
+            Request::MultipartAbort => bump(&self.delete_requests, 1),
+            Request::List { .. } => bump(&self.list_requests, 1),
+            // Counted when answered, and per object.
+            Request::Get { .. } | Request::Delete => {}
         }
+        Ok(())
     }
 
-    /// The counters so far (each field read separately: not one atomic snapshot).
-    pub fn counts(&self) -> StoreCounts {
-        self.counters.snapshot()
-    }
-
-    /// Counts a finished GET. The bytes are those the store said it is sending (`range`), so
-    /// the body stream is passed through untouched instead of being buffered to be measured.
-    fn count_get(&self, head: bool, result: &Result<GetResult>) {
+    /// The bytes are those the store said it is sending (`range`), so the body stream is
+    /// passed through untouched instead of being buffered to be measured.
+    fn got(&self, head: bool, result: &Result<GetResult>) {
         if head {
-            bump(&self.counters.head_requests, 1);
+            bump(&self.head_requests, 1);
             return;
         }
-        bump(&self.counters.get_requests, 1);
+        bump(&self.get_requests, 1);
         if let Ok(got) = result {
-            let len = got.range.end.saturating_sub(got.range.start);
-            bump(&self.counters.bytes_read, len);
+            bump(
+                &self.bytes_read,
+                got.range.end.saturating_sub(got.range.start),
+            );
         }
     }
-}
 
-impl fmt::Display for CountingStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CountingStore({})", self.inner)
-    }
-}
-
-#[async_trait]
-impl ObjectStore for CountingStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        bump(&self.counters.put_requests, 1);
-        let len = payload.content_length() as u64;
-        let put = self.inner.put_opts(location, payload, opts).await?;
-        bump(&self.counters.bytes_written, len);
-        Ok(put)
+    fn stored(&self, bytes: u64) {
+        bump(&self.bytes_written, bytes);
     }
 
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        bump(&self.counters.put_requests, 1);
-        let inner = self.inner.put_multipart_opts(location, opts).await?;
-        Ok(Box::new(CountingUpload {
-            inner,
-            counters: Arc::clone(&self.counters),
-        }))
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        let head = options.head;
-        let result = self.inner.get_opts(location, options).await;
-        self.count_get(head, &result);
-        result
-    }
-
-    // `get_ranges` keeps the trait's default on purpose: it coalesces the ranges and fetches
-    // them through `self.get_range` → `get_opts`, so each real request is counted.
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        let counters = Arc::clone(&self.counters);
-        let counted = locations
-            .inspect(move |location| {
-                if location.is_ok() {
-                    bump(&counters.delete_requests, 1);
-                }
-            })
-            .boxed();
-        self.inner.delete_stream(counted)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        bump(&self.counters.list_requests, 1);
-        self.inner.list(prefix)
-    }
-
-    /// Delegated rather than left to the default so that S3 keeps pushing `offset` down.
-    fn list_with_offset(
-        &self,
-        prefix: Option<&Path>,
-        offset: &Path,
-    ) -> BoxStream<'static, Result<ObjectMeta>> {
-        bump(&self.counters.list_requests, 1);
-        self.inner.list_with_offset(prefix, offset)
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        bump(&self.counters.list_requests, 1);
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    /// A server-side copy is a PUT on S3; no bytes cross the wire.
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        bump(&self.counters.put_requests, 1);
-        self.inner.copy_opts(from, to, options).await
-    }
-
-    /// Delegated so a local directory keeps its atomic rename instead of the default copy +
-    /// delete; counted as that copy + delete, which is what it costs on S3.
-    async fn rename_opts(&self, from: &Path, to: &Path, options: RenameOptions) -> Result<()> {
-        bump(&self.counters.put_requests, 1);
-        bump(&self.counters.delete_requests, 1);
-        self.inner.rename_opts(from, to, options).await
-    }
-}
-
-/// A multipart upload whose parts and completion are counted as PUTs.
-#[derive(Debug)]
-struct CountingUpload {
-    inner: Box<dyn MultipartUpload>,
-    counters: Arc<Counters>,
-}
-
-#[async_trait]
-impl MultipartUpload for CountingUpload {
-    fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        bump(&self.counters.put_requests, 1);
-        let len = data.content_length() as u64;
-        let part = self.inner.put_part(data);
-        let counters = Arc::clone(&self.counters);
-        Box::pin(async move {
-            part.await?;
-            bump(&counters.bytes_written, len);
-            Ok(())
-        })
-    }
-
-    async fn complete(&mut self) -> Result<PutResult> {
-        bump(&self.counters.put_requests, 1);
-        self.inner.complete().await
-    }
-
-    async fn abort(&mut self) -> Result<()> {
-        bump(&self.counters.delete_requests, 1);
-        self.inner.abort().await
+    fn deleting(&self, _location: &Path) {
+        bump(&self.delete_requests, 1);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::TryStreamExt;
+    use futures::{StreamExt, TryStreamExt};
+    use object_store::ObjectStore;
     use object_store::ObjectStoreExt;
     use object_store::memory::InMemory;
+    use std::sync::Arc;
 
     fn store() -> CountingStore {
         CountingStore::new(Arc::new(InMemory::new()))

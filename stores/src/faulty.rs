@@ -1,26 +1,25 @@
 //! An `ObjectStore` wrapper that adds first-byte latency and injected failures, and counts
 //! requests: for fault tests and for benchmarks against a "remote" store on one machine.
 
+use crate::forward::{Around, Request, Wrapped};
 use async_trait::async_trait;
-use futures::stream::{self, BoxStream, StreamExt};
+use object_store::Result;
 use object_store::path::Path;
-use object_store::{
-    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult, Result,
-};
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-#[derive(Debug)]
-pub struct FaultyStore {
-    inner: Arc<dyn ObjectStore>,
+/// The store inside, with injected latency and failures (see [`Faults`]).
+pub type FaultyStore = Wrapped<Faults>;
+
+/// What a [`FaultyStore`] injects, set while it runs; it also counts the requests it sees.
+#[derive(Debug, Default)]
+pub struct Faults {
     latency_us: AtomicU64,
     failures_left: AtomicU32,
     outage: AtomicU8,
     requests: AtomicU64,
-    /// PUTs to paths containing this text wait until the gate closes (see [`FaultyStore::hold_puts`]).
+    /// PUTs to paths containing this text wait until the gate closes (see [`Faults::hold_puts`]).
     held_puts: std::sync::Mutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
 }
 
@@ -48,18 +47,7 @@ fn outage_error(outage: u8) -> Option<object_store::Error> {
     }
 }
 
-impl FaultyStore {
-    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        FaultyStore {
-            inner,
-            latency_us: AtomicU64::new(0),
-            failures_left: AtomicU32::new(0),
-            outage: AtomicU8::new(Outage::None as u8),
-            requests: AtomicU64::new(0),
-            held_puts: std::sync::Mutex::new(None),
-        }
-    }
-
+impl Faults {
     /// Delay added before every request is answered.
     pub fn set_latency(&self, latency: Duration) {
         self.latency_us
@@ -77,7 +65,7 @@ impl FaultyStore {
     }
 
     /// PUTs to paths containing `fragment` wait (before reaching the store) until
-    /// [`FaultyStore::release_puts`]: to put another writer's step in between two of a test
+    /// [`Faults::release_puts`]: to put another writer's step in between two of a test
     /// subject's.
     pub fn hold_puts(&self, fragment: &str) {
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -138,89 +126,23 @@ impl FaultyStore {
     }
 }
 
-impl fmt::Display for FaultyStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "FaultyStore({})", self.inner)
-    }
-}
-
 #[async_trait]
-impl ObjectStore for FaultyStore {
-    async fn put_opts(
-        &self,
-        location: &Path,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> Result<PutResult> {
-        self.wait_if_held(location).await;
-        self.enter().await?;
-        self.inner.put_opts(location, payload, opts).await
-    }
+impl Around for Faults {
+    const NAME: &'static str = "FaultyStore";
 
-    async fn put_multipart_opts(
-        &self,
-        location: &Path,
-        opts: PutMultipartOptions,
-    ) -> Result<Box<dyn MultipartUpload>> {
-        self.enter().await?;
-        self.inner.put_multipart_opts(location, opts).await
-    }
-
-    async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
-        self.enter().await?;
-        self.inner.get_opts(location, options).await
-    }
-
-    fn delete_stream(
-        &self,
-        locations: BoxStream<'static, Result<Path>>,
-    ) -> BoxStream<'static, Result<Path>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let outage = self.outage.load(Ordering::Relaxed);
-        if outage != Outage::None as u8 {
-            return locations
-                .map(move |_| outage_error(outage).map_or(Ok(Path::default()), Err))
-                .boxed();
-        }
-        self.inner.delete_stream(locations)
-    }
-
-    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let latency = Duration::from_micros(self.latency_us.load(Ordering::Relaxed));
-        let failing = self
-            .failures_left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .is_ok();
-        let listing = self.inner.list(prefix);
-        let outage = outage_error(self.outage.load(Ordering::Relaxed));
-        stream::once(async move {
-            tokio::time::sleep(latency).await;
-            if let Some(e) = outage {
-                stream::once(async { Err(e) }).boxed()
-            } else if failing {
-                stream::once(async {
-                    Err(object_store::Error::Generic {
-                        store: "faulty",
-                        source: "injected failure".into(),
-                    })
-                })
-                .boxed()
-            } else {
-                listing
+    async fn before(&self, request: Request<'_>) -> Result<()> {
+        match request {
+            // A bulk delete is counted, and fails only in an outage: no latency, and it does
+            // not use up failures meant for the requests a test is about.
+            Request::Delete => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                outage_error(self.outage.load(Ordering::Relaxed)).map_or(Ok(()), Err)
             }
-        })
-        .flatten()
-        .boxed()
-    }
-
-    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
-        self.enter().await?;
-        self.inner.list_with_delimiter(prefix).await
-    }
-
-    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
-        self.enter().await?;
-        self.inner.copy_opts(from, to, options).await
+            Request::Put { location, .. } => {
+                self.wait_if_held(location).await;
+                self.enter().await
+            }
+            _ => self.enter().await,
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! - [`url`]: `--store URL` → a store, the key prefix of the volumes in it, and the replica
 //!   layout its block maps use.
 //! - [`local`]: the embedded local-directory store (durable PUTs, written at low priority).
+//! - [`forward`]: the one forwarding layer the wrappers below share ([`forward::Wrapped`]).
 //! - [`counting`]: counts requests and bytes (the metrics endpoint, benchmarks).
 //! - [`retry`]: retries of transient failures, with backoff.
 //! - [`faulty`]: latency and failures injected on purpose — tests, and `serve
@@ -13,6 +14,7 @@
 
 pub mod counting;
 pub mod faulty;
+pub mod forward;
 pub mod local;
 pub mod low_priority;
 pub mod retry;
