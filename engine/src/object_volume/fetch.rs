@@ -5,7 +5,8 @@
 //! - concurrent wants of one block share one GET (a per-block cell that every wanter awaits);
 //! - every block is verified against the map's checksum on its own and cached once.
 
-use super::{Shared, lock};
+use super::Shared;
+use super::helpers::lock;
 use crate::cache::CacheKey;
 use blockmap::BlockLocation;
 use bytes::Bytes;

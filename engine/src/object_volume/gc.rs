@@ -15,9 +15,11 @@
 //! upload steps (never beside one), its CPU work on the uploader's low-priority thread, so it
 //! takes what requests being served leave.
 
+use super::Shared;
+use super::chunk_writer::ChunkWriter;
 use super::fetch::fetch_blocks;
-use super::upload::{ChunkWriter, commit, sync_map};
-use super::{Shared, blocking, lock, other};
+use super::helpers::{blocking, lock, other};
+use super::upload::{commit, sync_map};
 use blockmap::BlockLocation;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};

@@ -3,9 +3,10 @@
 //! against the map's checksum); holes cost nothing. Sequential readers get readahead (see
 //! `readahead`), `--hydrate` pulls the whole disk in behind them.
 
+use super::Shared;
 use super::fetch::{fetch_blocks, runs};
+use super::helpers::{blocking, lock, other};
 use super::readahead::{Prefetch, Ticket};
-use super::{Shared, blocking, lock, other};
 use crate::cache::CacheKey;
 use crate::device::{Extent, ExtentKind, ReadSegment};
 use crate::zeros::is_zero;

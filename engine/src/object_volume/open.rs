@@ -1,0 +1,405 @@
+//! Opening a volume (docs/ARCHITECTURE.md §5, §6): volume.json, the map's listing, its open
+//! hint and the lease's epoch in one round trip; the map taken (lease, state, claim) while the
+//! local folder is made ready and block 0 is fetched; SQLite opened on the map; the local journal
+//! replayed; the cache opened; the background tasks started (uploader, map hydration, disk
+//! hydration).
+
+use super::helpers::{blocking, lock, other};
+use super::{
+    META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, ObjectVolume, ReadCounters, Shared,
+    VolumeConfig, VolumeStats, catalog, fetch, gc, local_state, locations, read, readahead, upload,
+    upload_health,
+};
+use crate::cache::{BlockCache, CacheKey};
+use crate::chunk_store::ChunkStore;
+use crate::journal::{Journal, Record};
+use crate::overlay::Overlay;
+use blockmap::lease;
+use blockmap::replica::{Layout, Replica};
+use blockmap::vfs::follower::Follower;
+use blockmap::writer::{FirstLocated, MapWriter, OpenAhead};
+use blockmap::{BlockLocation, BlockMap};
+use bytes::Bytes;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use stores::counting::CountingStore;
+use stores::low_priority::LowPriorityThreads;
+use tokio::sync::{Notify, Semaphore, watch};
+
+/// Opens volume `name` (see [`ObjectVolume::open`]).
+pub(super) async fn open(
+    store: Arc<dyn ObjectStore>,
+    prefix: &Path,
+    layout: Layout,
+    name: &str,
+    config: VolumeConfig,
+) -> io::Result<ObjectVolume> {
+    let opening = std::time::Instant::now();
+    // Every request this volume makes is counted, for the metrics endpoint.
+    let counted = Arc::new(CountingStore::new(store));
+    let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as Arc<dyn ObjectStore>;
+    // Where an open's time goes (boot time is a floor): milliseconds and store requests
+    // at the end of each phase.
+    let phase = |what: &str| {
+        let c = counted.counts();
+        tracing::debug!(
+            volume = name,
+            ms = opening.elapsed().as_millis() as u64,
+            requests = c.get_requests + c.put_requests + c.list_requests + c.head_requests,
+            "open: {what}"
+        );
+    };
+    let root = catalog::volume_root(prefix, name);
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        root.clone().join("blockmap"),
+        layout,
+    ));
+    // volume.json and the map's listing are both needed before anything else and neither
+    // depends on the other: one round trip for the two; and for a writer (a follower uses
+    // neither) the map's open hint and the lease's epoch too: every request of an open
+    // that depends on nothing else goes in this round trip. (Opening a volume that turns
+    // out not to exist costs these read-only requests.)
+    let writer = !config.read_only;
+    let (meta, listing, hint, lease_epoch) = tokio::join!(
+        catalog::load(store.as_ref(), prefix, name),
+        replica.list(),
+        async {
+            match writer {
+                true => blockmap::open_hint::load(&replica).await,
+                false => None,
+            }
+        },
+        async {
+            match writer {
+                // A failed listing is made again when the lease is taken.
+                true => lease::current_epoch(store.as_ref(), &root).await.ok(),
+                false => None,
+            }
+        }
+    );
+    let meta = meta?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no volume {name} in the store"),
+        )
+    })?;
+    let listing = listing.map_err(|e| other("listing the block map", e))?;
+    phase("volume.json read, block map listed");
+    let dir = config.local_dir.clone();
+    let uuid = meta.uuid.clone();
+    // The local folder is made ready while the map opens (a dozen ms of directory work
+    // beside round trips to the store).
+    let local = blocking(move || local_state::prepare(&dir, &uuid));
+    // One VFS database per volume and process.
+    let db_name = format!("{root}#{}", meta.uuid);
+    let runtime = tokio::runtime::Handle::current();
+    let (first_located, early_fetch) = early_first_reads(&store, &root, meta.block_size);
+    let map = async {
+        if config.read_only {
+            if listing.is_empty() {
+                return Ok(MapRole::Empty);
+            }
+            Follower::open(Arc::clone(&replica), &db_name, runtime)
+                .await
+                .map(MapRole::Follower)
+                .map_err(|e| other("opening the block map", e))
+        } else {
+            MapWriter::open_ahead(
+                Arc::clone(&store),
+                Arc::clone(&replica),
+                root.clone(),
+                &db_name,
+                &config.holder,
+                runtime,
+                OpenAhead {
+                    listing: Some(listing),
+                    hint,
+                    lease_epoch,
+                    first_lookups: FIRST_LOOKUPS.to_vec(),
+                    first_located: Some(first_located),
+                },
+            )
+            .await
+            .map(MapRole::Writer)
+            .map_err(|e| other("taking the volume", e))
+        }
+    };
+    let (instance, map) = tokio::join!(local, map);
+    let (instance, map) = (instance?, map?);
+    // Found while the claim was in flight (or never, for a new or read-only map).
+    let early_fetch = early_fetch.await.ok().flatten();
+    phase("block map opened (lease, listing, files, claim)");
+    let chunk_epoch = match &map {
+        MapRole::Writer(w) => {
+            w.set_restore_window(config.restore_window);
+            w.lease().epoch
+        }
+        _ => 0,
+    };
+    let (lookups, updates, uploaded_seq, owner) = {
+        let name = db_name.clone();
+        let connections = match &map {
+            MapRole::Writer(_) => MapConnections::LookupAndUpdate,
+            MapRole::Follower(_) => MapConnections::LookupOnly,
+            MapRole::Empty => MapConnections::InMemory,
+        };
+        blocking(move || {
+            let (lookups, updates) = open_maps(&name, connections)?;
+            let read = |e| other("reading the block map", e);
+            let seq = lookups
+                .meta(META_JOURNAL_SEQ)
+                .map_err(read)?
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0);
+            let owner = lookups.meta(META_JOURNAL_OWNER).map_err(read)?;
+            Ok((lookups, updates, seq, owner))
+        })
+        .await?
+    };
+
+    phase("SQLite opened");
+    // Replay the journal on top of what the map holds.
+    let block_size = meta.block_size;
+    let max_dirty_bytes = config.max_dirty_bytes;
+    let (journal, overlay) = if config.read_only {
+        (None, Overlay::new(block_size))
+    } else {
+        let dir = config.local_dir.clone();
+        let instance = instance.clone();
+        blocking(move || {
+            local_state::check_journal_owner(&dir, &instance, owner.as_deref())?;
+            let mut overlay = Overlay::new(block_size);
+            let mut replayed = 0u64;
+            let journal_dir = local_state::journal_dir(&dir);
+            let mut journal = Journal::open_located(&journal_dir, |record, at| {
+                if record.seq() > uploaded_seq {
+                    replayed += 1;
+                    match (record, at) {
+                        (Record::Write { seq, offset, data }, Some(at)) => {
+                            overlay.write_journaled(seq, offset, data.len() as u64, at)
+                        }
+                        (Record::Write { seq, offset, data }, None) => {
+                            overlay.write(seq, offset, Bytes::from(data))
+                        }
+                        (
+                            Record::Zero {
+                                seq,
+                                offset,
+                                length,
+                            },
+                            _,
+                        ) => overlay.zero(seq, offset, length),
+                    }
+                }
+                Ok(())
+            })?;
+            journal.skip_to(uploaded_seq + 1)?;
+            // A journal that filled up to its limit once will likely do it again.
+            journal.keep_spares(max_dirty_bytes);
+            if replayed > 0 {
+                tracing::info!(
+                    "replayed {replayed} journal records after seq {uploaded_seq}; \
+                     they will be uploaded"
+                );
+            }
+            Ok((Some(journal), overlay))
+        })
+        .await?
+    };
+    phase("journal replayed");
+    let cache_dir = local_state::cache_dir(&config.local_dir);
+    let cache_bytes = config.cache_bytes;
+    let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
+    phase("cache opened");
+    let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
+    let dirty = overlay.data_bytes() as u64;
+    let (uploaded, _) = watch::channel(uploaded_seq);
+    let total_blocks = meta.size.div_ceil(u64::from(block_size));
+    let shared = Arc::new(Shared {
+        chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
+        meta,
+        instance,
+        journal: Mutex::new(journal),
+        overlay: RwLock::new(overlay),
+        overlay_generation: AtomicU64::new(0),
+        dirty_bytes: AtomicU64::new(dirty),
+        lookups: Mutex::new(lookups),
+        locations: locations::Locations::default(),
+        updates: updates.map(Mutex::new),
+        map,
+        cache,
+        background,
+        fetches: Mutex::new(HashMap::new()),
+        uploaded,
+        upload_wanted: AtomicU64::new(0),
+        upload_now: Notify::new(),
+        last_nudge_ms: AtomicU64::new(0),
+        started: std::time::Instant::now(),
+        health: upload_health::UploadHealth::new(config.stall_timeout),
+        maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
+        failure: Mutex::new(None),
+        next_chunk: AtomicU64::new(0),
+        chunk_epoch,
+        readahead: readahead::Readahead::new(
+            u64::from(block_size),
+            // Blocks fetched ahead must still be cached when the reader gets there.
+            config.readahead_bytes.min(config.cache_bytes / 4),
+            total_blocks,
+        ),
+        prefetch_slots: Arc::new(Semaphore::new(config.prefetch_gets.max(1))),
+        stats: Mutex::new(VolumeStats::default()),
+        counters: ReadCounters::default(),
+        store_counts: counted,
+        config,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    if !shared.config.read_only {
+        tasks.push(tokio::spawn(upload::run(
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        )));
+    }
+    if let Some(early) = early_fetch {
+        fetch::adopt_early(&shared, early);
+    }
+    if let MapRole::Writer(_) = &shared.map {
+        tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared))));
+    }
+    if shared.config.hydrate {
+        tasks.push(tokio::spawn(read::hydrate(Arc::clone(&shared), stop_rx)));
+    }
+    Ok(ObjectVolume {
+        shared,
+        stop,
+        tasks: Mutex::new(tasks),
+    })
+}
+
+/// The SQLite connections a [`MapRole`] needs (see [`open_maps`]).
+#[derive(Debug, Clone, Copy)]
+enum MapConnections {
+    /// A lookup connection and an update connection, both through the VFS.
+    LookupAndUpdate,
+    /// One query-only lookup connection through the VFS.
+    LookupOnly,
+    /// Nothing stored: an empty in-memory map.
+    InMemory,
+}
+
+/// How long after the open the block map's download starts.
+const MAP_HYDRATION_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Restores the block map into a local file in the background (docs/ARCHITECTURE.md §4): until
+/// then, lookups that miss the page cache are ranged GETs; after, they are local reads.
+async fn hydrate_map(shared: Arc<Shared>) {
+    let MapRole::Writer(writer) = &shared.map else {
+        return;
+    };
+    // The first reads after a boot look their blocks up with ranged GETs of map pages; the
+    // download of the whole map (tens of MB for a full 100 GiB volume) would share the store
+    // and the link with them, so it waits until those first reads are done.
+    tokio::time::sleep(MAP_HYDRATION_DELAY).await;
+    let path = shared.config.local_dir.join("blockmap.db");
+    let started = std::time::Instant::now();
+    match upload::boxed(writer.hydrate(&path)).await {
+        Ok(()) => {
+            tracing::info!(
+                volume = %shared.meta.name,
+                seconds = started.elapsed().as_secs_f64(),
+                "block map hydrated"
+            );
+            let s = Arc::clone(&shared);
+            if let Err(e) = blocking(move || warm_locations(&s)).await {
+                tracing::debug!(volume = %shared.meta.name, "lookup warm-up stopped: {e}");
+            }
+        }
+        Err(e) => tracing::warn!(
+            volume = %shared.meta.name,
+            "block map hydration failed, lookups stay remote: {e}"
+        ),
+    }
+}
+
+/// Loads where the blocks already in the local cache live (one indexed query per cached
+/// chunk), so that after a restart the first read of a cached block is as cheap as the next
+/// instead of a SQLite query on a blocking thread. Stops as soon as the map changes.
+fn warm_locations(shared: &Shared) -> io::Result<()> {
+    let generation = shared.locations.generation();
+    let mut warmed = 0usize;
+    for chunk in shared.cache.cached_chunks() {
+        let rows = lock(&shared.lookups)
+            .blocks_in_chunk(chunk)
+            .map_err(|e| other("block map", e))?;
+        let cached: Vec<(u64, BlockLocation)> = rows
+            .into_iter()
+            .filter(|(_, loc)| shared.cache.contains(CacheKey::of(loc)))
+            .collect();
+        if !shared.locations.fill_rows(generation, &cached) {
+            break;
+        }
+        warmed += cached.len();
+    }
+    tracing::debug!(volume = %shared.meta.name, blocks = warmed, "lookups warmed from the cache");
+    Ok(())
+}
+
+/// The blocks a boot reads first: block 0 (boot sector, partition table, superblock). (The
+/// last block, which a GPT partition scan reads next, is not worth it: its lookup path shares
+/// no page with block 0's below the root, so it would add round trips to every open.)
+const FIRST_LOOKUPS: [u64; 1] = [0];
+
+/// A sender for the map's open to say where block 0 is, and a task that starts block 0's GET
+/// as soon as it does (while the claim is in flight): a boot's first read is block 0, and its
+/// GET then overlaps the open's last round trip instead of following it. The task ends with
+/// the fetch to adopt, or `None` when block 0 is not stored (never written, or a new map).
+fn early_first_reads(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    block_size: u32,
+) -> (
+    FirstLocated,
+    tokio::task::JoinHandle<Option<fetch::EarlyFetch>>,
+) {
+    let (tell, located) = tokio::sync::oneshot::channel::<Vec<(u64, Option<BlockLocation>)>>();
+    let chunks = ChunkStore::new(Arc::clone(store), root, block_size);
+    let task = tokio::spawn(async move {
+        let found = located.await.ok()?;
+        let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
+        let span = tokio::spawn(async move { chunks.read_span(&[location]).await });
+        Some(fetch::EarlyFetch { location, span })
+    });
+    (tell, task)
+}
+
+/// Opens the lookup connection and, for a writer, the update connection.
+fn open_maps(name: &str, connections: MapConnections) -> io::Result<(BlockMap, Option<BlockMap>)> {
+    let sql = |e: rusqlite::Error| other("opening the block map", e);
+    let map = |e: blockmap::Error| other("opening the block map", e);
+    match connections {
+        MapConnections::LookupAndUpdate => {
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            // The uploader's transactions touch many pages; keep them in memory until commit.
+            conn.pragma_update(None, "cache_size", -32768)
+                .map_err(sql)?;
+            let updates = BlockMap::new(conn).map_err(map)?;
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            Ok((BlockMap::new(conn).map_err(map)?, Some(updates)))
+        }
+        MapConnections::LookupOnly => {
+            let conn = blockmap::vfs::ffi::open_connection(name).map_err(sql)?;
+            conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+            conn.pragma_update(None, "query_only", true).map_err(sql)?;
+            Ok((BlockMap::open_read_only(conn).map_err(map)?, None))
+        }
+        MapConnections::InMemory => Ok((BlockMap::in_memory().map_err(map)?, None)),
+    }
+}
