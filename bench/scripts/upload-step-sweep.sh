@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SIZE=${1:-16G}; IO=${2:-1G}; shift $(( $# >= 2 ? 2 : $# ))
 BIN=${BUCKETDISK:-target/release/bucketdisk}
-[ -x "$BIN" ] || cargo build --release -p nbd-server
+[ -x "$BIN" ] || cargo build --release -p bucketdisk
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 export AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x AWS_REGION=us-east-1 AWS_ALLOW_HTTP=true

@@ -1,6 +1,6 @@
 //! An NBD export as a kernel block device without the `nbd` module: qemu-storage-daemon
 //! exports it as a FUSE file and a loop device sits on that file (the stack of
-//! nbd-server/tests/ext4_end_to_end.rs, over TCP):
+//! bucketdisk/tests/ext4_end_to_end.rs, over TCP):
 //!
 //! ```text
 //! qemu-storage-daemon \

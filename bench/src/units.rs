@@ -1,9 +1,9 @@
 //! Sizes on the command line, parsed as `bucketdisk` parses them; a benchmark volume must not
 //! be empty.
 
-/// `nbd_server::units::parse_size`, refusing zero.
+/// `bucketdisk::units::parse_size`, refusing zero.
 pub fn parse_size(text: &str) -> Result<u64, String> {
-    match nbd_server::units::parse_size(text)? {
+    match bucketdisk::units::parse_size(text)? {
         0 => Err(format!("size out of range: {text:?}")),
         n => Ok(n),
     }

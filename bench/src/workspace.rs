@@ -20,7 +20,7 @@ fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
             "build",
             "--release",
             "-p",
-            "nbd-server",
+            "bucketdisk",
             "--bin",
             "bucketdisk",
         ])
@@ -29,7 +29,7 @@ fn build_bucketdisk(workspace: &Path) -> Result<PathBuf> {
         .context("running cargo build")?;
     ensure!(
         status.success(),
-        "cargo build --release -p nbd-server failed ({status})"
+        "cargo build --release -p bucketdisk failed ({status})"
     );
     Ok(workspace.join("target").join("release").join("bucketdisk"))
 }

@@ -1,4 +1,5 @@
-//! The NBD server: protocol, listeners, and what the `bucketdisk` binary needs to run them.
+//! The NBD server: protocol, listeners and the metrics endpoint, over any `BlockDevice`; the
+//! `bucketdisk` crate is the command-line tool that runs it.
 
 pub mod exports;
 pub mod handshake;
@@ -6,4 +7,3 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod transmission;
-pub mod units;

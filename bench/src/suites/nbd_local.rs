@@ -61,7 +61,7 @@ pub struct Args {
     /// Volume size (K/M/G suffixes, powers of 1024).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     pub size: u64,
-    /// The bucketdisk binary. Default: build it (`cargo build --release -p nbd-server`) and use
+    /// The bucketdisk binary. Default: build it (`cargo build --release -p bucketdisk`) and use
     /// target/release/bucketdisk of this workspace.
     #[arg(long)]
     pub bucketdisk: Option<PathBuf>,

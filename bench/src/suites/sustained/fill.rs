@@ -13,7 +13,7 @@ use crate::moto::Moto;
 use crate::process::{RssSampler, check_interrupted};
 use crate::server_metrics::{self as metrics, Sampler, Scrape};
 use anyhow::{Context, Result};
-use nbd_server::units::format_size;
+use bucketdisk::units::format_size;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! around the measurements (warnings in the server logs, a backlog that did not drain).
 
 use super::{Floor, Part, Report, overwrite};
-use nbd_server::units::format_size;
+use bucketdisk::units::format_size;
 
 /// Warnings and errors in the server logs, one note per session that had any.
 pub fn log_notes(r: &Report) -> Vec<String> {

@@ -4,7 +4,7 @@ use super::Report;
 use super::fill::{FillResult, Sample};
 use super::overwrite::{self, Gc, GcCostResult, Session, SpaceResult};
 use crate::stats::Summary;
-use nbd_server::units::format_size;
+use bucketdisk::units::format_size;
 use std::fmt::Write as _;
 
 const MIB: f64 = 1_048_576.0;

@@ -5,7 +5,7 @@ use super::fill::FillResult;
 use super::overwrite::{PUT_FLOOR, RATIO_FLOOR, SpaceResult};
 use crate::plots::{FONT, chart_err, register_font};
 use anyhow::{Context, Result};
-use nbd_server::units::format_size;
+use bucketdisk::units::format_size;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;

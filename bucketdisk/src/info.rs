@@ -1,0 +1,156 @@
+//! `bucketdisk info`: a volume's size and usage, as text or JSON.
+
+use crate::store_args::{
+    DEFAULT_DATA_DIR, StoreArgs, file_engine, new_runtime, object_store, store_dir,
+};
+use anyhow::{Context, Result};
+use bucketdisk::units::format_size;
+use clap::Args;
+use engine::FileVolume;
+use engine::object_volume::{ObjectVolume, VolumeConfig};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub(crate) struct InfoArgs {
+    pub(crate) name: String,
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Local directory whose journal state to report. [default: ./bucketdisk-data/cache]
+    #[arg(long)]
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+pub(crate) fn info(args: InfoArgs) -> Result<()> {
+    if !file_engine(&args.store) {
+        return object_info(args);
+    }
+    let store = store_dir(&args.store)?;
+    let volume = FileVolume::open(&store, &args.name, true)
+        .with_context(|| format!("opening volume {}", args.name))?;
+    let meta = volume.metadata();
+    let allocated = volume.allocated_bytes()?;
+    if args.json {
+        let value = serde_json::json!({
+            "name": meta.name,
+            "size": meta.size,
+            "block_size": meta.block_size,
+            "allocated": allocated,
+            "format": meta.format,
+            "store": store.display().to_string(),
+        });
+        println!("{value}");
+    } else {
+        println!("volume:     {}", meta.name);
+        println!(
+            "size:       {} ({} bytes)",
+            format_size(meta.size),
+            meta.size
+        );
+        println!("block size: {}", format_size(u64::from(meta.block_size)));
+        println!(
+            "allocated:  {} ({} bytes)",
+            format_size(allocated),
+            allocated
+        );
+        println!("format:     {}", meta.format);
+        println!("store:      {}", store.display());
+    }
+    Ok(())
+}
+
+/// `info` for the object engine: opens the volume read-only (it does not disturb a running
+/// writer) and reports the block map's view plus the local journal's size.
+pub(crate) fn object_info(args: InfoArgs) -> Result<()> {
+    let location = object_store(&args.store)?;
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
+    let journal_bytes = journal_bytes(&cache_dir.join(&args.name).join("journal"));
+    let (cache_used, cache_capacity) = cache_usage(&cache_dir.join(&args.name).join("cache"));
+    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
+    new_runtime()?.block_on(async {
+        let mut config = VolumeConfig::new(scratch.path().join("info"));
+        config.read_only = true;
+        config.cache_bytes = 1 << 20;
+        let volume = ObjectVolume::open(
+            location.store,
+            &location.prefix,
+            location.layout,
+            &args.name,
+            config,
+        )
+        .await
+        .with_context(|| format!("opening volume {}", args.name))?;
+        let meta = volume.metadata().clone();
+        let stats = volume.stats().await?;
+        let allocated = stats.allocated_blocks * u64::from(meta.block_size);
+        if args.json {
+            let value = serde_json::json!({
+                "name": meta.name,
+                "size": meta.size,
+                "block_size": meta.block_size,
+                "allocated": allocated,
+                "allocated_blocks": stats.allocated_blocks,
+                "stored_bytes": stats.allocated_stored_bytes,
+                "chunks": stats.chunks,
+                "map_txid": stats.map_txid,
+                "local_journal_bytes": journal_bytes,
+                "local_cache_bytes": cache_used,
+                "local_cache_capacity": cache_capacity,
+                "format": meta.format,
+                "store": location.description,
+            });
+            println!("{value}");
+        } else {
+            println!("volume:        {}", meta.name);
+            println!(
+                "size:          {} ({} bytes)",
+                format_size(meta.size),
+                meta.size
+            );
+            println!("block size:    {}", format_size(u64::from(meta.block_size)));
+            println!(
+                "allocated:     {} ({} blocks, {} stored after compression)",
+                format_size(allocated),
+                stats.allocated_blocks,
+                format_size(stats.allocated_stored_bytes)
+            );
+            println!("chunks:        {}", stats.chunks);
+            println!("map txid:      {}", stats.map_txid);
+            println!(
+                "local journal: {} in {}",
+                format_size(journal_bytes),
+                cache_dir.join(&args.name).display()
+            );
+            println!(
+                "local cache:   {} used of {}",
+                format_size(cache_used),
+                format_size(cache_capacity)
+            );
+            println!("format:        {}", meta.format);
+            println!("store:         {}", location.description);
+        }
+        Ok(())
+    })
+}
+
+/// Bytes the block cache file really occupies (it is sparse) and its size limit.
+pub(crate) fn cache_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(dir.join("blocks.cache")).map_or((0, 0), |m| (m.blocks() * 512, m.len()))
+}
+
+pub(crate) fn journal_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}

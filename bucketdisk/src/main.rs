@@ -1,0 +1,75 @@
+//! `bucketdisk`: create, inspect and serve virtual disks over NBD. One file per subcommand
+//! (`serve.rs`, `create.rs`, `info.rs`); `store_args.rs` holds the options they share.
+
+mod create;
+mod info;
+mod serve;
+mod store_args;
+
+use clap::{Parser, Subcommand};
+use create::{CreateArgs, create};
+use info::{InfoArgs, info};
+use serve::{ServeArgs, serve};
+
+#[derive(Parser)]
+#[command(
+    name = "bucketdisk",
+    version,
+    about = "Thin virtual disks served over NBD"
+)]
+struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. info, debug, nbd_server=trace.
+    #[arg(long, global = true, env = "BUCKETDISK_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve volumes over NBD (creates the default volume on first start).
+    Serve(Box<ServeArgs>),
+    /// Create a volume.
+    Create(CreateArgs),
+    /// Show a volume's size and usage.
+    Info(InfoArgs),
+}
+
+/// glibc gives every thread that allocates an arena of its own, and memory freed there stays
+/// cached in it: with the blocking pool's threads passing chunk-sized buffers around, that cost
+/// ~80 MiB of resident memory during sustained writes (peak RSS 200 → 121 MiB for a 4 GiB
+/// sequential write, measured). Two arenas are plenty for this workload. Unless the user chose.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists; mallopt only
+        // adjusts the allocator's tuning and reports (ignored) failure through its result.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(*args),
+        Command::Create(args) => create(args),
+        Command::Info(args) => info(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bucketdisk: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,66 @@
+//! The options every subcommand takes to find its volumes (`--store`, `--engine`), and the
+//! helpers that turn them into a store, a directory or a runtime.
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::path::PathBuf;
+use stores::url::{StoreLocation, open_store};
+
+pub(crate) const DEFAULT_DATA_DIR: &str = "bucketdisk-data";
+pub(crate) const DEFAULT_VOLUME: &str = "disk";
+
+#[derive(Args)]
+pub(crate) struct StoreArgs {
+    /// Where volumes live: file:///absolute/path, a directory path, s3://bucket/prefix (AWS_*
+    /// environment for endpoint and credentials) or memory://.
+    /// [default: ./bucketdisk-data/store]
+    #[arg(long, env = "BUCKETDISK_STORE")]
+    pub(crate) store: Option<String>,
+    /// Storage engine: "object" (chunks + block map in the store, local journal and cache) or
+    /// "file" (one sparse local file per volume; the local baseline, directory stores only).
+    #[arg(long, env = "BUCKETDISK_ENGINE", default_value = "object", value_parser = ["object", "file"])]
+    pub(crate) engine: String,
+}
+
+pub(crate) fn store_url(args: &StoreArgs) -> String {
+    args.store
+        .clone()
+        .unwrap_or_else(|| format!("{DEFAULT_DATA_DIR}/store"))
+}
+
+pub(crate) fn object_store(args: &StoreArgs) -> Result<StoreLocation> {
+    let url = store_url(args);
+    open_store(&url).with_context(|| format!("--store {url}"))
+}
+
+pub(crate) fn file_engine(args: &StoreArgs) -> bool {
+    args.engine == "file"
+}
+
+pub(crate) fn new_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Resolves `--store` to a local directory (the local-file engine).
+pub(crate) fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
+    let Some(url) = args.store.as_deref() else {
+        return Ok(PathBuf::from(DEFAULT_DATA_DIR).join("store"));
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            bail!("--store {url}: a file:// URL needs an absolute path (file:///var/lib/...)");
+        }
+        return Ok(PathBuf::from(path));
+    }
+    if url.contains("://") {
+        bail!("--store {url}: --engine file needs a local directory (file:///path)");
+    }
+    Ok(PathBuf::from(url))
+}
+
+pub(crate) fn block_size(value: u64) -> Result<u32> {
+    u32::try_from(value).context("block size too large")
+}
