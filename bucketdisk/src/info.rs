@@ -8,7 +8,7 @@ use bucketdisk::units::format_size;
 use clap::Args;
 use engine::FileVolume;
 use engine::object_volume::{ObjectVolume, VolumeConfig};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub(crate) struct InfoArgs {
@@ -63,14 +63,15 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
 
 /// `info` for the object engine: opens the volume read-only (it does not disturb a running
 /// writer) and reports the block map's view plus the local journal's size.
-pub(crate) fn object_info(args: InfoArgs) -> Result<()> {
+fn object_info(args: InfoArgs) -> Result<()> {
     let location = object_store(&args.store)?;
     let cache_dir = args
         .cache_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
-    let journal_bytes = journal_bytes(&cache_dir.join(&args.name).join("journal"));
-    let (cache_used, cache_capacity) = cache_usage(&cache_dir.join(&args.name).join("cache"));
+    let local = engine::object_volume::local_usage(&cache_dir.join(&args.name));
+    let (journal_bytes, cache_used, cache_capacity) =
+        (local.journal_bytes, local.cache_bytes, local.cache_capacity);
     let scratch = tempfile::tempdir().context("creating a scratch directory")?;
     new_runtime()?.block_on(async {
         let mut config = VolumeConfig::new(scratch.path().join("info"));
@@ -136,21 +137,4 @@ pub(crate) fn object_info(args: InfoArgs) -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Bytes the block cache file really occupies (it is sparse) and its size limit.
-pub(crate) fn cache_usage(dir: &Path) -> (u64, u64) {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(dir.join("blocks.cache")).map_or((0, 0), |m| (m.blocks() * 512, m.len()))
-}
-
-pub(crate) fn journal_bytes(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok()?.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }

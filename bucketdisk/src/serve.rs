@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use stores::url::StoreLocation;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 
 #[derive(Args)]
@@ -118,6 +119,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     }
     let runtime = new_runtime()?;
     runtime.block_on(async move {
+        // Before anything can be seen from outside (the port, the log line): a SIGTERM sent
+        // as soon as the port accepts must stop the server cleanly, not kill it.
+        let stop_signals = StopSignals::install();
         let mut exports = Vec::new();
         let location = if file_engine(&args.store) {
             warn_engine_only_flags(&args, &cache_dir);
@@ -181,7 +185,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             ));
         }
         tokio::spawn(async move {
-            wait_for_stop_signal().await;
+            stop_signals.wait().await;
             tracing::info!("stopping: finishing in-flight requests");
             let _ = stop_tx.send(true);
         });
@@ -199,7 +203,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
 }
 
 /// Opens (creating on first start) an object-storage volume.
-pub(crate) async fn open_object_volume(
+async fn open_object_volume(
     location: &StoreLocation,
     name: &str,
     args: &ServeArgs,
@@ -282,13 +286,13 @@ pub(crate) async fn open_object_volume(
         .with_context(|| format!("opening volume {name} in {}", location.description))
 }
 
-pub(crate) fn hostname() -> String {
+fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown-host".into())
 }
 
-pub(crate) fn open_file_volume(
+fn open_file_volume(
     store: &Path,
     name: &str,
     size: u64,
@@ -301,7 +305,7 @@ pub(crate) fn open_file_volume(
         .with_context(|| format!("opening volume {name} in {}", store.display()))
 }
 
-pub(crate) fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
+fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
     let ignored: Vec<&str> = [
         (args.cache_dir.is_some(), "--cache-dir"),
         (args.cache_size.is_some(), "--cache-size"),
@@ -328,17 +332,31 @@ pub(crate) fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
     }
 }
 
-pub(crate) async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment they are installed (one received meanwhile is
+/// kept, and `wait` returns at once).
+struct StopSignals(Option<(Signal, Signal)>);
+
+impl StopSignals {
+    fn install() -> Self {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => StopSignals(Some((term, int))),
+            _ => {
+                tracing::error!("cannot install signal handlers; stop with SIGKILL");
+                StopSignals(None)
+            }
+        }
+    }
+
+    async fn wait(self) {
+        let Some((mut term, mut int)) = self.0 else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }

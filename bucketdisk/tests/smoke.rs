@@ -14,6 +14,23 @@ fn serves_default_export_and_stops_cleanly() {
     assert!(server.log_text().contains("stopped cleanly"));
 }
 
+/// SIGTERM the moment the port accepts (what a supervisor or a test may do) is a clean stop:
+/// the signal handlers are in place before anything is visible from outside.
+#[test]
+fn sigterm_right_after_start_stops_cleanly() {
+    let mut server = Server::start();
+    for round in 0..5 {
+        let status = server.stop();
+        assert!(
+            status.success(),
+            "round {round}: {status}\n{}",
+            server.log_text()
+        );
+        server.spawn();
+    }
+    assert!(server.stop().success(), "{}", server.log_text());
+}
+
 /// `--chunk-size` bounds the chunks the uploader writes: 24 MiB of incompressible data at 4M
 /// become several chunks, none much over 4 MiB (the block that crosses the target finishes it).
 #[test]

@@ -74,6 +74,8 @@ pub struct CacheInsert<'a> {
 }
 
 /// Writes at most this many consecutive slots at once.
+/// The cache's data file in its directory: fixed-size slots, sparse until filled.
+pub(crate) const DATA_FILE: &str = "blocks.cache";
 const MAX_RUN_SLOTS: usize = 128;
 
 /// Zero runs at least this long are punched out of the cache file instead of written.
@@ -153,7 +155,7 @@ impl BlockCache {
             .write(true)
             .create(true)
             .truncate(false)
-            .open(dir.join("blocks.cache"))?;
+            .open(dir.join(DATA_FILE))?;
         file.set_len(u64::from(slots) * u64::from(block_size))?;
         let cache = BlockCache {
             file,

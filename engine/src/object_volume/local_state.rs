@@ -24,6 +24,39 @@ pub fn cache_dir(dir: &Path) -> PathBuf {
     dir.join("cache")
 }
 
+/// What a volume's local folder holds on disk. Only reads sizes, so it may be asked of the
+/// folder of a running server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LocalUsage {
+    /// Journal segments (spares included): writes waiting for upload live there.
+    pub journal_bytes: u64,
+    /// Disk space the block cache's sparse file occupies.
+    pub cache_bytes: u64,
+    /// The cache file's size: its limit (`--cache-size`).
+    pub cache_capacity: u64,
+}
+
+/// [`LocalUsage`] of the local folder `dir` (zeros for what is missing).
+pub fn usage(dir: &Path) -> LocalUsage {
+    use std::os::unix::fs::MetadataExt;
+    let journal_bytes = std::fs::read_dir(journal_dir(dir))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    let (cache_bytes, cache_capacity) =
+        std::fs::metadata(cache_dir(dir).join(crate::cache::DATA_FILE))
+            .map_or((0, 0), |m| (m.blocks() * 512, m.len()));
+    LocalUsage {
+        journal_bytes,
+        cache_bytes,
+        cache_capacity,
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -114,6 +147,24 @@ fn write_durably(path: &Path, text: &str) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_reads_journal_and_cache_sizes() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("disk");
+        assert_eq!(usage(&dir), LocalUsage::default(), "nothing there yet");
+        std::fs::create_dir_all(journal_dir(&dir)).expect("journal dir");
+        std::fs::write(journal_dir(&dir).join("a"), vec![1u8; 1000]).expect("segment");
+        std::fs::write(journal_dir(&dir).join("b"), vec![1u8; 24]).expect("segment");
+        std::fs::create_dir_all(cache_dir(&dir)).expect("cache dir");
+        let cache = std::fs::File::create(cache_dir(&dir).join(crate::cache::DATA_FILE))
+            .expect("cache file");
+        cache.set_len(64 << 20).expect("sparse size");
+        let used = usage(&dir);
+        assert_eq!(used.journal_bytes, 1024);
+        assert_eq!(used.cache_capacity, 64 << 20);
+        assert!(used.cache_bytes < 1 << 20, "sparse: {used:?}");
+    }
 
     #[test]
     fn identity_is_kept_and_foreign_state_moved_aside() {

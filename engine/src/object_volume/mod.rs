@@ -53,6 +53,7 @@ use blockmap::vfs::follower::Follower;
 use blockmap::writer::MapWriter;
 use bytes::Bytes;
 use helpers::{blocking, lock, other};
+pub use local_state::{LocalUsage, usage as local_usage};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::collections::HashMap;
