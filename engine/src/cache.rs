@@ -497,6 +497,7 @@ impl BlockCache {
         self.state().entries.len()
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -155,7 +155,9 @@ fn corrupt(path: &Path, offset: u64, what: &str) -> io::Error {
 }
 
 impl Journal {
-    /// Opens (or creates) the journal in `dir`, calling `replay` with every record in order.
+    /// Opens (or creates) the journal in `dir`, calling `replay` with every record in order
+    /// (tests; the volume opens it with [`Journal::open_located`]).
+    #[cfg(test)]
     pub fn open(
         dir: &Path,
         mut replay: impl FnMut(Record) -> io::Result<()>,
@@ -292,7 +294,9 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Appends a write; durable after the next [`Journal::sync`].
+    /// Appends a write; durable after the next [`Journal::sync`] (tests; the volume appends
+    /// with [`Journal::append_write_located`]).
+    #[cfg(test)]
     pub fn append_write(&mut self, offset: u64, data: &[u8]) -> io::Result<u64> {
         self.append(1, offset, data.len() as u64, data, crc32c(data))
     }
@@ -322,7 +326,9 @@ impl Journal {
         self.append(2, offset, length, &[], crc32c(&[]))
     }
 
-    /// Makes every appended record durable (FLUSH, FUA).
+    /// Makes every appended record durable (tests; the volume syncs through
+    /// [`Journal::sync_handle`] without holding the journal's lock).
+    #[cfg(test)]
     pub fn sync(&mut self) -> io::Result<()> {
         self.sync_handle()?.run()
     }

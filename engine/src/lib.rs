@@ -3,20 +3,24 @@
 //! The NBD server talks to a volume only through the [`BlockDevice`] trait defined here, so the
 //! protocol layer never learns where bytes live. [`FileVolume`] keeps a volume in one sparse local
 //! file; it is the baseline the object-storage engine is measured against.
+//!
+//! Public beyond the crate: the device trait, the two volume types, and the chunk format and
+//! chunk store (the benchmarks build volumes straight into a store). The journal, overlay,
+//! cache and the rest are the engine's own.
 
-pub mod cache;
-pub mod checksum;
+mod cache;
+mod checksum;
 pub mod chunk;
 pub mod chunk_store;
 pub mod device;
-pub mod fallocate;
-pub mod fast_hash;
-pub mod file_volume;
-pub mod journal;
-pub mod metadata;
+mod fallocate;
+mod fast_hash;
+mod file_volume;
+mod journal;
+mod metadata;
 pub mod object_volume;
-pub mod overlay;
-pub mod zeros;
+mod overlay;
+mod zeros;
 
 pub use device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,

@@ -347,6 +347,7 @@ impl Overlay {
     }
 
     /// Blocks with edits waiting for upload.
+    #[cfg(test)]
     pub fn dirty_blocks(&self) -> usize {
         self.by_first_seq.len()
     }
