@@ -12,7 +12,7 @@
 //! GETs it would have saved and nothing else. Litestream never sees it: it lives beside the
 //! replica's directory, not inside it.
 
-use crate::replica::{HEAD_GUESS, INDEX_TAIL_GUESS, Replica, ReplicaError, ReplicaFile};
+use crate::replica::{Replica, ReplicaError, ReplicaFile};
 use bytes::{Buf, BufMut, Bytes};
 use crc::{CRC_32_ISCSI, Crc};
 use object_store::ObjectStoreExt;
@@ -204,13 +204,26 @@ pub async fn load(replica: &Replica) -> Option<OpenHint> {
 }
 
 /// Writes the hint for snapshot `file`: its head and page index as an open reads them, and the
-/// frames of `pgnos` (the pages the last open's first lookups read). Three requests.
+/// frames of `pgnos` (the pages the last open's first lookups read). What `known` holds of the
+/// file (the bytes an open just read of it) is not read again: head and index then cost no
+/// request, and only missing frames do; the hint itself is one PUT.
 pub async fn write(
     replica: &Replica,
     file: &ReplicaFile,
     pgnos: &[u32],
+    known: Option<&KnownRanges>,
 ) -> Result<(), ReplicaError> {
-    let (_, index, mut ranges) = replica.read_index(file, None).await?;
+    let read_before = known.map(|ranges| OpenHint {
+        level: file.level,
+        name: file.name.to_string(),
+        size: file.size,
+        e_tag: file.e_tag.clone(),
+        ranges: ranges.clone(),
+    });
+    let (_, index, mut ranges) = replica.read_index(file, read_before.as_ref()).await?;
+    for (start, bytes) in known.iter().flat_map(|k| k.iter()) {
+        ranges.add(*start, bytes.clone());
+    }
     let mut frames: Vec<Range<u64>> = pgnos
         .iter()
         .filter_map(|pgno| index.entries.iter().find(|e| e.pgno == *pgno))
@@ -240,18 +253,6 @@ pub async fn write(
         .put(&replica.hint_path(), hint.encode().into())
         .await?;
     Ok(())
-}
-
-/// How far from the end of a file the index read of an open starts (see
-/// [`Replica::read_index`]).
-pub fn tail_start(size: u64) -> u64 {
-    size.saturating_sub(INDEX_TAIL_GUESS)
-        .max(ltx::HEADER_SIZE as u64)
-}
-
-/// Whether an open of a `size`-byte file reads it whole (see [`Replica::read_index`]).
-pub fn read_whole(size: u64) -> bool {
-    size <= HEAD_GUESS + INDEX_TAIL_GUESS
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! bytes, which hold the page index of any map up to ~100 MB; a longer index costs a second),
 //! and nothing proportional to the database size: other pages are fetched when asked for.
 
-use crate::open_hint::{self, KnownRanges, OpenHint};
+use crate::open_hint::{KnownRanges, OpenHint};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use ltx::page_index::TAIL_LEN;
@@ -251,10 +251,13 @@ impl Replica {
             ))));
         }
         let hinted = hint.filter(|h| h.describes(file)).map(|h| &h.ranges);
-        let tail_start = open_hint::tail_start(file.size);
+        let tail_start = file
+            .size
+            .saturating_sub(INDEX_TAIL_GUESS)
+            .max(ltx::HEADER_SIZE as u64);
         // A file no longer than head and tail together is read whole, in one GET, and all of
         // it is the head; a longer one is two ranges (one request each on S3).
-        let ranges: Vec<Range<u64>> = if open_hint::read_whole(file.size) {
+        let ranges: Vec<Range<u64>> = if file.size <= HEAD_GUESS + INDEX_TAIL_GUESS {
             std::iter::once(0..file.size).collect()
         } else {
             vec![0..HEAD_GUESS, tail_start..file.size]
@@ -351,8 +354,8 @@ pub struct PageMap {
     /// Bytes of each file read with its index (or found in the open hint): frames inside are
     /// served from here.
     known: Vec<KnownRanges>,
-    /// Ranged GETs of page frames so far, per file.
-    frame_gets: Vec<AtomicU64>,
+    /// Ranged GETs of page frames so far from the oldest file (see [`Self::base_frame_gets`]).
+    base_frame_gets: AtomicU64,
     pages: HashMap<u32, (usize, IndexEntry)>,
     pub page_size: u32,
     /// Database size in pages.
@@ -407,7 +410,7 @@ impl PageMap {
             }
         }
         Ok(PageMap {
-            frame_gets: files.iter().map(|_| AtomicU64::new(0)).collect(),
+            base_frame_gets: AtomicU64::new(0),
             files,
             known: indexes.into_iter().map(|(_, _, known)| known).collect(),
             pages,
@@ -430,11 +433,15 @@ impl PageMap {
         self.files.first()
     }
 
+    /// What is known of [`Self::base_file`]'s bytes without a GET (read at open, or from the
+    /// open hint).
+    pub fn base_known(&self) -> Option<&KnownRanges> {
+        self.known.first()
+    }
+
     /// Ranged GETs of page frames made so far from [`Self::base_file`].
     pub fn base_frame_gets(&self) -> u64 {
-        self.frame_gets
-            .first()
-            .map_or(0, |n| n.load(Ordering::Relaxed))
+        self.base_frame_gets.load(Ordering::Relaxed)
     }
 
     /// Several pages, with one ranged GET per file for the frames of the pages it holds (the
@@ -486,7 +493,9 @@ impl PageMap {
             let span = match self.known[file].covering(start..end) {
                 Some(bytes) => bytes,
                 None => {
-                    self.frame_gets[file].fetch_add(1, Ordering::Relaxed);
+                    if file == 0 {
+                        self.base_frame_gets.fetch_add(1, Ordering::Relaxed);
+                    }
                     with_retries("read page frames", || {
                         replica.store.get_range(path, start..end)
                     })

@@ -309,12 +309,16 @@ impl MapWriter {
         if current {
             return;
         }
-        let (replica, base) = (Arc::clone(&self.replica), base.clone());
+        let (replica, base, known) = (
+            Arc::clone(&self.replica),
+            base.clone(),
+            map.base_known().cloned(),
+        );
         runtime.spawn(async move {
-            // After the boot's first reads, which it would slow down (it reads the snapshot's
-            // head and index again).
+            // After the boot's first reads, beside which its frame GETs and PUT would share the
+            // store and the link.
             tokio::time::sleep(HINT_WRITE_DELAY).await;
-            match crate::open_hint::write(&replica, &base, &pages).await {
+            match crate::open_hint::write(&replica, &base, &pages, known.as_ref()).await {
                 Ok(()) => tracing::debug!(snapshot = %base.path, "open hint written"),
                 Err(e) => tracing::info!("open hint not written (the next open reads more): {e}"),
             }
@@ -457,7 +461,7 @@ impl MapWriter {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             // Best effort: without a current hint, the next open reads the snapshot itself.
-            if let Err(e) = crate::open_hint::write(&self.replica, &snapshot, &pages).await {
+            if let Err(e) = crate::open_hint::write(&self.replica, &snapshot, &pages, None).await {
                 tracing::info!("open hint for {} not written: {e}", snapshot.path);
             }
         }

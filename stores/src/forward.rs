@@ -173,28 +173,18 @@ impl<A: Around> ObjectStore for Wrapped<A> {
                 })
                 .boxed()
         };
-        stream::once(async move {
-            match around.before(Request::Delete).await {
-                Ok(()) => inner.delete_stream(noted),
-                Err(e) => stream::once(async { Err(e) }).boxed(),
-            }
-        })
-        .flatten()
-        .boxed()
+        gated(
+            async move { around.before(Request::Delete).await },
+            move || inner.delete_stream(noted),
+        )
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
-        let (around, inner) = (Arc::clone(&self.around), Arc::clone(&self.inner));
+        let inner = Arc::clone(&self.inner);
         let prefix = prefix.cloned();
-        stream::once(async move {
-            let prefix = prefix.as_ref();
-            match around.before(Request::List { prefix }).await {
-                Ok(()) => inner.list(prefix),
-                Err(e) => stream::once(async { Err(e) }).boxed(),
-            }
+        gated(self.before_list(prefix.clone()), move || {
+            inner.list(prefix.as_ref())
         })
-        .flatten()
-        .boxed()
     }
 
     /// Forwarded rather than left to the default, so that S3 keeps pushing `offset` down.
@@ -203,17 +193,11 @@ impl<A: Around> ObjectStore for Wrapped<A> {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, Result<ObjectMeta>> {
-        let (around, inner) = (Arc::clone(&self.around), Arc::clone(&self.inner));
+        let inner = Arc::clone(&self.inner);
         let (prefix, offset) = (prefix.cloned(), offset.clone());
-        stream::once(async move {
-            let prefix = prefix.as_ref();
-            match around.before(Request::List { prefix }).await {
-                Ok(()) => inner.list_with_offset(prefix, &offset),
-                Err(e) => stream::once(async { Err(e) }).boxed(),
-            }
+        gated(self.before_list(prefix.clone()), move || {
+            inner.list_with_offset(prefix.as_ref(), &offset)
         })
-        .flatten()
-        .boxed()
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
@@ -232,6 +216,40 @@ impl<A: Around> ObjectStore for Wrapped<A> {
         self.around.before(Request::Rename { from, to }).await?;
         self.inner.rename_opts(from, to, options).await
     }
+}
+
+impl<A: Around> Wrapped<A> {
+    /// [`Around::before`] a listing of `prefix`, owning what it needs (a listing's stream is
+    /// returned before anything is awaited).
+    fn before_list(
+        &self,
+        prefix: Option<Path>,
+    ) -> impl Future<Output = Result<()>> + Send + use<A> {
+        let around = Arc::clone(&self.around);
+        async move {
+            around
+                .before(Request::List {
+                    prefix: prefix.as_ref(),
+                })
+                .await
+        }
+    }
+}
+
+/// The stream `then` makes, once `allowed` lets the request through; `allowed`'s error as the
+/// stream's only item otherwise. (Stream methods return before anything can be awaited.)
+fn gated<T: Send + 'static>(
+    allowed: impl Future<Output = Result<()>> + Send + 'static,
+    then: impl FnOnce() -> BoxStream<'static, Result<T>> + Send + 'static,
+) -> BoxStream<'static, Result<T>> {
+    stream::once(async move {
+        match allowed.await {
+            Ok(()) => then(),
+            Err(e) => stream::once(async { Err(e) }).boxed(),
+        }
+    })
+    .flatten()
+    .boxed()
 }
 
 /// A multipart upload whose parts, completion and abort pass the same [`Around`].

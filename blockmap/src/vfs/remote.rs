@@ -12,6 +12,7 @@ use crate::replica::{PageMap, Replica, ReplicaError, ReplicaFile, ReplicaResult}
 use ltx::RestoreTarget;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::runtime::Handle;
 
@@ -27,9 +28,12 @@ pub struct RemoteSource {
     map: Arc<PageMap>,
     runtime: Handle,
     cache: Mutex<PageCache>,
-    /// Pages asked for since the open, until [`RemoteSource::take_first_reads`] (`None` after):
-    /// what a boot reads first, for the next open hint.
-    first_reads: Mutex<Option<Vec<u32>>>,
+    /// Pages asked for since the open, until [`RemoteSource::take_first_reads`] or
+    /// [`FIRST_READS_MAX`]: what a boot reads first, for the next open hint.
+    first_reads: Mutex<Vec<u32>>,
+    /// Whether `first_reads` still records: checked without the lock, so that once it is done
+    /// (for good after the open) a page read costs nothing for it.
+    recording: AtomicBool,
 }
 
 /// A bounded page cache shared by every connection to the database. Eviction is first-in
@@ -97,7 +101,8 @@ impl RemoteSource {
                 pages: HashMap::new(),
                 order: VecDeque::new(),
             }),
-            first_reads: Mutex::new(Some(first_pages.clone())),
+            first_reads: Mutex::new(first_pages.clone()),
+            recording: AtomicBool::new(true),
         };
         {
             let mut cache = source.cache();
@@ -138,8 +143,9 @@ impl RemoteSource {
     /// The pages read since the open (the first pages and the first queries'), in order;
     /// stops recording.
     pub fn take_first_reads(&self) -> Vec<u32> {
-        let mut reads = self.first_reads.lock().unwrap_or_else(|e| e.into_inner());
-        let mut pages = reads.take().unwrap_or_default();
+        self.recording.store(false, Ordering::Relaxed);
+        let mut pages =
+            std::mem::take(&mut *self.first_reads.lock().unwrap_or_else(|e| e.into_inner()));
         let mut seen = std::collections::HashSet::new();
         pages.retain(|p| seen.insert(*p));
         pages
@@ -165,14 +171,11 @@ impl PageSource for RemoteSource {
     }
 
     fn read_page(&self, pgno: u32) -> io::Result<Vec<u8>> {
-        if let Some(reads) = self
-            .first_reads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            if reads.len() < FIRST_READS_MAX {
-                reads.push(pgno);
+        if self.recording.load(Ordering::Relaxed) {
+            let mut reads = self.first_reads.lock().unwrap_or_else(|e| e.into_inner());
+            reads.push(pgno);
+            if reads.len() >= FIRST_READS_MAX {
+                self.recording.store(false, Ordering::Relaxed);
             }
         }
         if let Some(page) = self.cache().get(pgno) {
