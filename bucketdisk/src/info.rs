@@ -7,7 +7,6 @@ use anyhow::{Context, Result};
 use bucketdisk::units::format_size;
 use clap::Args;
 use engine::FileVolume;
-use engine::object_volume::{ObjectVolume, VolumeConfig};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -61,8 +60,9 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
     Ok(())
 }
 
-/// `info` for the object engine: opens the volume read-only (it does not disturb a running
-/// writer) and reports the block map's view plus the local journal's size.
+/// `info` for the object engine: the volume as the store describes it (a follower of its
+/// block map: no lease, no local folder, a running writer is not disturbed) plus this host's
+/// journal and cache for it.
 fn object_info(args: InfoArgs) -> Result<()> {
     let location = object_store(&args.store)?;
     let cache_dir = args
@@ -70,71 +70,66 @@ fn object_info(args: InfoArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
     let local = engine::object_volume::local_usage(&cache_dir.join(&args.name));
-    let (journal_bytes, cache_used, cache_capacity) =
-        (local.journal_bytes, local.cache_bytes, local.cache_capacity);
-    let scratch = tempfile::tempdir().context("creating a scratch directory")?;
-    new_runtime()?.block_on(async {
-        let mut config = VolumeConfig::new(scratch.path().join("info"));
-        config.read_only = true;
-        config.cache_bytes = 1 << 20;
-        let volume = ObjectVolume::open(
+    let report = new_runtime()?
+        .block_on(engine::object_volume::inspect(
             location.store,
             &location.prefix,
             location.layout,
             &args.name,
-            config,
-        )
-        .await
-        .with_context(|| format!("opening volume {}", args.name))?;
-        let meta = volume.metadata().clone();
-        let stats = volume.stats().await?;
-        let allocated = stats.allocated_blocks * u64::from(meta.block_size);
-        if args.json {
-            let value = serde_json::json!({
-                "name": meta.name,
-                "size": meta.size,
-                "block_size": meta.block_size,
-                "allocated": allocated,
-                "allocated_blocks": stats.allocated_blocks,
-                "stored_bytes": stats.allocated_stored_bytes,
-                "chunks": stats.chunks,
-                "map_txid": stats.map_txid,
-                "local_journal_bytes": journal_bytes,
-                "local_cache_bytes": cache_used,
-                "local_cache_capacity": cache_capacity,
-                "format": meta.format,
-                "store": location.description,
-            });
-            println!("{value}");
-        } else {
-            println!("volume:        {}", meta.name);
-            println!(
-                "size:          {} ({} bytes)",
-                format_size(meta.size),
-                meta.size
-            );
-            println!("block size:    {}", format_size(u64::from(meta.block_size)));
-            println!(
-                "allocated:     {} ({} blocks, {} stored after compression)",
-                format_size(allocated),
-                stats.allocated_blocks,
-                format_size(stats.allocated_stored_bytes)
-            );
-            println!("chunks:        {}", stats.chunks);
-            println!("map txid:      {}", stats.map_txid);
-            println!(
-                "local journal: {} in {}",
-                format_size(journal_bytes),
-                cache_dir.join(&args.name).display()
-            );
-            println!(
-                "local cache:   {} used of {}",
-                format_size(cache_used),
-                format_size(cache_capacity)
-            );
-            println!("format:        {}", meta.format);
-            println!("store:         {}", location.description);
-        }
-        Ok(())
-    })
+        ))
+        .with_context(|| format!("reading volume {}", args.name))?;
+    let meta = &report.meta;
+    let allocated = report.allocated_blocks * u64::from(meta.block_size);
+    if args.json {
+        let value = serde_json::json!({
+            "name": meta.name,
+            "size": meta.size,
+            "block_size": meta.block_size,
+            "allocated": allocated,
+            "allocated_blocks": report.allocated_blocks,
+            "stored_bytes": report.allocated_stored_bytes,
+            "chunks": report.chunks,
+            "chunk_bytes": report.chunk_bytes,
+            "map_txid": report.map_txid,
+            "local_journal_bytes": local.journal_bytes,
+            "local_cache_bytes": local.cache_bytes,
+            "local_cache_capacity": local.cache_capacity,
+            "format": meta.format,
+            "store": location.description,
+        });
+        println!("{value}");
+    } else {
+        println!("volume:        {}", meta.name);
+        println!(
+            "size:          {} ({} bytes)",
+            format_size(meta.size),
+            meta.size
+        );
+        println!("block size:    {}", format_size(u64::from(meta.block_size)));
+        println!(
+            "allocated:     {} ({} blocks, {} stored after compression)",
+            format_size(allocated),
+            report.allocated_blocks,
+            format_size(report.allocated_stored_bytes)
+        );
+        println!(
+            "chunks:        {} ({})",
+            report.chunks,
+            format_size(report.chunk_bytes)
+        );
+        println!("map txid:      {}", report.map_txid);
+        println!(
+            "local journal: {} in {}",
+            format_size(local.journal_bytes),
+            cache_dir.join(&args.name).display()
+        );
+        println!(
+            "local cache:   {} used of {}",
+            format_size(local.cache_bytes),
+            format_size(local.cache_capacity)
+        );
+        println!("format:        {}", meta.format);
+        println!("store:         {}", location.description);
+    }
+    Ok(())
 }

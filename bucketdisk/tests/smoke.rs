@@ -60,3 +60,47 @@ fn chunk_size_sets_the_size_of_stored_chunks() {
         "largest chunk {largest} bytes"
     );
 }
+
+/// `info` describes a volume from the store alone while its server keeps running (it takes no
+/// lease and opens no local folder), and a volume that does not exist is one clear error.
+#[test]
+fn info_reads_the_store_without_disturbing_the_server() {
+    require_tool("nbdcopy");
+    let mut server = Server::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = work.path().join("random.bin");
+    let mut rng = Rng(11);
+    std::fs::write(&source, rng.bytes(2 << 20)).expect("write source");
+    // nbdcopy flushes at the end; the upload follows within the sync interval.
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let info = loop {
+        let out = run_output(server.cli("info").arg("disk").arg("--json"));
+        assert!(out.status.success(), "{out:?}");
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("info JSON");
+        if info["allocated"].as_u64() == Some(2 << 20) {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never uploaded: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(info["size"].as_u64(), Some(GIB));
+    assert!(info["map_txid"].as_u64() > Some(0), "{info}");
+    assert!(info["chunks"].as_u64() >= Some(1), "{info}");
+    let human = run(server.cli("info").arg("disk"));
+    assert!(human.contains("allocated:     2 MiB"), "{human}");
+    // The server was not fenced: it still takes writes and stops cleanly.
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(!server.log_text().contains("refusing further writes"));
+    let missing = run_output(server.cli("info").arg("nope"));
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.trim().lines().count() == 1 && stderr.contains("no volume nope"),
+        "{stderr}"
+    );
+}

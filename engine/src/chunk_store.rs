@@ -2,7 +2,8 @@
 //! overwritten, read as runs of neighbouring blocks with one ranged GET each, every block
 //! verified against the block map's checksum (invariant I5: a mismatch is an error, never data).
 
-use crate::chunk::{ChunkError, decode_block_bytes};
+use crate::chunk::decode_block_bytes;
+use crate::device::DeviceError;
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use object_store::path::Path;
@@ -33,6 +34,19 @@ fn store_error(what: &str, e: object_store::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, format!("{what}: {e}"))
+}
+
+/// A failed read of stored blocks, as the device reports it: a chunk the map points at and the
+/// store does not have is corrupt (I5 says never data, and it will not come back); any other
+/// failure left after the retries means the store is unavailable.
+fn read_error(what: &str, e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { .. } => {
+            DeviceError::Corrupt(format!("{what}: the chunk is missing from the store: {e}"))
+        }
+        e => DeviceError::StoreUnavailable(format!("{what}: {e}")),
+    }
+    .into_io()
 }
 
 impl ChunkStore {
@@ -108,15 +122,13 @@ impl ChunkStore {
         let range = first.offset..last.offset + u64::from(last.length);
         let payload = with_retries("read block", || self.store.get_range(&path, range.clone()))
             .await
-            .map_err(|e| store_error(&format!("read {path} {range:?}"), e))?;
+            .map_err(|e| read_error(&format!("read {path} {range:?}"), e))?;
         if payload.len() as u64 != range.end - range.start {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!(
-                    "read {path} {range:?}: the store returned {} bytes",
-                    payload.len()
-                ),
-            ));
+            return Err(DeviceError::Corrupt(format!(
+                "read {path} {range:?}: the store returned {} bytes",
+                payload.len()
+            ))
+            .into_io());
         }
         Ok(payload)
     }
@@ -135,13 +147,9 @@ impl ChunkStore {
                     .ok_or_else(|| {
                         io::Error::other(format!("{path} at {}: outside the read", location.offset))
                     })?;
-                decode_block_bytes(payload, self.block_size, location.checksum).map_err(|e| match e
-                {
-                    ChunkError::Checksum { .. } => io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{path} at {}: {e}", location.offset),
-                    ),
-                    other => to_io(&format!("{path} at {}", location.offset), other),
+                // Whatever does not decode (checksum, framing, compression) is corrupt.
+                decode_block_bytes(payload, self.block_size, location.checksum).map_err(|e| {
+                    DeviceError::Corrupt(format!("{path} at {}: {e}", location.offset)).into_io()
                 })
             })
             .collect()

@@ -3,8 +3,12 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-/// Why a device operation failed. The NBD layer maps each variant to the protocol error the spec
-/// asks for, so implementations say *what* went wrong and never pick wire error numbers.
+/// Why a device operation failed: the engine's one error type. The NBD layer maps each variant
+/// to the protocol error the spec asks for (in one place, `nbd-server`'s transmission phase), so
+/// implementations say *what* went wrong and never pick wire error numbers.
+///
+/// Engine internals that return `io::Result` carry these inside an `io::Error`
+/// ([`DeviceError::into_io`]); converting back with `From<io::Error>` recovers the variant.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// The operation cannot be done (or cannot be done quickly, for `ZeroMode::fast_only`).
@@ -13,15 +17,76 @@ pub enum DeviceError {
     /// The volume was opened read-only.
     #[error("volume is read-only")]
     ReadOnly,
-    /// The request reaches past the end of the volume, or the backing storage is full.
+    /// Another process took the volume over (its writer lease or a newer map state): this one
+    /// must not write to it again.
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// The request reaches past the end of the volume.
+    #[error("range {offset}+{length} exceeds the volume size {size}")]
+    OutOfRange { offset: u64, length: u64, size: u64 },
+    /// The backing storage (a local file, the journal's disk) is full.
     #[error("no space: {0}")]
     NoSpace(String),
-    /// The request itself is malformed (range, alignment).
+    /// The request itself is malformed (alignment, an unknown command).
     #[error("invalid request: {0}")]
     Invalid(String),
-    /// The backing storage failed.
+    /// Object storage made no progress or refuses the volume's requests, beyond what retrying
+    /// and waiting were allowed to cover.
+    #[error("object storage unavailable: {0}")]
+    StoreUnavailable(String),
+    /// Data failed verification: a stored block's checksum or a chunk's framing.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// Any other I/O failure.
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl DeviceError {
+    /// This error as an `io::Error` that carries it (see the type's documentation).
+    pub fn into_io(self) -> std::io::Error {
+        use std::io::ErrorKind;
+        let kind = match &self {
+            DeviceError::Io(_) => ErrorKind::Other,
+            DeviceError::NotSupported(_) => ErrorKind::Unsupported,
+            DeviceError::ReadOnly | DeviceError::Fenced(_) => ErrorKind::PermissionDenied,
+            DeviceError::OutOfRange { .. } | DeviceError::Invalid(_) => ErrorKind::InvalidInput,
+            DeviceError::NoSpace(_) => ErrorKind::StorageFull,
+            DeviceError::StoreUnavailable(_) => ErrorKind::TimedOut,
+            DeviceError::Corrupt(_) => ErrorKind::InvalidData,
+        };
+        match self {
+            DeviceError::Io(e) => e,
+            other => std::io::Error::new(kind, other),
+        }
+    }
+}
+
+impl From<std::io::Error> for DeviceError {
+    /// Recovers a carried [`DeviceError`]; a full disk is [`DeviceError::NoSpace`] (ENOSPC to
+    /// the client, as the NBD spec asks); anything else is [`DeviceError::Io`].
+    fn from(e: std::io::Error) -> Self {
+        if e.get_ref().is_some_and(|inner| inner.is::<DeviceError>()) {
+            let kind = e.kind();
+            return match e.into_inner().map(|inner| inner.downcast::<DeviceError>()) {
+                Some(Ok(carried)) => *carried,
+                Some(Err(inner)) => DeviceError::Io(std::io::Error::new(kind, inner)),
+                None => DeviceError::Io(kind.into()),
+            };
+        }
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
+                DeviceError::NoSpace(format!("backing storage is full: {e}"))
+            }
+            _ => DeviceError::Io(e),
+        }
+    }
+}
+
+impl From<DeviceError> for std::io::Error {
+    fn from(e: DeviceError) -> Self {
+        e.into_io()
+    }
 }
 
 pub type DeviceResult<T> = Result<T, DeviceError>;
@@ -202,8 +267,60 @@ pub trait BlockDevice: Send + Sync + 'static {
 pub fn check_range(offset: u64, length: u64, size: u64) -> DeviceResult<()> {
     match offset.checked_add(length) {
         Some(end) if end <= size => Ok(()),
-        _ => Err(DeviceError::NoSpace(format!(
-            "range {offset}+{length} exceeds the volume size {size}"
-        ))),
+        _ => Err(DeviceError::OutOfRange {
+            offset,
+            length,
+            size,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn a_carried_error_comes_back_as_itself() {
+        let carried = DeviceError::Fenced("another writer took volume v".into()).into_io();
+        assert_eq!(carried.kind(), io::ErrorKind::PermissionDenied);
+        assert!(carried.to_string().contains("another writer"));
+        assert!(
+            matches!(DeviceError::from(carried), DeviceError::Fenced(why) if why.contains("another writer"))
+        );
+        let corrupt = io::Error::from(DeviceError::Corrupt("block 7".into()));
+        assert!(matches!(
+            DeviceError::from(corrupt),
+            DeviceError::Corrupt(_)
+        ));
+    }
+
+    #[test]
+    fn a_full_disk_is_no_space_and_other_errors_stay_io() {
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        assert!(matches!(DeviceError::from(full), DeviceError::NoSpace(_)));
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert!(
+            matches!(DeviceError::from(reset), DeviceError::Io(e) if e.kind() == io::ErrorKind::ConnectionReset)
+        );
+        let plain = DeviceError::Io(io::Error::other("x")).into_io();
+        assert!(matches!(DeviceError::from(plain), DeviceError::Io(_)));
+    }
+
+    #[test]
+    fn ranges_past_the_end_are_out_of_range() {
+        assert!(check_range(0, 4096, 4096).is_ok());
+        assert!(matches!(
+            check_range(1, 4096, 4096),
+            Err(DeviceError::OutOfRange {
+                offset: 1,
+                length: 4096,
+                size: 4096
+            })
+        ));
+        assert!(matches!(
+            check_range(u64::MAX, 2, 4096),
+            Err(DeviceError::OutOfRange { .. })
+        ));
     }
 }

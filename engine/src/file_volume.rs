@@ -255,12 +255,16 @@ impl BlockDevice for FileVolume {
         self.writable()?;
         check_range(offset, data.len() as u64, self.size())?;
         if !fua && data.len() <= INLINE_IO_MAX as usize {
-            return self.file.write_all_at(&data, offset).map_err(io_error);
+            return self
+                .file
+                .write_all_at(&data, offset)
+                .map_err(DeviceError::from);
         }
         self.blocking(move |file, _| {
-            file.write_all_at(&data, offset).map_err(io_error)?;
+            file.write_all_at(&data, offset)
+                .map_err(DeviceError::from)?;
             if fua {
-                file.sync_data().map_err(io_error)?;
+                file.sync_data().map_err(DeviceError::from)?;
             }
             Ok(())
         })
@@ -269,7 +273,7 @@ impl BlockDevice for FileVolume {
 
     async fn flush(&self) -> DeviceResult<()> {
         self.writable()?;
-        self.blocking(|file, _| file.sync_data().map_err(io_error))
+        self.blocking(|file, _| file.sync_data().map_err(DeviceError::from))
             .await
     }
 
@@ -282,7 +286,7 @@ impl BlockDevice for FileVolume {
                 punch.store(false, Ordering::Relaxed);
             }
             if fua {
-                file.sync_data().map_err(io_error)?;
+                file.sync_data().map_err(DeviceError::from)?;
             }
             Ok(())
         })
@@ -318,7 +322,7 @@ impl BlockDevice for FileVolume {
                 write_zero_bytes(file, offset, length)?;
             }
             if fua {
-                file.sync_data().map_err(io_error)?;
+                file.sync_data().map_err(DeviceError::from)?;
             }
             Ok(())
         })
@@ -344,7 +348,7 @@ impl BlockDevice for FileVolume {
                 )
             };
             if rc != 0 {
-                return Err(io_error(io::Error::from_raw_os_error(rc)));
+                return Err(io::Error::from_raw_os_error(rc).into());
             }
             Ok(())
         })
@@ -352,20 +356,10 @@ impl BlockDevice for FileVolume {
     }
 }
 
-/// Maps an OS error to a device error; a full backing disk is ENOSPC to the client, as the NBD
-/// spec asks (EDQUOT and EFBIG too).
-fn io_error(e: io::Error) -> DeviceError {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
-            DeviceError::NoSpace(format!("backing storage is full: {e}"))
-        }
-        _ => DeviceError::Io(e),
-    }
-}
-
 fn read_bytes(file: &File, offset: u64, length: usize) -> DeviceResult<Bytes> {
     let mut buf = vec![0u8; length];
-    file.read_exact_at(&mut buf, offset).map_err(io_error)?;
+    file.read_exact_at(&mut buf, offset)
+        .map_err(DeviceError::from)?;
     Ok(Bytes::from(buf))
 }
 
@@ -381,12 +375,12 @@ fn lock_file(file: &File, shared: bool) -> io::Result<()> {
 
 /// Deallocates a range. Returns false when the filesystem does not support punching holes.
 fn punch_hole(file: &File, offset: u64, length: u64) -> DeviceResult<bool> {
-    crate::fallocate::punch_hole(file, offset, length).map_err(io_error)
+    crate::fallocate::punch_hole(file, offset, length).map_err(DeviceError::from)
 }
 
 /// Zeroes a range in place (allocated). Returns false when the filesystem cannot.
 fn zero_range(file: &File, offset: u64, length: u64) -> DeviceResult<bool> {
-    crate::fallocate::zero_range(file, offset, length).map_err(io_error)
+    crate::fallocate::zero_range(file, offset, length).map_err(DeviceError::from)
 }
 
 fn write_zero_bytes(file: &File, offset: u64, length: u64) -> DeviceResult<()> {
@@ -395,7 +389,8 @@ fn write_zero_bytes(file: &File, offset: u64, length: u64) -> DeviceResult<()> {
     let end = offset + length;
     while pos < end {
         let n = (end - pos).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], pos).map_err(io_error)?;
+        file.write_all_at(&zeros[..n], pos)
+            .map_err(DeviceError::from)?;
         pos += n as u64;
     }
     Ok(())
@@ -452,7 +447,7 @@ fn seek(file: &File, pos: u64, whence: libc::c_int) -> DeviceResult<Option<u64>>
         Some(libc::ENXIO) => Ok(None),
         Some(libc::EINVAL) if whence == libc::SEEK_DATA => Ok(Some(pos)),
         Some(libc::EINVAL) => Ok(None),
-        _ => Err(io_error(err)),
+        _ => Err(err.into()),
     }
 }
 
@@ -532,7 +527,7 @@ mod tests {
         assert!(matches!(
             v.write(64 * MIB - 1, Bytes::from_static(b"ab"), false)
                 .await,
-            Err(DeviceError::NoSpace(_))
+            Err(DeviceError::OutOfRange { .. })
         ));
         assert!(v.read(u64::MAX, 1).await.is_err());
     }

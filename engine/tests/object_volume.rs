@@ -3,7 +3,7 @@
 //! map deletions, and a second writer fences the first.
 
 use engine::object_volume::{Durability, ObjectVolume};
-use engine::{BlockDevice, ExtentKind, ZeroMode};
+use engine::{BlockDevice, DeviceError, ExtentKind, ZeroMode};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::sync::Arc;
@@ -176,7 +176,11 @@ async fn a_second_writer_fences_the_first() {
         .await
         .expect("no hang");
     assert!(fenced.is_err(), "the stale writer must not upload");
-    assert!(first.write(0, pattern(4096, 4), false).await.is_err());
+    let refused = first.write(0, pattern(4096, 4), false).await;
+    assert!(
+        matches!(refused, Err(DeviceError::Fenced(ref why)) if why.contains("another writer")),
+        "a fenced volume says so: {refused:?}"
+    );
     second.close().await.expect("close");
     let third = f.open(f.config("c")).await;
     assert_eq!(
@@ -186,6 +190,51 @@ async fn a_second_writer_fences_the_first() {
     );
     assert_eq!(read(&third, 8192, 4096).await, vec![0u8; 4096]);
     third.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_and_missing_chunks_are_reported_as_corrupt() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    let writer = f.open(f.config("a")).await;
+    writer
+        .write(0, pattern(65536, 1), false)
+        .await
+        .expect("write");
+    writer.sync_to_store().await.expect("upload");
+    writer
+        .write(MIB, pattern(65536, 2), false)
+        .await
+        .expect("write");
+    writer.close().await.expect("close");
+    let chunks = chunk_files(&f);
+    assert_eq!(chunks.len(), 2, "one chunk per upload: {chunks:?}");
+    let dir = f.dir.path().join("store/disk/chunks");
+    // The first chunk damaged in many places, the second one gone.
+    let first = dir.join(&chunks[0]);
+    let mut bytes = std::fs::read(&first).expect("chunk");
+    for i in (0..bytes.len()).step_by(97) {
+        bytes[i] ^= 0x5a;
+    }
+    std::fs::write(&first, bytes).expect("damage");
+    std::fs::remove_file(dir.join(&chunks[1])).expect("remove");
+    // A new local folder: nothing cached, every read goes to the store.
+    let reader = f.open(f.config("b")).await;
+    let damaged = reader.read(0, 4096).await;
+    assert!(
+        matches!(damaged, Err(DeviceError::Corrupt(_))),
+        "a damaged block is corrupt, never data: {damaged:?}"
+    );
+    let missing = reader.read(MIB, 4096).await;
+    assert!(
+        matches!(missing, Err(DeviceError::Corrupt(ref why)) if why.contains("missing")),
+        "a chunk the map points at and the store lacks is corrupt: {missing:?}"
+    );
+    assert_eq!(
+        read(&reader, 2 * MIB, 4096).await,
+        vec![0u8; 4096],
+        "holes still read"
+    );
+    reader.close().await.expect("close");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

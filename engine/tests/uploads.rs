@@ -3,8 +3,8 @@
 //! none for the stall timeout (or refuses uploads), a store that lags only as far as allowed
 //! under overwrites, and garbage collection that keeps exactly the restore window.
 
-use engine::BlockDevice;
 use engine::object_volume::{Durability, ObjectVolume, VolumeConfig};
+use engine::{BlockDevice, DeviceError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stores::faulty::{FaultyStore, Outage};
@@ -152,7 +152,7 @@ async fn a_store_without_progress_fails_writes_after_the_stall_timeout_not_befor
         "failed only after {after:?}"
     );
     assert!(
-        failed.to_string().contains("no progress"),
+        matches!(failed, DeviceError::StoreUnavailable(ref why) if why.contains("no progress")),
         "the error says why: {failed}"
     );
     // Nothing acknowledged is lost: once the store is back, everything uploads. Until the
@@ -180,7 +180,10 @@ async fn a_store_that_refuses_uploads_fails_waiting_writes_at_once() {
         .expect("the write fails long before the stall timeout")
         .expect("task")
         .expect_err("with an error");
-    assert!(failed.to_string().contains("refuses"), "{failed}");
+    assert!(
+        matches!(failed, DeviceError::StoreUnavailable(ref why) if why.contains("refuses")),
+        "{failed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,13 +278,20 @@ fn validate(session: &Session, h: &RequestHeader) -> Result<(), (NbdError, Strin
     Ok(())
 }
 
+/// The one place device errors become wire errors. A request past the end is ENOSPC (the
+/// spec's choice for writes; reads past the end are refused before they reach the device). A
+/// fenced volume, an unavailable store and corrupt data are all EIO: the client cannot act on
+/// the difference, and the server's log says which it was.
 fn device_error(e: &DeviceError) -> NbdError {
     match e {
         DeviceError::NotSupported(_) => NbdError::NotSup,
         DeviceError::ReadOnly => NbdError::Perm,
-        DeviceError::NoSpace(_) => NbdError::NoSpc,
+        DeviceError::OutOfRange { .. } | DeviceError::NoSpace(_) => NbdError::NoSpc,
         DeviceError::Invalid(_) => NbdError::Inval,
-        DeviceError::Io(_) => NbdError::Io,
+        DeviceError::Fenced(_)
+        | DeviceError::StoreUnavailable(_)
+        | DeviceError::Corrupt(_)
+        | DeviceError::Io(_) => NbdError::Io,
     }
 }
 

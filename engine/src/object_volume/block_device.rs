@@ -30,7 +30,7 @@ impl BlockDevice for ObjectVolume {
         }
         read::read(&self.shared, offset, length)
             .await
-            .map_err(DeviceError::Io)
+            .map_err(DeviceError::from)
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> DeviceResult<()> {
@@ -49,7 +49,7 @@ impl BlockDevice for ObjectVolume {
         if self.shared.config.read_only {
             return Ok(());
         }
-        let seq = self.shared.journaled_through();
+        let seq = self.shared.log.journaled_through();
         self.durable(seq).await
     }
 
@@ -83,14 +83,14 @@ impl BlockDevice for ObjectVolume {
         self.check(offset, length)?;
         read::block_status(&self.shared, offset, length)
             .await
-            .map_err(DeviceError::Io)
+            .map_err(DeviceError::from)
     }
 
     async fn cache(&self, offset: u64, length: u64) -> DeviceResult<()> {
         self.check(offset, length)?;
         read::prefetch(&self.shared, offset, length)
             .await
-            .map_err(DeviceError::Io)
+            .map_err(DeviceError::from)
     }
 
     async fn metrics(&self) -> Vec<DeviceMetric> {
@@ -113,11 +113,11 @@ impl BlockDevice for ObjectVolume {
         for task in tasks {
             let _ = task.await;
         }
-        if writable && lock(&self.shared.failure).is_none() {
+        if writable && !self.shared.uploads.is_fenced() {
             // Store everything, so the next start (anywhere) needs nothing local.
             upload::upload_all(&self.shared)
                 .await
-                .map_err(DeviceError::Io)?;
+                .map_err(DeviceError::from)?;
             // Stored either way; a failed tidy only makes the next open read more files.
             if let Err(e) = upload::tidy(&self.shared).await {
                 tracing::warn!(volume = %self.shared.meta.name, "block map tidy at close failed: {e}");
@@ -126,7 +126,7 @@ impl BlockDevice for ObjectVolume {
         let shared = Arc::clone(&self.shared);
         blocking(move || shared.cache.save_index())
             .await
-            .map_err(DeviceError::Io)?;
+            .map_err(DeviceError::from)?;
         Ok(())
     }
 }

@@ -10,15 +10,35 @@ use crate::chunk::ChunkBuilder;
 use blockmap::{BlockLocation, MapChange};
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::task::JoinSet;
 
 /// Chunk PUTs in flight per upload.
 const PUT_CONCURRENCY: usize = 2;
 
-fn next_chunk_id(shared: &Shared) -> u64 {
-    // Unique across writers and restarts: the writer's lease epoch is never reused.
-    (shared.chunk_epoch << 32) | shared.next_chunk.fetch_add(1, Ordering::Relaxed)
+/// Ids for the chunks this process writes: its writer lease epoch in the high 32 bits (never
+/// reused, so ids are unique across writers and restarts), a counter in the low ones.
+pub(super) struct ChunkIds {
+    epoch: u64,
+    next: AtomicU64,
+}
+
+impl ChunkIds {
+    pub(super) fn new(lease_epoch: u64) -> Self {
+        ChunkIds {
+            epoch: lease_epoch,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        (self.epoch << 32) | self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether chunk `id` was written under an earlier lease (by a writer before this one).
+    pub(super) fn is_older(&self, id: u64) -> bool {
+        id >> 32 < self.epoch
+    }
 }
 
 /// Builds chunks from block contents and PUTs them as they fill, two at a time; the map changes
@@ -143,7 +163,7 @@ impl ChunkWriter {
         let shared = Arc::clone(shared);
         self.puts.spawn(async move {
             shared.chunks.put(id, bytes).await?;
-            shared.health.progress();
+            shared.uploads.health.progress();
             Ok(())
         });
         Ok(())
@@ -166,7 +186,7 @@ impl Packer {
     fn new(shared: &Shared) -> Self {
         Packer {
             builder: ChunkBuilder::new(shared.meta.block_size),
-            chunk_id: next_chunk_id(shared),
+            chunk_id: shared.chunk_ids.next(),
             sealed: Vec::new(),
             holes: Vec::new(),
             retired: Vec::new(),
@@ -184,6 +204,7 @@ impl Packer {
         // in the cache until then: a read that merges an edit not yet uploaded with the stored
         // block needs it, and a miss would cost a store round trip per read.
         if let Some(old) = shared
+            .map
             .locations
             .get_range(block, 1)
             .and_then(|found| found.first().copied().flatten())
@@ -211,7 +232,7 @@ impl Packer {
         if self.builder.len() >= shared.config.chunk_bytes {
             let full =
                 std::mem::replace(&mut self.builder, ChunkBuilder::new(shared.meta.block_size));
-            let id = std::mem::replace(&mut self.chunk_id, next_chunk_id(shared));
+            let id = std::mem::replace(&mut self.chunk_id, shared.chunk_ids.next());
             self.sealed.push((id, full));
         }
         Ok(Some(insert))

@@ -8,6 +8,7 @@
 use super::Shared;
 use super::helpers::lock;
 use crate::cache::CacheKey;
+use crate::device::DeviceError;
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use futures::FutureExt;
@@ -27,7 +28,45 @@ pub(super) const MAX_RUN_GAP: u64 = 256 << 10;
 const INLINE_DECODE_BLOCKS: usize = 2;
 
 /// What one block's fetch ended with, shared by everyone who wanted it.
-pub(super) type FetchResult = Result<Bytes, (io::ErrorKind, String)>;
+pub(super) type FetchResult = Result<Bytes, FetchFailure>;
+
+/// A failed fetch as everyone who waited for the block receives it (an `io::Error` cannot be
+/// cloned): the device error it becomes, kept apart so a reader is told what happened.
+#[derive(Debug, Clone)]
+pub(super) enum FetchFailure {
+    Corrupt(String),
+    StoreUnavailable(String),
+    Other(io::ErrorKind, String),
+}
+
+impl FetchFailure {
+    fn internal(what: &str) -> Self {
+        FetchFailure::Other(io::ErrorKind::Other, format!("internal: {what}"))
+    }
+}
+
+impl From<io::Error> for FetchFailure {
+    fn from(e: io::Error) -> Self {
+        match DeviceError::from(e) {
+            DeviceError::Corrupt(why) => FetchFailure::Corrupt(why),
+            DeviceError::StoreUnavailable(why) => FetchFailure::StoreUnavailable(why),
+            other => {
+                let e = other.into_io();
+                FetchFailure::Other(e.kind(), e.to_string())
+            }
+        }
+    }
+}
+
+impl From<FetchFailure> for io::Error {
+    fn from(failure: FetchFailure) -> Self {
+        match failure {
+            FetchFailure::Corrupt(why) => DeviceError::Corrupt(why).into_io(),
+            FetchFailure::StoreUnavailable(why) => DeviceError::StoreUnavailable(why).into_io(),
+            FetchFailure::Other(kind, message) => io::Error::new(kind, message),
+        }
+    }
+}
 /// A fetch of one block that concurrent wanters share.
 pub(super) type BlockFetch = Arc<OnceCell<FetchResult>>;
 
@@ -87,7 +126,7 @@ pub(super) async fn fetch_blocks(
     // Claim a cell per wanted block: a new one (ours to fill) or one another task is filling.
     let mut cells: Vec<(usize, BlockFetch, bool)> = Vec::with_capacity(wanted.len());
     {
-        let mut fetches = lock(&shared.fetches);
+        let mut fetches = lock(&shared.reads.fetches);
         for i in wanted {
             let key = CacheKey::of(&locations[i]);
             let mut ours = false;
@@ -123,36 +162,34 @@ pub(super) async fn fetch_blocks(
                 .map(move |(at, key)| (key, (future.clone(), at)))
         })
         .collect();
-    let waits = cells.iter().map(|(i, cell, _)| {
-        let location = locations[*i];
-        let run = run_of.get(&CacheKey::of(&location)).cloned();
-        async move {
-            let result = cell
-                .get_or_init(|| async move {
-                    match run {
-                        Some((run, at)) => run.await.get(at).cloned().unwrap_or_else(|| {
-                            Err((io::ErrorKind::Other, "internal: a run lost a block".into()))
-                        }),
-                        // Its owner gave up (its reader went away) before filling it.
-                        None => fetch_run(shared, vec![location])
-                            .await
-                            .first()
-                            .cloned()
-                            .unwrap_or_else(|| {
-                                Err((
-                                    io::ErrorKind::Other,
-                                    "internal: a fetch lost its block".into(),
-                                ))
+    let waits =
+        cells.iter().map(|(i, cell, _)| {
+            let location = locations[*i];
+            let run = run_of.get(&CacheKey::of(&location)).cloned();
+            async move {
+                let result = cell
+                    .get_or_init(|| async move {
+                        match run {
+                            Some((run, at)) => run.await.get(at).cloned().unwrap_or_else(|| {
+                                Err(FetchFailure::internal("a run lost a block"))
                             }),
-                    }
-                })
-                .await
-                .clone();
-            (*i, result)
-        }
-    });
+                            // Its owner gave up (its reader went away) before filling it.
+                            None => fetch_run(shared, vec![location])
+                                .await
+                                .first()
+                                .cloned()
+                                .unwrap_or_else(|| {
+                                    Err(FetchFailure::internal("a fetch lost its block"))
+                                }),
+                        }
+                    })
+                    .await
+                    .clone();
+                (*i, result)
+            }
+        });
     for (i, result) in futures::future::join_all(waits).await {
-        results[i] = Some(result.map_err(|(kind, message)| io::Error::new(kind, message)));
+        results[i] = Some(result.map_err(io::Error::from));
     }
     drop(claimed);
     settled(results)
@@ -168,7 +205,7 @@ struct Claimed<'a> {
 
 impl Drop for Claimed<'_> {
     fn drop(&mut self) {
-        let mut fetches = lock(&self.shared.fetches);
+        let mut fetches = lock(&self.shared.reads.fetches);
         for (key, cell) in &self.cells {
             if fetches.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
                 fetches.remove(key);
@@ -187,8 +224,13 @@ fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
 /// One ranged GET for `run`, each block verified and put in the cache before anyone sees it
 /// (so nobody fetches it again once its cell is forgotten).
 async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
-    shared.counters.store_gets.fetch_add(1, Ordering::Relaxed);
     shared
+        .reads
+        .counters
+        .store_gets
+        .fetch_add(1, Ordering::Relaxed);
+    shared
+        .reads
         .counters
         .store_fetches
         .fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -206,8 +248,7 @@ async fn settle_run(
         Ok(span) => span,
         Err(e) => {
             tracing::error!(volume = %shared.meta.name, "reading blocks from the store failed: {e}");
-            let failed = (e.kind(), e.to_string());
-            return Arc::new(vec![Err(failed); run.len()]);
+            return Arc::new(vec![Err(FetchFailure::from(e)); run.len()]);
         }
     };
     let decoded = if run.len() > INLINE_DECODE_BLOCKS {
@@ -235,7 +276,7 @@ async fn settle_run(
             }
             Err(e) => {
                 tracing::error!(volume = %shared.meta.name, "a stored block is damaged: {e}");
-                Err((e.kind(), e.to_string()))
+                Err(FetchFailure::from(e))
             }
         })
         .collect();
@@ -248,7 +289,7 @@ async fn settle_run(
 pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
     let key = CacheKey::of(&early.location);
     let cell = BlockFetch::default();
-    lock(&shared.fetches).insert(key, Arc::clone(&cell));
+    lock(&shared.reads.fetches).insert(key, Arc::clone(&cell));
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         let location = early.location;
@@ -257,8 +298,13 @@ pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
                 Ok(span) => span,
                 Err(e) => Err(io::Error::other(format!("early fetch task failed: {e}"))),
             };
-            shared.counters.store_gets.fetch_add(1, Ordering::Relaxed);
             shared
+                .reads
+                .counters
+                .store_gets
+                .fetch_add(1, Ordering::Relaxed);
+            shared
+                .reads
                 .counters
                 .store_fetches
                 .fetch_add(1, Ordering::Relaxed);
@@ -266,15 +312,13 @@ pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
                 Some(Ok(data)) => return Ok(data.clone()),
                 _ => fetch_run(&shared, vec![location]).await,
             };
-            settled.first().cloned().unwrap_or_else(|| {
-                Err((
-                    io::ErrorKind::Other,
-                    "internal: a fetch lost its block".into(),
-                ))
-            })
+            settled
+                .first()
+                .cloned()
+                .unwrap_or_else(|| Err(FetchFailure::internal("a fetch lost its block")))
         })
         .await;
-        let mut fetches = lock(&shared.fetches);
+        let mut fetches = lock(&shared.reads.fetches);
         if fetches.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
             fetches.remove(&key);
         }

@@ -59,7 +59,8 @@ impl Collector {
     pub async fn note_dead(&mut self, shared: &Arc<Shared>) -> io::Result<()> {
         let s = Arc::clone(shared);
         let dead: Vec<u64> = blocking(move || {
-            lock(&s.lookups)
+            s.map
+                .lookups()
                 .chunks_at_most_live(0.0)
                 .map(|chunks| {
                     chunks
@@ -120,11 +121,8 @@ impl Collector {
         let s = Arc::clone(shared);
         let removed = expired.clone();
         blocking(move || {
-            let updates = s
-                .updates
-                .as_ref()
-                .ok_or_else(|| io::Error::other("read-only volume"))?;
-            lock(updates)
+            s.map
+                .updates()?
                 .remove_chunks(&removed)
                 .map_err(|e| other("block map", e))
         })
@@ -187,7 +185,7 @@ fn pick_victims(
 async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
     let s = Arc::clone(shared);
     let victims: Vec<(u64, Vec<(u64, BlockLocation)>)> = blocking(move || {
-        let map = lock(&s.lookups);
+        let map = s.map.lookups();
         let candidates = map
             .chunks_at_most_live(MAX_LIVE_FRACTION)
             .map_err(|e| other("block map", e))?;
@@ -245,7 +243,8 @@ pub(super) async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
     let objects = shared.chunks.list().await?;
     let s = Arc::clone(shared);
     let known: HashSet<u64> = blocking(move || {
-        lock(&s.lookups)
+        s.map
+            .lookups()
             .chunk_ids()
             .map_err(|e| other("block map", e))
     })
@@ -254,7 +253,7 @@ pub(super) async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
     .collect();
     let orphans: Vec<u64> = objects
         .into_iter()
-        .filter(|id| id >> 32 < shared.chunk_epoch && !known.contains(id))
+        .filter(|&id| shared.chunk_ids.is_older(id) && !known.contains(&id))
         .collect();
     for &chunk in &orphans {
         shared.chunks.delete(chunk).await?;

@@ -1,5 +1,6 @@
 //! Small helpers every part of an object volume uses.
 
+use crate::device::DeviceError;
 use std::io;
 use std::sync::{Mutex, MutexGuard};
 
@@ -13,6 +14,26 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// An I/O error that says what was being done.
 pub(super) fn other(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
+}
+
+/// A failed block-map query as the device reports it. Pages the map has not hydrated yet are
+/// read from the store through the VFS, so an I/O error there means the store did not answer
+/// (after the VFS's retries); a page that fails its checks is corrupt.
+pub(super) fn map_error(what: &str, e: blockmap::Error) -> io::Error {
+    use rusqlite::ErrorCode;
+    let code = match &e {
+        blockmap::Error::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => Some(f.code),
+        _ => None,
+    };
+    match code {
+        Some(ErrorCode::SystemIoFailure) => {
+            DeviceError::StoreUnavailable(format!("{what}: {e}")).into_io()
+        }
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+            DeviceError::Corrupt(format!("{what}: {e}")).into_io()
+        }
+        _ => other(what, e),
+    }
 }
 
 /// Runs blocking work (SQLite, file I/O) off the async workers.

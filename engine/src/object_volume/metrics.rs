@@ -78,25 +78,29 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
             "bucketdisk_cache_hits_total",
             Counter,
             "Block pieces of reads answered from the local cache.",
-            shared.counters.cache_hits.load(Ordering::Relaxed) as f64,
+            shared.reads.counters.cache_hits.load(Ordering::Relaxed) as f64,
         ),
         metric(
             "bucketdisk_store_block_fetches_total",
             Counter,
             "Blocks fetched from object storage (cache misses, readahead, hydration).",
-            shared.counters.store_fetches.load(Ordering::Relaxed) as f64,
+            shared.reads.counters.store_fetches.load(Ordering::Relaxed) as f64,
         ),
         metric(
             "bucketdisk_store_block_gets_total",
             Counter,
             "Ranged GETs of blocks (neighbouring blocks of one chunk come in one).",
-            shared.counters.store_gets.load(Ordering::Relaxed) as f64,
+            shared.reads.counters.store_gets.load(Ordering::Relaxed) as f64,
         ),
         metric(
             "bucketdisk_readahead_cancelled_blocks_total",
             Counter,
             "Blocks readahead planned and dropped because their reader moved elsewhere.",
-            shared.counters.readahead_cancelled.load(Ordering::Relaxed) as f64,
+            shared
+                .reads
+                .counters
+                .readahead_cancelled
+                .load(Ordering::Relaxed) as f64,
         ),
         metric(
             "bucketdisk_store_get_requests_total",
@@ -162,25 +166,30 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
             "bucketdisk_upload_lag_seconds",
             Gauge,
             "How long the oldest write not yet in object storage has waited.",
-            shared.health.lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
+            shared.uploads.health.lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
         ),
         metric(
             "bucketdisk_upload_lag_allowed_seconds",
             Gauge,
             "How far the store may lag now (--max-upload-lag under overwrite-heavy load, else --sync-interval).",
-            shared.health.allowed_lag_millis.load(Ordering::Relaxed) as f64 / 1000.0,
+            shared
+                .uploads
+                .health
+                .allowed_lag_millis
+                .load(Ordering::Relaxed) as f64
+                / 1000.0,
         ),
         metric(
             "bucketdisk_write_wait_seconds_total",
             Counter,
             "Time writers spent waiting for room in the journal (back-pressure).",
-            shared.health.wait_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            shared.uploads.health.wait_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         ),
         metric(
             "bucketdisk_write_waits_total",
             Counter,
             "Writes that waited for room in the journal.",
-            shared.health.waits.load(Ordering::Relaxed) as f64,
+            shared.uploads.health.waits.load(Ordering::Relaxed) as f64,
         ),
         metric(
             "bucketdisk_chunk_bytes",
@@ -203,7 +212,11 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
     ];
     if shared.config.hydrate {
         let total = shared.meta.size.div_ceil(shared.meta.block_size as u64);
-        let scanned = shared.counters.hydration_scanned.load(Ordering::Relaxed);
+        let scanned = shared
+            .reads
+            .counters
+            .hydration_scanned
+            .load(Ordering::Relaxed);
         metrics.push(metric(
             "bucketdisk_hydration_progress_ratio",
             Gauge,

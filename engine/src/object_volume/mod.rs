@@ -15,12 +15,14 @@
 //! Everything that touches SQLite runs on blocking threads: a block-map page that is not local
 //! yet is fetched from the store by the calling thread.
 //!
-//! The modules, one job each: `open` (taking the volume, replaying the journal, starting the
-//! background), `block_device` (the NBD-facing operations), `read`, `fetch`, `readahead` and
-//! `locations` (the read path), `upload`, `upload_policy`, `upload_health` and `chunk_writer`
-//! (uploads), `gc`, `metrics`, `catalog` (`volume.json`), `local_state` (the local folder),
-//! `helpers` (what they all use). This file holds the volume's configuration, its shared state
-//! and the journal-facing steps of a write.
+//! The modules, one job each, most around a small state of their own that [`Shared`] holds:
+//! `open` (taking the volume, replaying the journal, starting the background), `block_device`
+//! (the NBD-facing operations), `write_log` (journal, overlay, dirty bytes), `map_access` (the
+//! block map's connections and lookup cache, with `locations`), `read`, `fetch` and `readahead`
+//! (the read path), `upload`, `upload_progress`, `upload_policy`, `upload_health` and
+//! `chunk_writer` (uploads), `gc`, `metrics`, `catalog` (`volume.json`), `inspect` (a volume described from the store alone), `local_state` (the local
+//! folder), `helpers` (what they all use). This file holds the volume's configuration, the
+//! shared state and the write path's two steps (journal, then durable).
 
 mod block_device;
 pub mod catalog;
@@ -28,8 +30,10 @@ mod chunk_writer;
 mod fetch;
 mod gc;
 mod helpers;
+mod inspect;
 mod local_state;
 mod locations;
+mod map_access;
 mod metrics;
 mod open;
 mod read;
@@ -37,35 +41,35 @@ mod readahead;
 mod upload;
 mod upload_health;
 mod upload_policy;
+mod upload_progress;
+mod write_log;
 
 pub use gc::GcReport;
+pub use inspect::{VolumeReport, inspect};
 pub use upload_health::UploadStall;
 
-use crate::cache::{BlockCache, CacheKey};
+use crate::cache::BlockCache;
 use crate::chunk_store::ChunkStore;
 use crate::device::{DeviceError, DeviceResult, check_range};
-use crate::journal::Journal;
 use crate::metadata::VolumeMetadata;
-use crate::overlay::Overlay;
-use blockmap::BlockMap;
 use blockmap::replica::Layout;
-use blockmap::vfs::follower::Follower;
-use blockmap::writer::MapWriter;
-use bytes::Bytes;
+use chunk_writer::ChunkIds;
 use helpers::{blocking, lock, other};
 pub use local_state::{LocalUsage, usage as local_usage};
+use map_access::MapAccess;
 use object_store::ObjectStore;
 use object_store::path::Path;
-use std::collections::HashMap;
+use read::ReadState;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stores::counting::CountingStore;
 use stores::low_priority::LowPriorityThreads;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use upload_progress::UploadProgress;
+use write_log::{Change, WriteLog};
 
 /// Block-map metadata key: the last journal seq whose writes the map holds.
 const META_JOURNAL_SEQ: &str = "journal_seq";
@@ -172,91 +176,36 @@ pub struct VolumeStats {
     pub chunk_bytes: u64,
 }
 
-/// The block map, as this process holds it.
-enum MapRole {
-    /// The single writer: took the lease, uploads.
-    Writer(MapWriter),
-    /// A read-only view of the latest replicated state (does not fence the writer).
-    Follower(#[allow(dead_code)] Follower),
-    /// Read-only and nothing was ever uploaded: every block is a hole.
-    Empty,
-}
-
-/// State shared by the device, the uploader and background tasks.
+/// State shared by the device, the uploader and background tasks: the volume's identity and
+/// configuration, and one small state per job (each in its own module).
 pub(crate) struct Shared {
     meta: VolumeMetadata,
     config: VolumeConfig,
+    /// The id of this local directory, recorded with each upload (see `local_state`).
     instance: String,
-    /// The journal; the overlay is updated while this lock is held so that both see changes
-    /// in the same (seq) order.
-    journal: Mutex<Option<Journal>>,
-    overlay: RwLock<Overlay>,
-    /// Bumped whenever uploaded edits leave the overlay: a read that combined an overlay edit
-    /// with a stored base looked up before that moment must start over.
-    overlay_generation: AtomicU64,
-    dirty_bytes: AtomicU64,
-    /// Connection for lookups (reads, block status).
-    lookups: Mutex<BlockMap>,
-    /// Lookups remembered, kept exact by the uploader.
-    locations: locations::Locations,
-    /// Connection for the uploader's transactions (writers only).
-    updates: Option<Mutex<BlockMap>>,
-    map: MapRole,
+    /// Journal, overlay and dirty accounting (see [`write_log`]).
+    log: WriteLog,
+    /// The block map's connections and lookup cache (see [`map_access`]).
+    map: MapAccess,
     chunks: ChunkStore,
+    /// Ids for the chunks this process writes (see [`chunk_writer`]).
+    chunk_ids: ChunkIds,
+    /// Used by reads (hits, fetched blocks) and uploads (blocks they store).
     cache: BlockCache,
+    /// In-flight fetches, readahead and read counters (see [`read`]).
+    reads: ReadState,
+    /// What is stored, who waits for it, the store's health, fencing (see [`upload_progress`]).
+    uploads: UploadProgress,
     /// Where the uploader's CPU-heavy work runs, below the priority of serving requests.
     background: LowPriorityThreads,
-    /// Blocks being fetched from the store, for others who want them meanwhile (see `fetch`).
-    fetches: Mutex<HashMap<CacheKey, fetch::BlockFetch>>,
-    /// Highest journal seq whose writes are in object storage.
-    uploaded: watch::Sender<u64>,
-    /// Highest journal seq someone waits to see stored (remote FLUSH, `sync_to_store`).
-    upload_wanted: AtomicU64,
-    upload_now: Notify,
-    /// When writers last woke the uploader, in milliseconds since `started`.
-    last_nudge_ms: AtomicU64,
-    started: std::time::Instant,
-    /// Whether uploads progress; how long writers waited for them.
-    health: upload_health::UploadHealth,
     /// Held by each upload step and collection pass: one map writer at a time.
     maintenance: tokio::sync::Mutex<gc::Collector>,
-    /// Set when this volume must stop accepting writes (fenced by another writer).
-    failure: Mutex<Option<String>>,
-    next_chunk: AtomicU64,
-    chunk_epoch: u64,
-    readahead: readahead::Readahead,
-    /// GETs readahead and `NBD_CMD_CACHE` may have in flight (hydration has its own few).
-    prefetch_slots: Arc<Semaphore>,
     stats: Mutex<VolumeStats>,
-    counters: ReadCounters,
     /// The store as this volume sees it, counting requests and bytes.
     store_counts: Arc<CountingStore>,
 }
 
-/// Read-path counters for the metrics endpoint.
-#[derive(Default)]
-struct ReadCounters {
-    /// Block pieces of reads answered from the local cache.
-    cache_hits: AtomicU64,
-    /// Blocks fetched from the store (reads, readahead and hydration alike).
-    store_fetches: AtomicU64,
-    /// Ranged GETs of blocks (each brings one or more neighbouring blocks).
-    store_gets: AtomicU64,
-    /// Blocks readahead had planned and dropped because their stream was no longer read.
-    readahead_cancelled: AtomicU64,
-    /// Disk hydration: blocks of the disk scanned so far (`--hydrate`).
-    hydration_scanned: AtomicU64,
-}
-
 impl Shared {
-    fn overlay(&self) -> RwLockReadGuard<'_, Overlay> {
-        self.overlay.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn overlay_mut(&self) -> RwLockWriteGuard<'_, Overlay> {
-        self.overlay.write().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn block_size(&self) -> u64 {
         u64::from(self.meta.block_size)
     }
@@ -265,17 +214,25 @@ impl Shared {
         if self.config.read_only {
             return Err(DeviceError::ReadOnly);
         }
-        if let Some(why) = lock(&self.failure).as_ref() {
-            return Err(DeviceError::Io(io::Error::other(why.clone())));
-        }
-        Ok(())
+        self.uploads.check_not_fenced()
     }
 
-    fn fail(&self, why: String) {
-        tracing::error!(volume = %self.meta.name, "{why}; refusing further writes");
-        *lock(&self.failure) = Some(why);
-        // Wake writers waiting for the uploader so that they see the failure.
-        self.uploaded.send_modify(|_| {});
+    /// Another writer took the volume: this one refuses writes from now on.
+    fn fence(&self, why: String) {
+        self.uploads.fence(&self.meta.name, why);
+    }
+
+    /// Waits until everything through `seq` is in object storage.
+    async fn wait_uploaded(&self, seq: u64) -> DeviceResult<()> {
+        self.uploads.wait_uploaded(seq, &self.meta.name).await
+    }
+
+    /// Back-pressure: waits while `max_dirty_bytes` of journaled data wait for upload.
+    async fn wait_for_room(&self) -> DeviceResult<()> {
+        let limit = self.config.max_dirty_bytes;
+        self.uploads
+            .wait_for_room(|| self.log.dirty_bytes(), limit, &self.meta.name)
+            .await
     }
 }
 
@@ -328,19 +285,15 @@ impl ObjectVolume {
         let shared = Arc::clone(&self.shared);
         blocking(move || {
             let mut stats = lock(&shared.stats).clone();
-            stats.uploaded_seq = *shared.uploaded.borrow();
-            if let Some(j) = lock(&shared.journal).as_ref() {
+            stats.uploaded_seq = shared.uploads.uploaded();
+            if let Some(j) = shared.log.journal().as_ref() {
                 stats.journal_next_seq = j.next_seq();
                 stats.journal_bytes = j.size_bytes()?;
             }
-            stats.dirty_bytes = shared.dirty_bytes.load(Ordering::Relaxed);
+            stats.dirty_bytes = shared.log.dirty_bytes();
             stats.cached_blocks = shared.cache.len() as u64;
-            stats.map_txid = match &shared.map {
-                MapRole::Writer(w) => w.txid(),
-                MapRole::Follower(f) => f.txid(),
-                MapRole::Empty => 0,
-            };
-            let map = lock(&shared.lookups);
+            stats.map_txid = shared.map.txid();
+            let map = shared.map.lookups();
             let (blocks, bytes) = map.usage().map_err(|e| other("block map", e))?;
             stats.allocated_blocks = blocks;
             stats.allocated_stored_bytes = bytes;
@@ -362,186 +315,32 @@ impl ObjectVolume {
 
     /// Uploads everything journaled so far and waits for it (tests, tools).
     pub async fn sync_to_store(&self) -> io::Result<()> {
-        let through = self.shared.journaled_through();
-        self.shared.wait_uploaded(through).await
+        let through = self.shared.log.journaled_through();
+        Ok(self.shared.wait_uploaded(through).await?)
     }
 
     fn check(&self, offset: u64, length: u64) -> DeviceResult<()> {
         check_range(offset, length, self.shared.meta.size)
     }
 
-    /// Appends a change to the journal and the overlay under one lock; returns its seq.
+    /// Appends a change to the journal and the overlay (see [`WriteLog::append`]); returns
+    /// its seq. Waits for room first (back-pressure).
     async fn journal_change(&self, change: Change) -> DeviceResult<u64> {
         self.shared.check_writable()?;
         self.shared.wait_for_room().await?;
-        let shared = Arc::clone(&self.shared);
-        let small = change.len() <= 64 * 1024;
-        let append = move || -> io::Result<u64> {
-            // Checksummed before the lock: concurrent writers do this part in parallel.
-            let data_crc = match &change {
-                Change::Write { data, .. } => crate::checksum::crc32c(data),
-                Change::Zero { .. } => 0,
-            };
-            let mut journal = lock(&shared.journal);
-            let journal = journal
-                .as_mut()
-                .ok_or_else(|| io::Error::other("volume is read-only"))?;
-            match change {
-                Change::Write { offset, data } => {
-                    // The overlay points into the journal: the payload's memory is freed now.
-                    let (seq, at) = journal.append_write_located(offset, &data, data_crc)?;
-                    let len = data.len() as u64;
-                    shared.dirty_bytes.fetch_add(len, Ordering::Relaxed);
-                    shared.overlay_mut().write_journaled(seq, offset, len, at);
-                    Ok(seq)
-                }
-                Change::Zero { offset, length } => {
-                    let seq = journal.append_zero(offset, length)?;
-                    shared.overlay_mut().zero(seq, offset, length);
-                    Ok(seq)
-                }
-            }
-        };
         // Small appends cost microseconds (the page cache absorbs them): not worth a hand-off.
-        let seq = if small {
-            append()
-        } else {
-            blocking(append).await
-        };
-        seq.map_err(device_error)
+        if change.len() <= 64 * 1024 {
+            return Ok(self.shared.log.append(change)?);
+        }
+        let shared = Arc::clone(&self.shared);
+        Ok(blocking(move || shared.log.append(change)).await?)
     }
 
     async fn durable(&self, seq: u64) -> DeviceResult<()> {
-        self.shared.sync_journal().await.map_err(device_error)?;
+        self.shared.log.sync().await?;
         if self.shared.config.durability == Durability::Remote {
-            self.shared.wait_uploaded(seq).await.map_err(device_error)?;
+            self.shared.wait_uploaded(seq).await?;
         }
         Ok(())
-    }
-}
-
-enum Change {
-    Write { offset: u64, data: Bytes },
-    Zero { offset: u64, length: u64 },
-}
-
-impl Change {
-    fn len(&self) -> usize {
-        match self {
-            Change::Write { data, .. } => data.len(),
-            Change::Zero { .. } => 0,
-        }
-    }
-}
-
-/// Full disk → ENOSPC; everything else is an I/O error.
-fn device_error(e: io::Error) -> DeviceError {
-    match e.raw_os_error() {
-        Some(libc::ENOSPC) | Some(libc::EDQUOT) => DeviceError::NoSpace(e.to_string()),
-        _ => DeviceError::Io(e),
-    }
-}
-
-impl Shared {
-    /// The seq of the last change appended to the journal.
-    fn journaled_through(&self) -> u64 {
-        lock(&self.journal)
-            .as_ref()
-            .map_or(0, |j| j.next_seq().saturating_sub(1))
-    }
-
-    async fn sync_journal(&self) -> io::Result<()> {
-        let handle = match lock(&self.journal).as_ref() {
-            Some(j) => j.sync_handle()?,
-            None => return Ok(()),
-        };
-        blocking(move || handle.run()).await
-    }
-
-    /// Waits until the uploader has stored everything through `seq`. Gives up when the store
-    /// has stalled (see [`upload_health`]).
-    async fn wait_uploaded(&self, seq: u64) -> io::Result<()> {
-        self.upload_wanted.fetch_max(seq, Ordering::AcqRel);
-        let mut rx = self.uploaded.subscribe();
-        loop {
-            if *rx.borrow_and_update() >= seq {
-                return Ok(());
-            }
-            self.stopped_uploading()?;
-            self.upload_now.notify_one();
-            // Woken by each step; the timeout re-checks the store's health meanwhile.
-            match tokio::time::timeout(STALL_CHECK_EVERY, rx.changed()).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(_)) => return Err(io::Error::other("the uploader stopped")),
-            }
-        }
-    }
-
-    /// `Err` if waiting for the uploader is pointless: this volume was fenced or failed, or the
-    /// store stalled or refuses uploads. Logged once per stall, saying which.
-    fn stopped_uploading(&self) -> io::Result<()> {
-        if let Some(why) = lock(&self.failure).as_ref() {
-            return Err(io::Error::other(why.clone()));
-        }
-        self.health.check().map_err(|stall| {
-            if self.health.first_report() {
-                tracing::error!(volume = %self.meta.name, "failing writes that wait for room: {stall}");
-            }
-            io::Error::other(stall.to_string())
-        })
-    }
-
-    /// Back-pressure: while `max_dirty_bytes` of journaled data wait for upload, writers wait
-    /// for the uploader to make room, for as long as the store makes progress.
-    async fn wait_for_room(&self) -> DeviceResult<()> {
-        let limit = self.config.max_dirty_bytes;
-        let dirty = self.dirty_bytes.load(Ordering::Relaxed);
-        if dirty < limit {
-            if dirty >= limit / 4 {
-                self.nudge_uploader();
-            }
-            return Ok(());
-        }
-        let started = std::time::Instant::now();
-        let mut rx = self.uploaded.subscribe();
-        let outcome = loop {
-            if self.dirty_bytes.load(Ordering::Relaxed) < limit {
-                break Ok(());
-            }
-            if let Err(e) = self.stopped_uploading() {
-                break Err(DeviceError::Io(e));
-            }
-            self.nudge_uploader();
-            match tokio::time::timeout(STALL_CHECK_EVERY, rx.changed()).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(_)) => {
-                    break Err(DeviceError::Io(io::Error::other("the uploader stopped")));
-                }
-            }
-        };
-        self.health.waited(started.elapsed());
-        outcome
-    }
-}
-
-/// How often a writer waiting for the uploader re-checks that the store makes progress.
-const STALL_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Writers wake the uploader at most this often (it decides itself whether to upload).
-const NUDGE_EVERY_MS: u64 = 50;
-
-impl Shared {
-    /// Wakes the uploader, at most every [`NUDGE_EVERY_MS`]: with a busy journal every write
-    /// would, and each wake-up is a decision.
-    fn nudge_uploader(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.last_nudge_ms.load(Ordering::Relaxed);
-        if now >= last + NUDGE_EVERY_MS
-            && self
-                .last_nudge_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.upload_now.notify_one();
-        }
     }
 }

@@ -4,11 +4,15 @@
 //! replayed; the cache opened; the background tasks started (uploader, map hydration, disk
 //! hydration).
 
-use super::helpers::{blocking, lock, other};
+use super::chunk_writer::ChunkIds;
+use super::helpers::{blocking, other};
+use super::map_access::{MapAccess, MapRole};
+use super::read::ReadState;
+use super::upload_progress::UploadProgress;
+use super::write_log::WriteLog;
 use super::{
-    META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, ObjectVolume, ReadCounters, Shared,
-    VolumeConfig, VolumeStats, catalog, fetch, gc, local_state, locations, read, readahead, upload,
-    upload_health,
+    META_JOURNAL_OWNER, META_JOURNAL_SEQ, ObjectVolume, Shared, VolumeConfig, VolumeStats, catalog,
+    fetch, gc, local_state, read, upload,
 };
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
@@ -22,14 +26,12 @@ use blockmap::{BlockLocation, BlockMap};
 use bytes::Bytes;
 use object_store::ObjectStore;
 use object_store::path::Path;
-use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stores::counting::CountingStore;
 use stores::low_priority::LowPriorityThreads;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::watch;
 
 /// Opens volume `name` (see [`ObjectVolume::open`]).
 pub(super) async fn open(
@@ -218,43 +220,26 @@ pub(super) async fn open(
     let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
     phase("cache opened");
     let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
-    let dirty = overlay.data_bytes() as u64;
-    let (uploaded, _) = watch::channel(uploaded_seq);
     let total_blocks = meta.size.div_ceil(u64::from(block_size));
     let shared = Arc::new(Shared {
         chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
         meta,
         instance,
-        journal: Mutex::new(journal),
-        overlay: RwLock::new(overlay),
-        overlay_generation: AtomicU64::new(0),
-        dirty_bytes: AtomicU64::new(dirty),
-        lookups: Mutex::new(lookups),
-        locations: locations::Locations::default(),
-        updates: updates.map(Mutex::new),
-        map,
+        log: WriteLog::new(journal, overlay),
+        map: MapAccess::new(map, lookups, updates),
+        chunk_ids: ChunkIds::new(chunk_epoch),
         cache,
-        background,
-        fetches: Mutex::new(HashMap::new()),
-        uploaded,
-        upload_wanted: AtomicU64::new(0),
-        upload_now: Notify::new(),
-        last_nudge_ms: AtomicU64::new(0),
-        started: std::time::Instant::now(),
-        health: upload_health::UploadHealth::new(config.stall_timeout),
-        maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
-        failure: Mutex::new(None),
-        next_chunk: AtomicU64::new(0),
-        chunk_epoch,
-        readahead: readahead::Readahead::new(
+        reads: ReadState::new(
             u64::from(block_size),
+            total_blocks,
             // Blocks fetched ahead must still be cached when the reader gets there.
             config.readahead_bytes.min(config.cache_bytes / 4),
-            total_blocks,
+            config.prefetch_gets,
         ),
-        prefetch_slots: Arc::new(Semaphore::new(config.prefetch_gets.max(1))),
+        uploads: UploadProgress::new(uploaded_seq, config.stall_timeout),
+        background,
+        maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
         stats: Mutex::new(VolumeStats::default()),
-        counters: ReadCounters::default(),
         store_counts: counted,
         config,
     });
@@ -269,7 +254,7 @@ pub(super) async fn open(
     if let Some(early) = early_fetch {
         fetch::adopt_early(&shared, early);
     }
-    if let MapRole::Writer(_) = &shared.map {
+    if shared.map.writer().is_some() {
         tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared))));
     }
     if shared.config.hydrate {
@@ -299,7 +284,7 @@ const MAP_HYDRATION_DELAY: std::time::Duration = std::time::Duration::from_secs(
 /// Restores the block map into a local file in the background (docs/ARCHITECTURE.md §4): until
 /// then, lookups that miss the page cache are ranged GETs; after, they are local reads.
 async fn hydrate_map(shared: Arc<Shared>) {
-    let MapRole::Writer(writer) = &shared.map else {
+    let Some(writer) = shared.map.writer() else {
         return;
     };
     // The first reads after a boot look their blocks up with ranged GETs of map pages; the
@@ -331,17 +316,19 @@ async fn hydrate_map(shared: Arc<Shared>) {
 /// chunk), so that after a restart the first read of a cached block is as cheap as the next
 /// instead of a SQLite query on a blocking thread. Stops as soon as the map changes.
 fn warm_locations(shared: &Shared) -> io::Result<()> {
-    let generation = shared.locations.generation();
+    let generation = shared.map.locations.generation();
     let mut warmed = 0usize;
     for chunk in shared.cache.cached_chunks() {
-        let rows = lock(&shared.lookups)
+        let rows = shared
+            .map
+            .lookups()
             .blocks_in_chunk(chunk)
             .map_err(|e| other("block map", e))?;
         let cached: Vec<(u64, BlockLocation)> = rows
             .into_iter()
             .filter(|(_, loc)| shared.cache.contains(CacheKey::of(loc)))
             .collect();
-        if !shared.locations.fill_rows(generation, &cached) {
+        if !shared.map.locations.fill_rows(generation, &cached) {
             break;
         }
         warmed += cached.len();

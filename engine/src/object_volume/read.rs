@@ -4,9 +4,10 @@
 //! `readahead`), `--hydrate` pulls the whole disk in behind them.
 
 use super::Shared;
+use super::fetch::BlockFetch;
 use super::fetch::{fetch_blocks, runs};
-use super::helpers::{blocking, lock, other};
-use super::readahead::{Prefetch, Ticket};
+use super::helpers::{blocking, map_error};
+use super::readahead::{Prefetch, Readahead, Ticket};
 use crate::cache::CacheKey;
 use crate::device::{Extent, ExtentKind, ReadSegment};
 use crate::zeros::is_zero;
@@ -14,10 +15,10 @@ use blockmap::BlockLocation;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 /// Block status answers for at most this many blocks per request (clients ask again).
 const STATUS_MAX_BLOCKS: u64 = 16384;
@@ -25,6 +26,49 @@ const STATUS_MAX_BLOCKS: u64 = 16384;
 const INLINE_READ_MAX: u32 = 64 * 1024;
 /// Concurrent GETs of background disk hydration: few, so foreground reads keep the bandwidth.
 const HYDRATE_CONCURRENCY: usize = 4;
+
+/// The read path's own state.
+pub(super) struct ReadState {
+    /// Blocks being fetched from the store, for others who want them meanwhile (see `fetch`).
+    pub(super) fetches: Mutex<HashMap<CacheKey, BlockFetch>>,
+    pub(super) readahead: Readahead,
+    /// GETs readahead and `NBD_CMD_CACHE` may have in flight (hydration has its own few).
+    pub(super) prefetch_slots: Arc<Semaphore>,
+    pub(super) counters: ReadCounters,
+}
+
+impl ReadState {
+    /// `readahead_bytes` ahead of a sequential reader at most; `prefetch_gets` GETs of
+    /// readahead and `NBD_CMD_CACHE` in flight at most.
+    pub(super) fn new(
+        block_size: u64,
+        total_blocks: u64,
+        readahead_bytes: u64,
+        prefetch_gets: usize,
+    ) -> Self {
+        ReadState {
+            fetches: Mutex::new(HashMap::new()),
+            readahead: Readahead::new(block_size, readahead_bytes, total_blocks),
+            prefetch_slots: Arc::new(Semaphore::new(prefetch_gets.max(1))),
+            counters: ReadCounters::default(),
+        }
+    }
+}
+
+/// Read-path counters for the metrics endpoint.
+#[derive(Default)]
+pub(super) struct ReadCounters {
+    /// Block pieces of reads answered from the local cache.
+    pub(super) cache_hits: AtomicU64,
+    /// Blocks fetched from the store (reads, readahead and hydration alike).
+    pub(super) store_fetches: AtomicU64,
+    /// Ranged GETs of blocks (each brings one or more neighbouring blocks).
+    pub(super) store_gets: AtomicU64,
+    /// Blocks readahead had planned and dropped because their stream was no longer read.
+    pub(super) readahead_cancelled: AtomicU64,
+    /// Disk hydration: blocks of the disk scanned so far (`--hydrate`).
+    pub(super) hydration_scanned: AtomicU64,
+}
 
 /// One block's share of a read.
 struct Piece {
@@ -63,7 +107,7 @@ fn no_base() -> io::Result<Vec<u8>> {
 /// is needed, which must run on a blocking thread.
 fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<Option<Plan>> {
     let bs = shared.block_size();
-    let generation = shared.overlay_generation.load(Ordering::Acquire);
+    let generation = shared.log.generation();
     let end = offset + u64::from(length);
     let mut pieces = Vec::with_capacity((u64::from(length) / bs + 2) as usize);
     let mut pos = offset;
@@ -81,7 +125,7 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
     }
     let mut need_map = Vec::new();
     {
-        let overlay = shared.overlay();
+        let overlay = shared.log.overlay();
         for (i, piece) in pieces.iter_mut().enumerate() {
             if !overlay.touches(piece.block) {
                 need_map.push(i);
@@ -106,15 +150,11 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
     let first = pieces[0].block;
     let count = pieces[pieces.len() - 1].block - first + 1;
     // Where each block of the read lives, indexed by block - first (`None`: a hole).
-    let rows: Vec<Option<BlockLocation>> = match shared.locations.get_range(first, count) {
+    let rows: Vec<Option<BlockLocation>> = match shared.map.locations.get_range(first, count) {
         Some(known) => known,
         None if inline => return Ok(None),
         None => {
-            let map_generation = shared.locations.generation();
-            let rows = lock(&shared.lookups)
-                .range(first, count)
-                .map_err(|e| other("block map lookup", e))?;
-            shared.locations.fill(map_generation, first, count, &rows);
+            let rows = shared.map.range(first, count)?;
             let mut by_block = vec![None; count as usize];
             for (block, location) in rows {
                 if let Some(slot) = block
@@ -140,7 +180,11 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
                 let key = CacheKey::of(&loc);
                 let into = &mut buffer[start..start + piece.len];
                 if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
-                    shared.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                    shared
+                        .reads
+                        .counters
+                        .cache_hits
+                        .fetch_add(1, Ordering::Relaxed);
                     Part::Cached { start }
                 } else {
                     Part::Fetch(loc)
@@ -181,7 +225,7 @@ pub(super) async fn read(
     if length > 0 {
         let bs = shared.block_size();
         let end = (offset + u64::from(length)).div_ceil(bs);
-        if let Some(ahead) = shared.readahead.on_read(offset / bs, end) {
+        if let Some(ahead) = shared.reads.readahead.on_read(offset / bs, end) {
             tokio::spawn(prefetch_blocks(Arc::clone(shared), ahead));
         }
     }
@@ -254,8 +298,8 @@ fn merge(
     let overlay = pieces
         .iter()
         .any(|p| matches!(p.part, Part::Merge(_)))
-        .then(|| shared.overlay());
-    if overlay.is_some() && shared.overlay_generation.load(Ordering::Acquire) != generation {
+        .then(|| shared.log.overlay());
+    if overlay.is_some() && shared.log.generation() != generation {
         return Ok(false);
     }
     let bs = shared.block_size() as usize;
@@ -352,21 +396,14 @@ pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> 
 
 /// Stored, uncached blocks of `first..first+count` that the overlay does not hide.
 fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<BlockLocation>> {
-    let rows: Vec<(u64, BlockLocation)> = match shared.locations.get_range(first, count) {
+    let rows: Vec<(u64, BlockLocation)> = match shared.map.locations.get_range(first, count) {
         Some(known) => (first..)
             .zip(known)
             .filter_map(|(block, loc)| Some((block, loc?)))
             .collect(),
-        None => {
-            let map_generation = shared.locations.generation();
-            let rows = lock(&shared.lookups)
-                .range(first, count)
-                .map_err(|e| other("block map lookup", e))?;
-            shared.locations.fill(map_generation, first, count, &rows);
-            rows
-        }
+        None => shared.map.range(first, count)?,
     };
-    let overlay = shared.overlay();
+    let overlay = shared.log.overlay();
     Ok(rows
         .into_iter()
         .filter(|(block, loc)| {
@@ -393,13 +430,18 @@ async fn prefetch_blocks(shared: Arc<Shared>, prefetch: Prefetch) {
             return;
         }
     };
-    let current = |ticket: Option<Ticket>| ticket.is_none_or(|t| shared.readahead.is_current(t));
+    let current =
+        |ticket: Option<Ticket>| ticket.is_none_or(|t| shared.reads.readahead.is_current(t));
     for run in runs(missing) {
-        let Ok(permit) = Arc::clone(&shared.prefetch_slots).acquire_owned().await else {
+        let Ok(permit) = Arc::clone(&shared.reads.prefetch_slots)
+            .acquire_owned()
+            .await
+        else {
             return;
         };
         if !current(ticket) {
             shared
+                .reads
                 .counters
                 .readahead_cancelled
                 .fetch_add(run.len() as u64, Ordering::Relaxed);
@@ -442,16 +484,18 @@ pub(super) async fn block_status(
         let end = offset + length;
         let first = offset / bs;
         let end_block = end.div_ceil(bs).min(first + STATUS_MAX_BLOCKS);
-        let runs = lock(&s.lookups)
+        let runs = s
+            .map
+            .lookups()
             .allocated_runs(first, end_block - first)
-            .map_err(|e| other("block map lookup", e))?;
+            .map_err(|e| map_error("block map lookup", e))?;
         let mut stored = vec![false; (end_block - first) as usize];
         for (start, len) in runs {
             for b in start..start + len {
                 stored[(b - first) as usize] = true;
             }
         }
-        let overlay = s.overlay();
+        let overlay = s.log.overlay();
         let mut extents: Vec<Extent> = Vec::new();
         for block in first..end_block {
             let data = overlay
@@ -488,10 +532,13 @@ pub(super) async fn stored_blocks(
     }
     let s = Arc::clone(shared);
     let locations: Vec<(u64, BlockLocation)> = blocking(move || {
-        let map = lock(&s.lookups);
+        let map = s.map.lookups();
         let mut found = Vec::new();
         for block in blocks {
-            if let Some(loc) = map.get(block).map_err(|e| other("block map lookup", e))? {
+            if let Some(loc) = map
+                .get(block)
+                .map_err(|e| map_error("block map lookup", e))?
+            {
                 found.push((block, loc));
             }
         }
@@ -543,6 +590,7 @@ pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>
         next += count;
         // Counted when the scan moves on; the last few GETs may still be in flight.
         shared
+            .reads
             .counters
             .hydration_scanned
             .store(next, Ordering::Relaxed);

@@ -15,7 +15,8 @@ use super::gc::{self, GcReport};
 use super::helpers::{blocking, lock, other};
 use super::read::stored_blocks;
 use super::upload_policy::{self, Situation, UploadPolicy};
-use super::{Durability, META_JOURNAL_OWNER, META_JOURNAL_SEQ, MapRole, Shared};
+use super::{Durability, META_JOURNAL_OWNER, META_JOURNAL_SEQ, Shared};
+use crate::device::DeviceError;
 use blockmap::MapChange;
 use blockmap::writer::WriterError;
 use bytes::Bytes;
@@ -57,11 +58,11 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         if wait {
             tokio::select! {
                 _ = tokio::time::sleep(shared.config.sync_interval) => {}
-                _ = shared.upload_now.notified() => {}
+                _ = shared.uploads.woken() => {}
                 _ = stop.changed() => return,
             }
         }
-        if lock(&shared.failure).is_some() || *stop.borrow() {
+        if shared.uploads.is_fenced() || *stop.borrow() {
             return;
         }
         let now = Instant::now();
@@ -69,7 +70,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         policy.tick(situation.journaled + 1, now);
         report_lag(&shared, &policy, &situation);
         let Some(reason) = policy.decide(&situation, now) else {
-            shared.health.idle();
+            shared.uploads.health.idle();
             wait = true;
             if situation.journaled <= situation.uploaded
                 && untidy_since.is_some_and(|t| t.elapsed() >= TIDY_WHEN_IDLE_FOR)
@@ -105,12 +106,12 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 policy.upload_done();
             }
             Err(e) => {
-                shared.health.failed(&e);
+                shared.uploads.health.failed(&e);
                 tracing::warn!(volume = %shared.meta.name, "upload failed, retrying in {retry_delay:?}: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(retry_delay) => {}
                     // Someone waits: try again now (the store may be back).
-                    _ = shared.upload_now.notified() => {}
+                    _ = shared.uploads.woken() => {}
                     _ = stop.changed() => return,
                 }
                 retry_delay = (retry_delay * 2).min(RETRY_MAX);
@@ -134,10 +135,10 @@ impl Shared {
     /// What the upload policy decides on.
     fn situation(&self) -> Situation {
         Situation {
-            journaled: self.journaled_through(),
-            uploaded: *self.uploaded.borrow(),
-            wanted: self.upload_wanted.load(Ordering::Acquire),
-            dirty_bytes: self.dirty_bytes.load(Ordering::Relaxed),
+            journaled: self.log.journaled_through(),
+            uploaded: self.uploads.uploaded(),
+            wanted: self.uploads.wanted(),
+            dirty_bytes: self.log.dirty_bytes(),
             journal_limit: self.config.max_dirty_bytes,
         }
     }
@@ -148,7 +149,7 @@ fn report_lag(shared: &Shared, policy: &UploadPolicy, situation: &Situation) {
     let lag = policy
         .oldest_wait(situation, Instant::now())
         .unwrap_or_default();
-    let health = &shared.health;
+    let health = &shared.uploads.health;
     health
         .lag_millis
         .store(lag.as_millis() as u64, Ordering::Relaxed);
@@ -164,15 +165,13 @@ async fn upload_through(
     policy: &mut UploadPolicy,
 ) -> io::Result<u64> {
     let mut steps = 0;
-    while *shared.uploaded.borrow() < target {
-        if lock(&shared.failure).is_some() {
-            return Err(io::Error::other("the volume stopped accepting writes"));
-        }
+    while shared.uploads.uploaded() < target {
+        shared.uploads.check_not_fenced()?;
         let mut collector = shared.maintenance.lock().await;
         let bound = shared.config.upload_step_blocks.unwrap_or_else(|| {
             upload_policy::step_blocks(shared.config.max_dirty_bytes, shared.meta.block_size)
         });
-        let end = shared.overlay().step_end(target, bound.max(1));
+        let end = shared.log.overlay().step_end(target, bound.max(1));
         let blocks = upload_step(shared, end).await?;
         policy.step_done(&blocks);
         report_lag(shared, policy, &shared.situation());
@@ -188,7 +187,7 @@ async fn upload_through(
 /// Runs when uploads go idle and at clean close; serialised with uploads and maintenance.
 pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
     let _serialised = shared.maintenance.lock().await;
-    if let MapRole::Writer(writer) = &shared.map {
+    if let Some(writer) = shared.map.writer() {
         // Chunk rows GC removed since the last upload reach the store first.
         sync_map(shared).await?;
         boxed(writer.tidy())
@@ -201,7 +200,7 @@ pub(super) async fn tidy(shared: &Arc<Shared>) -> io::Result<()> {
 /// [`MapWriter::fold`] from its own task, so uploads go on meanwhile (the map's own lock keeps
 /// it apart from maintenance; a failure only leaves more files for the next open).
 async fn fold_beside_uploads(shared: Arc<Shared>) {
-    if let MapRole::Writer(writer) = &shared.map
+    if let Some(writer) = shared.map.writer()
         && let Err(e) = boxed(writer.fold()).await
     {
         tracing::warn!(volume = %shared.meta.name, "block map fold failed: {e}");
@@ -219,7 +218,7 @@ async fn collect(shared: &Arc<Shared>) -> io::Result<GcReport> {
 /// partly dead chunks, and chunks orphaned by a writer that died between PUT and commit.
 pub(super) async fn maintain(shared: &Arc<Shared>) -> io::Result<GcReport> {
     let mut collector = shared.maintenance.lock().await;
-    if let MapRole::Writer(writer) = &shared.map {
+    if let Some(writer) = shared.map.writer() {
         sync_map(shared).await?;
         boxed(writer.maintain())
             .await
@@ -243,8 +242,8 @@ pub(super) fn boxed<'a, T>(
 pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
     let mut policy = UploadPolicy::new(Duration::ZERO, Duration::ZERO, true);
     loop {
-        let target = shared.journaled_through();
-        if *shared.uploaded.borrow() >= target {
+        let target = shared.log.journaled_through();
+        if shared.uploads.uploaded() >= target {
             break;
         }
         upload_through(shared, target, &mut policy).await?;
@@ -256,7 +255,7 @@ pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
 /// One bounded upload step: stores every block dirty up to journal position `end` as of `end`,
 /// commits, and releases the journal up to `end`. Returns the blocks it stored, in order.
 async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
-    let work = shared.overlay().pending_through(end);
+    let work = shared.log.overlay().pending_through(end);
     let mut changes: Vec<MapChange> = work
         .zero_ranges
         .iter()
@@ -271,7 +270,7 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
     for blocks in work.blocks.chunks(batch) {
         let blocks = blocks.to_vec();
         let needs_base: Vec<u64> = {
-            let overlay = shared.overlay();
+            let overlay = shared.log.overlay();
             blocks
                 .iter()
                 .copied()
@@ -289,7 +288,8 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
                     .iter()
                     .map(|&b| {
                         let base = bases.remove(&b);
-                        s.overlay()
+                        s.log
+                            .overlay()
                             .materialize_through(b, end, || {
                                 Ok(base.map_or_else(|| vec![0u8; bs], |d: Bytes| d.to_vec()))
                             })
@@ -303,15 +303,7 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
     changes.extend(written.changes);
     commit(shared, Some(end), written.new_chunks, changes).await?;
     sync_map(shared).await?;
-    let released = {
-        let mut overlay = shared.overlay_mut();
-        let before = overlay.data_bytes() as u64;
-        overlay.drop_through(end);
-        shared.overlay_generation.fetch_add(1, Ordering::Release);
-        let after = overlay.data_bytes() as u64;
-        shared.dirty_bytes.store(after, Ordering::Relaxed);
-        before - after
-    };
+    let released = shared.log.uploaded_through(end);
     {
         let mut stats = lock(&shared.stats);
         stats.uploads += 1;
@@ -322,13 +314,9 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
     // Their slots are reused by the next upload: rewriting pages the page cache holds.
     shared.cache.forget(&written.retired);
     let s = Arc::clone(shared);
-    blocking(move || match lock(&s.journal).as_mut() {
-        Some(journal) => journal.release(end),
-        None => Ok(()),
-    })
-    .await?;
+    blocking(move || s.log.release_journal(end)).await?;
     // Last, so that whoever waited for it sees the step complete (counters, journal).
-    shared.uploaded.send_replace(end);
+    shared.uploads.publish(end);
     Ok(work.blocks)
 }
 
@@ -341,10 +329,6 @@ pub(super) async fn commit(
 ) -> io::Result<()> {
     let s = Arc::clone(shared);
     blocking(move || {
-        let updates = s
-            .updates
-            .as_ref()
-            .ok_or_else(|| io::Error::other("read-only volume"))?;
         let seq = through.map(|t| t.to_string());
         let meta: Vec<(&str, &str)> = match &seq {
             Some(seq) => vec![
@@ -353,11 +337,12 @@ pub(super) async fn commit(
             ],
             None => Vec::new(),
         };
-        lock(updates)
+        s.map
+            .updates()?
             .apply_with_meta(&new_chunks, &changes, &meta)
             .map_err(|e| other("block map transaction", e))?;
         // Before the overlay forgets these edits, so a read never sees neither.
-        s.locations.apply(&changes);
+        s.map.locations.apply(&changes);
         Ok(())
     })
     .await
@@ -366,14 +351,14 @@ pub(super) async fn commit(
 /// Syncs the block map to the store, retrying transient failures until it works. Being fenced
 /// (another writer took the volume) stops this volume's writes for good.
 pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
-    let MapRole::Writer(writer) = &shared.map else {
-        return Err(io::Error::other("read-only volume"));
+    let Some(writer) = shared.map.writer() else {
+        return Err(DeviceError::ReadOnly.into());
     };
     let mut delay = Duration::from_millis(200);
     loop {
         match writer.sync().await {
             Ok(_) => {
-                shared.health.progress();
+                shared.uploads.health.progress();
                 return Ok(());
             }
             Err(
@@ -381,12 +366,15 @@ pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
                 | WriterError::Replica(blockmap::replica::ReplicaError::Conflict(_))),
             ) => {
                 let why = format!("another writer took volume {}: {e}", shared.meta.name);
-                shared.fail(why.clone());
-                return Err(io::Error::other(why));
+                shared.fence(why.clone());
+                return Err(DeviceError::Fenced(why).into());
             }
             Err(e) => {
                 // Writers waiting for room learn from this whether to keep waiting.
-                shared.health.failed(&map_sync_error(e.to_string(), &e));
+                shared
+                    .uploads
+                    .health
+                    .failed(&map_sync_error(e.to_string(), &e));
                 tracing::warn!(volume = %shared.meta.name, "block map sync failed, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

@@ -1,0 +1,85 @@
+//! A volume described from the store alone (`bucketdisk info`): its metadata and what its
+//! latest block map says, read through a follower of the map's replica. Takes no lease, needs
+//! no local folder and does not disturb a running writer.
+
+use super::catalog;
+use super::helpers::{blocking, other};
+use crate::metadata::VolumeMetadata;
+use blockmap::BlockMap;
+use blockmap::replica::{Layout, Replica};
+use blockmap::vfs::follower::Follower;
+use object_store::ObjectStore;
+use object_store::path::Path;
+use std::io;
+use std::sync::Arc;
+
+/// What the store holds of a volume, as of its latest block-map state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VolumeReport {
+    pub meta: VolumeMetadata,
+    /// The block map's latest transaction (0: nothing was ever uploaded).
+    pub map_txid: u64,
+    /// Blocks with a row in the map (the rest read as zeros).
+    pub allocated_blocks: u64,
+    /// Their size in the store, compressed.
+    pub allocated_stored_bytes: u64,
+    /// Chunk objects the map knows, and their total size (dead blocks included).
+    pub chunks: u64,
+    pub chunk_bytes: u64,
+}
+
+/// Reads volume `name`'s metadata and latest map state from the store.
+pub async fn inspect(
+    store: Arc<dyn ObjectStore>,
+    prefix: &Path,
+    layout: Layout,
+    name: &str,
+) -> io::Result<VolumeReport> {
+    let root = catalog::volume_root(prefix, name);
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&store),
+        root.clone().join("blockmap"),
+        layout,
+    ));
+    let (meta, listing) = tokio::join!(catalog::load(store.as_ref(), prefix, name), replica.list());
+    let meta = meta?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no volume {name} in the store"),
+        )
+    })?;
+    let listing = listing.map_err(|e| other("listing the block map", e))?;
+    let mut report = VolumeReport {
+        meta,
+        map_txid: 0,
+        allocated_blocks: 0,
+        allocated_stored_bytes: 0,
+        chunks: 0,
+        chunk_bytes: 0,
+    };
+    if listing.is_empty() {
+        return Ok(report);
+    }
+    // Its own VFS database name: a volume this process also serves keeps its own.
+    let db_name = format!("{root}#{}#inspect", report.meta.uuid);
+    let follower = Follower::open(replica, &db_name, tokio::runtime::Handle::current())
+        .await
+        .map_err(|e| other("opening the block map", e))?;
+    report.map_txid = follower.txid();
+    blocking(move || {
+        let conn = follower
+            .connection()
+            .map_err(|e| other("opening the block map", e))?;
+        let map = BlockMap::open_read_only(conn).map_err(|e| other("opening the block map", e))?;
+        let query = |e| other("querying the block map", e);
+        let (blocks, bytes) = map.usage().map_err(query)?;
+        report.allocated_blocks = blocks;
+        report.allocated_stored_bytes = bytes;
+        report.chunks = map.chunk_count().map_err(query)?;
+        report.chunk_bytes = map.chunk_bytes().map_err(query)?;
+        drop(map);
+        drop(follower);
+        Ok(report)
+    })
+    .await
+}
