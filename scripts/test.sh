@@ -26,4 +26,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --no-fail-fast
 # The real-client suites again with every volume on a real S3-protocol server (moto).
 BUCKETDISK_TEST_STORE=s3 cargo test --no-fail-fast -p bucketdisk --test smoke --test libnbd_clients \
-    --test qemu_fio_clients --test nbdsh_errors --test ext4_end_to_end --test crash_recovery
+    --test qemu_fio_clients --test nbdsh_errors --test ext4_end_to_end --test crash_recovery \
+    --test checkpoints --test volume_verbs

@@ -9,7 +9,7 @@
 
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::sync::Arc;
 
 /// Attempts before giving up when other writers keep taking the next epoch first.
@@ -92,7 +92,69 @@ pub async fn acquire_after(
     Err(LeaseError::Contended)
 }
 
+/// Suffix of the marker a writer leaves beside its lease when it stops cleanly.
+const RELEASED: &str = ".released";
+
+/// Who holds a volume, as its lease objects say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// No writer ever took it.
+    Nobody,
+    /// The newest writer stopped cleanly and said so.
+    Released(Lease),
+    /// The newest writer has not said it stopped: it may be running (or it crashed).
+    Held(Lease),
+}
+
+/// The newest lease and whether its writer released it.
+pub async fn current_holder(store: &dyn ObjectStore, root: &Path) -> Result<Holder, LeaseError> {
+    let dir = lease_dir(root);
+    let objects: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    let names: Vec<&str> = objects
+        .iter()
+        .filter_map(|m| m.location.filename())
+        .collect();
+    let Some(epoch) = names
+        .iter()
+        .filter(|name| name.len() == 16)
+        .filter_map(|name| u64::from_str_radix(name, 16).ok())
+        .max()
+    else {
+        return Ok(Holder::Nobody);
+    };
+    let path = dir.join(format!("{epoch:016x}"));
+    let body = store.get(&path).await?.bytes().await?;
+    let holder = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("holder")?.as_str().map(String::from))
+        .unwrap_or_else(|| "an unknown writer".into());
+    let lease = Lease { epoch, holder };
+    let released = format!("{epoch:016x}{RELEASED}");
+    Ok(if names.contains(&released.as_str()) {
+        Holder::Released(lease)
+    } else {
+        Holder::Held(lease)
+    })
+}
+
 impl Lease {
+    /// Says this writer stopped cleanly: whoever takes the volume next fences no one. (The
+    /// next writer takes the next epoch as always; a released writer must not write again.)
+    pub async fn release(&self, store: &dyn ObjectStore, root: &Path) -> Result<(), LeaseError> {
+        let path = lease_dir(root).join(format!("{:016x}{RELEASED}", self.epoch));
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match store
+            .put_opts(&path, PutPayload::from_static(b""), options)
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Fails with `Fenced` if a newer writer has taken the volume.
     pub async fn check(&self, store: &dyn ObjectStore, root: &Path) -> Result<(), LeaseError> {
         let current = current_epoch(store, root).await?;

@@ -15,4 +15,5 @@ mod schema;
 pub mod vfs;
 pub mod writer;
 
+pub use ltx::RestoreTarget;
 pub use map::{BlockLocation, BlockMap, ChunkStats, Error, MapChange, Result};

@@ -258,6 +258,16 @@ impl BlockMap {
 
     /// Bytes of every chunk the map knows, dead ones included.
     /// Chunks the map knows (live or waiting for collection).
+    /// Every chunk at least one block lives in: what the current state references (a checkpoint
+    /// of it pins these).
+    pub fn live_chunk_ids(&self) -> Result<Vec<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT chunk FROM chunks WHERE live_blocks > 0 ORDER BY chunk")?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|n| n as u64))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn chunk_count(&self) -> Result<u64> {
         Ok(self
             .conn

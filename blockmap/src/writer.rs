@@ -62,6 +62,9 @@ pub struct MapWriter {
     /// The pages this writer's open and first lookups read: the open hint written with each
     /// new snapshot holds their frames.
     boot_pages: std::sync::Mutex<Vec<u32>>,
+    /// Files retention must keep because a pinned state (a checkpoint) is restored from them;
+    /// `None` while the owner has not said yet, and then retention deletes nothing.
+    pinned: std::sync::Mutex<Option<Vec<Path>>>,
 }
 
 fn now_ms() -> i64 {
@@ -243,6 +246,7 @@ impl MapWriter {
             lease,
             independent_of_open_files: AtomicBool::new(base_txid.is_none()),
             open_files,
+            pinned: std::sync::Mutex::new(Some(Vec::new())),
             base_txid,
             restore_window_ms: AtomicU64::new(0),
             compacting: tokio::sync::Mutex::new(()),
@@ -465,13 +469,15 @@ impl MapWriter {
                 tracing::info!("open hint for {} not written: {e}", snapshot.path);
             }
         }
-        crate::compaction::enforce_retention_keeping(
-            &self.replica,
-            2,
-            self.restorable_since_ms(),
-            self.files_still_read(),
-        )
-        .await?;
+        if let Some(kept) = self.files_kept() {
+            crate::compaction::enforce_retention_keeping(
+                &self.replica,
+                2,
+                self.restorable_since_ms(),
+                &kept,
+            )
+            .await?;
+        }
         Ok(())
     }
 
@@ -480,13 +486,34 @@ impl MapWriter {
         now_ms() - self.restore_window_ms.load(Ordering::Relaxed) as i64
     }
 
-    /// Replica files reads still depend on: the open's, until hydration.
-    fn files_still_read(&self) -> &[Path] {
-        if self.independent_of_open_files.load(Ordering::Acquire) {
-            &[]
-        } else {
-            &self.open_files
+    /// Replica files retention must not delete: those reads still depend on (the open's, until
+    /// hydration) and the pinned ones. `None`: the pins are not known yet, delete nothing.
+    fn files_kept(&self) -> Option<Vec<Path>> {
+        let mut kept = self
+            .pinned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        if !self.independent_of_open_files.load(Ordering::Acquire) {
+            kept.extend(self.open_files.iter().cloned());
         }
+        Some(kept)
+    }
+
+    /// Until [`MapWriter::set_pinned`], retention deletes nothing: for an owner that learns
+    /// its pinned states after the open (the checkpoints are listed in the background).
+    pub fn hold_deletions(&self) {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The files pinned states (checkpoints) are restored from: retention keeps them.
+    pub fn set_pinned(&self, files: Vec<Path>) {
+        *self.pinned.lock().unwrap_or_else(|e| e.into_inner()) = Some(files);
+    }
+
+    /// The files a restore of the latest synced state reads (what a checkpoint pins).
+    pub async fn latest_files(&self) -> Result<Vec<ReplicaFile>, WriterError> {
+        Ok(self.replica.plan(RestoreTarget::Latest).await?)
     }
 
     /// Syncs every `interval`, and runs [`Self::maintain`] every `maintain_every` syncs, until a
@@ -544,13 +571,15 @@ impl MapWriter {
         let (snapshot_txid, listing) = self.fold_levels_only().await?;
         // Files folded into a higher level are deleted once outside the restore window (those
         // the open still reads from stay until hydration).
-        crate::compaction::drop_covered(
-            &self.replica,
-            &listing,
-            self.restorable_since_ms(),
-            self.files_still_read(),
-        )
-        .await?;
+        if let Some(kept) = self.files_kept() {
+            crate::compaction::drop_covered(
+                &self.replica,
+                &listing,
+                self.restorable_since_ms(),
+                &kept,
+            )
+            .await?;
+        }
         Ok(snapshot_txid)
     }
 
@@ -598,6 +627,15 @@ impl MapWriter {
             self.snapshot_and_retain().await?;
         }
         Ok((snapshot_txid, listing))
+    }
+
+    /// Marks this writer's lease released (after its last sync): the next writer, here or on
+    /// another host, takes the volume without fencing anyone. Nothing may be written after.
+    pub async fn release_lease(&self) -> Result<(), WriterError> {
+        Ok(self
+            .lease
+            .release(self.store.as_ref(), &self.lease_root)
+            .await?)
     }
 
     /// Final sync, then the database is detached from the VFS.

@@ -1,15 +1,23 @@
-//! `bucketdisk`: create, inspect and serve virtual disks over NBD. One file per subcommand
-//! (`serve.rs`, `create.rs`, `info.rs`); `store_args.rs` holds the options they share.
+//! `bucketdisk`: create, inspect, checkpoint and serve virtual disks over NBD. One file per
+//! subcommand (`serve.rs`, `create.rs`, `info.rs`, `volumes.rs` for list and delete, `checkpoint.rs`); `store_args.rs` holds the
+//! options they share, `control.rs` the channel to a running server.
 
+mod checkpoint;
+mod checkpoint_exports;
+mod control;
 mod create;
 mod info;
+mod progress;
 mod serve;
 mod store_args;
+mod volumes;
 
+use checkpoint::{CheckpointArgs, checkpoint};
 use clap::{Parser, Subcommand};
 use create::{CreateArgs, create};
 use info::{InfoArgs, info};
 use serve::{ServeArgs, serve};
+use volumes::{DeleteArgs, ListArgs, delete, list};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +41,12 @@ enum Command {
     Create(CreateArgs),
     /// Show a volume's size and usage.
     Info(InfoArgs),
+    /// List the volumes in a store: size, allocated and stored bytes, checkpoints.
+    List(ListArgs),
+    /// Delete a volume from the store (and its local folder).
+    Delete(DeleteArgs),
+    /// Take, list and delete checkpoints (named, restorable states) of a volume.
+    Checkpoint(CheckpointArgs),
 }
 
 /// glibc gives every thread that allocates an arena of its own, and memory freed there stays
@@ -64,6 +78,9 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Create(args) => create(args),
         Command::Info(args) => info(args),
+        Command::List(args) => list(args),
+        Command::Delete(args) => delete(args),
+        Command::Checkpoint(args) => checkpoint(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

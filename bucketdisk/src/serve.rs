@@ -1,5 +1,7 @@
 //! `bucketdisk serve`: open (or create) volumes and serve them over NBD until stopped.
 
+use crate::checkpoint_exports;
+use crate::control;
 use crate::store_args::{
     DEFAULT_DATA_DIR, DEFAULT_VOLUME, StoreArgs, block_size, file_engine, new_runtime,
     object_store, store_dir,
@@ -32,7 +34,9 @@ pub(crate) struct ServeArgs {
     /// Listen on this Unix socket instead of TCP.
     #[arg(long)]
     pub(crate) socket: Option<PathBuf>,
-    /// Volume to export (repeatable). The first is also the default export "".
+    /// Volume to export (repeatable). The first is also the default export "". NAME@CHECKPOINT
+    /// exports a checkpoint read-only; every checkpoint of a served volume is also answered
+    /// as NAME@CHECKPOINT without this.
     #[arg(long = "volume", default_value = DEFAULT_VOLUME)]
     pub(crate) volumes: Vec<String>,
     /// Size of a volume created on first start.
@@ -123,6 +127,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         // as soon as the port accepts must stop the server cleanly, not kill it.
         let stop_signals = StopSignals::install();
         let mut exports = Vec::new();
+        let mut object_volumes = std::collections::HashMap::new();
         let location = if file_engine(&args.store) {
             warn_engine_only_flags(&args, &cache_dir);
             None
@@ -136,6 +141,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             }
             Some(location)
         };
+        // Before any volume is opened: a second server on this cache folder must fail here,
+        // not after it took (and fenced) the first one's volumes.
+        let control_listener = match &location {
+            Some(_) => Some(control::bind(&cache_dir).await?),
+            None => None,
+        };
         for name in &args.volumes {
             let device: Arc<dyn BlockDevice> = match &location {
                 None => Arc::new(open_file_volume(
@@ -145,9 +156,20 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                     block_size,
                     args.read_only,
                 )?),
-                Some(location) => Arc::new(
-                    open_object_volume(location, name, &args, &cache_dir, block_size).await?,
-                ),
+                Some(location) => match name.split_once('@') {
+                    // A checkpoint: read-only, as it was taken.
+                    Some((volume, checkpoint)) => Arc::new(
+                        checkpoint_exports::open(location, volume, checkpoint, &cache_dir).await?,
+                    ),
+                    None => {
+                        let volume = Arc::new(
+                            open_object_volume(location, name, &args, &cache_dir, block_size)
+                                .await?,
+                        );
+                        object_volumes.insert(name.clone(), Arc::clone(&volume));
+                        volume
+                    }
+                },
             };
             tracing::info!(
                 volume = name,
@@ -163,7 +185,32 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 metrics: Default::default(),
             });
         }
-        let exports = Arc::new(Exports::new(exports));
+        let mut exports = Exports::new(exports);
+        if let Some(location) = &location
+            && !object_volumes.is_empty()
+        {
+            // `disk@NAME` for every checkpoint of a served volume, opened when asked for.
+            let mut served: Vec<String> = object_volumes.keys().cloned().collect();
+            served.sort();
+            exports = exports.with_source(Arc::new(checkpoint_exports::CheckpointExports::new(
+                location.clone(),
+                cache_dir.clone(),
+                served,
+            )));
+        }
+        let exports = Arc::new(exports);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        // Verbs (checkpoints) for these volumes come through here, so they never fence them.
+        let control = control_listener.map(|listener| {
+            let path = control::socket_path(&cache_dir);
+            tracing::info!("control socket {}", path.display());
+            tokio::spawn(control::serve(
+                listener,
+                path,
+                Arc::new(object_volumes),
+                stop_rx.clone(),
+            ))
+        });
         let listener = match Listener::from_socket_activation()? {
             Some(l) => l,
             None => match &args.socket {
@@ -172,7 +219,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             },
         };
         tracing::info!("serving NBD on {}", listener.describe());
-        let (stop_tx, stop_rx) = watch::channel(false);
         if let Some(address) = &args.metrics {
             let metrics_listener = tokio::net::TcpListener::bind(address)
                 .await
@@ -190,7 +236,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             let _ = stop_tx.send(true);
         });
         server::run(listener, Arc::clone(&exports), stop_rx).await?;
-        for export in exports.iter() {
+        if let Some(control) = control {
+            // Stopped with the server (the stop signal reaches both); a request in flight is
+            // answered before the volumes close.
+            let _ = control.await;
+        }
+        for export in exports.all() {
             export
                 .device
                 .close()
@@ -245,7 +296,7 @@ async fn open_object_volume(
     if let Some(gets) = args.prefetch_gets {
         config.prefetch_gets = gets as usize;
     }
-    config.holder = format!("{} pid {}", hostname(), std::process::id());
+    config.holder = format!("{} pid {}", control::hostname(), std::process::id());
     let open = |config: VolumeConfig| {
         ObjectVolume::open(
             Arc::clone(&location.store),
@@ -284,12 +335,6 @@ async fn open_object_volume(
     open(config)
         .await
         .with_context(|| format!("opening volume {name} in {}", location.description))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown-host".into())
 }
 
 fn open_file_volume(

@@ -26,6 +26,6 @@ pub use device::{
     BlockDevice, BlockSizes, Capabilities, DeviceError, DeviceResult, Extent, ExtentKind,
     ReadSegment, ZeroMode,
 };
-pub use file_volume::FileVolume;
+pub use file_volume::{FileVolume, validate_volume_name};
 pub use metadata::VolumeMetadata;
 pub use object_volume::{Durability, ObjectVolume, VolumeConfig};

@@ -197,13 +197,17 @@ where
 
 /// Whether base:allocation was selected for this export. Contexts selected for another export do
 /// not carry over: NBD_OPT_SET_META_CONTEXT names the export it applies to.
-fn meta_selected_for(state: &State, exports: &Exports, export: &Arc<Export>) -> bool {
-    state.base_allocation
-        && state
-            .meta_export
-            .as_deref()
-            .and_then(|m| exports.find(m))
-            .is_some_and(|e| Arc::ptr_eq(&e, export))
+async fn meta_selected_for(state: &State, exports: &Exports, export: &Arc<Export>) -> bool {
+    if !state.base_allocation {
+        return false;
+    }
+    let Some(name) = state.meta_export.as_deref() else {
+        return false;
+    };
+    exports
+        .find(name)
+        .await
+        .is_some_and(|e| Arc::ptr_eq(&e, export))
 }
 
 fn reset_meta(state: &mut State) {
@@ -270,6 +274,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
     // This option has no way to report an error: the spec's answer is to disconnect.
     let export = exports
         .find(&name)
+        .await
         .ok_or_else(|| HandshakeError::Protocol(format!("unknown export {name:?}")))?;
     let mode = state.mode();
     let flags = transmission_flags(export.device.as_ref(), mode);
@@ -281,7 +286,7 @@ async fn export_name<W: AsyncWrite + Unpin>(
     }
     writer.write_all(&b).await?;
     writer.flush().await?;
-    let base_allocation = meta_selected_for(state, exports, &export);
+    let base_allocation = meta_selected_for(state, exports, &export).await;
     Ok(Session {
         export,
         mode,
@@ -304,11 +309,11 @@ async fn list<W: AsyncWrite + Unpin>(
         )
         .await;
     }
-    for export in exports.iter() {
+    for (name, description) in exports.list().await {
         let mut p = BytesMut::new();
-        p.put_u32(export.name.len() as u32);
-        p.put_slice(export.name.as_bytes());
-        p.put_slice(truncate_utf8(&export.description, MAX_STRING).as_bytes());
+        p.put_u32(name.len() as u32);
+        p.put_slice(name.as_bytes());
+        p.put_slice(truncate_utf8(&description, MAX_STRING).as_bytes());
         writer
             .write_all(&option_reply(OPT_LIST, REP_SERVER, &p))
             .await?;
@@ -375,7 +380,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
         .await?;
         return Ok(None);
     };
-    let Some(export) = exports.find(&name) else {
+    let Some(export) = exports.find(&name).await else {
         let msg = format!("no export named {name:?}");
         reply_error(writer, option, REP_ERR_UNKNOWN, &msg).await?;
         return Ok(None);
@@ -427,7 +432,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     if option == OPT_INFO {
         return Ok(None);
     }
-    let base_allocation = meta_selected_for(state, exports, &export);
+    let base_allocation = meta_selected_for(state, exports, &export).await;
     Ok(Some(Session {
         export,
         mode,
@@ -472,7 +477,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         )
         .await;
     }
-    if exports.find(&name).is_none() {
+    if exports.find(&name).await.is_none() {
         let msg = format!("no export named {name:?}");
         return reply_error(writer, option, REP_ERR_UNKNOWN, &msg).await;
     }

@@ -84,7 +84,7 @@ pub async fn render(exports: &Exports) -> String {
     let per_command =
         |out: &mut String, name: &str, help: &str, value: &dyn Fn(&CommandMetrics) -> u64| {
             header(out, name, "counter", help);
-            for export in exports.iter() {
+            for export in exports.all().iter() {
                 for (i, (_, label)) in COMMANDS.iter().enumerate() {
                     let _ = writeln!(
                         out,
@@ -120,7 +120,7 @@ pub async fn render(exports: &Exports) -> String {
         "histogram",
         "Time from a request being read to its reply being queued.",
     );
-    for export in exports.iter() {
+    for export in exports.all().iter() {
         for (i, (_, label)) in COMMANDS.iter().enumerate() {
             let m = &export.metrics.commands[i];
             let labels = format!("export=\"{}\",command=\"{label}\"", export.name);
@@ -138,7 +138,7 @@ pub async fn render(exports: &Exports) -> String {
     }
     // Device metrics: grouped by name so each gets one header, whatever the export order.
     let mut devices = Vec::new();
-    for export in exports.iter() {
+    for export in exports.all().iter() {
         devices.push((export.name.clone(), export.device.metrics().await));
     }
     let mut names: Vec<(&str, &str, MetricKind)> = Vec::new();

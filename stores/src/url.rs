@@ -33,6 +33,7 @@ pub enum Layout {
 }
 
 /// Where volumes live: everything a volume needs to find its objects.
+#[derive(Clone)]
 pub struct StoreLocation {
     pub store: Arc<dyn ObjectStore>,
     /// Key prefix of every volume in the store (empty for a whole directory or bucket).

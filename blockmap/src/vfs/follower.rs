@@ -17,8 +17,17 @@ pub struct Follower {
 
 impl Follower {
     pub async fn open(replica: Arc<Replica>, name: &str, runtime: Handle) -> ReplicaResult<Self> {
-        let source =
-            RemoteSource::open(Arc::clone(&replica), RestoreTarget::Latest, runtime).await?;
+        Self::open_at(replica, name, runtime, RestoreTarget::Latest).await
+    }
+
+    /// A follower of the state at `target` (a fixed TXID stays there: do not poll it).
+    pub async fn open_at(
+        replica: Arc<Replica>,
+        name: &str,
+        runtime: Handle,
+        target: RestoreTarget,
+    ) -> ReplicaResult<Self> {
+        let source = RemoteSource::open(Arc::clone(&replica), target, runtime).await?;
         let state = Arc::new(
             DatabaseState::new(Some(Arc::new(source) as Arc<dyn PageSource>), 4096)
                 .map_err(|e| ReplicaError::Invalid(e.to_string()))?,

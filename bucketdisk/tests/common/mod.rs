@@ -142,7 +142,8 @@ impl Server {
     /// the store is moto.
     pub fn cli(&self, subcommand: &str) -> Command {
         let mut cmd = Command::new(bucketdisk_bin());
-        cmd.arg(subcommand);
+        // "checkpoint create": the store options belong to the innermost subcommand.
+        cmd.args(subcommand.split_whitespace());
         match &self.s3 {
             Some(moto) => {
                 cmd.arg("--store")
@@ -162,6 +163,24 @@ impl Server {
             }
         }
         cmd
+    }
+
+    /// The volumes the next [`Server::spawn`] serves, instead of those it was started with.
+    pub fn set_volumes(&mut self, volumes: &[&str]) {
+        let mut args = Vec::new();
+        let mut old = self.extra_args.iter();
+        while let Some(arg) = old.next() {
+            if arg == "--volume" {
+                old.next();
+            } else {
+                args.push(arg.clone());
+            }
+        }
+        for v in volumes {
+            args.push("--volume".into());
+            args.push((*v).into());
+        }
+        self.extra_args = args;
     }
 
     /// (Re)starts the process on the same store and endpoint.

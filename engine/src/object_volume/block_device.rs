@@ -122,6 +122,13 @@ impl BlockDevice for ObjectVolume {
             if let Err(e) = upload::tidy(&self.shared).await {
                 tracing::warn!(volume = %self.shared.meta.name, "block map tidy at close failed: {e}");
             }
+            // Everything is stored: whoever opens the volume next fences no one. (Not
+            // released, a lease only makes the next direct verb ask for --force.)
+            if let Some(writer) = self.shared.map.writer()
+                && let Err(e) = upload::boxed(writer.release_lease()).await
+            {
+                tracing::warn!(volume = %self.shared.meta.name, "releasing the writer lease failed: {e}");
+            }
         }
         let shared = Arc::clone(&self.shared);
         blocking(move || shared.cache.save_index())

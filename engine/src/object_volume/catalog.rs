@@ -49,6 +49,66 @@ pub async fn load(
     Ok(Some(meta))
 }
 
+/// The names of the volumes under `prefix` (directories that hold a `volume.json`, or a
+/// partly deleted volume's remains: callers load each and see).
+pub async fn list_names(store: &dyn ObjectStore, prefix: &Path) -> io::Result<Vec<String>> {
+    let listing = with_retries("list volumes", || store.list_with_delimiter(Some(prefix)))
+        .await
+        .map_err(|e| io::Error::other(format!("listing {prefix}: {e}")))?;
+    let mut names: Vec<String> = listing
+        .common_prefixes
+        .iter()
+        .filter_map(|p| p.filename().map(String::from))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Deletes everything of volume `name`: `volume.json` first (from then on no open finds the
+/// volume), then every other object under its root, `progress(done, total)` as they go. Run
+/// again after a crash, it finishes the job.
+pub async fn delete_volume(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    name: &str,
+    progress: impl Fn(u64, u64),
+) -> io::Result<u64> {
+    use futures::{StreamExt, TryStreamExt};
+    let meta = metadata_path(prefix, name);
+    match with_retries("delete volume.json", || store.delete(&meta)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+        Err(e) => return Err(io::Error::other(format!("deleting {meta}: {e}"))),
+    }
+    let root = volume_root(prefix, name);
+    let objects: Vec<Path> = with_retries("list the volume", || async {
+        store
+            .list(Some(&root))
+            .map_ok(|m| m.location)
+            .try_collect::<Vec<Path>>()
+            .await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("listing {root}: {e}")))?;
+    let total = objects.len() as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    progress(0, total);
+    futures::stream::iter(objects)
+        .map(|path| async move {
+            match with_retries("delete an object", || store.delete(&path)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(io::Error::other(format!("deleting {path}: {e}"))),
+            }
+        })
+        .buffer_unordered(16)
+        .try_for_each(|()| {
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            progress(n, total);
+            async { Ok(()) }
+        })
+        .await?;
+    Ok(total)
+}
+
 /// Stores new metadata; fails with `AlreadyExists` if the volume exists.
 pub async fn create(
     store: &dyn ObjectStore,

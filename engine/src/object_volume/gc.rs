@@ -16,6 +16,7 @@
 //! takes what requests being served leave.
 
 use super::Shared;
+use super::checkpoints::{self, Pins};
 use super::chunk_writer::ChunkWriter;
 use super::fetch::fetch_blocks;
 use super::helpers::{blocking, lock, other};
@@ -47,14 +48,39 @@ pub struct GcReport {
     pub orphans_deleted: u64,
 }
 
-/// Garbage collection state; its lock also serialises uploads with collection.
+/// Garbage collection state; its lock also serialises uploads with collection (and with
+/// checkpoints, which change the pins).
 #[derive(Default)]
 pub(super) struct Collector {
     /// Dead chunk → when the store's map stopped referring to it.
     dead_since: HashMap<u64, Instant>,
+    /// What the volume's checkpoints keep; `None` until listed from the store, and until
+    /// then nothing is deleted (neither chunks nor map files).
+    pins: Option<Pins>,
 }
 
 impl Collector {
+    /// The checkpoints' pins, listed from the store the first time (see [`Collector::pins`]);
+    /// hands the map writer the files they keep.
+    pub(super) async fn pins(&mut self, shared: &Arc<Shared>) -> io::Result<&mut Pins> {
+        if self.pins.is_none() {
+            let listed =
+                checkpoints::list(shared.store.as_ref(), &shared.prefix, &shared.meta.name).await?;
+            self.pins = Some(Pins::new(listed));
+            self.pins_changed(shared);
+        }
+        self.pins
+            .as_mut()
+            .ok_or_else(|| io::Error::other("internal: pins not loaded"))
+    }
+
+    /// Tells the map writer which replica files the checkpoints keep now.
+    pub(super) fn pins_changed(&self, shared: &Shared) {
+        if let (Some(pins), Some(writer)) = (&self.pins, shared.map.writer()) {
+            writer.set_pinned(pins.map_files(&shared.root()));
+        }
+    }
+
     /// Notes chunks that became dead with the map state just synced to the store.
     pub async fn note_dead(&mut self, shared: &Arc<Shared>) -> io::Result<()> {
         let s = Arc::clone(shared);
@@ -103,10 +129,11 @@ impl Collector {
 
     async fn delete_expired(&mut self, shared: &Arc<Shared>) -> io::Result<u64> {
         let window = shared.config.restore_window;
+        let pinned = self.pins(shared).await?.chunks();
         let expired: Vec<u64> = self
             .dead_since
             .iter()
-            .filter(|&(_, &since)| since.elapsed() >= window)
+            .filter(|&(chunk, &since)| since.elapsed() >= window && !pinned.contains(chunk))
             .map(|(&chunk, _)| chunk)
             .collect();
         if expired.is_empty() {
@@ -238,8 +265,13 @@ async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
 /// Deletes chunks that no block-map state refers to: uploaded by an earlier writer (an older
 /// lease epoch, so never one of this writer's uploads in flight) that died or was fenced
 /// before committing them. Chunks leave the map's chunk table only after GC deleted them, so a
-/// chunk of an older epoch missing from the table was never committed by anyone.
-pub(super) async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
+/// chunk of an older epoch missing from the table was never committed by anyone — unless a
+/// checkpoint references it (a state the map was later restored from), and then it stays.
+pub(super) async fn sweep_orphans(
+    shared: &Arc<Shared>,
+    collector: &mut Collector,
+) -> io::Result<u64> {
+    let pinned = collector.pins(shared).await?.chunks();
     let objects = shared.chunks.list().await?;
     let s = Arc::clone(shared);
     let known: HashSet<u64> = blocking(move || {
@@ -253,7 +285,9 @@ pub(super) async fn sweep_orphans(shared: &Arc<Shared>) -> io::Result<u64> {
     .collect();
     let orphans: Vec<u64> = objects
         .into_iter()
-        .filter(|&id| shared.chunk_ids.is_older(id) && !known.contains(&id))
+        .filter(|&id| {
+            shared.chunk_ids.is_older(id) && !known.contains(&id) && !pinned.contains(&id)
+        })
         .collect();
     for &chunk in &orphans {
         shared.chunks.delete(chunk).await?;

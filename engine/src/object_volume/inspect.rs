@@ -83,3 +83,13 @@ pub async fn inspect(
     })
     .await
 }
+
+pub use blockmap::lease::Holder;
+
+/// Who holds volume `name` (see [`Holder`]): a command that would take the volume from a
+/// server still running elsewhere asks first.
+pub async fn holder(store: &dyn ObjectStore, prefix: &Path, name: &str) -> io::Result<Holder> {
+    blockmap::lease::current_holder(store, &catalog::volume_root(prefix, name))
+        .await
+        .map_err(|e| other("reading the writer lease", e))
+}

@@ -13,7 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 /// How this process holds the block map.
 pub(super) enum MapRole {
     /// The single writer: took the lease, uploads.
-    Writer(MapWriter),
+    Writer(Box<MapWriter>),
     /// A read-only view of the latest replicated state (does not fence the writer).
     Follower(#[allow(dead_code)] Follower),
     /// Read-only and nothing was ever uploaded: every block is a hole.

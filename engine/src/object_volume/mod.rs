@@ -26,11 +26,13 @@
 
 mod block_device;
 pub mod catalog;
+pub mod checkpoints;
 mod chunk_writer;
 mod fetch;
 mod gc;
 mod helpers;
 mod inspect;
+mod lifecycle;
 mod local_state;
 mod locations;
 mod map_access;
@@ -45,7 +47,7 @@ mod upload_progress;
 mod write_log;
 
 pub use gc::GcReport;
-pub use inspect::{VolumeReport, inspect};
+pub use inspect::{Holder, VolumeReport, holder, inspect};
 pub use upload_health::UploadStall;
 
 use crate::cache::BlockCache;
@@ -126,6 +128,8 @@ pub struct VolumeConfig {
     pub prefetch_gets: usize,
     /// Name of this process in the writer lease (host and pid).
     pub holder: String,
+    /// Serve the map state of this TXID (a checkpoint's) instead of the latest; read-only.
+    pub at_txid: Option<u64>,
 }
 
 impl VolumeConfig {
@@ -147,6 +151,7 @@ impl VolumeConfig {
             readahead_bytes: 64 << 20,
             prefetch_gets: 16,
             holder: format!("pid {}", std::process::id()),
+            at_txid: None,
         }
     }
 }
@@ -183,6 +188,9 @@ pub(crate) struct Shared {
     config: VolumeConfig,
     /// The id of this local directory, recorded with each upload (see `local_state`).
     instance: String,
+    /// The store (as this volume counts it) and the prefix volumes live under.
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
     /// Journal, overlay and dirty accounting (see [`write_log`]).
     log: WriteLog,
     /// The block map's connections and lookup cache (see [`map_access`]).
@@ -206,6 +214,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Where everything of this volume lives in the store.
+    fn root(&self) -> Path {
+        catalog::volume_root(&self.prefix, &self.meta.name)
+    }
+
     fn block_size(&self) -> u64 {
         u64::from(self.meta.block_size)
     }

@@ -18,6 +18,7 @@ use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
 use crate::journal::{Journal, Record};
 use crate::overlay::Overlay;
+use blockmap::RestoreTarget;
 use blockmap::lease;
 use blockmap::replica::{Layout, Replica};
 use blockmap::vfs::follower::Follower;
@@ -98,16 +99,24 @@ pub(super) async fn open(
     // The local folder is made ready while the map opens (a dozen ms of directory work
     // beside round trips to the store).
     let local = blocking(move || local_state::prepare(&dir, &uuid));
-    // One VFS database per volume and process.
-    let db_name = format!("{root}#{}", meta.uuid);
+    // One VFS database per volume and process (and per checkpoint served).
+    let db_name = match config.at_txid {
+        None => format!("{root}#{}", meta.uuid),
+        Some(txid) => format!("{root}#{}@{txid}", meta.uuid),
+    };
     let runtime = tokio::runtime::Handle::current();
     let (first_located, early_fetch) = early_first_reads(&store, &root, meta.block_size);
     let map = async {
         if config.read_only {
-            if listing.is_empty() {
+            // Nothing stored yet (or a checkpoint of a volume that had nothing).
+            if listing.is_empty() || config.at_txid == Some(0) {
                 return Ok(MapRole::Empty);
             }
-            Follower::open(Arc::clone(&replica), &db_name, runtime)
+            let target = match config.at_txid {
+                Some(txid) => RestoreTarget::Txid(txid),
+                None => RestoreTarget::Latest,
+            };
+            Follower::open_at(Arc::clone(&replica), &db_name, runtime, target)
                 .await
                 .map(MapRole::Follower)
                 .map_err(|e| other("opening the block map", e))
@@ -128,7 +137,7 @@ pub(super) async fn open(
                 },
             )
             .await
-            .map(MapRole::Writer)
+            .map(|w| MapRole::Writer(Box::new(w)))
             .map_err(|e| other("taking the volume", e))
         }
     };
@@ -140,6 +149,9 @@ pub(super) async fn open(
     let chunk_epoch = match &map {
         MapRole::Writer(w) => {
             w.set_restore_window(config.restore_window);
+            // Map files checkpoints pin are not known until they are listed (by the uploader,
+            // in the background): retention waits for that.
+            w.hold_deletions();
             w.lease().epoch
         }
         _ => 0,
@@ -223,6 +235,8 @@ pub(super) async fn open(
     let total_blocks = meta.size.div_ceil(u64::from(block_size));
     let shared = Arc::new(Shared {
         chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
+        store: Arc::clone(&store),
+        prefix: prefix.clone(),
         meta,
         instance,
         log: WriteLog::new(journal, overlay),

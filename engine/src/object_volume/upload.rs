@@ -54,6 +54,21 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut last_collection = Instant::now();
     let mut retry_delay = RETRY_FIRST;
     let mut wait = true;
+    // The checkpoints' pins, before anything is collected (retried by the first collection
+    // if the store does not answer now).
+    if let Err(e) = boxed(async {
+        shared
+            .maintenance
+            .lock()
+            .await
+            .pins(&shared)
+            .await
+            .map(|_| ())
+    })
+    .await
+    {
+        tracing::warn!(volume = %shared.meta.name, "listing checkpoints failed, will retry: {e}");
+    }
     loop {
         if wait {
             tokio::select! {
@@ -226,7 +241,7 @@ pub(super) async fn maintain(shared: &Arc<Shared>) -> io::Result<GcReport> {
     }
     collector.note_dead(shared).await?;
     let mut report = collector.collect(shared).await?;
-    report.orphans_deleted = boxed(gc::sweep_orphans(shared)).await?;
+    report.orphans_deleted = boxed(gc::sweep_orphans(shared, &mut collector)).await?;
     Ok(report)
 }
 

@@ -1,0 +1,175 @@
+//! `bucketdisk checkpoint create|list|delete`: named, restorable states of a volume. Taking or
+//! deleting one goes through the server that holds the volume when one runs here (see
+//! `control`), so it is never fenced; listing reads the store.
+
+use crate::control::{self, Request};
+use crate::store_args::{DEFAULT_DATA_DIR, StoreArgs, new_runtime, object_store};
+use anyhow::{Context, Result, bail};
+use bucketdisk::units::format_size;
+use clap::{Args, Subcommand};
+use engine::object_volume::checkpoints::{self, Checkpoint};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub(crate) struct CheckpointArgs {
+    #[command(subcommand)]
+    command: CheckpointCommand,
+}
+
+#[derive(Subcommand)]
+enum CheckpointCommand {
+    /// Take a checkpoint: everything written before the command, uploaded and pinned (no data
+    /// is copied). Prints its name.
+    Create {
+        volume: String,
+        /// 1-128 of [A-Za-z0-9._-]. [default: ckpt-<UTC time>]
+        name: Option<String>,
+        #[command(flatten)]
+        target: Target,
+        /// Print the checkpoint as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a volume's checkpoints, oldest first.
+    List {
+        volume: String,
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a checkpoint; the space only it held is freed by the volume's garbage collection.
+    Delete {
+        volume: String,
+        name: String,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Where a verb that changes a volume finds it, and whether it may take it over.
+#[derive(Args)]
+struct Target {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The cache directory of the server that serves the volume on this host (its control
+    /// socket is there); without a server, the volume is opened with this directory.
+    /// [default: ./bucketdisk-data/cache]
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Take the volume even though its writer lease says a server that did not stop cleanly
+    /// may still hold it (that server, if it runs, stops accepting writes).
+    #[arg(long)]
+    force: bool,
+}
+
+impl Target {
+    fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"))
+    }
+
+    fn run(&self, request: Request) -> Result<serde_json::Value> {
+        if self.store.engine == "file" {
+            bail!("checkpoints need the object engine (--engine object)");
+        }
+        let location = object_store(&self.store)?;
+        new_runtime()?.block_on(control::run(
+            &location,
+            &self.cache_dir(),
+            request,
+            self.force,
+        ))
+    }
+}
+
+pub(crate) fn checkpoint(args: CheckpointArgs) -> Result<()> {
+    match args.command {
+        CheckpointCommand::Create {
+            volume,
+            name,
+            target,
+            json,
+        } => {
+            let result = target.run(Request::CheckpointCreate {
+                volume: volume.clone(),
+                name,
+            })?;
+            let checkpoint: Checkpoint =
+                serde_json::from_value(result).context("reading the checkpoint")?;
+            if json {
+                println!("{}", serde_json::to_string(&describe(&checkpoint))?);
+            } else {
+                println!("{}", checkpoint.name);
+            }
+        }
+        CheckpointCommand::List {
+            volume,
+            store,
+            json,
+        } => {
+            let location = object_store(&store)?;
+            let list = new_runtime()?
+                .block_on(checkpoints::list(
+                    location.store.as_ref(),
+                    &location.prefix,
+                    &volume,
+                ))
+                .with_context(|| format!("listing the checkpoints of volume {volume}"))?;
+            if json {
+                let rows: Vec<serde_json::Value> = list.iter().map(describe).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else if list.is_empty() {
+                println!("volume {volume} has no checkpoints");
+            } else {
+                println!(
+                    "{:<32} {:<24} {:>10} {:>12}",
+                    "NAME", "CREATED (UTC)", "SIZE", "STORED"
+                );
+                for c in &list {
+                    println!(
+                        "{:<32} {:<24} {:>10} {:>12}",
+                        c.name,
+                        created(c),
+                        format_size(c.size),
+                        format_size(c.stored_bytes)
+                    );
+                }
+            }
+        }
+        CheckpointCommand::Delete {
+            volume,
+            name,
+            target,
+        } => {
+            target.run(Request::CheckpointDelete {
+                volume: volume.clone(),
+                name: name.clone(),
+            })?;
+            println!("deleted checkpoint {name} of volume {volume}");
+        }
+    }
+    Ok(())
+}
+
+fn created(c: &Checkpoint) -> String {
+    chrono::DateTime::from_timestamp_millis(c.created_ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+/// A checkpoint for people and scripts: what it is, not the chunk list it pins.
+fn describe(c: &Checkpoint) -> serde_json::Value {
+    serde_json::json!({
+        "name": c.name,
+        "txid": c.txid,
+        "created": created(c),
+        "created_ms": c.created_ms,
+        "size": c.size,
+        "allocated_blocks": c.allocated_blocks,
+        "stored_bytes": c.stored_bytes,
+        "chunks": c.chunks.len(),
+    })
+}

@@ -1,0 +1,286 @@
+//! The control channel (docs/ARCHITECTURE.md §8): how a verb reaches the server that holds a
+//! volume, so that it never fences it. A running `serve` listens on `<cache-dir>/control.sock`
+//! (mode 0600, and only its own user — or root — is answered); a request is one line of JSON,
+//! the answer one line of JSON. A verb for a volume no server here holds opens the volume
+//! itself, straight against the store ([`run`]), after checking that no other writer may still
+//! be running.
+
+use anyhow::{Context, Result, bail};
+use engine::object_volume::{Holder, ObjectVolume, VolumeConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use stores::url::StoreLocation;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+const SOCKET: &str = "control.sock";
+/// A request line longer than this is not a request.
+const MAX_REQUEST: usize = 64 << 10;
+
+pub(crate) fn socket_path(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(SOCKET)
+}
+
+/// What a verb asks of a volume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub(crate) enum Request {
+    CheckpointCreate {
+        volume: String,
+        name: Option<String>,
+    },
+    CheckpointDelete {
+        volume: String,
+        name: String,
+    },
+    /// Whether this server holds the volume (answered `done` if it does).
+    Holds {
+        volume: String,
+    },
+}
+
+impl Request {
+    fn volume(&self) -> &str {
+        match self {
+            Request::CheckpointCreate { volume, .. }
+            | Request::CheckpointDelete { volume, .. }
+            | Request::Holds { volume } => volume,
+        }
+    }
+
+    /// Carries the request out on an open volume (in the server, or opened by the verb).
+    async fn execute(&self, volume: &ObjectVolume) -> std::io::Result<serde_json::Value> {
+        match self {
+            Request::CheckpointCreate { name, .. } => {
+                let checkpoint = volume.create_checkpoint(name.as_deref()).await?;
+                serde_json::to_value(checkpoint).map_err(std::io::Error::other)
+            }
+            Request::CheckpointDelete { name, .. } => {
+                volume.delete_checkpoint(name).await?;
+                Ok(serde_json::Value::Null)
+            }
+            Request::Holds { .. } => Ok(serde_json::Value::Null),
+        }
+    }
+}
+
+/// The server's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub(crate) enum Response {
+    Done {
+        result: serde_json::Value,
+    },
+    /// This server does not hold that volume.
+    NotServed,
+    Failed {
+        error: String,
+    },
+}
+
+/// Listens on `<cache_dir>/control.sock`. A socket left by a server that is gone is replaced;
+/// one a running server answers on is an error (two servers must not share a cache folder).
+pub(crate) async fn bind(cache_dir: &Path) -> Result<UnixListener> {
+    std::fs::create_dir_all(cache_dir)
+        .with_context(|| format!("creating the cache directory {}", cache_dir.display()))?;
+    let path = socket_path(cache_dir);
+    if path.exists() {
+        if UnixStream::connect(&path).await.is_ok() {
+            bail!(
+                "another bucketdisk server uses the cache directory {} (it answers on {})",
+                cache_dir.display(),
+                path.display()
+            );
+        }
+        std::fs::remove_file(&path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Answers requests for `volumes` until `stop`; removes the socket then.
+pub(crate) async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    volumes: Arc<HashMap<String, Arc<ObjectVolume>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!("control socket: accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let volumes = Arc::clone(&volumes);
+        tokio::spawn(async move {
+            if let Err(e) = answer(stream, &volumes).await {
+                tracing::warn!("control socket: {e:#}");
+            }
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn answer(stream: UnixStream, volumes: &HashMap<String, Arc<ObjectVolume>>) -> Result<()> {
+    // The socket is 0600 already; this also refuses a peer that got a descriptor some other way.
+    let peer = stream
+        .peer_cred()
+        .context("reading the peer's credentials")?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid() != me && peer.uid() != 0 {
+        bail!("refused a request from uid {}", peer.uid());
+    }
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    reader
+        .read_line(&mut line)
+        .await
+        .context("reading a request")?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::Failed {
+            error: format!("not a control request: {e}"),
+        },
+        Ok(request) => match volumes.get(request.volume()) {
+            None => Response::NotServed,
+            Some(volume) => {
+                tracing::info!(volume = request.volume(), ?request, "control request");
+                match request.execute(volume).await {
+                    Ok(result) => Response::Done { result },
+                    Err(e) => Response::Failed {
+                        error: e.to_string(),
+                    },
+                }
+            }
+        },
+    };
+    let mut text = serde_json::to_string(&response)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+/// Asks the server using `cache_dir`, if one runs; `None` when none does.
+async fn ask(cache_dir: &Path, request: &Request) -> Result<Option<Response>> {
+    let path = socket_path(cache_dir);
+    let Ok(stream) = UnixStream::connect(&path).await else {
+        return Ok(None);
+    };
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut line = String::new();
+    BufReader::new(read)
+        .read_line(&mut line)
+        .await
+        .with_context(|| format!("reading the answer on {}", path.display()))?;
+    let response = serde_json::from_str(&line)
+        .with_context(|| format!("the server on {} answered {line:?}", path.display()))?;
+    Ok(Some(response))
+}
+
+/// Whether the server using `cache_dir` (if one runs) holds `volume`.
+pub(crate) async fn serves(cache_dir: &Path, volume: &str) -> Result<bool> {
+    let request = Request::Holds {
+        volume: volume.to_string(),
+    };
+    Ok(matches!(
+        ask(cache_dir, &request).await?,
+        Some(Response::Done { .. })
+    ))
+}
+
+/// Carries `request` out: through the server on this host that holds the volume, or else on
+/// the volume opened here. Refuses (unless `force`) when the volume's writer lease says a
+/// server that did not stop cleanly may still hold it on another host (or here, with another
+/// cache folder): taking the volume would fence it.
+pub(crate) async fn run(
+    location: &StoreLocation,
+    cache_dir: &Path,
+    request: Request,
+    force: bool,
+) -> Result<serde_json::Value> {
+    match ask(cache_dir, &request).await? {
+        Some(Response::Done { result }) => return Ok(result),
+        Some(Response::Failed { error }) => bail!("{error}"),
+        Some(Response::NotServed) | None => {}
+    }
+    let name = request.volume();
+    let holder = engine::object_volume::holder(location.store.as_ref(), &location.prefix, name)
+        .await
+        .with_context(|| format!("reading volume {name}'s writer lease"))?;
+    if let Holder::Held(lease) = &holder
+        && !force
+        && !crashed_here(&lease.holder)
+    {
+        bail!(
+            "volume {name} is held by {} (writer epoch {}), which has not stopped cleanly: if it \
+             still runs, run this where it runs (with its --cache-dir); if it is gone, pass --force",
+            lease.holder,
+            lease.epoch
+        );
+    }
+    let mut config = VolumeConfig::new(cache_dir.join(name));
+    config.holder = format!(
+        "{} pid {} (bucketdisk {})",
+        hostname(),
+        std::process::id(),
+        verb(&request)
+    );
+    let volume = ObjectVolume::open(
+        Arc::clone(&location.store),
+        &location.prefix,
+        location.layout,
+        name,
+        config,
+    )
+    .await
+    .with_context(|| format!("opening volume {name} in {}", location.description))?;
+    let result = request.execute(&volume).await;
+    let closed = engine::BlockDevice::close(&volume).await;
+    let result = result?;
+    closed.with_context(|| format!("closing volume {name}"))?;
+    Ok(result)
+}
+
+fn verb(request: &Request) -> &'static str {
+    match request {
+        Request::CheckpointCreate { .. } => "checkpoint create",
+        Request::CheckpointDelete { .. } => "checkpoint delete",
+        Request::Holds { .. } => "holds",
+    }
+}
+
+pub(crate) fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+/// Whether a lease holder named `"<host> pid <pid>…"` ran on this host and its process is
+/// gone: a crash here, whose journal (in this cache folder) the open replays.
+pub(crate) fn crashed_here(holder: &str) -> bool {
+    let mut words = holder.split_whitespace();
+    let (Some(host), Some("pid"), Some(pid)) = (words.next(), words.next(), words.next()) else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == hostname() && !Path::new(&format!("/proc/{pid}")).exists()
+}

@@ -1,0 +1,196 @@
+//! `bucketdisk list` and `bucketdisk delete`: the volumes in a store, and removing one.
+
+use crate::control;
+use crate::store_args::{DEFAULT_DATA_DIR, StoreArgs, new_runtime, object_store};
+use anyhow::{Context, Result, bail};
+use bucketdisk::units::format_size;
+use clap::Args;
+use engine::object_volume::{Holder, catalog, checkpoints};
+use futures::StreamExt;
+use std::path::PathBuf;
+use stores::url::StoreLocation;
+
+#[derive(Args)]
+pub(crate) struct ListArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct DeleteArgs {
+    volume: String,
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The cache directory whose local folder for the volume (journal, cache) goes too, and
+    /// where a server serving it would answer. [default: ./bucketdisk-data/cache]
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Delete the volume even if it has checkpoints (they go too), or if its writer lease says
+    /// a server that did not stop cleanly may still hold it.
+    #[arg(long)]
+    force: bool,
+}
+
+/// One volume as `list` shows it.
+#[derive(serde::Serialize)]
+struct Row {
+    name: String,
+    size: u64,
+    block_size: u32,
+    allocated: u64,
+    stored_bytes: u64,
+    checkpoints: usize,
+}
+
+async fn describe(location: &StoreLocation, name: String) -> Result<Option<Row>> {
+    if catalog::load(location.store.as_ref(), &location.prefix, &name)
+        .await?
+        .is_none()
+    {
+        return Ok(None); // not a volume (or the remains of one being deleted)
+    }
+    let report = engine::object_volume::inspect(
+        std::sync::Arc::clone(&location.store),
+        &location.prefix,
+        location.layout,
+        &name,
+    )
+    .await
+    .with_context(|| format!("reading volume {name}"))?;
+    let checkpoints = checkpoints::list(location.store.as_ref(), &location.prefix, &name)
+        .await
+        .with_context(|| format!("listing the checkpoints of volume {name}"))?
+        .len();
+    Ok(Some(Row {
+        name,
+        size: report.meta.size,
+        block_size: report.meta.block_size,
+        allocated: report.allocated_blocks * u64::from(report.meta.block_size),
+        stored_bytes: report.allocated_stored_bytes,
+        checkpoints,
+    }))
+}
+
+pub(crate) fn list(args: ListArgs) -> Result<()> {
+    if args.store.engine == "file" {
+        bail!("list reads object-engine stores (--engine object)");
+    }
+    let location = object_store(&args.store)?;
+    let rows: Vec<Row> = new_runtime()?.block_on(async {
+        let names = catalog::list_names(location.store.as_ref(), &location.prefix).await?;
+        let described: Vec<Result<Option<Row>>> = futures::stream::iter(names)
+            .map(|name| describe(&location, name))
+            .buffered(8)
+            .collect()
+            .await;
+        described
+            .into_iter()
+            .filter_map(Result::transpose)
+            .collect::<Result<Vec<Row>>>()
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+    } else if rows.is_empty() {
+        println!("no volumes in {}", location.description);
+    } else {
+        println!(
+            "{:<32} {:>10} {:>10} {:>10} {:>11}",
+            "NAME", "SIZE", "ALLOCATED", "STORED", "CHECKPOINTS"
+        );
+        for r in &rows {
+            println!(
+                "{:<32} {:>10} {:>10} {:>10} {:>11}",
+                r.name,
+                format_size(r.size),
+                format_size(r.allocated),
+                format_size(r.stored_bytes),
+                r.checkpoints
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
+    if args.store.engine == "file" {
+        bail!("delete removes object-engine volumes (--engine object)");
+    }
+    engine::validate_volume_name(&args.volume)?;
+    let location = object_store(&args.store)?;
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
+    let name = args.volume.as_str();
+    let deleted = new_runtime()?.block_on(async {
+        if control::serves(&cache_dir, name).await? {
+            bail!(
+                "volume {name} is served by the server using {}: stop serving it first",
+                cache_dir.display()
+            );
+        }
+        let store = location.store.as_ref();
+        let exists = catalog::load(store, &location.prefix, name)
+            .await?
+            .is_some();
+        let remains = !catalog::list_names(store, &location.prefix)
+            .await?
+            .iter()
+            .all(|n| n != name);
+        if !exists && !remains {
+            bail!("no volume {name} in {}", location.description);
+        }
+        if exists && !args.force {
+            let holder = engine::object_volume::holder(store, &location.prefix, name).await?;
+            if let Holder::Held(lease) = holder
+                && !control::crashed_here(&lease.holder)
+            {
+                bail!(
+                    "volume {name} is held by {} (writer epoch {}), which has not stopped \
+                     cleanly: stop it first, or pass --force if it is gone",
+                    lease.holder,
+                    lease.epoch
+                );
+            }
+            let kept = checkpoints::list(store, &location.prefix, name).await?;
+            if !kept.is_empty() {
+                let names: Vec<&str> = kept.iter().map(|c| c.name.as_str()).collect();
+                bail!(
+                    "volume {name} has {} checkpoint(s) ({}): --force deletes them with it",
+                    kept.len(),
+                    names.join(", ")
+                );
+            }
+        }
+        let bar = crate::progress::bar("deleting objects");
+        let count = catalog::delete_volume(store, &location.prefix, name, |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await?;
+        bar.finish_and_clear();
+        Ok(count)
+    })?;
+    // Its own folder and those of its checkpoints served read-only (`NAME@CHECKPOINT`).
+    let checkpoint_folders = std::fs::read_dir(&cache_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|f| f.to_str())
+                .is_some_and(|f| f.starts_with(&format!("{name}@")))
+        });
+    for local in std::iter::once(cache_dir.join(name)).chain(checkpoint_folders) {
+        if local.exists() {
+            std::fs::remove_dir_all(&local)
+                .with_context(|| format!("removing the local folder {}", local.display()))?;
+        }
+    }
+    println!("deleted volume {name} ({deleted} objects)");
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! `bucketdisk checkpoint` against a running server (through its control socket, never fencing
+//! it) and against a volume no server holds (straight against the store, refusing to take a
+//! volume a server elsewhere may still hold).
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn checkpoint(server: &Server, verb: &str) -> Command {
+    let mut cmd = server.cli(&format!("checkpoint {verb}"));
+    if verb != "list" {
+        cmd.arg("--cache-dir").arg(server.cache_dir());
+    }
+    cmd
+}
+
+/// One line on stderr, non-zero exit, and the line contains `expected`.
+fn assert_fails_with(out: std::process::Output, expected: &str) {
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
+fn names(server: &Server) -> Vec<String> {
+    let out = run(checkpoint(server, "list").arg("disk").arg("--json"));
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    list.as_array()
+        .expect("array")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+#[test]
+fn checkpoints_of_a_served_volume_go_through_its_server() {
+    require_tool("nbdcopy");
+    let mut server = Server::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = work.path().join("data.bin");
+    write_pattern_file(&source, 4 << 20, 1);
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    let name = run(checkpoint(&server, "create").arg("disk").arg("base"));
+    assert_eq!(name.trim(), "base");
+    let json = run(checkpoint(&server, "create").arg("disk").arg("--json"));
+    let generated: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert!(
+        generated["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("ckpt-")),
+        "{json}"
+    );
+    assert_eq!(generated["allocated_blocks"].as_u64(), Some(64), "{json}");
+    assert_eq!(names(&server)[0], "base");
+    let human = run(checkpoint(&server, "list").arg("disk"));
+    assert!(human.lines().any(|l| l.starts_with("base ")), "{human}");
+    assert_fails_with(
+        run_output(checkpoint(&server, "create").arg("disk").arg("base")),
+        "already has a checkpoint named base",
+    );
+    assert_fails_with(
+        run_output(checkpoint(&server, "create").arg("disk").arg("a@b")),
+        "invalid checkpoint name",
+    );
+    assert_fails_with(
+        run_output(checkpoint(&server, "delete").arg("disk").arg("nope")),
+        "has no checkpoint named nope",
+    );
+    run(checkpoint(&server, "delete").arg("disk").arg("base"));
+    assert_eq!(names(&server).len(), 1);
+    // The server was never fenced: it takes writes and stops cleanly.
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(
+        !server.log_text().contains("refusing further writes"),
+        "{}",
+        server.log_text()
+    );
+    assert!(server.log_text().contains("checkpoint taken"));
+    assert!(
+        !server.cache_dir().join("control.sock").exists(),
+        "the control socket is removed at stop"
+    );
+}
+
+#[test]
+fn without_a_server_checkpoints_open_the_volume_unless_another_may_hold_it() {
+    require_tool("nbdcopy");
+    let mut server = Server::start();
+    let work = tempfile::tempdir().expect("tempdir");
+    let source = work.path().join("data.bin");
+    write_pattern_file(&source, 1 << 20, 2);
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    // Stopped cleanly: the lease is released, the verb takes the volume.
+    assert!(server.stop().success(), "{}", server.log_text());
+    run(checkpoint(&server, "create").arg("disk").arg("after-stop"));
+    // Killed: the lease names a process of this host that is gone; the verb replays its
+    // journal (same cache folder) and goes on.
+    server.spawn();
+    run(Command::new("nbdcopy").arg(&source).arg(server.uri()));
+    server.kill();
+    run(checkpoint(&server, "create").arg("disk").arg("after-kill"));
+    assert_eq!(names(&server), ["after-stop", "after-kill"]);
+    if testing_on_s3() {
+        return; // the rest forges a lease in the local store directory
+    }
+    // A lease taken by a server on another host that never released it: refused, unless
+    // --force.
+    let leases = server.store_dir().join("disk").join("lease");
+    let newest = std::fs::read_dir(&leases)
+        .expect("leases")
+        .filter_map(|e| {
+            u64::from_str_radix(&e.expect("entry").file_name().to_string_lossy(), 16).ok()
+        })
+        .max()
+        .expect("a lease");
+    std::fs::write(
+        leases.join(format!("{:016x}", newest + 1)),
+        "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
+    )
+    .expect("forge a lease");
+    assert_fails_with(
+        run_output(checkpoint(&server, "create").arg("disk").arg("refused")),
+        "is held by elsewhere pid 1",
+    );
+    run(checkpoint(&server, "create")
+        .arg("disk")
+        .arg("forced")
+        .arg("--force"));
+    assert_eq!(names(&server), ["after-stop", "after-kill", "forced"]);
+    // Two servers never share a cache folder.
+    server.spawn();
+    let second = run_output(
+        server
+            .cli("serve")
+            .arg("--cache-dir")
+            .arg(server.cache_dir())
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--volume")
+            .arg("disk"),
+    );
+    assert!(!second.status.success());
+    assert!(server.stop().success(), "{}", server.log_text());
+}
+
+/// `disk@NAME` is the disk as the checkpoint was taken, read-only, while `disk` keeps changing;
+/// `serve --volume disk@NAME` serves one on its own.
+#[test]
+fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
+    require_tool("nbdcopy");
+    require_tool("qemu-img");
+    require_tool("nbdinfo");
+    let mut server = Server::start_with(ServerOptions {
+        size: "64M",
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let first = work.path().join("first.bin");
+    let second = work.path().join("second.bin");
+    write_pattern_file(&first, 64 << 20, 5);
+    write_pattern_file(&second, 16 << 20, 6);
+    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
+    run(checkpoint(&server, "create").arg("disk").arg("snap"));
+    // The disk changes after the checkpoint.
+    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    let compare = |uri: &str| {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(uri)
+            .arg(&first)
+            .status()
+            .expect("qemu-img compare")
+    };
+    assert!(
+        compare(&server.uri_for("disk@snap")).success(),
+        "the checkpoint export is the disk as it was"
+    );
+    assert!(
+        !compare(&server.uri()).success(),
+        "the disk itself has changed"
+    );
+    let listed = run(Command::new("nbdinfo").arg("--list").arg(server.uri()));
+    assert!(listed.contains("disk@snap"), "{listed}");
+    let refused = run_output(
+        Command::new("nbdcopy")
+            .arg(&second)
+            .arg(server.uri_for("disk@snap")),
+    );
+    assert!(!refused.status.success(), "a checkpoint is read-only");
+    let unknown = run_output(Command::new("nbdinfo").arg(server.uri_for("disk@nope")));
+    assert!(!unknown.status.success());
+    assert!(server.stop().success(), "{}", server.log_text());
+
+    // Served on its own: the default export is the checkpoint.
+    server.set_volumes(&["disk@snap"]);
+    server.spawn();
+    assert!(
+        compare(&server.uri()).success(),
+        "served alone, the checkpoint is the same"
+    );
+    assert!(server.stop().success(), "{}", server.log_text());
+}

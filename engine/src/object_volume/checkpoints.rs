@@ -1,0 +1,287 @@
+//! Checkpoints (docs/ARCHITECTURE.md §8): named map states kept restorable. A checkpoint is
+//! `<volume>/checkpoints/<name>.json`, written create-only by the volume's writer: the map
+//! TXID it holds, the replica files a restore of that TXID reads (map retention keeps them) and
+//! the chunks that state references (GC keeps them). Taking one copies no data: the chunks are
+//! immutable and the map state is already in the store.
+
+use super::catalog;
+use crate::file_volume::validate_volume_name;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::collections::HashSet;
+use std::io;
+use stores::retry::with_retries;
+
+const DIR: &str = "checkpoints";
+const SUFFIX: &str = ".json";
+/// Checkpoint objects read at once when listing.
+const LOAD_PARALLELISM: usize = 16;
+
+/// One checkpoint as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    pub name: String,
+    /// The block-map TXID whose state this is.
+    pub txid: u64,
+    /// When it was taken, in Unix milliseconds.
+    pub created_ms: i64,
+    /// The volume's size then.
+    pub size: u64,
+    /// Blocks stored in that state, and their bytes in the store (compressed).
+    pub allocated_blocks: u64,
+    pub stored_bytes: u64,
+    /// The map replica's files a restore of `txid` reads, relative to the volume's root.
+    pub map_files: Vec<String>,
+    /// Every chunk that state references.
+    pub chunks: Vec<u64>,
+}
+
+/// Refuses what cannot name a checkpoint: the rules of volume names (1–128 of `[A-Za-z0-9._-]`,
+/// not starting with '.'), so no `/`, `..` or `@` (which separates a volume from a checkpoint in
+/// export names).
+pub fn validate_name(name: &str) -> io::Result<()> {
+    validate_volume_name(name).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid checkpoint name {name:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.'"
+            ),
+        )
+    })
+}
+
+/// The name of a checkpoint taken at `unix_ms` without one: `ckpt-<UTC time>`, to the
+/// millisecond, so that names sort by time.
+pub fn generated_name(unix_ms: i64) -> String {
+    let time = chrono::DateTime::from_timestamp_millis(unix_ms).unwrap_or_default();
+    format!("ckpt-{}", time.format("%Y%m%dT%H%M%S%.3fZ"))
+}
+
+fn dir(prefix: &Path, volume: &str) -> Path {
+    catalog::volume_root(prefix, volume).join(DIR)
+}
+
+fn path(prefix: &Path, volume: &str, name: &str) -> Path {
+    dir(prefix, volume).join(format!("{name}{SUFFIX}"))
+}
+
+/// Every checkpoint of `volume`, oldest first.
+pub async fn list(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    volume: &str,
+) -> io::Result<Vec<Checkpoint>> {
+    let dir = dir(prefix, volume);
+    let listed: Vec<Path> = with_retries("list checkpoints", || async {
+        store
+            .list(Some(&dir))
+            .map_ok(|meta| meta.location)
+            .try_collect::<Vec<Path>>()
+            .await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))?;
+    let names: Vec<Path> = listed
+        .into_iter()
+        .filter(|p| p.filename().is_some_and(|f| f.ends_with(SUFFIX)))
+        .collect();
+    let mut checkpoints: Vec<Checkpoint> = futures::stream::iter(names)
+        .map(|path| async move { load_path(store, &path).await })
+        .buffer_unordered(LOAD_PARALLELISM)
+        .try_filter_map(|found| async move { Ok(found) })
+        .try_collect()
+        .await?;
+    checkpoints.sort_by(|a, b| (a.txid, &a.name).cmp(&(b.txid, &b.name)));
+    Ok(checkpoints)
+}
+
+/// Checkpoint `name` of `volume`, or `None` if there is none.
+pub async fn load(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    volume: &str,
+    name: &str,
+) -> io::Result<Option<Checkpoint>> {
+    validate_name(name)?;
+    load_path(store, &path(prefix, volume, name)).await
+}
+
+async fn load_path(store: &dyn ObjectStore, path: &Path) -> io::Result<Option<Checkpoint>> {
+    let got = with_retries("read a checkpoint", || async {
+        store.get(path).await?.bytes().await
+    })
+    .await;
+    let bytes = match got {
+        Ok(bytes) => bytes,
+        // Deleted between the listing and the read.
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(io::Error::other(format!("reading {path}: {e}"))),
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))
+}
+
+/// Stores a new checkpoint; `AlreadyExists` if one of that name exists.
+pub async fn create(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    volume: &str,
+    checkpoint: &Checkpoint,
+) -> io::Result<()> {
+    validate_name(&checkpoint.name)?;
+    let path = path(prefix, volume, &checkpoint.name);
+    let text = serde_json::to_vec(checkpoint).map_err(io::Error::other)?;
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(&path, PutPayload::from(text), options).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            Err(already_exists(volume, &checkpoint.name))
+        }
+        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    }
+}
+
+pub(super) fn already_exists(volume: &str, name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("volume {volume} already has a checkpoint named {name}"),
+    )
+}
+
+pub(super) fn not_found(volume: &str, name: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("volume {volume} has no checkpoint named {name}"),
+    )
+}
+
+/// Removes checkpoint `name` (its object only: what it pinned is freed by the writer's GC).
+pub async fn delete(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    volume: &str,
+    name: &str,
+) -> io::Result<()> {
+    validate_name(name)?;
+    let path = path(prefix, volume, name);
+    match with_retries("delete a checkpoint", || store.delete(&path)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(io::Error::other(format!("deleting {path}: {e}"))),
+    }
+}
+
+/// What a volume's checkpoints keep: the writer's GC and map retention ask this.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Pins {
+    checkpoints: Vec<Checkpoint>,
+}
+
+impl Pins {
+    pub(super) fn new(checkpoints: Vec<Checkpoint>) -> Self {
+        Pins { checkpoints }
+    }
+
+    pub(super) fn checkpoints(&self) -> &[Checkpoint] {
+        &self.checkpoints
+    }
+
+    pub(super) fn get(&self, name: &str) -> Option<&Checkpoint> {
+        self.checkpoints.iter().find(|c| c.name == name)
+    }
+
+    pub(super) fn add(&mut self, checkpoint: Checkpoint) {
+        self.checkpoints.push(checkpoint);
+    }
+
+    pub(super) fn remove(&mut self, name: &str) {
+        self.checkpoints.retain(|c| c.name != name);
+    }
+
+    /// Chunks some checkpoint references: never deleted.
+    pub(super) fn chunks(&self) -> HashSet<u64> {
+        self.checkpoints
+            .iter()
+            .flat_map(|c| c.chunks.iter().copied())
+            .collect()
+    }
+
+    /// Map replica files some checkpoint is restored from: retention keeps them.
+    pub(super) fn map_files(&self, volume_root: &Path) -> Vec<Path> {
+        let mut files: Vec<Path> = self
+            .checkpoints
+            .iter()
+            .flat_map(|c| c.map_files.iter())
+            .map(|f| {
+                f.split('/')
+                    .fold(volume_root.clone(), |path, part| path.join(part))
+            })
+            .collect();
+        files.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
+        files.dedup();
+        files
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_generated_names_sort_by_time() {
+        for bad in ["", "a/b", "..", ".hidden", "disk@now", &"x".repeat(129)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+        validate_name("before-upgrade_2.1").expect("valid");
+        let early = generated_name(1_700_000_000_000);
+        let late = generated_name(1_700_000_000_001);
+        assert_eq!(early, "ckpt-20231114T221320.000Z");
+        assert!(early < late);
+        validate_name(&early).expect("generated names are valid");
+    }
+
+    #[test]
+    fn pins_are_the_union_of_every_checkpoint() {
+        let checkpoint = |name: &str, chunks: Vec<u64>, files: Vec<&str>| Checkpoint {
+            name: name.into(),
+            txid: 1,
+            created_ms: 0,
+            size: 1 << 30,
+            allocated_blocks: 0,
+            stored_bytes: 0,
+            map_files: files.into_iter().map(String::from).collect(),
+            chunks,
+        };
+        let mut pins = Pins::new(vec![checkpoint(
+            "a",
+            vec![1, 2],
+            vec!["blockmap/ltx/9/x.ltx"],
+        )]);
+        pins.add(checkpoint(
+            "b",
+            vec![2, 3],
+            vec!["blockmap/ltx/9/x.ltx", "blockmap/ltx/0/y.ltx"],
+        ));
+        assert_eq!(pins.chunks(), HashSet::from([1, 2, 3]));
+        let root = Path::from("vols/disk");
+        let files: Vec<String> = pins
+            .map_files(&root)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            files,
+            [
+                "vols/disk/blockmap/ltx/0/y.ltx",
+                "vols/disk/blockmap/ltx/9/x.ltx"
+            ]
+        );
+        pins.remove("a");
+        assert_eq!(pins.chunks(), HashSet::from([2, 3]));
+        assert!(pins.get("a").is_none() && pins.get("b").is_some());
+    }
+}

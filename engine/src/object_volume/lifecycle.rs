@@ -1,0 +1,165 @@
+//! A volume's life beyond reads and writes (docs/ARCHITECTURE.md §8): taking, listing and
+//! deleting checkpoints. Each runs under the maintenance lock, so no upload or collection
+//! commits a map transaction meanwhile and the pins GC and retention obey change in one place.
+
+use super::ObjectVolume;
+use super::checkpoints::{
+    self, Checkpoint, already_exists, generated_name, not_found, validate_name,
+};
+use super::helpers::{blocking, other};
+use super::upload::{boxed, sync_map};
+use crate::device::DeviceError;
+use object_store::path::Path;
+use std::io;
+use std::sync::Arc;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `path` relative to `root` (a replica file under the volume's root), `/`-separated.
+fn relative(root: &Path, path: &Path) -> io::Result<String> {
+    let parts = path
+        .prefix_match(root)
+        .ok_or_else(|| io::Error::other(format!("internal: {path} is not under {root}")))?;
+    Ok(parts
+        .map(|p| p.as_ref().to_string())
+        .collect::<Vec<_>>()
+        .join("/"))
+}
+
+impl ObjectVolume {
+    /// Opens checkpoint `checkpoint` of volume `name` read-only: the volume as it was when the
+    /// checkpoint was taken, whatever its writer does meanwhile (what the checkpoint pins is
+    /// never deleted while it exists). `config.local_dir` must not be the volume's own folder.
+    pub async fn open_checkpoint(
+        store: Arc<dyn object_store::ObjectStore>,
+        prefix: &Path,
+        layout: blockmap::replica::Layout,
+        name: &str,
+        checkpoint: &str,
+        mut config: super::VolumeConfig,
+    ) -> io::Result<ObjectVolume> {
+        let found = checkpoints::load(store.as_ref(), prefix, name, checkpoint)
+            .await?
+            .ok_or_else(|| not_found(name, checkpoint))?;
+        config.read_only = true;
+        config.hydrate = false;
+        config.at_txid = Some(found.txid);
+        let volume = super::open::open(store, prefix, layout, name, config).await?;
+        if volume.shared.map.txid() != found.txid {
+            return Err(io::Error::other(format!(
+                "checkpoint {checkpoint} of volume {name} is TXID {}, the map opened at {}",
+                found.txid,
+                volume.shared.map.txid()
+            )));
+        }
+        Ok(volume)
+    }
+
+    /// Takes a checkpoint named `name` (or `ckpt-<UTC time>`): uploads everything written so
+    /// far, then records the map state the store holds and pins it. Writes go on meanwhile
+    /// (those that land before the upload ends may be in it as well). Nothing is copied.
+    pub async fn create_checkpoint(&self, name: Option<&str>) -> io::Result<Checkpoint> {
+        let shared = &self.shared;
+        shared.check_writable()?;
+        let created_ms = now_ms();
+        let name = match name {
+            Some(name) => {
+                validate_name(name)?;
+                name.to_string()
+            }
+            None => generated_name(created_ms),
+        };
+        self.sync_to_store().await?;
+        let mut collector = shared.maintenance.lock().await;
+        if collector.pins(shared).await?.get(&name).is_some() {
+            return Err(already_exists(&shared.meta.name, &name));
+        }
+        // GC may have committed since the upload; the checkpoint is of a state in the store.
+        boxed(sync_map(shared)).await?;
+        let writer = shared.map.writer().ok_or(DeviceError::ReadOnly)?;
+        let txid = writer.txid();
+        let files = boxed(writer.latest_files())
+            .await
+            .map_err(|e| other("listing the block map", e))?;
+        let planned_to = files.iter().map(|f| f.name.max_txid).max().unwrap_or(0);
+        if planned_to != txid {
+            return Err(io::Error::other(format!(
+                "internal: the store's map ends at TXID {planned_to}, this writer's at {txid}"
+            )));
+        }
+        let root = shared.root();
+        let map_files = files
+            .iter()
+            .map(|f| relative(&root, &f.path))
+            .collect::<io::Result<Vec<_>>>()?;
+        let s = Arc::clone(shared);
+        let (chunks, (allocated_blocks, stored_bytes)) = blocking(move || {
+            let map = s.map.lookups();
+            let query = |e| other("block map", e);
+            Ok((
+                map.live_chunk_ids().map_err(query)?,
+                map.usage().map_err(query)?,
+            ))
+        })
+        .await?;
+        let checkpoint = Checkpoint {
+            name,
+            txid,
+            created_ms,
+            size: shared.meta.size,
+            allocated_blocks,
+            stored_bytes,
+            map_files,
+            chunks,
+        };
+        checkpoints::create(
+            shared.store.as_ref(),
+            &shared.prefix,
+            &shared.meta.name,
+            &checkpoint,
+        )
+        .await?;
+        collector.pins(shared).await?.add(checkpoint.clone());
+        collector.pins_changed(shared);
+        tracing::info!(volume = %shared.meta.name, checkpoint = %checkpoint.name, txid, "checkpoint taken");
+        Ok(checkpoint)
+    }
+
+    /// The volume's checkpoints, oldest first.
+    pub async fn checkpoints(&self) -> io::Result<Vec<Checkpoint>> {
+        let shared = &self.shared;
+        if shared.map.writer().is_none() {
+            return checkpoints::list(shared.store.as_ref(), &shared.prefix, &shared.meta.name)
+                .await;
+        }
+        let mut collector = shared.maintenance.lock().await;
+        Ok(collector.pins(shared).await?.checkpoints().to_vec())
+    }
+
+    /// Deletes checkpoint `name`. What only it kept (chunks, map files) is freed by the next
+    /// collection and map maintenance.
+    pub async fn delete_checkpoint(&self, name: &str) -> io::Result<()> {
+        let shared = &self.shared;
+        shared.check_writable()?;
+        validate_name(name)?;
+        let mut collector = shared.maintenance.lock().await;
+        if collector.pins(shared).await?.get(name).is_none() {
+            return Err(not_found(&shared.meta.name, name));
+        }
+        checkpoints::delete(
+            shared.store.as_ref(),
+            &shared.prefix,
+            &shared.meta.name,
+            name,
+        )
+        .await?;
+        collector.pins(shared).await?.remove(name);
+        collector.pins_changed(shared);
+        tracing::info!(volume = %shared.meta.name, checkpoint = name, "checkpoint deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! Checkpoints against a real local-directory store: a checkpoint's map state and chunks outlive
+//! overwrites, garbage collection, map maintenance and a restart; deleting it frees them; bad
+//! names and states get clear errors.
+
+use engine::BlockDevice;
+use engine::object_volume::ObjectVolume;
+use std::io::ErrorKind;
+
+mod common;
+use common::{Fixture, MIB, chunk_files, pattern, restore_state};
+
+const BLOCK: u32 = 65536;
+
+/// Writes `seed`'s pattern over the first `blocks` blocks and uploads it.
+async fn fill(v: &ObjectVolume, blocks: u64, seed: u8) {
+    for b in 0..blocks {
+        v.write(
+            b * u64::from(BLOCK),
+            pattern(BLOCK as usize, seed.wrapping_add(b as u8)),
+            false,
+        )
+        .await
+        .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+}
+
+/// The blocks a restored state holds must be exactly `seed`'s fill.
+fn assert_filled(state: &[(u64, Vec<u8>)], blocks: u64, seed: u8) {
+    assert_eq!(state.len() as u64, blocks, "blocks in the state");
+    for (block, data) in state {
+        assert_eq!(
+            data[..],
+            pattern(BLOCK as usize, seed.wrapping_add(*block as u8))[..],
+            "block {block}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_outlives_overwrites_gc_and_restarts_until_deleted() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let v = f.open(f.config("a")).await;
+    fill(&v, 32, 1).await;
+    let before = v.create_checkpoint(Some("base")).await.expect("checkpoint");
+    assert_eq!(before.name, "base");
+    assert_eq!(before.allocated_blocks, 32);
+    assert!(!before.chunks.is_empty() && !before.map_files.is_empty());
+    // Overwrite everything a few times, with collection and map maintenance in between: the
+    // chunks the checkpoint references are dead in the current map and would go.
+    for round in 0..3u8 {
+        fill(&v, 32, 10 + round).await;
+        v.maintain_now().await.expect("maintenance");
+    }
+    let stored = chunk_files(&f);
+    for chunk in &before.chunks {
+        assert!(
+            stored.contains(&format!("{chunk:016x}")),
+            "pinned chunk {chunk:016x} deleted"
+        );
+    }
+    let state = restore_state(&f, before.txid, BLOCK)
+        .await
+        .expect("checkpoint restorable");
+    assert_filled(&state, 32, 1);
+    v.close().await.expect("close");
+
+    // Another host (an empty local folder) learns the pins from the store.
+    let w = f.open(f.config("b")).await;
+    assert_eq!(w.checkpoints().await.expect("list"), vec![before.clone()]);
+    fill(&w, 32, 20).await;
+    w.maintain_now().await.expect("maintenance");
+    let state = restore_state(&f, before.txid, BLOCK)
+        .await
+        .expect("still restorable");
+    assert_filled(&state, 32, 1);
+
+    // Deleting it frees what only it kept.
+    let with_checkpoint = chunk_files(&f).len();
+    w.delete_checkpoint("base").await.expect("delete");
+    assert!(w.checkpoints().await.expect("list").is_empty());
+    w.maintain_now().await.expect("maintenance");
+    w.maintain_now().await.expect("maintenance");
+    let after = chunk_files(&f);
+    assert!(
+        after.len() < with_checkpoint,
+        "{} chunks before the delete, {} after",
+        with_checkpoint,
+        after.len()
+    );
+    assert!(
+        before
+            .chunks
+            .iter()
+            .any(|c| !after.contains(&format!("{c:016x}"))),
+        "the checkpoint's chunks are freed"
+    );
+    w.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_names_and_states_get_clear_errors() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let v = f.open(f.config("a")).await;
+    fill(&v, 2, 1).await;
+    let generated = v.create_checkpoint(None).await.expect("checkpoint");
+    assert!(generated.name.starts_with("ckpt-"), "{}", generated.name);
+    v.create_checkpoint(Some("one")).await.expect("checkpoint");
+    let again = v
+        .create_checkpoint(Some("one"))
+        .await
+        .expect_err("duplicate");
+    assert_eq!(again.kind(), ErrorKind::AlreadyExists, "{again}");
+    for bad in ["", "a/b", "..", "disk@x", &"n".repeat(129)] {
+        let e = v
+            .create_checkpoint(Some(bad))
+            .await
+            .expect_err("invalid name");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}: {e}");
+    }
+    let unknown = v.delete_checkpoint("nope").await.expect_err("unknown");
+    assert_eq!(unknown.kind(), ErrorKind::NotFound, "{unknown}");
+    let names: Vec<String> = v
+        .checkpoints()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, [generated.name.clone(), "one".to_string()]);
+    v.close().await.expect("close");
+
+    // A read-only open lists checkpoints and refuses to take or delete them.
+    let mut config = f.config("ro");
+    config.read_only = true;
+    let ro = f.open(config).await;
+    assert_eq!(ro.checkpoints().await.expect("list").len(), 2);
+    assert!(ro.create_checkpoint(Some("two")).await.is_err());
+    assert!(ro.delete_checkpoint("one").await.is_err());
+    ro.close().await.expect("close");
+
+    // A fenced writer refuses too.
+    let old = f.open(f.config("old")).await;
+    let new = f.open(f.config("new")).await;
+    fill(&new, 1, 7).await;
+    old.write(0, pattern(4096, 3), false)
+        .await
+        .expect("journaled");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), old.sync_to_store()).await;
+    let fenced = old
+        .create_checkpoint(Some("late"))
+        .await
+        .expect_err("fenced");
+    assert!(fenced.to_string().contains("fenced"), "{fenced}");
+    new.close().await.expect("close");
+}
