@@ -3,12 +3,11 @@
 //! `control`), so it is never fenced; listing reads the store.
 
 use crate::control::{self, Request};
-use crate::store_args::{DEFAULT_DATA_DIR, StoreArgs, new_runtime, object_store};
-use anyhow::{Context, Result, bail};
+use crate::store_args::{StoreArgs, VolumeAccess, new_runtime, object_store};
+use anyhow::{Context, Result};
 use bucketdisk::units::format_size;
 use clap::{Args, Subcommand};
 use engine::object_volume::checkpoints::{self, Checkpoint};
-use std::path::PathBuf;
 
 #[derive(Args)]
 pub(crate) struct CheckpointArgs {
@@ -25,7 +24,7 @@ enum CheckpointCommand {
         /// 1-128 of [A-Za-z0-9._-]. [default: ckpt-<UTC time>]
         name: Option<String>,
         #[command(flatten)]
-        target: Target,
+        target: VolumeAccess,
         /// Print the checkpoint as JSON.
         #[arg(long)]
         json: bool,
@@ -44,45 +43,19 @@ enum CheckpointCommand {
         volume: String,
         name: String,
         #[command(flatten)]
-        target: Target,
+        target: VolumeAccess,
     },
 }
 
-/// Where a verb that changes a volume finds it, and whether it may take it over.
-#[derive(Args)]
-struct Target {
-    #[command(flatten)]
-    store: StoreArgs,
-    /// The cache directory of the server that serves the volume on this host (its control
-    /// socket is there); without a server, the volume is opened with this directory.
-    /// [default: ./bucketdisk-data/cache]
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Take the volume even though its writer lease says a server that did not stop cleanly
-    /// may still hold it (that server, if it runs, stops accepting writes).
-    #[arg(long)]
-    force: bool,
-}
-
-impl Target {
-    fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"))
-    }
-
-    fn run(&self, request: Request) -> Result<serde_json::Value> {
-        if self.store.engine == "file" {
-            bail!("checkpoints need the object engine (--engine object)");
-        }
-        let location = object_store(&self.store)?;
-        new_runtime()?.block_on(control::run(
-            &location,
-            &self.cache_dir(),
-            request,
-            self.force,
-        ))
-    }
+/// Carries `request` out through the volume's server or on the volume itself.
+fn run(access: &VolumeAccess, request: Request) -> Result<serde_json::Value> {
+    let location = access.object_store("checkpoints")?;
+    new_runtime()?.block_on(control::run(
+        &location,
+        &access.cache_dir(),
+        request,
+        access.force,
+    ))
 }
 
 pub(crate) fn checkpoint(args: CheckpointArgs) -> Result<()> {
@@ -93,10 +66,13 @@ pub(crate) fn checkpoint(args: CheckpointArgs) -> Result<()> {
             target,
             json,
         } => {
-            let result = target.run(Request::CheckpointCreate {
-                volume: volume.clone(),
-                name,
-            })?;
+            let result = run(
+                &target,
+                Request::CheckpointCreate {
+                    volume: volume.clone(),
+                    name,
+                },
+            )?;
             let checkpoint: Checkpoint =
                 serde_json::from_value(result).context("reading the checkpoint")?;
             if json {
@@ -144,10 +120,13 @@ pub(crate) fn checkpoint(args: CheckpointArgs) -> Result<()> {
             name,
             target,
         } => {
-            target.run(Request::CheckpointDelete {
-                volume: volume.clone(),
-                name: name.clone(),
-            })?;
+            run(
+                &target,
+                Request::CheckpointDelete {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                },
+            )?;
             println!("deleted checkpoint {name} of volume {volume}");
         }
     }

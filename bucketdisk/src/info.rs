@@ -42,20 +42,14 @@ pub(crate) fn info(args: InfoArgs) -> Result<()> {
         });
         println!("{value}");
     } else {
-        println!("volume:     {}", meta.name);
-        println!(
-            "size:       {} ({} bytes)",
-            format_size(meta.size),
-            meta.size
-        );
-        println!("block size: {}", format_size(u64::from(meta.block_size)));
-        println!(
-            "allocated:  {} ({} bytes)",
-            format_size(allocated),
-            allocated
-        );
-        println!("format:     {}", meta.format);
-        println!("store:      {}", store.display());
+        print_fields(&[
+            ("volume", meta.name.clone()),
+            ("size", with_bytes(meta.size)),
+            ("block size", format_size(u64::from(meta.block_size))),
+            ("allocated", with_bytes(allocated)),
+            ("format", meta.format.clone()),
+            ("store", store.display().to_string()),
+        ]);
     }
     Ok(())
 }
@@ -99,37 +93,56 @@ fn object_info(args: InfoArgs) -> Result<()> {
         });
         println!("{value}");
     } else {
-        println!("volume:        {}", meta.name);
-        println!(
-            "size:          {} ({} bytes)",
-            format_size(meta.size),
-            meta.size
-        );
-        println!("block size:    {}", format_size(u64::from(meta.block_size)));
-        println!(
-            "allocated:     {} ({} blocks, {} stored after compression)",
-            format_size(allocated),
-            report.allocated_blocks,
-            format_size(report.allocated_stored_bytes)
-        );
-        println!(
-            "chunks:        {} ({})",
-            report.chunks,
-            format_size(report.chunk_bytes)
-        );
-        println!("map txid:      {}", report.map_txid);
-        println!(
-            "local journal: {} in {}",
-            format_size(local.journal_bytes),
-            cache_dir.join(&args.name).display()
-        );
-        println!(
-            "local cache:   {} used of {}",
-            format_size(local.cache_bytes),
-            format_size(local.cache_capacity)
-        );
-        println!("format:        {}", meta.format);
-        println!("store:         {}", location.description);
+        print_fields(&[
+            ("volume", meta.name.clone()),
+            ("size", with_bytes(meta.size)),
+            ("block size", format_size(u64::from(meta.block_size))),
+            (
+                "allocated",
+                format!(
+                    "{} ({} blocks, {} stored after compression)",
+                    format_size(allocated),
+                    report.allocated_blocks,
+                    format_size(report.allocated_stored_bytes)
+                ),
+            ),
+            (
+                "chunks",
+                format!("{} ({})", report.chunks, format_size(report.chunk_bytes)),
+            ),
+            ("map txid", report.map_txid.to_string()),
+            (
+                "local journal",
+                format!(
+                    "{} in {}",
+                    format_size(local.journal_bytes),
+                    cache_dir.join(&args.name).display()
+                ),
+            ),
+            (
+                "local cache",
+                format!(
+                    "{} used of {}",
+                    format_size(local.cache_bytes),
+                    format_size(local.cache_capacity)
+                ),
+            ),
+            ("format", meta.format.clone()),
+            ("store", location.description.clone()),
+        ]);
     }
     Ok(())
+}
+
+/// `2 GiB (2147483648 bytes)`.
+fn with_bytes(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", format_size(bytes))
+}
+
+/// `label:  value` lines, the values aligned.
+fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(l, _)| l.len() + 1).max().unwrap_or(0);
+    for (label, value) in fields {
+        println!("{:<width$} {value}", format!("{label}:"));
+    }
 }

@@ -43,7 +43,8 @@ enum Command {
     Info(InfoArgs),
     /// List the volumes in a store: size, allocated and stored bytes, checkpoints.
     List(ListArgs),
-    /// Delete a volume from the store (and its local folder).
+    /// Delete a volume from the store and its local folder (--force: with its checkpoints, or
+    /// from a server that did not stop cleanly).
     Delete(DeleteArgs),
     /// Take, list and delete checkpoints (named, restorable states) of a volume.
     Checkpoint(CheckpointArgs),

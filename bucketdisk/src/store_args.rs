@@ -64,3 +64,34 @@ pub(crate) fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
 pub(crate) fn block_size(value: u64) -> Result<u32> {
     u32::try_from(value).context("block size too large")
 }
+
+/// Where a verb that changes a volume finds it, and whether it may take it over.
+#[derive(Args)]
+pub(crate) struct VolumeAccess {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// The cache directory of the server that serves the volume on this host (its control
+    /// socket is there) and of the volume's local folder. [default: ./bucketdisk-data/cache]
+    #[arg(long)]
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// Go ahead even though the volume's writer lease says a server that did not stop cleanly
+    /// may still hold it (that server, if it runs, stops accepting writes).
+    #[arg(long)]
+    pub(crate) force: bool,
+}
+
+impl VolumeAccess {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"))
+    }
+
+    /// The object store; an error for `--engine file`, which these verbs do not apply to.
+    pub(crate) fn object_store(&self, verb: &str) -> Result<StoreLocation> {
+        if file_engine(&self.store) {
+            bail!("{verb} needs the object engine (--engine object)");
+        }
+        object_store(&self.store)
+    }
+}

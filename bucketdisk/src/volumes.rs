@@ -1,13 +1,12 @@
 //! `bucketdisk list` and `bucketdisk delete`: the volumes in a store, and removing one.
 
 use crate::control;
-use crate::store_args::{DEFAULT_DATA_DIR, StoreArgs, new_runtime, object_store};
+use crate::store_args::{StoreArgs, VolumeAccess, new_runtime, object_store};
 use anyhow::{Context, Result, bail};
 use bucketdisk::units::format_size;
 use clap::Args;
 use engine::object_volume::{Holder, catalog, checkpoints};
 use futures::StreamExt;
-use std::path::PathBuf;
 use stores::url::StoreLocation;
 
 #[derive(Args)]
@@ -23,15 +22,7 @@ pub(crate) struct ListArgs {
 pub(crate) struct DeleteArgs {
     volume: String,
     #[command(flatten)]
-    store: StoreArgs,
-    /// The cache directory whose local folder for the volume (journal, cache) goes too, and
-    /// where a server serving it would answer. [default: ./bucketdisk-data/cache]
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// Delete the volume even if it has checkpoints (they go too), or if its writer lease says
-    /// a server that did not stop cleanly may still hold it.
-    #[arg(long)]
-    force: bool,
+    access: VolumeAccess,
 }
 
 /// One volume as `list` shows it.
@@ -115,15 +106,9 @@ pub(crate) fn list(args: ListArgs) -> Result<()> {
 }
 
 pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
-    if args.store.engine == "file" {
-        bail!("delete removes object-engine volumes (--engine object)");
-    }
     engine::validate_volume_name(&args.volume)?;
-    let location = object_store(&args.store)?;
-    let cache_dir = args
-        .cache_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
+    let location = args.access.object_store("delete")?;
+    let cache_dir = args.access.cache_dir();
     let name = args.volume.as_str();
     let deleted = new_runtime()?.block_on(async {
         if control::serves(&cache_dir, name).await? {
@@ -143,7 +128,7 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
         if !exists && !remains {
             bail!("no volume {name} in {}", location.description);
         }
-        if exists && !args.force {
+        if exists && !args.access.force {
             let holder = engine::object_volume::holder(store, &location.prefix, name).await?;
             if let Holder::Held(lease) = holder
                 && !control::crashed_here(&lease.holder)

@@ -14,14 +14,6 @@ fn checkpoint(server: &Server, verb: &str) -> Command {
     cmd
 }
 
-/// One line on stderr, non-zero exit, and the line contains `expected`.
-fn assert_fails_with(out: std::process::Output, expected: &str) {
-    assert!(!out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(expected), "{stderr}");
-}
-
 fn names(server: &Server) -> Vec<String> {
     let out = run(checkpoint(server, "list").arg("disk").arg("--json"));
     let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");

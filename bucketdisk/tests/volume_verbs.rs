@@ -19,13 +19,6 @@ fn delete(server: &Server, volume: &str) -> Command {
     cmd
 }
 
-fn assert_fails_with(out: std::process::Output, expected: &str) {
-    assert!(!out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains(expected), "{stderr}");
-}
-
 #[test]
 fn volumes_are_listed_and_deleted_with_what_they_hold() {
     require_tool("nbdcopy");

@@ -343,6 +343,15 @@ pub fn run(cmd: &mut Command) -> String {
 }
 
 /// Runs a command and returns its output whatever the exit status.
+/// A command that failed the way the tools promise: non-zero exit, one line on stderr, and
+/// that line contains `expected`.
+pub fn assert_fails_with(out: Output, expected: &str) {
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(expected), "{stderr}");
+}
+
 pub fn run_output(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())
         .output()

@@ -109,6 +109,16 @@ pub async fn delete_volume(
     Ok(total)
 }
 
+/// `meta` of volume `name`, or the error that says there is no such volume.
+pub fn require(meta: Option<VolumeMetadata>, name: &str) -> io::Result<VolumeMetadata> {
+    meta.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no volume {name} in the store"),
+        )
+    })
+}
+
 /// Stores new metadata; fails with `AlreadyExists` if the volume exists.
 pub async fn create(
     store: &dyn ObjectStore,

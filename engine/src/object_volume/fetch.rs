@@ -15,7 +15,6 @@ use futures::FutureExt;
 use futures::future::{BoxFuture, Shared as SharedFuture};
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use tokio::sync::OnceCell;
 
 /// Most bytes one ranged GET spans: large enough to reach a store's bandwidth, small enough that
@@ -224,16 +223,7 @@ fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
 /// One ranged GET for `run`, each block verified and put in the cache before anyone sees it
 /// (so nobody fetches it again once its cell is forgotten).
 async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
-    shared
-        .reads
-        .counters
-        .store_gets
-        .fetch_add(1, Ordering::Relaxed);
-    shared
-        .reads
-        .counters
-        .store_fetches
-        .fetch_add(run.len() as u64, Ordering::Relaxed);
+    shared.reads.counters.fetched(run.len() as u64);
     let span = shared.chunks.read_span(&run).await;
     settle_run(shared, run, span).await
 }
@@ -298,16 +288,7 @@ pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
                 Ok(span) => span,
                 Err(e) => Err(io::Error::other(format!("early fetch task failed: {e}"))),
             };
-            shared
-                .reads
-                .counters
-                .store_gets
-                .fetch_add(1, Ordering::Relaxed);
-            shared
-                .reads
-                .counters
-                .store_fetches
-                .fetch_add(1, Ordering::Relaxed);
+            shared.reads.counters.fetched(1);
             let settled = match settle_run(&shared, vec![location], span).await.first() {
                 Some(Ok(data)) => return Ok(data.clone()),
                 _ => fetch_run(&shared, vec![location]).await,

@@ -42,12 +42,7 @@ pub async fn inspect(
         layout,
     ));
     let (meta, listing) = tokio::join!(catalog::load(store.as_ref(), prefix, name), replica.list());
-    let meta = meta?.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no volume {name} in the store"),
-        )
-    })?;
+    let meta = catalog::require(meta?, name)?;
     let listing = listing.map_err(|e| other("listing the block map", e))?;
     let mut report = VolumeReport {
         meta,

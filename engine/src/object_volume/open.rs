@@ -86,12 +86,7 @@ pub(super) async fn open(
             }
         }
     );
-    let meta = meta?.ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no volume {name} in the store"),
-        )
-    })?;
+    let meta = catalog::require(meta?, name)?;
     let listing = listing.map_err(|e| other("listing the block map", e))?;
     phase("volume.json read, block map listed");
     let dir = config.local_dir.clone();

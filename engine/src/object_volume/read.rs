@@ -70,6 +70,14 @@ pub(super) struct ReadCounters {
     pub(super) hydration_scanned: AtomicU64,
 }
 
+impl ReadCounters {
+    /// One ranged GET that brings `blocks` blocks.
+    pub(super) fn fetched(&self, blocks: u64) {
+        self.store_gets.fetch_add(1, Ordering::Relaxed);
+        self.store_fetches.fetch_add(blocks, Ordering::Relaxed);
+    }
+}
+
 /// One block's share of a read.
 struct Piece {
     block: u64,
