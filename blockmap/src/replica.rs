@@ -65,6 +65,20 @@ pub struct ReplicaFile {
 }
 
 impl ReplicaFile {
+    /// A file known by its key, level and size (recorded earlier, not listed now): `None` if the
+    /// key is not named like an LTX file.
+    pub fn stored(path: Path, level: u8, size: u64) -> Option<ReplicaFile> {
+        let name = FileName::parse(path.filename()?)?;
+        Some(ReplicaFile {
+            level,
+            name,
+            size,
+            last_modified_ms: 0,
+            path,
+            e_tag: None,
+        })
+    }
+
     /// A listed object that is a direct child of `level`'s directory, if it is named like an
     /// LTX file; anything else is not ours.
     fn from_listing(level: u8, meta: object_store::ObjectMeta) -> Option<ReplicaFile> {
@@ -94,15 +108,36 @@ pub struct Replica {
     store: Arc<dyn ObjectStore>,
     root: Path,
     layout: Layout,
+    /// Files of another replica (elsewhere in the store) that this one continues: a state up
+    /// to some TXID, after which this replica's own files start. Listed with this replica's
+    /// files, never deleted through it.
+    base: Vec<ReplicaFile>,
 }
 
 impl Replica {
     pub fn new(store: Arc<dyn ObjectStore>, root: Path, layout: Layout) -> Self {
+        Self::with_base(store, root, layout, Vec::new())
+    }
+
+    /// A replica whose history starts with `base` (the files that restore some state of
+    /// another replica; see [`Replica::base`]).
+    pub fn with_base(
+        store: Arc<dyn ObjectStore>,
+        root: Path,
+        layout: Layout,
+        base: Vec<ReplicaFile>,
+    ) -> Self {
         Replica {
             store,
             root,
             layout,
+            base,
         }
+    }
+
+    /// Where this replica's own files live.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -141,6 +176,7 @@ impl Replica {
                 ReplicaFile::from_listing(level, meta)
             })
             .collect();
+        files.extend(self.base.iter().cloned());
         files.sort_by_key(|f| (f.level, f.name));
         Ok(files)
     }
@@ -224,7 +260,11 @@ impl Replica {
         .await?)
     }
 
+    /// Deletes one of this replica's own files; a base file (another replica's) is left alone.
     pub async fn delete(&self, file: &ReplicaFile) -> ReplicaResult<()> {
+        if file.path.prefix_match(&self.root).is_none() {
+            return Ok(());
+        }
         match self.store.delete(&file.path).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),

@@ -1,6 +1,7 @@
-//! `bucketdisk checkpoint create|list|delete`: named, restorable states of a volume. Taking or
-//! deleting one goes through the server that holds the volume when one runs here (see
-//! `control`), so it is never fenced; listing reads the store.
+//! `bucketdisk checkpoint create|list|delete` and `bucketdisk restore`: named, restorable states
+//! of a volume. Taking or deleting one goes through the server that holds the volume when one
+//! runs here (see `control`), so it is never fenced; listing reads the store; restoring needs
+//! the volume not served.
 
 use crate::control::{self, Request};
 use crate::store_args::{StoreArgs, VolumeAccess, new_runtime, object_store};
@@ -151,4 +152,61 @@ fn describe(c: &Checkpoint) -> serde_json::Value {
         "stored_bytes": c.stored_bytes,
         "chunks": c.chunks.len(),
     })
+}
+
+#[derive(Args)]
+pub(crate) struct RestoreArgs {
+    volume: String,
+    /// The checkpoint to restore.
+    checkpoint: String,
+    /// Take a checkpoint of the current state first (its name is printed).
+    #[arg(long)]
+    keep_current: bool,
+    #[command(flatten)]
+    access: VolumeAccess,
+    /// Print what was done as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `bucketdisk restore`: the volume as its checkpoint holds it, from now on, on every host.
+pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
+    let location = args.access.object_store("restore")?;
+    let cache_dir = args.access.cache_dir();
+    let name = args.volume.as_str();
+    let report = new_runtime()?.block_on(async {
+        if control::serves(&cache_dir, name).await? {
+            anyhow::bail!(
+                "volume {name} is served by the server using {}: stop it, restore, and start it \
+                 again (restoring a served volume is not supported yet)",
+                cache_dir.display()
+            );
+        }
+        control::check_not_held_elsewhere(&location, name, args.access.force).await?;
+        let mut config = engine::VolumeConfig::new(cache_dir.join(name));
+        config.holder = control::holder_name("restore");
+        engine::object_volume::restore(
+            std::sync::Arc::clone(&location.store),
+            &location.prefix,
+            location.layout,
+            name,
+            &args.checkpoint,
+            config,
+            args.keep_current,
+        )
+        .await
+        .with_context(|| format!("restoring volume {name} to checkpoint {}", args.checkpoint))
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        if let Some(kept) = &report.kept_current {
+            println!("kept the replaced state as checkpoint {kept}");
+        }
+        println!(
+            "restored volume {name} to checkpoint {} (map TXID {})",
+            report.checkpoint, report.txid
+        );
+    }
+    Ok(())
 }

@@ -221,27 +221,9 @@ pub(crate) async fn run(
         Some(Response::NotServed) | None => {}
     }
     let name = request.volume();
-    let holder = engine::object_volume::holder(location.store.as_ref(), &location.prefix, name)
-        .await
-        .with_context(|| format!("reading volume {name}'s writer lease"))?;
-    if let Holder::Held(lease) = &holder
-        && !force
-        && !crashed_here(&lease.holder)
-    {
-        bail!(
-            "volume {name} is held by {} (writer epoch {}), which has not stopped cleanly: if it \
-             still runs, run this where it runs (with its --cache-dir); if it is gone, pass --force",
-            lease.holder,
-            lease.epoch
-        );
-    }
+    check_not_held_elsewhere(location, name, force).await?;
     let mut config = VolumeConfig::new(cache_dir.join(name));
-    config.holder = format!(
-        "{} pid {} (bucketdisk {})",
-        hostname(),
-        std::process::id(),
-        verb(&request)
-    );
+    config.holder = holder_name(verb(&request));
     let volume = ObjectVolume::open(
         Arc::clone(&location.store),
         &location.prefix,
@@ -256,6 +238,40 @@ pub(crate) async fn run(
     let result = result?;
     closed.with_context(|| format!("closing volume {name}"))?;
     Ok(result)
+}
+
+/// Refuses (unless `force`) when the volume's writer lease says a server that did not stop
+/// cleanly may still hold it: on another host, or here under another cache folder. A lease of a
+/// process of this host that is gone is a crash, and taking the volume is what recovers it.
+pub(crate) async fn check_not_held_elsewhere(
+    location: &StoreLocation,
+    name: &str,
+    force: bool,
+) -> Result<()> {
+    let holder = engine::object_volume::holder(location.store.as_ref(), &location.prefix, name)
+        .await
+        .with_context(|| format!("reading volume {name}'s writer lease"))?;
+    if let Holder::Held(lease) = &holder
+        && !force
+        && !crashed_here(&lease.holder)
+    {
+        bail!(
+            "volume {name} is held by {} (writer epoch {}), which has not stopped cleanly: if it \
+             still runs, run this where it runs (with its --cache-dir); if it is gone, pass --force",
+            lease.holder,
+            lease.epoch
+        );
+    }
+    Ok(())
+}
+
+/// How this process names itself in a writer lease it takes for `verb`.
+pub(crate) fn holder_name(verb: &str) -> String {
+    format!(
+        "{} pid {} (bucketdisk {verb})",
+        hostname(),
+        std::process::id()
+    )
 }
 
 fn verb(request: &Request) -> &'static str {
@@ -274,7 +290,7 @@ pub(crate) fn hostname() -> String {
 
 /// Whether a lease holder named `"<host> pid <pid>…"` ran on this host and its process is
 /// gone: a crash here, whose journal (in this cache folder) the open replays.
-pub(crate) fn crashed_here(holder: &str) -> bool {
+fn crashed_here(holder: &str) -> bool {
     let mut words = holder.split_whitespace();
     let (Some(host), Some("pid"), Some(pid)) = (words.next(), words.next(), words.next()) else {
         return false;

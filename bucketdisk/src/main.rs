@@ -12,7 +12,7 @@ mod serve;
 mod store_args;
 mod volumes;
 
-use checkpoint::{CheckpointArgs, checkpoint};
+use checkpoint::{CheckpointArgs, RestoreArgs, checkpoint, restore};
 use clap::{Parser, Subcommand};
 use create::{CreateArgs, create};
 use info::{InfoArgs, info};
@@ -48,6 +48,8 @@ enum Command {
     Delete(DeleteArgs),
     /// Take, list and delete checkpoints (named, restorable states) of a volume.
     Checkpoint(CheckpointArgs),
+    /// Restore a volume to one of its checkpoints (the volume must not be served meanwhile).
+    Restore(RestoreArgs),
 }
 
 /// glibc gives every thread that allocates an arena of its own, and memory freed there stays
@@ -82,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::List(args) => list(args),
         Command::Delete(args) => delete(args),
         Command::Checkpoint(args) => checkpoint(args),
+        Command::Restore(args) => restore(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

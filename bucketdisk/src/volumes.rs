@@ -5,7 +5,7 @@ use crate::store_args::{StoreArgs, VolumeAccess, new_runtime, object_store};
 use anyhow::{Context, Result, bail};
 use bucketdisk::units::format_size;
 use clap::Args;
-use engine::object_volume::{Holder, catalog, checkpoints};
+use engine::object_volume::{catalog, checkpoints};
 use futures::StreamExt;
 use stores::url::StoreLocation;
 
@@ -129,17 +129,7 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
             bail!("no volume {name} in {}", location.description);
         }
         if exists && !args.access.force {
-            let holder = engine::object_volume::holder(store, &location.prefix, name).await?;
-            if let Holder::Held(lease) = holder
-                && !control::crashed_here(&lease.holder)
-            {
-                bail!(
-                    "volume {name} is held by {} (writer epoch {}), which has not stopped \
-                     cleanly: stop it first, or pass --force if it is gone",
-                    lease.holder,
-                    lease.epoch
-                );
-            }
+            control::check_not_held_elsewhere(&location, name, false).await?;
             let kept = checkpoints::list(store, &location.prefix, name).await?;
             if !kept.is_empty() {
                 let names: Vec<&str> = kept.iter().map(|c| c.name.as_str()).collect();

@@ -693,3 +693,126 @@ fn ext4_survives_losing_the_local_disk() {
     stack.down();
     assert!(server.stop().success(), "{}", server.log_text());
 }
+
+/// Checkpoint, change, restore: the filesystem comes back exactly as it was at the checkpoint
+/// (`e2fsck -fn` clean, every file the same, the files made after it gone), and the state
+/// replaced is kept as a checkpoint of its own (`--keep-current`) that restores too.
+#[test]
+fn ext4_restored_to_a_checkpoint_is_exactly_as_it_was() {
+    for tool in [
+        "qemu-storage-daemon",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+    ] {
+        require_tool(tool);
+    }
+    assert_eq!(
+        run(Command::new("id").arg("-u")).trim(),
+        "0",
+        "this test needs root (losetup, mount)"
+    );
+    let mut server = Server::start_with(ServerOptions {
+        unix_socket: true,
+        size: "100G",
+        ..Default::default()
+    });
+    let Endpoint::Unix(socket) = server.endpoint.clone() else {
+        unreachable!("unix_socket: true")
+    };
+    let work = tempfile::Builder::new()
+        .prefix("bucketdisk-ext4-restore-")
+        .tempdir()
+        .expect("tempdir");
+    let originals = work.path().join("originals");
+    let mut stack = Stack::new(work.path());
+    stack.up(&socket);
+    let dev = stack.dev().to_string();
+    run(Command::new("mkfs.ext4").arg("-F").arg("-q").arg(&dev));
+    stack.mount();
+    let files = test_files();
+    for (i, (file, len)) in files.iter().enumerate() {
+        let original = originals.join(&file.rel);
+        std::fs::create_dir_all(original.parent().expect("parent")).expect("mkdir");
+        write_pattern_file(&original, *len, i as u64 + 1);
+        let target = stack.mnt.join(&file.rel);
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir on ext4");
+        std::fs::copy(&original, &target).expect("copy onto ext4");
+    }
+    // A clean filesystem at the checkpoint (unmounted; the export stays up).
+    stack.umount();
+    let mut checkpoint = server.cli("checkpoint create");
+    checkpoint
+        .arg("disk")
+        .arg("before-changes")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    run(&mut checkpoint);
+    // Change and delete files after it.
+    stack.mount();
+    for (file, _) in files.iter().filter(|(f, _)| !f.keep) {
+        std::fs::remove_file(stack.mnt.join(&file.rel)).expect("delete");
+    }
+    write_pattern_file(&stack.mnt.join("tree/d0/e0/file-0.dat"), 5000, 77);
+    write_pattern_file(&stack.mnt.join("made-after.bin"), 3 * MIB as usize, 78);
+    stack.down();
+    assert!(server.stop().success(), "{}", server.log_text());
+
+    let mut restore = server.cli("restore");
+    restore
+        .arg("disk")
+        .arg("before-changes")
+        .arg("--keep-current")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    let said = run(&mut restore);
+    let kept = said
+        .lines()
+        .find_map(|l| l.strip_prefix("kept the replaced state as checkpoint "))
+        .unwrap_or_else(|| panic!("no kept checkpoint in {said:?}"))
+        .trim()
+        .to_string();
+    server.spawn();
+    stack.up(&socket);
+    let dev = stack.dev().to_string();
+    e2fsck_clean(&dev);
+    stack.mount();
+    verify_files(&stack.mnt, &originals, &files, false);
+    assert!(
+        !stack.mnt.join("made-after.bin").exists(),
+        "a file made after the checkpoint"
+    );
+    stack.down();
+    assert!(server.stop().success(), "{}", server.log_text());
+
+    // The replaced state restores too.
+    let mut back = server.cli("restore");
+    back.arg("disk")
+        .arg(&kept)
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    run(&mut back);
+    server.spawn();
+    stack.up(&socket);
+    let dev = stack.dev().to_string();
+    e2fsck_clean(&dev);
+    stack.mount();
+    assert!(stack.mnt.join("made-after.bin").exists());
+    let changed = Path::new("tree/d0/e0/file-0.dat");
+    assert_eq!(
+        std::fs::metadata(stack.mnt.join(changed))
+            .expect("changed file")
+            .len(),
+        5000,
+        "the file as changed after the checkpoint"
+    );
+    let unchanged: Vec<(TestFile, usize)> = test_files()
+        .into_iter()
+        .filter(|(f, _)| f.rel != changed)
+        .collect();
+    verify_files(&stack.mnt, &originals, &unchanged, true);
+    stack.down();
+    assert!(server.stop().success(), "{}", server.log_text());
+}

@@ -3,11 +3,11 @@
 //! names and states get clear errors.
 
 use engine::BlockDevice;
-use engine::object_volume::ObjectVolume;
+use engine::object_volume::{ObjectVolume, RestoreReport};
 use std::io::ErrorKind;
 
 mod common;
-use common::{Fixture, MIB, chunk_files, pattern, restore_state};
+use common::{Fixture, MIB, chunk_files, pattern, read, restore_state};
 
 const BLOCK: u32 = 65536;
 
@@ -153,4 +153,109 @@ async fn checkpoint_names_and_states_get_clear_errors() {
         .expect_err("fenced");
     assert!(fenced.to_string().contains("fenced"), "{fenced}");
     new.close().await.expect("close");
+}
+
+async fn restore(f: &Fixture, checkpoint: &str, local: &str, keep_current: bool) -> RestoreReport {
+    engine::object_volume::restore(
+        std::sync::Arc::clone(&f.store),
+        &object_store::path::Path::from(""),
+        f.layout,
+        "disk",
+        checkpoint,
+        f.config(local),
+        keep_current,
+    )
+    .await
+    .expect("restore")
+}
+
+/// Every block of the first `blocks` as `seed`'s fill, read through the volume.
+async fn assert_reads(v: &ObjectVolume, blocks: u64, seed: u8) {
+    for b in 0..blocks {
+        let got = read(v, b * u64::from(BLOCK), BLOCK).await;
+        let want = pattern(BLOCK as usize, seed.wrapping_add(b as u8));
+        assert!(
+            got[..] == want[..],
+            "block {b} is not seed {seed}'s (starts {:?}, wanted {:?})",
+            &got[..4],
+            &want[..4]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_serves_the_checkpoint_everywhere_and_never_replays_a_stale_journal() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let mut config = f.config("a");
+    config.sync_interval = std::time::Duration::from_secs(3600);
+    let a = f.open(config).await;
+    fill(&a, 16, 1).await;
+    a.create_checkpoint(Some("one")).await.expect("checkpoint");
+    fill(&a, 16, 2).await;
+    // Journaled on host a and never uploaded (the uploader sleeps): a tail that must not be
+    // replayed on top of the restored state.
+    a.write(0, pattern(BLOCK as usize, 99), true)
+        .await
+        .expect("journaled");
+    drop(a);
+
+    let report = restore(&f, "one", "b", true).await;
+    assert_eq!(report.line, 1);
+    let kept = report
+        .kept_current
+        .clone()
+        .expect("the replaced state is kept");
+    // Host a's folder, opened again: the restored state, its journal tail set aside.
+    let a = f.open(f.config("a")).await;
+    assert_reads(&a, 16, 1).await;
+    // Writes go on in the new line; GC and map maintenance keep both checkpoints restorable.
+    fill(&a, 4, 3).await;
+    a.maintain_now().await.expect("maintenance");
+    let names: Vec<String> = a
+        .checkpoints()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["one".to_string(), kept.clone()]);
+    a.close().await.expect("close");
+
+    // Back to the state replaced (line 2, based on line 0's files), then to "one" again.
+    assert_eq!(restore(&f, &kept, "c", false).await.line, 2);
+    let c = f.open(f.config("c")).await;
+    assert_reads(&c, 16, 2).await;
+    c.close().await.expect("close");
+    assert_eq!(restore(&f, "one", "d", false).await.line, 3);
+    let d = f.open(f.config("fresh")).await;
+    assert_reads(&d, 16, 1).await;
+    d.maintain_now().await.expect("maintenance");
+    d.close().await.expect("close");
+    let d = f.open(f.config("fresh-again")).await;
+    assert_reads(&d, 16, 1).await;
+    d.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_to_an_unknown_checkpoint_changes_nothing() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let v = f.open(f.config("a")).await;
+    fill(&v, 4, 1).await;
+    v.close().await.expect("close");
+    let e = engine::object_volume::restore(
+        std::sync::Arc::clone(&f.store),
+        &object_store::path::Path::from(""),
+        f.layout,
+        "disk",
+        "nope",
+        f.config("a"),
+        false,
+    )
+    .await
+    .expect_err("unknown checkpoint");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let v = f.open(f.config("a")).await;
+    assert_reads(&v, 4, 1).await;
+    fill(&v, 1, 5).await;
+    v.close().await.expect("close");
 }

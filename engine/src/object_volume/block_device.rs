@@ -105,7 +105,8 @@ impl BlockDevice for ObjectVolume {
 
     async fn close(&self) -> DeviceResult<()> {
         let writable = !self.shared.config.read_only;
-        if writable {
+        // A fenced (or restored) volume has nothing more to make durable where it matters.
+        if writable && !self.shared.uploads.is_fenced() {
             self.flush().await?;
         }
         let _ = self.stop.send(true);

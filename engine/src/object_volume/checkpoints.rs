@@ -31,10 +31,28 @@ pub struct Checkpoint {
     /// Blocks stored in that state, and their bytes in the store (compressed).
     pub allocated_blocks: u64,
     pub stored_bytes: u64,
-    /// The map replica's files a restore of `txid` reads, relative to the volume's root.
-    pub map_files: Vec<String>,
+    /// The map replica's files a restore of `txid` reads.
+    pub map_files: Vec<MapFile>,
     /// Every chunk that state references.
     pub chunks: Vec<u64>,
+}
+
+/// One block-map replica file a checkpoint (or a map line's base) is restored from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapFile {
+    /// Its key, relative to the volume's root (`blockmap/ltx/9/….ltx`).
+    pub path: String,
+    pub level: u8,
+    pub size: u64,
+}
+
+impl MapFile {
+    /// Its full key under `volume_root`.
+    pub fn key(&self, volume_root: &Path) -> Path {
+        self.path
+            .split('/')
+            .fold(volume_root.clone(), |path, part| path.join(part))
+    }
 }
 
 /// Refuses what cannot name a checkpoint: the rules of volume names (1–128 of `[A-Za-z0-9._-]`,
@@ -216,10 +234,7 @@ impl Pins {
             .checkpoints
             .iter()
             .flat_map(|c| c.map_files.iter())
-            .map(|f| {
-                f.split('/')
-                    .fold(volume_root.clone(), |path, part| path.join(part))
-            })
+            .map(|f| f.key(volume_root))
             .collect();
         files.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
         files.dedup();
@@ -253,7 +268,14 @@ mod tests {
             size: 1 << 30,
             allocated_blocks: 0,
             stored_bytes: 0,
-            map_files: files.into_iter().map(String::from).collect(),
+            map_files: files
+                .into_iter()
+                .map(|path| MapFile {
+                    path: path.into(),
+                    level: 9,
+                    size: 100,
+                })
+                .collect(),
             chunks,
         };
         let mut pins = Pins::new(vec![checkpoint(

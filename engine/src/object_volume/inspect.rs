@@ -2,11 +2,11 @@
 //! latest block map says, read through a follower of the map's replica. Takes no lease, needs
 //! no local folder and does not disturb a running writer.
 
-use super::catalog;
 use super::helpers::{blocking, other};
+use super::{catalog, lines};
 use crate::metadata::VolumeMetadata;
 use blockmap::BlockMap;
-use blockmap::replica::{Layout, Replica};
+use blockmap::replica::Layout;
 use blockmap::vfs::follower::Follower;
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -36,13 +36,14 @@ pub async fn inspect(
     name: &str,
 ) -> io::Result<VolumeReport> {
     let root = catalog::volume_root(prefix, name);
-    let replica = Arc::new(Replica::new(
-        Arc::clone(&store),
-        root.clone().join("blockmap"),
-        layout,
-    ));
-    let (meta, listing) = tokio::join!(catalog::load(store.as_ref(), prefix, name), replica.list());
+    let (meta, line) = tokio::join!(
+        catalog::load(store.as_ref(), prefix, name),
+        lines::current(store.as_ref(), &root)
+    );
     let meta = catalog::require(meta?, name)?;
+    let line = line?;
+    let replica = Arc::new(lines::replica(&store, &root, layout, line.as_ref())?);
+    let listing = replica.list().await;
     let listing = listing.map_err(|e| other("listing the block map", e))?;
     let mut report = VolumeReport {
         meta,
@@ -56,7 +57,11 @@ pub async fn inspect(
         return Ok(report);
     }
     // Its own VFS database name: a volume this process also serves keeps its own.
-    let db_name = format!("{root}#{}#inspect", report.meta.uuid);
+    let db_name = format!(
+        "{root}#{}#{}#inspect",
+        report.meta.uuid,
+        line.as_ref().map_or(0, |l| l.line)
+    );
     let follower = Follower::open(replica, &db_name, tokio::runtime::Handle::current())
         .await
         .map_err(|e| other("opening the block map", e))?;

@@ -4,7 +4,7 @@
 
 use super::ObjectVolume;
 use super::checkpoints::{
-    self, Checkpoint, already_exists, generated_name, not_found, validate_name,
+    self, Checkpoint, MapFile, already_exists, generated_name, not_found, validate_name,
 };
 use super::helpers::{blocking, other};
 use super::upload::{boxed, sync_map};
@@ -94,7 +94,13 @@ impl ObjectVolume {
         let root = shared.root();
         let map_files = files
             .iter()
-            .map(|f| relative(&root, &f.path))
+            .map(|f| {
+                Ok(MapFile {
+                    path: relative(&root, &f.path)?,
+                    level: f.level,
+                    size: f.size,
+                })
+            })
             .collect::<io::Result<Vec<_>>>()?;
         let s = Arc::clone(shared);
         let (chunks, (allocated_blocks, stored_bytes)) = blocking(move || {

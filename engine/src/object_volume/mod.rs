@@ -33,6 +33,7 @@ mod gc;
 mod helpers;
 mod inspect;
 mod lifecycle;
+pub mod lines;
 mod local_state;
 mod locations;
 mod map_access;
@@ -40,6 +41,7 @@ mod metrics;
 mod open;
 mod read;
 mod readahead;
+mod restore;
 mod upload;
 mod upload_health;
 mod upload_policy;
@@ -48,6 +50,7 @@ mod write_log;
 
 pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
+pub use restore::{RestoreReport, restore};
 pub use upload_health::UploadStall;
 
 use crate::cache::BlockCache;

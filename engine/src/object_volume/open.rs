@@ -12,7 +12,7 @@ use super::upload_progress::UploadProgress;
 use super::write_log::WriteLog;
 use super::{
     META_JOURNAL_OWNER, META_JOURNAL_SEQ, ObjectVolume, Shared, VolumeConfig, VolumeStats, catalog,
-    fetch, gc, local_state, read, upload,
+    fetch, gc, lines, local_state, read, upload,
 };
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
@@ -20,7 +20,7 @@ use crate::journal::{Journal, Record};
 use crate::overlay::Overlay;
 use blockmap::RestoreTarget;
 use blockmap::lease;
-use blockmap::replica::{Layout, Replica};
+use blockmap::replica::Layout;
 use blockmap::vfs::follower::Follower;
 use blockmap::writer::{FirstLocated, MapWriter, OpenAhead};
 use blockmap::{BlockLocation, BlockMap};
@@ -58,19 +58,18 @@ pub(super) async fn open(
         );
     };
     let root = catalog::volume_root(prefix, name);
-    let replica = Arc::new(Replica::new(
-        Arc::clone(&store),
-        root.clone().join("blockmap"),
-        layout,
-    ));
+    // Line 0's replica; a restored volume's map is a later line (see `lines`), found in the
+    // same round trip.
+    let replica = Arc::new(lines::replica(&store, &root, layout, None)?);
     // volume.json and the map's listing are both needed before anything else and neither
     // depends on the other: one round trip for the two; and for a writer (a follower uses
     // neither) the map's open hint and the lease's epoch too: every request of an open
     // that depends on nothing else goes in this round trip. (Opening a volume that turns
     // out not to exist costs these read-only requests.)
     let writer = !config.read_only;
-    let (meta, listing, hint, lease_epoch) = tokio::join!(
+    let (meta, line, listing, hint, lease_epoch) = tokio::join!(
         catalog::load(store.as_ref(), prefix, name),
+        lines::current(store.as_ref(), &root),
         replica.list(),
         async {
             match writer {
@@ -87,6 +86,21 @@ pub(super) async fn open(
         }
     );
     let meta = catalog::require(meta?, name)?;
+    let line = line?;
+    let (replica, listing, hint) = match &line {
+        None => (replica, listing, hint),
+        Some(line) => {
+            // A restored volume: its line's replica, one round trip more.
+            let replica = Arc::new(lines::replica(&store, &root, layout, Some(line))?);
+            let (listing, hint) = tokio::join!(replica.list(), async {
+                match writer {
+                    true => blockmap::open_hint::load(&replica).await,
+                    false => None,
+                }
+            });
+            (replica, listing, hint)
+        }
+    };
     let listing = listing.map_err(|e| other("listing the block map", e))?;
     phase("volume.json read, block map listed");
     let dir = config.local_dir.clone();
@@ -95,9 +109,10 @@ pub(super) async fn open(
     // beside round trips to the store).
     let local = blocking(move || local_state::prepare(&dir, &uuid));
     // One VFS database per volume and process (and per checkpoint served).
+    let line_number = line.as_ref().map_or(0, |l| l.line);
     let db_name = match config.at_txid {
-        None => format!("{root}#{}", meta.uuid),
-        Some(txid) => format!("{root}#{}@{txid}", meta.uuid),
+        None => format!("{root}#{}#{line_number}", meta.uuid),
+        Some(txid) => format!("{root}#{}#{line_number}@{txid}", meta.uuid),
     };
     let runtime = tokio::runtime::Handle::current();
     let (first_located, early_fetch) = early_first_reads(&store, &root, meta.block_size);
@@ -235,7 +250,7 @@ pub(super) async fn open(
         meta,
         instance,
         log: WriteLog::new(journal, overlay),
-        map: MapAccess::new(map, lookups, updates),
+        map: MapAccess::new(map, line_number, lookups, updates),
         chunk_ids: ChunkIds::new(chunk_epoch),
         cache,
         reads: ReadState::new(

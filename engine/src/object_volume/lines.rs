@@ -1,0 +1,135 @@
+//! Map lines (docs/ARCHITECTURE.md §8): how a volume's block map is restored to a checkpoint
+//! without copying it. Line 0 is the replica in `blockmap/`. Restoring writes line n + 1,
+//! `map-lines/<n as %016x>.json` (create-only; the highest line is the volume's map): a replica
+//! of its own in `blockmap-<n>/` whose history starts with the checkpoint's files (its *base*,
+//! wherever they live), so its first own file is the checkpoint's TXID + 1. Nothing of the old
+//! line is read again; what checkpoints do not pin of it is deleted.
+
+use super::checkpoints::MapFile;
+use blockmap::replica::{Layout, Replica, ReplicaFile};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use std::io;
+use std::sync::Arc;
+use stores::retry::with_retries;
+
+const DIR: &str = "map-lines";
+/// Line 0's replica directory.
+pub const FIRST_REPLICA: &str = "blockmap";
+
+/// One line after the first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MapLine {
+    pub line: u64,
+    /// Its replica's directory, relative to the volume's root.
+    pub dir: String,
+    /// The state it starts from, and the files that restore it.
+    pub base_txid: u64,
+    pub base: Vec<MapFile>,
+    /// The checkpoint restored, for people reading the bucket.
+    pub checkpoint: String,
+}
+
+fn dir(root: &Path) -> Path {
+    root.clone().join(DIR)
+}
+
+/// The volume's current line (`None`: line 0, never restored).
+pub async fn current(store: &dyn ObjectStore, root: &Path) -> io::Result<Option<MapLine>> {
+    let dir = dir(root);
+    let listed: Vec<Path> = with_retries("list map lines", || async {
+        store
+            .list(Some(&dir))
+            .map_ok(|meta| meta.location)
+            .try_collect::<Vec<Path>>()
+            .await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))?;
+    let Some(newest) = listed
+        .iter()
+        .filter_map(|p| {
+            let name = p.filename()?.strip_suffix(".json")?;
+            (name.len() == 16).then(|| u64::from_str_radix(name, 16).ok())?
+        })
+        .max()
+    else {
+        return Ok(None);
+    };
+    let path = dir.clone().join(format!("{newest:016x}.json"));
+    let bytes = with_retries("read a map line", || async {
+        store.get(&path).await?.bytes().await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("reading {path}: {e}")))?;
+    let line: MapLine = serde_json::from_slice(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
+    if line.line != newest {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{path} says it is line {}", line.line),
+        ));
+    }
+    Ok(Some(line))
+}
+
+/// Starts a new line; `AlreadyExists` if another restore took that number first.
+pub async fn create(store: &dyn ObjectStore, root: &Path, line: &MapLine) -> io::Result<()> {
+    let path = dir(root).join(format!("{:016x}.json", line.line));
+    let text = serde_json::to_vec(line).map_err(io::Error::other)?;
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(&path, PutPayload::from(text), options).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{path} exists: the volume was restored by someone else meanwhile"),
+        )),
+        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    }
+}
+
+/// The replica of `line` (line 0 when `None`) of the volume at `root`.
+pub fn replica(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    layout: Layout,
+    line: Option<&MapLine>,
+) -> io::Result<Replica> {
+    let Some(line) = line else {
+        return Ok(Replica::new(
+            Arc::clone(store),
+            root.clone().join(FIRST_REPLICA),
+            layout,
+        ));
+    };
+    let base = line
+        .base
+        .iter()
+        .map(|f| {
+            ReplicaFile::stored(f.key(root), f.level, f.size).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("map line {}: {} is not an LTX file", line.line, f.path),
+                )
+            })
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let dir = line
+        .dir
+        .split('/')
+        .fold(root.clone(), |path, part| path.join(part));
+    Ok(Replica::with_base(Arc::clone(store), dir, layout, base))
+}
+
+/// The replica directory of line `n`, relative to the volume's root.
+pub fn replica_dir(n: u64) -> String {
+    if n == 0 {
+        FIRST_REPLICA.to_string()
+    } else {
+        format!("{FIRST_REPLICA}-{n}")
+    }
+}
