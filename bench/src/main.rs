@@ -78,6 +78,9 @@ enum Suite {
     /// 1M sequential writes ending in fsync over 4 GiB: every local subject, bucketdisk on
     /// moto (until uploaded, and with --durability remote) against moto's PUT ceiling.
     Writes(suites::writes::Args),
+    /// Checkpoint create (served volume) and restore (stopped volume) of a 100 GiB disk with
+    /// 1, 10 and 100 GiB written, moto behind 20 ms, and the first read after the restore.
+    Lifecycle(suites::lifecycle::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,6 +100,7 @@ fn main() -> std::process::ExitCode {
         Suite::Cold(args) => suites::cold::run(args, command),
         Suite::Boot(args) => suites::boot::run(args, command),
         Suite::Writes(args) => suites::writes::run(args, command),
+        Suite::Lifecycle(args) => suites::lifecycle::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

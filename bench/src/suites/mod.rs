@@ -6,6 +6,7 @@ pub mod cold;
 pub mod compare;
 pub mod compare_clocks;
 pub mod engine;
+pub mod lifecycle;
 pub mod nbd_local;
 pub mod sustained;
 pub mod writes;

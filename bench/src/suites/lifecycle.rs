@@ -1,0 +1,376 @@
+//! `lifecycle`: what a checkpoint and a restore cost, on moto behind the latency proxy (20 ms
+//! added to every request by default), for a 100 GiB disk with 1, 10 and 100 GiB written (one
+//! block-map row per 64 KiB block, built directly; see `synthetic`):
+//!
+//! - **checkpoint create** of a served volume: `bucketdisk checkpoint create` from the command's
+//!   start to its exit (it goes through the server's control socket), and the store requests
+//!   it caused;
+//! - **restore** of the volume, its server stopped: `bucketdisk restore` from start to exit;
+//! - **first read after the restore**: a server started with an empty cache, process start → the
+//!   first 4 KiB read answered and checked against the built block.
+//!
+//! Repeats are interleaved across the sizes; each repeat takes a new checkpoint and restores
+//! it, so later repeats run on volumes already restored (a map line past the first).
+
+use crate::latency_proxy::{LatencyProxy, Traffic};
+use crate::nbd_client::NbdClient;
+use crate::process::{ServerProcess, check_interrupted, free_loopback_port, wait_with_timeout};
+use crate::progress::Progress;
+use crate::run_info::RunInfo;
+use crate::stats::{Summary, show};
+use crate::store_subjects::{self, BUCKET, DISK_BYTES, Env};
+use crate::synthetic::{self, Built};
+use crate::workspace::{Places, bucketdisk_binary, workspace_root};
+use crate::{machine, moto};
+use anyhow::{Context, Result, bail, ensure};
+use blockmap::replica::Layout;
+use object_store::path::Path as StorePath;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const VOLUME: &str = "disk";
+const GIB: u64 = 1 << 30;
+const VERB_FLOOR_MS: f64 = 300.0;
+const READ_FLOOR_MS: f64 = 1000.0;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// First-byte delay the latency proxy adds to every S3 response during the timed steps, in ms.
+    #[arg(long, default_value_t = 20)]
+    latency_ms: u64,
+    /// GiB written of the 100 GiB disk, per volume (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 10, 100])]
+    written_gib: Vec<u64>,
+    /// Checkpoint-and-restore rounds per volume, interleaved across them.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[command(flatten)]
+    places: Places,
+}
+
+/// One round on one volume.
+#[derive(Debug, Clone, Serialize)]
+struct Round {
+    written_gib: u64,
+    repeat: usize,
+    checkpoint_ms: f64,
+    /// Store requests while the checkpoint was taken (the server's and the command's).
+    checkpoint_store: Traffic,
+    restore_ms: f64,
+    restore_store: Traffic,
+    /// Process start → the first 4 KiB read answered, empty cache, after the restore.
+    first_read_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    #[serde(flatten)]
+    run: RunInfo,
+    latency_ms: u64,
+    built: Vec<Built>,
+    commands: Vec<String>,
+    rounds: Vec<Round>,
+}
+
+fn prefix(written_gib: u64) -> String {
+    format!("lifecycle-{written_gib}g")
+}
+
+/// `bucketdisk <verb…>` on the volume under `prefix`, through the proxy.
+fn verb(env: &Env, prefix: &str, words: &[&str], cache: &Path) -> Command {
+    let mut cmd = Command::new(&env.bucketdisk);
+    cmd.args(words)
+        .arg("--store")
+        .arg(format!("s3://{BUCKET}/{prefix}"))
+        .arg("--cache-dir")
+        .arg(cache)
+        .env("AWS_ENDPOINT_URL", &env.s3_endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_KEY)
+        .env("AWS_REGION", moto::REGION)
+        .env("BUCKETDISK_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Runs `cmd` to its end; its wall time in ms.
+fn timed(mut cmd: Command, what: &str) -> Result<f64> {
+    let start = Instant::now();
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    let status = wait_with_timeout(&mut child, what, TIMEOUT)?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    if !status.success() {
+        let out = child.wait_with_output()?;
+        bail!(
+            "{what} failed ({status}): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+/// A server on the volume under `prefix`, its cache in `cache`.
+fn serve(env: &Env, prefix: &str, cache: &Path, log: &Path) -> Result<(ServerProcess, SocketAddr)> {
+    let port = free_loopback_port()?;
+    let cmd = store_subjects::bucketdisk_s3_at(env, prefix, port, cache);
+    let process = ServerProcess::spawn("bucketdisk", cmd, log)?;
+    Ok((process, SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+}
+
+/// Process start → the first 4 KiB read answered, with an empty cache; checks the bytes.
+fn first_read(env: &Env, prefix: &str, work: &Path, expected: &[u8]) -> Result<f64> {
+    let cache = fresh_dir(work, "first-read-cache")?;
+    let start = Instant::now();
+    let (mut server, addr) = serve(env, prefix, &cache, &work.join("first-read.log"))?;
+    let stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(s) => break s,
+            Err(e) => {
+                if start.elapsed() > TIMEOUT {
+                    bail!("the server never listened: {e}");
+                }
+                server.ensure_running()?;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+    };
+    let mut client = NbdClient::handshake(stream)?;
+    let data = client.read(0, 4096)?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    ensure!(client.size == DISK_BYTES, "export size {}", client.size);
+    ensure!(
+        data == expected,
+        "block 0 read back different bytes after the restore"
+    );
+    client.disconnect()?;
+    server.stop()?;
+    Ok(ms)
+}
+
+fn fresh_dir(work: &Path, name: &str) -> Result<PathBuf> {
+    let dir = work.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// One checkpoint, one restore, one first read, on the volume of `written_gib`.
+fn round(
+    env: &Env,
+    proxy: &LatencyProxy,
+    written_gib: u64,
+    repeat: usize,
+    expected: &[u8],
+) -> Result<Round> {
+    let prefix = prefix(written_gib);
+    let work = env.work.join(format!("round-{written_gib}g-{repeat}"));
+    std::fs::create_dir_all(&work)?;
+    let cache = fresh_dir(&work, "cache")?;
+    let (mut server, addr) = serve(env, &prefix, &cache, &work.join("server.log"))?;
+    server.wait_until_serving(addr, TIMEOUT)?;
+    let name = format!("round-{repeat}");
+    let before = proxy.traffic();
+    let checkpoint_ms = timed(
+        verb(
+            env,
+            &prefix,
+            &["checkpoint", "create", VOLUME, &name],
+            &cache,
+        ),
+        "checkpoint create",
+    )?;
+    let checkpoint_store = proxy.traffic().since(&before);
+    server.stop()?;
+    let before = proxy.traffic();
+    let restore_ms = timed(
+        verb(env, &prefix, &["restore", VOLUME, &name], &cache),
+        "restore",
+    )?;
+    let restore_store = proxy.traffic().since(&before);
+    let first_read_ms = first_read(env, &prefix, &work, expected)?;
+    Ok(Round {
+        written_gib,
+        repeat,
+        checkpoint_ms,
+        checkpoint_store,
+        restore_ms,
+        restore_store,
+        first_read_ms,
+    })
+}
+
+pub fn run(args: Args, command: String) -> Result<()> {
+    let workspace = workspace_root();
+    let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
+    let tmp = args.places.scratch("bucketdisk-lifecycle-")?;
+    let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
+    let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
+    let store = moto::client(&format!("http://{}", moto.addr), BUCKET)?;
+    let steps = (args.written_gib.len() * (1 + args.repeats)) as u64;
+    let mut progress = Progress::new(steps);
+    let mut built = Vec::new();
+    for &gib in &args.written_gib {
+        check_interrupted()?;
+        let rows = gib * GIB / u64::from(synthetic::BLOCK);
+        progress.step(&format!(
+            "building a 100 GiB volume with {gib} GiB written ({rows} map rows)"
+        ));
+        built.push(synthetic::build_volume_in(
+            Arc::clone(&store),
+            &StorePath::from(prefix(gib)),
+            Layout::ObjectStore,
+            VOLUME,
+            DISK_BYTES,
+            rows,
+        )?);
+        progress.step_done();
+    }
+    proxy.set_delay(Duration::from_millis(args.latency_ms));
+    let expected = synthetic::content(0)[..4096].to_vec();
+    let mut rounds = Vec::new();
+    for repeat in 0..args.repeats {
+        for &gib in &args.written_gib {
+            check_interrupted()?;
+            progress.step(&format!("repeat {} · {gib} GiB written", repeat + 1));
+            let r = round(&env, &proxy, gib, repeat, &expected)
+                .with_context(|| format!("{gib} GiB written, repeat {}", repeat + 1))?;
+            eprintln!(
+                "lifecycle: {gib} GiB — checkpoint {:.0} ms ({} requests), restore {:.0} ms \
+                 ({} requests), first read after it {:.0} ms",
+                r.checkpoint_ms,
+                r.checkpoint_store.requests,
+                r.restore_ms,
+                r.restore_store.requests,
+                r.first_read_ms
+            );
+            rounds.push(r);
+            progress.step_done();
+        }
+    }
+    progress.finish();
+    run.finish();
+    let cache = PathBuf::from("CACHE");
+    let commands = [
+        vec!["checkpoint", "create", VOLUME, "round-N"],
+        vec!["restore", VOLUME, "round-N"],
+    ]
+    .iter()
+    .map(|words| {
+        store_subjects::describe(&verb(&env, "lifecycle-Ng", words, &cache))
+            .replace(&env.work.display().to_string(), "WORK")
+    })
+    .collect();
+    let report = Report {
+        run,
+        latency_ms: args.latency_ms,
+        built,
+        commands,
+        rounds,
+    };
+    let out_dir = args.places.out_dir(&workspace);
+    let stem = report.run.stem("lifecycle");
+    let md = markdown(&report, &stem);
+    crate::report::write_md_json(&out_dir, &stem, &md, &report)?;
+    print!("{md}");
+    Ok(())
+}
+
+fn markdown(r: &Report, stem: &str) -> String {
+    let mut md = String::new();
+    r.run.header(
+        &mut md,
+        "lifecycle: checkpoint and restore of a 100 GiB disk",
+        &[
+            (
+                "moto",
+                machine::version_line(
+                    "python3",
+                    &["-c", "import moto; print('moto', moto.__version__)"],
+                ),
+            ),
+            ("bucketdisk", r.run.tools.bucketdisk_line()),
+        ],
+    );
+    let _ = writeln!(
+        md,
+        "moto behind the latency proxy, {} ms added to every request in the timed steps. \
+         Each volume is a 100 GiB disk whose block map has one row per written 64 KiB block \
+         (built directly, every row pointing at real checksummed data). A round: a server \
+         starts on the volume; `bucketdisk checkpoint create` runs (through the server's control \
+         socket), timed from the command's start to its exit; the server stops; `bucketdisk \
+         restore` of that checkpoint runs, timed the same way; then a server starts with an \
+         empty cache and the first 4 KiB read of block 0 is timed from process start and checked. \
+         Medians (min–max) of {} rounds per volume, interleaved.\n",
+        r.latency_ms,
+        r.rounds.iter().map(|x| x.repeat).max().map_or(0, |m| m + 1)
+    );
+    for c in &r.commands {
+        let _ = writeln!(md, "- `{c}`");
+    }
+    let _ = writeln!(
+        md,
+        "\n| written | map rows | checkpoint create, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | restore, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | first 4 KiB read after restore, empty cache, ms (≤ {READ_FLOOR_MS:.0}) |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut sizes: Vec<u64> = r.rounds.iter().map(|x| x.written_gib).collect();
+    sizes.dedup();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for gib in sizes {
+        let of = |f: &dyn Fn(&Round) -> f64| {
+            let v: Vec<f64> = r
+                .rounds
+                .iter()
+                .filter(|x| x.written_gib == gib)
+                .map(f)
+                .collect();
+            show(Summary::of(&v), 0)
+        };
+        let rows = r
+            .built
+            .iter()
+            .find(|b| b.rows * u64::from(synthetic::BLOCK) == gib * GIB)
+            .map_or(0, |b| b.rows);
+        let _ = writeln!(
+            md,
+            "| {gib} GiB | {rows} | {} | {} ({}) | {} | {} ({}) | {} |",
+            of(&|x| x.checkpoint_ms),
+            of(&|x| x.checkpoint_store.requests as f64),
+            of(&|x| x.checkpoint_store.puts as f64),
+            of(&|x| x.restore_ms),
+            of(&|x| x.restore_store.requests as f64),
+            of(&|x| x.restore_store.puts as f64),
+            of(&|x| x.first_read_ms),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nPer round:\n\n| written | round | checkpoint ms | requests | restore ms | requests | first read ms |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for x in &r.rounds {
+        let _ = writeln!(
+            md,
+            "| {} GiB | {} | {:.0} | {} | {:.0} | {} | {:.0} |",
+            x.written_gib,
+            x.repeat + 1,
+            x.checkpoint_ms,
+            x.checkpoint_store.requests,
+            x.restore_ms,
+            x.restore_store.requests,
+            x.first_read_ms
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nRaw numbers for every run: `{stem}.json` beside this file."
+    );
+    md
+}
