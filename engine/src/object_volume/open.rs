@@ -279,7 +279,7 @@ pub(super) async fn open(
         fetch::adopt_early(&shared, early);
     }
     if shared.map.writer().is_some() {
-        tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared))));
+        tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared), stop_rx.clone())));
     }
     if shared.config.hydrate {
         tasks.push(tokio::spawn(read::hydrate(Arc::clone(&shared), stop_rx)));
@@ -307,14 +307,18 @@ const MAP_HYDRATION_DELAY: std::time::Duration = std::time::Duration::from_secs(
 
 /// Restores the block map into a local file in the background (docs/ARCHITECTURE.md §4): until
 /// then, lookups that miss the page cache are ranged GETs; after, they are local reads.
-async fn hydrate_map(shared: Arc<Shared>) {
+async fn hydrate_map(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let Some(writer) = shared.map.writer() else {
         return;
     };
     // The first reads after a boot look their blocks up with ranged GETs of map pages; the
     // download of the whole map (tens of MB for a full 100 GiB volume) would share the store
-    // and the link with them, so it waits until those first reads are done.
-    tokio::time::sleep(MAP_HYDRATION_DELAY).await;
+    // and the link with them, so it waits until those first reads are done. A volume closed
+    // before then (opened for a verb) never downloads it.
+    tokio::select! {
+        _ = tokio::time::sleep(MAP_HYDRATION_DELAY) => {}
+        _ = stop.changed() => return,
+    }
     let path = shared.config.local_dir.join("blockmap.db");
     let started = std::time::Instant::now();
     match upload::boxed(writer.hydrate(&path)).await {
