@@ -69,7 +69,14 @@ fn move_aside(path: &Path, what: &str) -> io::Result<PathBuf> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let target = path.with_file_name(format!("{name}.{what}-{}", now_secs()));
+    // A second move within the same second (two restores in a row) gets a suffix.
+    let stamp = now_secs();
+    let mut target = path.with_file_name(format!("{name}.{what}-{stamp}"));
+    let mut n = 1;
+    while target.exists() {
+        target = path.with_file_name(format!("{name}.{what}-{stamp}-{n}"));
+        n += 1;
+    }
     std::fs::rename(path, &target)?;
     Ok(target)
 }
@@ -181,6 +188,10 @@ mod tests {
         assert!(journal_dir(&dir).exists());
         check_journal_owner(&dir, &id, Some("someone-else")).expect("foreign");
         assert!(!journal_dir(&dir).exists(), "moved aside");
+        // Again within the same second: another name, not an error.
+        std::fs::create_dir_all(journal_dir(&dir).join("segment")).expect("journal again");
+        check_journal_owner(&dir, &id, Some("someone-else")).expect("foreign again");
+        assert!(!journal_dir(&dir).exists(), "moved aside again");
         let other = prepare(&dir, "uuid-b").expect("other volume");
         assert_ne!(other, id, "a new directory for the new volume");
         let names: Vec<String> = std::fs::read_dir(root.path())

@@ -22,8 +22,6 @@ pub(super) enum MapRole {
 
 pub(super) struct MapAccess {
     role: MapRole,
-    /// The map line this process opened (see `lines`; 0: never restored).
-    pub(super) line: u64,
     /// Connection for lookups (reads, block status, GC's questions).
     lookups: Mutex<BlockMap>,
     /// Connection for the uploader's transactions (writers only).
@@ -33,15 +31,9 @@ pub(super) struct MapAccess {
 }
 
 impl MapAccess {
-    pub(super) fn new(
-        role: MapRole,
-        line: u64,
-        lookups: BlockMap,
-        updates: Option<BlockMap>,
-    ) -> Self {
+    pub(super) fn new(role: MapRole, lookups: BlockMap, updates: Option<BlockMap>) -> Self {
         MapAccess {
             role,
-            line,
             lookups: Mutex::new(lookups),
             updates: updates.map(Mutex::new),
             locations: Locations::default(),

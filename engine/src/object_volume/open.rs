@@ -250,7 +250,7 @@ pub(super) async fn open(
         meta,
         instance,
         log: WriteLog::new(journal, overlay),
-        map: MapAccess::new(map, line_number, lookups, updates),
+        map: MapAccess::new(map, lookups, updates),
         chunk_ids: ChunkIds::new(chunk_epoch),
         cache,
         reads: ReadState::new(
@@ -279,7 +279,10 @@ pub(super) async fn open(
         fetch::adopt_early(&shared, early);
     }
     if shared.map.writer().is_some() {
-        tasks.push(tokio::spawn(hydrate_map(Arc::clone(&shared), stop_rx.clone())));
+        tasks.push(tokio::spawn(hydrate_map(
+            Arc::clone(&shared),
+            stop_rx.clone(),
+        )));
     }
     if shared.config.hydrate {
         tasks.push(tokio::spawn(read::hydrate(Arc::clone(&shared), stop_rx)));
