@@ -140,6 +140,11 @@ impl Replica {
         &self.root
     }
 
+    /// The other replica's files this one continues (see [`Replica::with_base`]).
+    pub fn base(&self) -> &[ReplicaFile] {
+        &self.base
+    }
+
     pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
     }

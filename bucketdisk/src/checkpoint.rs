@@ -182,17 +182,21 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
                 cache_dir.display()
             );
         }
-        control::check_not_held_elsewhere(&location, name, args.access.force).await?;
         let mut config = engine::VolumeConfig::new(cache_dir.join(name));
         config.holder = control::holder_name("restore");
+        let request = engine::object_volume::RestoreRequest {
+            volume: name,
+            checkpoint: &args.checkpoint,
+            keep_current: args.keep_current,
+        };
+        let force = args.access.force;
         engine::object_volume::restore(
             std::sync::Arc::clone(&location.store),
             &location.prefix,
             location.layout,
-            name,
-            &args.checkpoint,
+            request,
             config,
-            args.keep_current,
+            |holder| control::may_take(name, holder, force).map_err(std::io::Error::other),
         )
         .await
         .with_context(|| format!("restoring volume {name} to checkpoint {}", args.checkpoint))

@@ -251,7 +251,12 @@ pub(crate) async fn check_not_held_elsewhere(
     let holder = engine::object_volume::holder(location.store.as_ref(), &location.prefix, name)
         .await
         .with_context(|| format!("reading volume {name}'s writer lease"))?;
-    if let Holder::Held(lease) = &holder
+    may_take(name, &holder, force)
+}
+
+/// [`check_not_held_elsewhere`] for a holder already read.
+pub(crate) fn may_take(name: &str, holder: &Holder, force: bool) -> Result<()> {
+    if let Holder::Held(lease) = holder
         && !force
         && !crashed_here(&lease.holder)
     {

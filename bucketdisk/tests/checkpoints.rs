@@ -193,3 +193,52 @@ fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
     );
     assert!(server.stop().success(), "{}", server.log_text());
 }
+
+/// `restore` refuses a served volume and one another host may hold; a checkpoint that does not
+/// exist is an error that changes nothing.
+#[test]
+fn restore_refuses_what_it_must_not_take() {
+    let mut server = Server::start();
+    run(checkpoint(&server, "create").arg("disk").arg("base"));
+    let restore = |server: &Server, name: &str| {
+        let mut cmd = server.cli("restore");
+        cmd.arg("disk")
+            .arg(name)
+            .arg("--cache-dir")
+            .arg(server.cache_dir());
+        cmd
+    };
+    assert_fails_with(
+        run_output(&mut restore(&server, "base")),
+        "is served by the server",
+    );
+    assert!(server.stop().success(), "{}", server.log_text());
+    assert_fails_with(
+        run_output(&mut restore(&server, "nope")),
+        "has no checkpoint named nope",
+    );
+    if !testing_on_s3() {
+        let leases = server.store_dir().join("disk").join("lease");
+        let newest = std::fs::read_dir(&leases)
+            .expect("leases")
+            .filter_map(|e| {
+                u64::from_str_radix(&e.expect("entry").file_name().to_string_lossy(), 16).ok()
+            })
+            .max()
+            .expect("a lease");
+        std::fs::write(
+            leases.join(format!("{:016x}", newest + 1)),
+            "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
+        )
+        .expect("forge a lease");
+        assert_fails_with(
+            run_output(&mut restore(&server, "base")),
+            "is held by elsewhere pid 1",
+        );
+        run(restore(&server, "base").arg("--force"));
+    } else {
+        run(&mut restore(&server, "base"));
+    }
+    server.spawn();
+    assert!(server.stop().success(), "{}", server.log_text());
+}

@@ -3,7 +3,7 @@
 //! names and states get clear errors.
 
 use engine::BlockDevice;
-use engine::object_volume::{ObjectVolume, RestoreReport};
+use engine::object_volume::{ObjectVolume, RestoreReport, RestoreRequest};
 use std::io::ErrorKind;
 
 mod common;
@@ -155,18 +155,32 @@ async fn checkpoint_names_and_states_get_clear_errors() {
     new.close().await.expect("close");
 }
 
-async fn restore(f: &Fixture, checkpoint: &str, local: &str, keep_current: bool) -> RestoreReport {
+async fn try_restore(
+    f: &Fixture,
+    checkpoint: &str,
+    local: &str,
+    keep_current: bool,
+) -> std::io::Result<RestoreReport> {
+    let request = RestoreRequest {
+        volume: "disk",
+        checkpoint,
+        keep_current,
+    };
     engine::object_volume::restore(
         std::sync::Arc::clone(&f.store),
         &object_store::path::Path::from(""),
         f.layout,
-        "disk",
-        checkpoint,
+        request,
         f.config(local),
-        keep_current,
+        |_| Ok(()),
     )
     .await
-    .expect("restore")
+}
+
+async fn restore(f: &Fixture, checkpoint: &str, local: &str, keep_current: bool) -> RestoreReport {
+    try_restore(f, checkpoint, local, keep_current)
+        .await
+        .expect("restore")
 }
 
 /// Every block of the first `blocks` as `seed`'s fill, read through the volume.
@@ -242,17 +256,9 @@ async fn restore_to_an_unknown_checkpoint_changes_nothing() {
     let v = f.open(f.config("a")).await;
     fill(&v, 4, 1).await;
     v.close().await.expect("close");
-    let e = engine::object_volume::restore(
-        std::sync::Arc::clone(&f.store),
-        &object_store::path::Path::from(""),
-        f.layout,
-        "disk",
-        "nope",
-        f.config("a"),
-        false,
-    )
-    .await
-    .expect_err("unknown checkpoint");
+    let e = try_restore(&f, "nope", "a", false)
+        .await
+        .expect_err("unknown checkpoint");
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     let v = f.open(f.config("a")).await;
     assert_reads(&v, 4, 1).await;

@@ -50,7 +50,7 @@ mod write_log;
 
 pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
-pub use restore::{RestoreReport, restore};
+pub use restore::{RestoreReport, RestoreRequest, restore};
 pub use upload_health::UploadStall;
 
 use crate::cache::BlockCache;

@@ -18,11 +18,12 @@
 
 use super::checkpoints::{self, not_found};
 use super::helpers::other;
+use super::inspect::{self, Holder};
 use super::lines::{self, MapLine};
 use super::{META_JOURNAL_OWNER, ObjectVolume, VolumeConfig, catalog};
 use blockmap::BlockMap;
 use blockmap::replica::Layout;
-use blockmap::writer::MapWriter;
+use blockmap::writer::{MapWriter, OpenAhead};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -41,24 +42,43 @@ pub struct RestoreReport {
     pub kept_current: Option<String>,
 }
 
-/// Restores volume `name` to its checkpoint `checkpoint` (see the module's steps). `config` is
-/// the volume's usual configuration (its local folder is where the journal a crash left is
-/// replayed from, for `keep_current`). The caller has made sure no other process holds the
-/// volume.
+/// What to restore.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreRequest<'a> {
+    pub volume: &'a str,
+    pub checkpoint: &'a str,
+    /// Checkpoint the current state first (the volume is opened: its journal replayed and
+    /// uploaded).
+    pub keep_current: bool,
+}
+
+/// Restores a volume to one of its checkpoints (see the module's steps). `config` is the
+/// volume's usual configuration (its local folder is where a crash's journal is replayed from,
+/// for `keep_current`; its holder names this process in the lease). `may_take` sees who holds
+/// the volume now and refuses to go on when that process may still be serving it.
 pub async fn restore(
     store: Arc<dyn ObjectStore>,
     prefix: &Path,
     layout: Layout,
-    name: &str,
-    checkpoint: &str,
+    request: RestoreRequest<'_>,
     config: VolumeConfig,
-    keep_current: bool,
+    may_take: impl FnOnce(&Holder) -> io::Result<()>,
 ) -> io::Result<RestoreReport> {
+    let RestoreRequest {
+        volume: name,
+        checkpoint,
+        keep_current,
+    } = request;
     checkpoints::validate_name(checkpoint)?;
     let root = catalog::volume_root(prefix, name);
+    let mut may_take = Some(may_take);
     let kept_current = match keep_current {
         false => None,
         true => {
+            // Opening the volume takes it: ask first.
+            if let Some(check) = may_take.take() {
+                check(&inspect::holder(store.as_ref(), prefix, name).await?)?;
+            }
             let volume =
                 ObjectVolume::open(Arc::clone(&store), prefix, layout, name, config.clone())
                     .await?;
@@ -67,12 +87,18 @@ pub async fn restore(
             Some(kept?.name)
         }
     };
-    let (meta, old_line, found) = tokio::join!(
+    // Everything the switch needs, in one round trip (two requests deep).
+    let (meta, old_line, found, holder) = tokio::join!(
         catalog::load(store.as_ref(), prefix, name),
         lines::current(store.as_ref(), &root),
-        checkpoints::load(store.as_ref(), prefix, name, checkpoint)
+        checkpoints::load(store.as_ref(), prefix, name, checkpoint),
+        inspect::holder(store.as_ref(), prefix, name)
     );
     let meta = catalog::require(meta?, name)?;
+    let holder = holder?;
+    if let Some(check) = may_take {
+        check(&holder)?;
+    }
     let old_line = old_line?;
     let found = found?.ok_or_else(|| not_found(name, checkpoint))?;
     let next = old_line.as_ref().map_or(0, |l| l.line) + 1;
@@ -84,8 +110,23 @@ pub async fn restore(
         checkpoint: checkpoint.to_string(),
     };
     lines::create(store.as_ref(), &root, &line).await?;
-    own_journal_position(&store, &root, layout, &line, &meta.uuid, &config.holder).await?;
-    if let Err(e) = drop_old_line(&store, &root, layout, old_line.as_ref(), prefix, name).await {
+    let epoch = match &holder {
+        Holder::Nobody => 0,
+        Holder::Released(lease) | Holder::Held(lease) => lease.epoch,
+    };
+    let taking = Taking {
+        line: &line,
+        uuid: &meta.uuid,
+        holder: &config.holder,
+        lease_epoch: epoch,
+    };
+    // The old line's files go while the new line is taken: neither needs the other.
+    let (owned, dropped) = tokio::join!(
+        own_journal_position(&store, &root, layout, taking),
+        drop_old_line(&store, &root, layout, old_line.as_ref(), prefix, name)
+    );
+    owned?;
+    if let Err(e) = dropped {
         tracing::warn!(
             volume = name,
             "deleting the replaced map line's files failed: {e}"
@@ -99,24 +140,41 @@ pub async fn restore(
     })
 }
 
-/// Step 3: the new line's first transaction names a journal owner no local folder has.
+/// The new line, and what taking it needs.
+#[derive(Clone, Copy)]
+struct Taking<'a> {
+    line: &'a MapLine,
+    uuid: &'a str,
+    /// This process, as the lease names it.
+    holder: &'a str,
+    /// The lease's newest epoch, read with the rest.
+    lease_epoch: u64,
+}
+
+/// Step 3: the new line's first transaction names a journal owner no local folder has. The
+/// line's replica holds nothing of its own yet (its listing is its base) and the lease's newest
+/// epoch is known: the writer's open is two round trips.
 async fn own_journal_position(
     store: &Arc<dyn ObjectStore>,
     root: &Path,
     layout: Layout,
-    line: &MapLine,
-    uuid: &str,
-    holder: &str,
+    taking: Taking<'_>,
 ) -> io::Result<()> {
-    let replica = Arc::new(lines::replica(store, root, layout, Some(line))?);
-    let db_name = format!("{root}#{uuid}#{}#restore", line.line);
-    let writer = MapWriter::open(
+    let replica = Arc::new(lines::replica(store, root, layout, Some(taking.line))?);
+    let listing = replica.base().to_vec();
+    let db_name = format!("{root}#{}#{}#restore", taking.uuid, taking.line.line);
+    let writer = MapWriter::open_ahead(
         Arc::clone(store),
         replica,
         root.clone(),
         &db_name,
-        holder,
+        taking.holder,
         tokio::runtime::Handle::current(),
+        OpenAhead {
+            listing: Some(listing),
+            lease_epoch: Some(taking.lease_epoch),
+            ..OpenAhead::default()
+        },
     )
     .await
     .map_err(|e| other("taking the restored volume", e))?;
