@@ -17,6 +17,9 @@ pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     block_size: u32,
+    /// A clone's inherited chunks: ids whose epoch is at most the bound (and above the previous
+    /// one's) live in that directory, oldest ancestor first. Never written or deleted here.
+    inherited: Vec<(Path, u64)>,
 }
 
 fn to_io(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -56,11 +59,34 @@ impl ChunkStore {
             store,
             prefix: volume_prefix.clone().join("chunks"),
             block_size,
+            inherited: Vec::new(),
         }
     }
 
+    /// A clone's chunk store: ids of epoch at most `through_epoch` of each `(volume root,
+    /// through_epoch)`, oldest first, are read from that volume's chunks.
+    pub fn inheriting(mut self, from: Vec<(Path, u64)>) -> Self {
+        self.inherited = from
+            .into_iter()
+            .map(|(root, through)| (root.join("chunks"), through))
+            .collect();
+        self
+    }
+
+    /// Whether chunk `id` belongs to an ancestor (a clone never writes or deletes those).
+    pub fn is_inherited(&self, chunk: u64) -> bool {
+        self.inherited
+            .last()
+            .is_some_and(|&(_, through)| chunk >> 32 <= through)
+    }
+
     pub fn path(&self, chunk: u64) -> Path {
-        self.prefix.clone().join(format!("{chunk:016x}"))
+        let dir = self
+            .inherited
+            .iter()
+            .find(|&&(_, through)| chunk >> 32 <= through)
+            .map_or(&self.prefix, |(dir, _)| dir);
+        dir.clone().join(format!("{chunk:016x}"))
     }
 
     /// Uploads a chunk create-only, retrying transient failures. A retry that finds the object
@@ -169,7 +195,11 @@ impl ChunkStore {
             .collect())
     }
 
+    /// Deletes one of this volume's chunks; an inherited one is left alone.
     pub async fn delete(&self, chunk: u64) -> io::Result<()> {
+        if self.is_inherited(chunk) {
+            return Ok(());
+        }
         match self.store.delete(&self.path(chunk)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error("delete chunk", e)),

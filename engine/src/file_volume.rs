@@ -102,6 +102,8 @@ impl FileVolume {
             block_size,
             format: FORMAT.to_string(),
             uuid: crate::metadata::random_id()?,
+            parent: None,
+            inherits: Vec::new(),
         };
         // Metadata last: a volume without volume.json was never completely created.
         meta.store(&dir)?;

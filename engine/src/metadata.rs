@@ -18,6 +18,28 @@ pub struct VolumeMetadata {
     /// another volume's journal.
     #[serde(default)]
     pub uuid: String,
+    /// For a clone: the checkpoint it was made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+    /// For a clone: whose chunks its ids up to each epoch are (oldest ancestor first; see
+    /// `object_volume::clone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inherits: Vec<Inherited>,
+}
+
+/// The checkpoint a clone was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub volume: String,
+    pub checkpoint: String,
+}
+
+/// Chunk ids whose epoch is at most `through_epoch` (and above the previous entry's) live in
+/// `volume`'s `chunks/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inherited {
+    pub volume: String,
+    pub through_epoch: u64,
 }
 
 /// 128 random bits as hex, from the kernel's generator.

@@ -3,11 +3,11 @@
 //! names and states get clear errors.
 
 use engine::BlockDevice;
-use engine::object_volume::{ObjectVolume, RestoreReport, RestoreRequest};
+use engine::object_volume::{ObjectVolume, RestoreReport, RestoreRequest, clone_volume};
 use std::io::ErrorKind;
 
 mod common;
-use common::{Fixture, MIB, chunk_files, pattern, read, restore_state};
+use common::{Fixture, MIB, assert_state_is_complete, chunk_files, pattern, read, restore_state};
 
 const BLOCK: u32 = 65536;
 
@@ -264,4 +264,107 @@ async fn restore_to_an_unknown_checkpoint_changes_nothing() {
     assert_reads(&v, 4, 1).await;
     fill(&v, 1, 5).await;
     v.close().await.expect("close");
+}
+
+async fn open_volume(f: &Fixture, name: &str, local: &str) -> ObjectVolume {
+    ObjectVolume::open(
+        std::sync::Arc::clone(&f.store),
+        &object_store::path::Path::from(""),
+        f.layout,
+        name,
+        f.config(local),
+    )
+    .await
+    .expect("open")
+}
+
+/// Block `b` holds `seed`'s fill of it.
+async fn assert_block(v: &ObjectVolume, b: u64, seed: u8) {
+    let got = read(v, b * u64::from(BLOCK), BLOCK).await;
+    let want = pattern(BLOCK as usize, seed.wrapping_add(b as u8));
+    assert!(
+        got[..] == want[..],
+        "block {b} is not seed {seed}'s (starts {:?})",
+        &got[..4]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_shares_the_checkpoint_and_goes_its_own_way() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let prefix = object_store::path::Path::from("");
+    let source = f.open(f.config("s")).await;
+    fill(&source, 16, 1).await;
+    let base = source
+        .create_checkpoint(Some("base"))
+        .await
+        .expect("checkpoint");
+    let chunks_before = chunk_files(&f).len();
+    let meta = clone_volume(f.store.as_ref(), &prefix, "disk", "base", "twin")
+        .await
+        .expect("clone");
+    assert_eq!(
+        meta.parent.as_ref().map(|p| p.checkpoint.as_str()),
+        Some("base")
+    );
+    assert_eq!(chunk_files(&f).len(), chunks_before, "nothing copied");
+    let twin = open_volume(&f, "twin", "t").await;
+    assert_reads(&twin, 16, 1).await;
+
+    // Independent from here on, through collection on both sides.
+    // The clone rewrites every block: the source's chunks are dead to it.
+    fill(&twin, 16, 2).await;
+    fill(&source, 4, 3).await;
+    source.maintain_now().await.expect("maintenance");
+    twin.maintain_now().await.expect("maintenance");
+    // Every chunk of the checkpoint the clone came from is still in the source's store.
+    assert_state_is_complete(&f, Some(base.txid)).await;
+    for b in 0..16 {
+        assert_block(&twin, b, 2).await;
+        assert_block(&source, b, if b < 4 { 3 } else { 1 }).await;
+    }
+    // From the store alone (nothing cached): the clone's collection deleted nothing of the
+    // source's, however dead it is to the clone.
+    let mut config = f.config("s-cold");
+    config.read_only = true;
+    let cold = f.open(config).await;
+    for b in 0..16 {
+        assert_block(&cold, b, if b < 4 { 3 } else { 1 }).await;
+    }
+    cold.close().await.expect("close");
+
+    // A clone of the clone.
+    twin.create_checkpoint(Some("t1"))
+        .await
+        .expect("checkpoint of the clone");
+    clone_volume(f.store.as_ref(), &prefix, "twin", "t1", "grandchild")
+        .await
+        .expect("clone of a clone");
+    let busy = source
+        .delete_checkpoint("base")
+        .await
+        .expect_err("a clone depends on it");
+    assert_eq!(busy.kind(), ErrorKind::ResourceBusy, "{busy}");
+    assert!(busy.to_string().contains("twin"), "{busy}");
+    twin.close().await.expect("close");
+
+    // The source overwrites everything and collects; the descendants still read their states.
+    fill(&source, 16, 4).await;
+    source.maintain_now().await.expect("maintenance");
+    source.close().await.expect("close");
+    let grandchild = open_volume(&f, "grandchild", "g").await;
+    for b in 0..16 {
+        assert_block(&grandchild, b, 2).await;
+    }
+    fill(&grandchild, 2, 5).await;
+    grandchild.close().await.expect("close");
+    let twin = open_volume(&f, "twin", "t2").await;
+    for b in 0..16 {
+        assert_block(&twin, b, 2).await;
+    }
+    twin.close().await.expect("close");
+    let duplicate = clone_volume(f.store.as_ref(), &prefix, "disk", "base", "twin")
+        .await
+        .expect_err("exists");
+    assert_eq!(duplicate.kind(), ErrorKind::AlreadyExists, "{duplicate}");
 }

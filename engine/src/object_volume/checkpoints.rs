@@ -40,18 +40,64 @@ pub struct Checkpoint {
 /// One block-map replica file a checkpoint (or a map line's base) is restored from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MapFile {
-    /// Its key, relative to the volume's root (`blockmap/ltx/9/….ltx`).
+    /// The volume whose root holds it, when not the one that records it (a clone's base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Its key, relative to that volume's root (`blockmap/ltx/9/….ltx`).
     pub path: String,
     pub level: u8,
     pub size: u64,
 }
 
 impl MapFile {
-    /// Its full key under `volume_root`.
+    /// Its full key, recorded by the volume at `volume_root`.
     pub fn key(&self, volume_root: &Path) -> Path {
+        let root = match &self.volume {
+            None => volume_root.clone(),
+            Some(other) => {
+                let mut parts: Vec<_> = volume_root.parts().collect();
+                parts.pop();
+                parts
+                    .into_iter()
+                    .fold(Path::default(), |path, part| path.join(part))
+                    .join(other.as_str())
+            }
+        };
         self.path
             .split('/')
-            .fold(volume_root.clone(), |path, part| path.join(part))
+            .fold(root, |path, part| path.join(part))
+    }
+
+    /// The file at `key`, as the volume at `volume_root` records it (`None`: not a key under
+    /// that volume's prefix).
+    pub fn at(volume_root: &Path, key: &Path, level: u8, size: u64) -> Option<MapFile> {
+        let text = |parts: &mut dyn Iterator<Item = object_store::path::PathPart<'_>>| {
+            parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        };
+        if let Some(mut rest) = key.prefix_match(volume_root) {
+            return Some(MapFile {
+                volume: None,
+                path: text(&mut rest),
+                level,
+                size,
+            });
+        }
+        let mut prefix: Vec<_> = volume_root.parts().collect();
+        prefix.pop();
+        let prefix = prefix
+            .into_iter()
+            .fold(Path::default(), |path, part| path.join(part));
+        let mut rest = key.prefix_match(&prefix)?;
+        let volume = rest.next()?.as_ref().to_string();
+        Some(MapFile {
+            volume: Some(volume),
+            path: text(&mut rest),
+            level,
+            size,
+        })
     }
 }
 
@@ -271,6 +317,7 @@ mod tests {
             map_files: files
                 .into_iter()
                 .map(|path| MapFile {
+                    volume: None,
                     path: path.into(),
                     level: 9,
                     size: 100,
@@ -303,6 +350,17 @@ mod tests {
             ]
         );
         pins.remove("a");
+        let elsewhere = MapFile {
+            volume: Some("parent".into()),
+            path: "blockmap/ltx/9/x.ltx".into(),
+            level: 9,
+            size: 1,
+        };
+        let key = elsewhere.key(&root);
+        assert_eq!(key.as_ref(), "vols/parent/blockmap/ltx/9/x.ltx");
+        assert_eq!(MapFile::at(&root, &key, 9, 1), Some(elsewhere));
+        let own = MapFile::at(&root, &Path::from("vols/disk/blockmap/a.ltx"), 0, 2).expect("own");
+        assert_eq!((own.volume, own.path.as_str()), (None, "blockmap/a.ltx"));
         assert_eq!(pins.chunks(), HashSet::from([2, 3]));
         assert!(pins.get("a").is_none() && pins.get("b").is_some());
     }

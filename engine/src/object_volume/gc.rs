@@ -133,7 +133,11 @@ impl Collector {
         let expired: Vec<u64> = self
             .dead_since
             .iter()
-            .filter(|&(chunk, &since)| since.elapsed() >= window && !pinned.contains(chunk))
+            .filter(|&(chunk, &since)| {
+                since.elapsed() >= window
+                    && !pinned.contains(chunk)
+                    && !shared.chunks.is_inherited(*chunk)
+            })
             .map(|(&chunk, _)| chunk)
             .collect();
         if expired.is_empty() {

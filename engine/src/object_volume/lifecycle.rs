@@ -19,17 +19,6 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// `path` relative to `root` (a replica file under the volume's root), `/`-separated.
-fn relative(root: &Path, path: &Path) -> io::Result<String> {
-    let parts = path
-        .prefix_match(root)
-        .ok_or_else(|| io::Error::other(format!("internal: {path} is not under {root}")))?;
-    Ok(parts
-        .map(|p| p.as_ref().to_string())
-        .collect::<Vec<_>>()
-        .join("/"))
-}
-
 impl ObjectVolume {
     /// Opens checkpoint `checkpoint` of volume `name` read-only: the volume as it was when the
     /// checkpoint was taken, whatever its writer does meanwhile (what the checkpoint pins is
@@ -95,10 +84,11 @@ impl ObjectVolume {
         let map_files = files
             .iter()
             .map(|f| {
-                Ok(MapFile {
-                    path: relative(&root, &f.path)?,
-                    level: f.level,
-                    size: f.size,
+                MapFile::at(&root, &f.path, f.level, f.size).ok_or_else(|| {
+                    io::Error::other(format!(
+                        "internal: {} is not under the store's prefix",
+                        f.path
+                    ))
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -155,6 +145,23 @@ impl ObjectVolume {
         let mut collector = shared.maintenance.lock().await;
         if collector.pins(shared).await?.get(name).is_none() {
             return Err(not_found(&shared.meta.name, name));
+        }
+        let clones = super::clone::dependents(
+            shared.store.as_ref(),
+            &shared.prefix,
+            &shared.meta.name,
+            name,
+        )
+        .await?;
+        if !clones.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "checkpoint {name} of volume {} has clones ({}): delete them first",
+                    shared.meta.name,
+                    clones.join(", ")
+                ),
+            ));
         }
         checkpoints::delete(
             shared.store.as_ref(),

@@ -28,6 +28,7 @@ mod block_device;
 pub mod catalog;
 pub mod checkpoints;
 mod chunk_writer;
+mod clone;
 mod fetch;
 mod gc;
 mod helpers;
@@ -48,6 +49,7 @@ mod upload_policy;
 mod upload_progress;
 mod write_log;
 
+pub use clone::{clone_volume, release_parent};
 pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
 pub use restore::{RestoreReport, RestoreRequest, restore};
@@ -275,6 +277,8 @@ impl ObjectVolume {
             block_size,
             format: catalog::FORMAT.to_string(),
             uuid: crate::metadata::random_id()?,
+            parent: None,
+            inherits: Vec::new(),
         };
         catalog::create(store, prefix, &meta).await?;
         Ok(meta)

@@ -17,6 +17,7 @@ use super::{
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
 use crate::journal::{Journal, Record};
+use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
 use blockmap::RestoreTarget;
 use blockmap::lease;
@@ -115,7 +116,7 @@ pub(super) async fn open(
         Some(txid) => format!("{root}#{}#{line_number}@{txid}", meta.uuid),
     };
     let runtime = tokio::runtime::Handle::current();
-    let (first_located, early_fetch) = early_first_reads(&store, &root, meta.block_size);
+    let (first_located, early_fetch) = early_first_reads(chunk_store(&store, prefix, &meta));
     let map = async {
         if config.read_only {
             // Nothing stored yet (or a checkpoint of a volume that had nothing).
@@ -244,7 +245,7 @@ pub(super) async fn open(
     let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
     let total_blocks = meta.size.div_ceil(u64::from(block_size));
     let shared = Arc::new(Shared {
-        chunks: ChunkStore::new(Arc::clone(&store), &root, block_size),
+        chunks: chunk_store(&store, prefix, &meta),
         store: Arc::clone(&store),
         prefix: prefix.clone(),
         meta,
@@ -378,15 +379,12 @@ const FIRST_LOOKUPS: [u64; 1] = [0];
 /// GET then overlaps the open's last round trip instead of following it. The task ends with
 /// the fetch to adopt, or `None` when block 0 is not stored (never written, or a new map).
 fn early_first_reads(
-    store: &Arc<dyn ObjectStore>,
-    root: &Path,
-    block_size: u32,
+    chunks: ChunkStore,
 ) -> (
     FirstLocated,
     tokio::task::JoinHandle<Option<fetch::EarlyFetch>>,
 ) {
     let (tell, located) = tokio::sync::oneshot::channel::<Vec<(u64, Option<BlockLocation>)>>();
-    let chunks = ChunkStore::new(Arc::clone(store), root, block_size);
     let task = tokio::spawn(async move {
         let found = located.await.ok()?;
         let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
@@ -394,6 +392,17 @@ fn early_first_reads(
         Some(fetch::EarlyFetch { location, span })
     });
     (tell, task)
+}
+
+/// The volume's chunks; a clone's inherited ones read from its ancestors (see `clone`).
+fn chunk_store(store: &Arc<dyn ObjectStore>, prefix: &Path, meta: &VolumeMetadata) -> ChunkStore {
+    let root = catalog::volume_root(prefix, &meta.name);
+    ChunkStore::new(Arc::clone(store), &root, meta.block_size).inheriting(
+        meta.inherits
+            .iter()
+            .map(|i| (catalog::volume_root(prefix, &i.volume), i.through_epoch))
+            .collect(),
+    )
 }
 
 /// Opens the lookup connection and, for a writer, the update connection.
