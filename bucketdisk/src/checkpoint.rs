@@ -214,3 +214,65 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub(crate) struct CloneArgs {
+    /// The volume to clone, as VOLUME@CHECKPOINT, or VOLUME for its state now (a checkpoint
+    /// named clone-NEW is taken of it first).
+    source: String,
+    /// The new volume's name.
+    new: String,
+    #[command(flatten)]
+    access: VolumeAccess,
+    /// Print the new volume as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `bucketdisk clone`: a new volume, writable at once, sharing the source's chunks.
+pub(crate) fn clone(args: CloneArgs) -> Result<()> {
+    let location = args.access.object_store("clone")?;
+    let new = args.new.as_str();
+    engine::validate_volume_name(new)?;
+    let (source, checkpoint) = match args.source.split_once('@') {
+        Some((volume, checkpoint)) => (volume.to_string(), checkpoint.to_string()),
+        None => {
+            // The source's state now: through its server when one runs here, so the
+            // checkpoint holds every write acknowledged before this command.
+            let name = format!("clone-{new}");
+            run(
+                &args.access,
+                Request::CheckpointCreate {
+                    volume: args.source.clone(),
+                    name: Some(name.clone()),
+                },
+            )
+            .with_context(|| format!("checkpointing volume {} to clone it", args.source))?;
+            (args.source.clone(), name)
+        }
+    };
+    let meta = new_runtime()?
+        .block_on(engine::object_volume::clone_volume(
+            location.store.as_ref(),
+            &location.prefix,
+            &source,
+            &checkpoint,
+            new,
+        ))
+        .with_context(|| format!("cloning {source}@{checkpoint} into {new}"))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": meta.name,
+                "size": meta.size,
+                "block_size": meta.block_size,
+                "source": source,
+                "checkpoint": checkpoint,
+            })
+        );
+    } else {
+        println!("cloned {source}@{checkpoint} into volume {new}");
+    }
+    Ok(())
+}

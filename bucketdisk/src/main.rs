@@ -12,7 +12,7 @@ mod serve;
 mod store_args;
 mod volumes;
 
-use checkpoint::{CheckpointArgs, RestoreArgs, checkpoint, restore};
+use checkpoint::{CheckpointArgs, CloneArgs, RestoreArgs, checkpoint, clone, restore};
 use clap::{Parser, Subcommand};
 use create::{CreateArgs, create};
 use info::{InfoArgs, info};
@@ -50,6 +50,9 @@ enum Command {
     Checkpoint(CheckpointArgs),
     /// Restore a volume to one of its checkpoints (the volume must not be served meanwhile).
     Restore(RestoreArgs),
+    /// Make a new volume from a checkpoint of another (or from its state now), sharing its
+    /// chunks: nothing is copied, and writes to either never show in the other.
+    Clone(CloneArgs),
 }
 
 /// glibc gives every thread that allocates an arena of its own, and memory freed there stays
@@ -85,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Delete(args) => delete(args),
         Command::Checkpoint(args) => checkpoint(args),
         Command::Restore(args) => restore(args),
+        Command::Clone(args) => clone(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

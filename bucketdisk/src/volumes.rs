@@ -128,6 +128,19 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
         if !exists && !remains {
             bail!("no volume {name} in {}", location.description);
         }
+        // Clones read this volume's chunks: it goes only after they do, --force or not.
+        let mut clones = Vec::new();
+        for c in checkpoints::list(store, &location.prefix, name).await? {
+            clones.extend(
+                engine::object_volume::clones_of(store, &location.prefix, name, &c.name).await?,
+            );
+        }
+        if !clones.is_empty() {
+            bail!(
+                "volume {name} has clones ({}) that read its chunks: delete them first",
+                clones.join(", ")
+            );
+        }
         if exists && !args.access.force {
             control::check_not_held_elsewhere(&location, name, false).await?;
             let kept = checkpoints::list(store, &location.prefix, name).await?;
@@ -140,6 +153,7 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
                 );
             }
         }
+        let meta = catalog::load(store, &location.prefix, name).await?;
         let bar = crate::progress::bar("deleting objects");
         let count = catalog::delete_volume(store, &location.prefix, name, |done, total| {
             bar.set_length(total);
@@ -147,6 +161,11 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
         })
         .await?;
         bar.finish_and_clear();
+        if let Some(meta) = meta {
+            // It no longer keeps its parent's checkpoint. (A crash before this leaves a marker
+            // whose clone has no volume.json: ignored and removed by the parent.)
+            engine::object_volume::release_parent(store, &location.prefix, &meta).await?;
+        }
         Ok(count)
     })?;
     // Its own folder and those of its checkpoints served read-only (`NAME@CHECKPOINT`).

@@ -242,3 +242,83 @@ fn restore_refuses_what_it_must_not_take() {
     server.spawn();
     assert!(server.stop().success(), "{}", server.log_text());
 }
+
+/// `bucketdisk clone` of a served volume's state now and of a checkpoint: both clones serve
+/// at once what they were cloned from and change independently; the source's checkpoint and
+/// the source itself cannot be deleted while clones read their chunks.
+#[test]
+fn clones_serve_at_once_and_change_independently() {
+    require_tool("nbdcopy");
+    require_tool("qemu-img");
+    let mut server = Server::start_with(ServerOptions {
+        size: "64M",
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let first = work.path().join("first.bin");
+    let second = work.path().join("second.bin");
+    write_pattern_file(&first, 64 << 20, 7);
+    write_pattern_file(&second, 8 << 20, 8);
+    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
+    // The served volume's state now: a checkpoint through its server, then the clone.
+    let mut clone = server.cli("clone");
+    clone
+        .arg("disk")
+        .arg("twin")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    let said = run(&mut clone);
+    assert!(
+        said.contains("cloned disk@clone-twin into volume twin"),
+        "{said}"
+    );
+    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    assert!(server.stop().success(), "{}", server.log_text());
+
+    server.set_volumes(&["disk", "twin"]);
+    server.spawn();
+    let compare = |uri: &str| {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(uri)
+            .arg(&first)
+            .status()
+            .expect("qemu-img compare")
+    };
+    assert!(
+        compare(&server.uri_for("twin")).success(),
+        "the clone is the source as it was"
+    );
+    assert!(
+        !compare(&server.uri_for("disk")).success(),
+        "the source changed after"
+    );
+    run(Command::new("nbdcopy")
+        .arg(&second)
+        .arg(server.uri_for("twin")));
+    assert!(server.stop().success(), "{}", server.log_text());
+    let mut delete_checkpoint = server.cli("checkpoint delete");
+    delete_checkpoint
+        .arg("disk")
+        .arg("clone-twin")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    assert_fails_with(run_output(&mut delete_checkpoint), "has clones (twin)");
+    let mut delete_source = server.cli("delete");
+    delete_source
+        .arg("disk")
+        .arg("--force")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    assert_fails_with(run_output(&mut delete_source), "has clones (twin)");
+    let mut delete_twin = server.cli("delete");
+    delete_twin
+        .arg("twin")
+        .arg("--cache-dir")
+        .arg(server.cache_dir());
+    run(&mut delete_twin);
+    run(&mut delete_checkpoint);
+    server.set_volumes(&["disk"]);
+    server.spawn();
+    assert!(server.stop().success(), "{}", server.log_text());
+}

@@ -139,7 +139,7 @@ pub async fn clone_volume(
 
 /// The clones that depend on checkpoint `checkpoint` of `volume` and exist; markers of clones
 /// never finished (or deleted without cleaning up) are removed.
-pub(super) async fn dependents(
+pub async fn dependents(
     store: &dyn ObjectStore,
     prefix: &Path,
     volume: &str,

@@ -49,7 +49,7 @@ mod upload_policy;
 mod upload_progress;
 mod write_log;
 
-pub use clone::{clone_volume, release_parent};
+pub use clone::{clone_volume, dependents as clones_of, release_parent};
 pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
 pub use restore::{RestoreReport, RestoreRequest, restore};
