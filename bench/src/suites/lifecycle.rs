@@ -7,7 +7,9 @@
 //!   it caused;
 //! - **restore** of the volume, its server stopped: `bucketdisk restore` from start to exit;
 //! - **first read after the restore**: a server started with an empty cache, process start → the
-//!   first 4 KiB read answered and checked against the built block.
+//!   first 4 KiB read answered and checked against the built block;
+//! - **clone** of that checkpoint into a new volume: `bucketdisk clone` start to exit, then the
+//!   clone's first read the same way.
 //!
 //! Repeats are interleaved across the sizes; each repeat takes a new checkpoint and restores
 //! it, so later repeats run on volumes already restored (a map line past the first).
@@ -66,6 +68,9 @@ struct Round {
     restore_store: Traffic,
     /// Process start → the first 4 KiB read answered, empty cache, after the restore.
     first_read_ms: f64,
+    /// `bucketdisk clone` of the checkpoint into a new volume, and that volume's first read.
+    clone_ms: f64,
+    clone_first_read_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,19 +132,35 @@ fn timed(mut cmd: Command, what: &str) -> Result<f64> {
     Ok(ms)
 }
 
-/// A server on the volume under `prefix`, its cache in `cache`.
-fn serve(env: &Env, prefix: &str, cache: &Path, log: &Path) -> Result<(ServerProcess, SocketAddr)> {
+/// A server of `volume` under `prefix`, its cache in `cache`.
+fn serve(
+    env: &Env,
+    prefix: &str,
+    volume: &str,
+    cache: &Path,
+    log: &Path,
+) -> Result<(ServerProcess, SocketAddr)> {
     let port = free_loopback_port()?;
-    let cmd = store_subjects::bucketdisk_s3_at(env, prefix, port, cache);
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = verb(
+        env,
+        prefix,
+        &[
+            "serve", "--volume", volume, "--size", "100G", "--listen", &listen,
+        ],
+        cache,
+    );
+    cmd.env("BUCKETDISK_LOG", "info");
     let process = ServerProcess::spawn("bucketdisk", cmd, log)?;
     Ok((process, SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
 }
 
 /// Process start → the first 4 KiB read answered, with an empty cache; checks the bytes.
-fn first_read(env: &Env, prefix: &str, work: &Path, expected: &[u8]) -> Result<f64> {
-    let cache = fresh_dir(work, "first-read-cache")?;
+fn first_read(env: &Env, prefix: &str, volume: &str, work: &Path, expected: &[u8]) -> Result<f64> {
+    let cache = fresh_dir(work, &format!("first-read-cache-{volume}"))?;
     let start = Instant::now();
-    let (mut server, addr) = serve(env, prefix, &cache, &work.join("first-read.log"))?;
+    let log = work.join(format!("first-read-{volume}.log"));
+    let (mut server, addr) = serve(env, prefix, volume, &cache, &log)?;
     let stream = loop {
         match TcpStream::connect(addr) {
             Ok(s) => break s,
@@ -184,7 +205,7 @@ fn round(
     let work = env.work.join(format!("round-{written_gib}g-{repeat}"));
     std::fs::create_dir_all(&work)?;
     let cache = fresh_dir(&work, "cache")?;
-    let (mut server, addr) = serve(env, &prefix, &cache, &work.join("server.log"))?;
+    let (mut server, addr) = serve(env, &prefix, VOLUME, &cache, &work.join("server.log"))?;
     server.wait_until_serving(addr, TIMEOUT)?;
     let name = format!("round-{repeat}");
     let before = proxy.traffic();
@@ -205,8 +226,17 @@ fn round(
         "restore",
     )?;
     let restore_store = proxy.traffic().since(&before);
-    let first_read_ms = first_read(env, &prefix, &work, expected)?;
+    let first_read_ms = first_read(env, &prefix, VOLUME, &work, expected)?;
+    let copy = format!("copy-{repeat}");
+    let source = format!("{VOLUME}@{name}");
+    let clone_ms = timed(
+        verb(env, &prefix, &["clone", &source, &copy], &cache),
+        "clone",
+    )?;
+    let clone_first_read_ms = first_read(env, &prefix, &copy, &work, expected)?;
     Ok(Round {
+        clone_ms,
+        clone_first_read_ms,
         written_gib,
         repeat,
         checkpoint_ms,
@@ -271,6 +301,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let commands = [
         vec!["checkpoint", "create", VOLUME, "round-N"],
         vec!["restore", VOLUME, "round-N"],
+        vec!["clone", "disk@round-N", "copy-N"],
     ]
     .iter()
     .map(|words| {
@@ -317,8 +348,9 @@ fn markdown(r: &Report, stem: &str) -> String {
          starts on the volume; `bucketdisk checkpoint create` runs (through the server's control \
          socket), timed from the command's start to its exit; the server stops; `bucketdisk \
          restore` of that checkpoint runs, timed the same way; then a server starts with an \
-         empty cache and the first 4 KiB read of block 0 is timed from process start and checked. \
-         Medians (min–max) of {} rounds per volume, interleaved.\n",
+         empty cache and the first 4 KiB read of block 0 is timed from process start and checked; \
+         then `bucketdisk clone` of the checkpoint into a new volume is timed, and that volume's \
+         first read the same way. Medians (min–max) of {} rounds per volume, interleaved.\n",
         r.latency_ms,
         r.rounds.iter().map(|x| x.repeat).max().map_or(0, |m| m + 1)
     );
@@ -327,7 +359,7 @@ fn markdown(r: &Report, stem: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "\n| written | map rows | checkpoint create, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | restore, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | first 4 KiB read after restore, empty cache, ms (≤ {READ_FLOOR_MS:.0}) |\n|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| written | map rows | checkpoint create, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | restore, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | first 4 KiB read after restore, empty cache, ms (≤ {READ_FLOOR_MS:.0}) | clone, ms (≤ {VERB_FLOOR_MS:.0}) | the clone's first 4 KiB read, empty cache, ms (≤ {READ_FLOOR_MS:.0}) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut sizes: Vec<u64> = r.rounds.iter().map(|x| x.written_gib).collect();
     sizes.dedup();
@@ -350,7 +382,7 @@ fn markdown(r: &Report, stem: &str) -> String {
             .map_or(0, |b| b.rows);
         let _ = writeln!(
             md,
-            "| {gib} GiB | {rows} | {} | {} ({}) | {} | {} ({}) | {} |",
+            "| {gib} GiB | {rows} | {} | {} ({}) | {} | {} ({}) | {} | {} | {} |",
             of(&|x| x.checkpoint_ms),
             of(&|x| x.checkpoint_store.requests as f64),
             of(&|x| x.checkpoint_store.puts as f64),
@@ -358,23 +390,27 @@ fn markdown(r: &Report, stem: &str) -> String {
             of(&|x| x.restore_store.requests as f64),
             of(&|x| x.restore_store.puts as f64),
             of(&|x| x.first_read_ms),
+            of(&|x| x.clone_ms),
+            of(&|x| x.clone_first_read_ms),
         );
     }
     let _ = writeln!(
         md,
-        "\nPer round:\n\n| written | round | checkpoint ms | requests | restore ms | requests | first read ms |\n|---:|---:|---:|---:|---:|---:|---:|"
+        "\nPer round:\n\n| written | round | checkpoint ms | requests | restore ms | requests | first read ms | clone ms | clone's first read ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for x in &r.rounds {
         let _ = writeln!(
             md,
-            "| {} GiB | {} | {:.0} | {} | {:.0} | {} | {:.0} |",
+            "| {} GiB | {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
             x.written_gib,
             x.repeat + 1,
             x.checkpoint_ms,
             x.checkpoint_store.requests,
             x.restore_ms,
             x.restore_store.requests,
-            x.first_read_ms
+            x.first_read_ms,
+            x.clone_ms,
+            x.clone_first_read_ms
         );
     }
     let _ = writeln!(
