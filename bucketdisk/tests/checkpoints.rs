@@ -98,19 +98,7 @@ fn without_a_server_checkpoints_open_the_volume_unless_another_may_hold_it() {
     }
     // A lease taken by a server on another host that never released it: refused, unless
     // --force.
-    let leases = server.store_dir().join("disk").join("lease");
-    let newest = std::fs::read_dir(&leases)
-        .expect("leases")
-        .filter_map(|e| {
-            u64::from_str_radix(&e.expect("entry").file_name().to_string_lossy(), 16).ok()
-        })
-        .max()
-        .expect("a lease");
-    std::fs::write(
-        leases.join(format!("{:016x}", newest + 1)),
-        "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
-    )
-    .expect("forge a lease");
+    forge_foreign_lease(&server);
     assert_fails_with(
         run_output(checkpoint(&server, "create").arg("disk").arg("refused")),
         "is held by elsewhere pid 1",
@@ -218,19 +206,7 @@ fn restore_refuses_what_it_must_not_take() {
         "has no checkpoint named nope",
     );
     if !testing_on_s3() {
-        let leases = server.store_dir().join("disk").join("lease");
-        let newest = std::fs::read_dir(&leases)
-            .expect("leases")
-            .filter_map(|e| {
-                u64::from_str_radix(&e.expect("entry").file_name().to_string_lossy(), 16).ok()
-            })
-            .max()
-            .expect("a lease");
-        std::fs::write(
-            leases.join(format!("{:016x}", newest + 1)),
-            "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
-        )
-        .expect("forge a lease");
+        forge_foreign_lease(&server);
         assert_fails_with(
             run_output(&mut restore(&server, "base")),
             "is held by elsewhere pid 1",
@@ -321,4 +297,22 @@ fn clones_serve_at_once_and_change_independently() {
     server.set_volumes(&["disk"]);
     server.spawn();
     assert!(server.stop().success(), "{}", server.log_text());
+}
+
+/// A lease of volume `disk` taken by a server on another host that never released it (the
+/// local store directory only).
+fn forge_foreign_lease(server: &Server) {
+    let leases = server.store_dir().join("disk").join("lease");
+    let newest = std::fs::read_dir(&leases)
+        .expect("leases")
+        .filter_map(|e| {
+            u64::from_str_radix(&e.expect("entry").file_name().to_string_lossy(), 16).ok()
+        })
+        .max()
+        .expect("a lease");
+    std::fs::write(
+        leases.join(format!("{:016x}", newest + 1)),
+        "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
+    )
+    .expect("forge a lease");
 }

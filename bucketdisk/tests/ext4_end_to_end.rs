@@ -598,21 +598,7 @@ fn ext4_on_100g_volume_survives_trim_and_restart() {
 /// read as zeros.
 #[test]
 fn ext4_survives_losing_the_local_disk() {
-    for tool in [
-        "qemu-storage-daemon",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-    ] {
-        require_tool(tool);
-    }
-    assert_eq!(
-        run(Command::new("id").arg("-u")).trim(),
-        "0",
-        "this test needs root (losetup, mount)"
-    );
+    require_ext4_stack();
     let mut server = Server::start_with(ServerOptions {
         unix_socket: true,
         size: "100G",
@@ -699,21 +685,7 @@ fn ext4_survives_losing_the_local_disk() {
 /// replaced is kept as a checkpoint of its own (`--keep-current`) that restores too.
 #[test]
 fn ext4_restored_to_a_checkpoint_is_exactly_as_it_was() {
-    for tool in [
-        "qemu-storage-daemon",
-        "losetup",
-        "mkfs.ext4",
-        "e2fsck",
-        "mount",
-        "umount",
-    ] {
-        require_tool(tool);
-    }
-    assert_eq!(
-        run(Command::new("id").arg("-u")).trim(),
-        "0",
-        "this test needs root (losetup, mount)"
-    );
+    require_ext4_stack();
     let mut server = Server::start_with(ServerOptions {
         unix_socket: true,
         size: "100G",
@@ -815,4 +787,23 @@ fn ext4_restored_to_a_checkpoint_is_exactly_as_it_was() {
     verify_files(&stack.mnt, &originals, &unchanged, true);
     stack.down();
     assert!(server.stop().success(), "{}", server.log_text());
+}
+
+/// The tools the FUSE + loop + ext4 stack needs, and root (losetup, mount).
+fn require_ext4_stack() {
+    for tool in [
+        "qemu-storage-daemon",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "umount",
+    ] {
+        require_tool(tool);
+    }
+    assert_eq!(
+        run(Command::new("id").arg("-u")).trim(),
+        "0",
+        "this test needs root (losetup, mount)"
+    );
 }

@@ -49,6 +49,20 @@ pub async fn load(
     Ok(Some(meta))
 }
 
+/// Every key under `dir` (retried; `what` names the listing in errors).
+pub async fn list_keys(store: &dyn ObjectStore, dir: &Path, what: &str) -> io::Result<Vec<Path>> {
+    use futures::TryStreamExt;
+    with_retries(what, || async {
+        store
+            .list(Some(dir))
+            .map_ok(|meta| meta.location)
+            .try_collect::<Vec<Path>>()
+            .await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))
+}
+
 /// The names of the volumes under `prefix` (directories that hold a `volume.json`, or a
 /// partly deleted volume's remains: callers load each and see).
 pub async fn list_names(store: &dyn ObjectStore, prefix: &Path) -> io::Result<Vec<String>> {
@@ -80,15 +94,7 @@ pub async fn delete_volume(
         Err(e) => return Err(io::Error::other(format!("deleting {meta}: {e}"))),
     }
     let root = volume_root(prefix, name);
-    let objects: Vec<Path> = with_retries("list the volume", || async {
-        store
-            .list(Some(&root))
-            .map_ok(|m| m.location)
-            .try_collect::<Vec<Path>>()
-            .await
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("listing {root}: {e}")))?;
+    let objects = list_keys(store, &root, "list the volume").await?;
     let total = objects.len() as u64;
     let done = std::sync::atomic::AtomicU64::new(0);
     progress(0, total);

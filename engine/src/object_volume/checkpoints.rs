@@ -137,15 +137,7 @@ pub async fn list(
     volume: &str,
 ) -> io::Result<Vec<Checkpoint>> {
     let dir = dir(prefix, volume);
-    let listed: Vec<Path> = with_retries("list checkpoints", || async {
-        store
-            .list(Some(&dir))
-            .map_ok(|meta| meta.location)
-            .try_collect::<Vec<Path>>()
-            .await
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))?;
+    let listed = catalog::list_keys(store, &dir, "list checkpoints").await?;
     let names: Vec<Path> = listed
         .into_iter()
         .filter(|p| p.filename().is_some_and(|f| f.ends_with(SUFFIX)))

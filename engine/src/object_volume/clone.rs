@@ -145,16 +145,10 @@ pub async fn dependents(
     volume: &str,
     checkpoint: &str,
 ) -> io::Result<Vec<String>> {
-    use futures::TryStreamExt;
     let dir = catalog::volume_root(prefix, volume)
         .join("checkpoints")
         .join(format!("{checkpoint}.clones"));
-    let markers: Vec<Path> = store
-        .list(Some(&dir))
-        .map_ok(|m| m.location)
-        .try_collect()
-        .await
-        .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))?;
+    let markers = catalog::list_keys(store, &dir, "list a checkpoint's clones").await?;
     let mut live = Vec::new();
     for path in markers {
         let Some(clone) = path.filename().map(String::from) else {

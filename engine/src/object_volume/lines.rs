@@ -7,7 +7,6 @@
 
 use super::checkpoints::MapFile;
 use blockmap::replica::{Layout, Replica, ReplicaFile};
-use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::io;
@@ -38,15 +37,7 @@ fn dir(root: &Path) -> Path {
 /// The volume's current line (`None`: line 0, never restored).
 pub async fn current(store: &dyn ObjectStore, root: &Path) -> io::Result<Option<MapLine>> {
     let dir = dir(root);
-    let listed: Vec<Path> = with_retries("list map lines", || async {
-        store
-            .list(Some(&dir))
-            .map_ok(|meta| meta.location)
-            .try_collect::<Vec<Path>>()
-            .await
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("listing {dir}: {e}")))?;
+    let listed = super::catalog::list_keys(store, &dir, "list map lines").await?;
     let Some(newest) = listed
         .iter()
         .filter_map(|p| {
