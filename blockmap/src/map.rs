@@ -268,6 +268,20 @@ impl BlockMap {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// Whether any block at or past `block` is stored (shrinking a volume must not cut data).
+    pub fn any_from(&self, block: u64) -> Result<bool> {
+        let block = i64::try_from(block).map_err(|_| Error::OutOfRange(block))?;
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT 1 FROM blocks WHERE block >= ?1 LIMIT 1",
+                [block],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
     pub fn chunk_count(&self) -> Result<u64> {
         Ok(self
             .conn

@@ -41,6 +41,11 @@ pub(crate) enum Request {
     Holds {
         volume: String,
     },
+    Resize {
+        volume: String,
+        size: u64,
+        force: bool,
+    },
 }
 
 impl Request {
@@ -48,7 +53,8 @@ impl Request {
         match self {
             Request::CheckpointCreate { volume, .. }
             | Request::CheckpointDelete { volume, .. }
-            | Request::Holds { volume } => volume,
+            | Request::Holds { volume }
+            | Request::Resize { volume, .. } => volume,
         }
     }
 
@@ -64,6 +70,10 @@ impl Request {
                 Ok(serde_json::Value::Null)
             }
             Request::Holds { .. } => Ok(serde_json::Value::Null),
+            Request::Resize { size, force, .. } => {
+                let old = volume.resize(*size, *force).await?;
+                Ok(serde_json::json!({ "old_size": old, "size": size }))
+            }
         }
     }
 }
@@ -284,6 +294,7 @@ fn verb(request: &Request) -> &'static str {
         Request::CheckpointCreate { .. } => "checkpoint create",
         Request::CheckpointDelete { .. } => "checkpoint delete",
         Request::Holds { .. } => "holds",
+        Request::Resize { .. } => "resize",
     }
 }
 

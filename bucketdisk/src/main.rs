@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use create::{CreateArgs, create};
 use info::{InfoArgs, info};
 use serve::{ServeArgs, serve};
-use volumes::{DeleteArgs, ListArgs, delete, list};
+use volumes::{DeleteArgs, ListArgs, ResizeArgs, delete, list, resize};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +43,8 @@ enum Command {
     Info(InfoArgs),
     /// List the volumes in a store: size, allocated and stored bytes, checkpoints.
     List(ListArgs),
+    /// Change a volume's size: grow at once; shrink only over no data (--force discards it).
+    Resize(ResizeArgs),
     /// Delete a volume from the store and its local folder (--force: with its checkpoints, or
     /// from a server that did not stop cleanly).
     Delete(DeleteArgs),
@@ -86,6 +88,7 @@ fn main() -> std::process::ExitCode {
         Command::Info(args) => info(args),
         Command::List(args) => list(args),
         Command::Delete(args) => delete(args),
+        Command::Resize(args) => resize(args),
         Command::Checkpoint(args) => checkpoint(args),
         Command::Restore(args) => restore(args),
         Command::Clone(args) => clone(args),

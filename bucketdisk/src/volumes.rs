@@ -1,4 +1,5 @@
-//! `bucketdisk list` and `bucketdisk delete`: the volumes in a store, and removing one.
+//! `bucketdisk list`, `delete` and `resize`: the volumes in a store, removing one, and changing
+//! one's size.
 
 use crate::control;
 use crate::store_args::{StoreArgs, VolumeAccess, new_runtime, object_store};
@@ -186,5 +187,50 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
         }
     }
     println!("deleted volume {name} ({deleted} objects)");
+    Ok(())
+}
+
+#[derive(Args)]
+pub(crate) struct ResizeArgs {
+    volume: String,
+    /// The new size (K, M, G, T suffixes; a multiple of 4K, and of the block size to shrink).
+    #[arg(value_parser = bucketdisk::units::parse_size)]
+    size: u64,
+    #[command(flatten)]
+    access: VolumeAccess,
+    /// Print the sizes as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `bucketdisk resize`: through the volume's server when one runs here (new NBD connections see
+/// the new size; connected clients keep theirs until they reconnect), else on the volume.
+/// `--force` also discards data past a smaller size (without it, shrinking over data is refused).
+pub(crate) fn resize(args: ResizeArgs) -> Result<()> {
+    let location = args.access.object_store("resize")?;
+    let request = control::Request::Resize {
+        volume: args.volume.clone(),
+        size: args.size,
+        force: args.access.force,
+    };
+    let result = new_runtime()?
+        .block_on(control::run(
+            &location,
+            &args.access.cache_dir(),
+            request,
+            args.access.force,
+        ))
+        .with_context(|| format!("resizing volume {}", args.volume))?;
+    if args.json {
+        println!("{result}");
+    } else {
+        let old = result["old_size"].as_u64().unwrap_or_default();
+        println!(
+            "resized volume {} from {} to {}",
+            args.volume,
+            format_size(old),
+            format_size(args.size)
+        );
+    }
     Ok(())
 }

@@ -106,3 +106,46 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .flat_map(|p| if p.is_dir() { files_under(&p) } else { vec![p] })
         .collect()
 }
+
+/// `bucketdisk resize` of a served volume goes through its server: the next connection sees
+/// the new size; shrinking over data is refused unless `--force`.
+#[test]
+fn resize_reaches_new_connections_of_a_running_server() {
+    require_tool("nbdinfo");
+    require_tool("nbdcopy");
+    let mut server = Server::start_with(ServerOptions {
+        size: "64M",
+        ..Default::default()
+    });
+    let size = |server: &Server| {
+        run(Command::new("nbdinfo").arg("--size").arg(server.uri()))
+            .trim()
+            .parse::<u64>()
+            .expect("size")
+    };
+    let resize = |server: &Server, to: &str| {
+        let mut cmd = server.cli("resize");
+        cmd.arg("disk")
+            .arg(to)
+            .arg("--cache-dir")
+            .arg(server.cache_dir());
+        cmd
+    };
+    let said = run(&mut resize(&server, "128M"));
+    assert!(said.contains("from 64 MiB to 128 MiB"), "{said}");
+    assert_eq!(size(&server), 128 << 20);
+    let work = tempfile::tempdir().expect("tempdir");
+    let data = work.path().join("data.bin");
+    write_pattern_file(&data, 128 << 20, 4);
+    run(Command::new("nbdcopy").arg(&data).arg(server.uri()));
+    assert_fails_with(run_output(&mut resize(&server, "64M")), "holds data past");
+    assert_eq!(size(&server), 128 << 20);
+    run(resize(&server, "64M").arg("--force"));
+    assert_eq!(size(&server), 64 << 20);
+    assert!(server.stop().success(), "{}", server.log_text());
+    // Without a server the verb opens the volume; the size lasts.
+    run(&mut resize(&server, "96M"));
+    server.spawn();
+    assert_eq!(size(&server), 96 << 20);
+    assert!(server.stop().success(), "{}", server.log_text());
+}

@@ -368,3 +368,61 @@ async fn a_clone_shares_the_checkpoint_and_goes_its_own_way() {
         .expect_err("exists");
     assert_eq!(duplicate.kind(), ErrorKind::AlreadyExists, "{duplicate}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_grows_at_once_and_shrinks_only_over_no_data() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let v = f.open(f.config("a")).await;
+    fill(&v, 4, 1).await;
+    v.create_checkpoint(Some("small"))
+        .await
+        .expect("checkpoint");
+    assert_eq!(v.resize(128 * MIB, false).await.expect("grow"), 64 * MIB);
+    assert_eq!(v.size(), 128 * MIB);
+    v.write(100 * MIB, pattern(BLOCK as usize, 9), false)
+        .await
+        .expect("a write past the old end");
+    let refused = v
+        .resize(64 * MIB, false)
+        .await
+        .expect_err("data past the new end");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
+    assert!(refused.to_string().contains("holds data past"), "{refused}");
+    assert_eq!(v.size(), 128 * MIB, "a refused shrink changes nothing");
+    let unaligned = v
+        .resize(64 * MIB + 4096, false)
+        .await
+        .expect_err("not a block multiple");
+    assert_eq!(unaligned.kind(), ErrorKind::InvalidInput, "{unaligned}");
+    v.resize(64 * MIB, true).await.expect("forced shrink");
+    assert_eq!(v.size(), 64 * MIB);
+    assert!(
+        v.write(100 * MIB, pattern(4096, 1), false).await.is_err(),
+        "past the end"
+    );
+    assert_reads(&v, 4, 1).await;
+    v.close().await.expect("close");
+
+    // The size is the map's: another folder sees it, and growing again shows zeros where the
+    // discarded data was.
+    let w = f.open(f.config("b")).await;
+    assert_eq!(w.size(), 64 * MIB);
+    w.resize(128 * MIB, false).await.expect("grow again");
+    assert_eq!(read(&w, 100 * MIB, BLOCK).await, vec![0u8; BLOCK as usize]);
+    w.close().await.expect("close");
+    let report = engine::object_volume::inspect(
+        std::sync::Arc::clone(&f.store),
+        &object_store::path::Path::from(""),
+        f.layout,
+        "disk",
+    )
+    .await
+    .expect("inspect");
+    assert_eq!(report.meta.size, 128 * MIB, "info reports the size now");
+    // A checkpoint carries its state's size.
+    restore(&f, "small", "c", false).await;
+    let x = f.open(f.config("c")).await;
+    assert_eq!(x.size(), 64 * MIB);
+    assert_reads(&x, 4, 1).await;
+    x.close().await.expect("close");
+}

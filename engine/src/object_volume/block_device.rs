@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 #[async_trait]
 impl BlockDevice for ObjectVolume {
     fn size(&self) -> u64 {
-        self.shared.meta.size
+        self.shared.size()
     }
 
     fn capabilities(&self) -> Capabilities {

@@ -77,6 +77,14 @@ pub async fn inspect(
         report.allocated_stored_bytes = bytes;
         report.chunks = map.chunk_count().map_err(query)?;
         report.chunk_bytes = map.chunk_bytes().map_err(query)?;
+        // A resized volume's size is the map's.
+        if let Some(size) = map
+            .meta(super::META_VOLUME_SIZE)
+            .map_err(query)?
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            report.meta.size = size;
+        }
         drop(map);
         drop(follower);
         Ok(report)

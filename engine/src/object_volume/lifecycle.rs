@@ -2,16 +2,18 @@
 //! deleting checkpoints. Each runs under the maintenance lock, so no upload or collection
 //! commits a map transaction meanwhile and the pins GC and retention obey change in one place.
 
+use super::META_VOLUME_SIZE;
 use super::ObjectVolume;
 use super::checkpoints::{
     self, Checkpoint, MapFile, already_exists, generated_name, not_found, validate_name,
 };
 use super::helpers::{blocking, other};
-use super::upload::{boxed, sync_map};
+use super::upload::{boxed, commit_meta, sync_map};
 use crate::device::DeviceError;
 use object_store::path::Path;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -106,7 +108,7 @@ impl ObjectVolume {
             name,
             txid,
             created_ms,
-            size: shared.meta.size,
+            size: shared.size(),
             allocated_blocks,
             stored_bytes,
             map_files,
@@ -123,6 +125,74 @@ impl ObjectVolume {
         collector.pins_changed(shared);
         tracing::info!(volume = %shared.meta.name, checkpoint = %checkpoint.name, txid, "checkpoint taken");
         Ok(checkpoint)
+    }
+
+    /// Changes the volume's size to `new_size` (a multiple of 4 KiB); returns the size before.
+    /// Growing takes effect at once. Shrinking needs a multiple of the block size and is
+    /// refused while data lies past the new end, unless `force`, which discards it first.
+    /// Connected NBD clients keep the size they were given; new connections see the new one.
+    pub async fn resize(&self, new_size: u64, force: bool) -> io::Result<u64> {
+        let shared = &self.shared;
+        shared.check_writable()?;
+        super::catalog::validate_geometry(new_size, shared.meta.block_size)?;
+        let old = shared.size();
+        let block = shared.block_size();
+        if new_size < old {
+            if new_size % block != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a volume shrinks to a multiple of its block size ({block} bytes)"),
+                ));
+            }
+            if force {
+                self.journal_change(super::write_log::Change::Zero {
+                    offset: new_size,
+                    length: old - new_size,
+                })
+                .await?;
+            }
+            // Writes past the new end are refused from here on; everything before is stored.
+            shared.size.store(new_size, Ordering::Release);
+            let stored = async {
+                self.sync_to_store().await?;
+                let s = Arc::clone(shared);
+                let first = new_size / block;
+                blocking(move || {
+                    s.map
+                        .lookups()
+                        .any_from(first)
+                        .map_err(|e| other("block map", e))
+                })
+                .await
+            }
+            .await;
+            match stored {
+                Ok(false) => {}
+                Ok(true) => {
+                    shared.size.store(old, Ordering::Release);
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "volume {} holds data past {new_size} bytes: trim it first, or pass \
+                             --force to discard it",
+                            shared.meta.name
+                        ),
+                    ));
+                }
+                Err(e) => {
+                    shared.size.store(old, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+        let _serialised = shared.maintenance.lock().await;
+        if let Err(e) = commit_meta(shared, META_VOLUME_SIZE, new_size.to_string()).await {
+            shared.size.store(old, Ordering::Release);
+            return Err(e);
+        }
+        shared.size.store(new_size, Ordering::Release);
+        tracing::info!(volume = %shared.meta.name, old, new = new_size, "resized");
+        Ok(old)
     }
 
     /// The volume's checkpoints, oldest first.

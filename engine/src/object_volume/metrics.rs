@@ -21,7 +21,7 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
             "bucketdisk_volume_size_bytes",
             Gauge,
             "Size of the virtual disk.",
-            shared.meta.size as f64,
+            shared.size() as f64,
         ),
         metric(
             "bucketdisk_allocated_bytes",
@@ -211,7 +211,7 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
         ),
     ];
     if shared.config.hydrate {
-        let total = shared.meta.size.div_ceil(shared.meta.block_size as u64);
+        let total = shared.size().div_ceil(shared.meta.block_size as u64);
         let scanned = shared
             .reads
             .counters

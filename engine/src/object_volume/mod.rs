@@ -69,6 +69,7 @@ use object_store::path::Path;
 use read::ReadState;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stores::counting::CountingStore;
@@ -82,6 +83,9 @@ use write_log::{Change, WriteLog};
 const META_JOURNAL_SEQ: &str = "journal_seq";
 /// Block-map metadata key: the instance id of the local directory that uploaded it.
 const META_JOURNAL_OWNER: &str = "journal_owner";
+/// Block-map metadata key: the volume's size since its last resize (volume.json keeps the size
+/// it was created with). In the map, so a checkpoint or a clone carries the size of its state.
+const META_VOLUME_SIZE: &str = "volume_size";
 
 /// What FLUSH and FUA wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,6 +200,8 @@ pub(crate) struct Shared {
     /// The store (as this volume counts it) and the prefix volumes live under.
     store: Arc<dyn ObjectStore>,
     prefix: Path,
+    /// The volume's size now (see `META_VOLUME_SIZE`; `resize` changes it).
+    size: AtomicU64,
     /// Journal, overlay and dirty accounting (see [`write_log`]).
     log: WriteLog,
     /// The block map's connections and lookup cache (see [`map_access`]).
@@ -226,6 +232,10 @@ impl Shared {
 
     fn block_size(&self) -> u64 {
         u64::from(self.meta.block_size)
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     fn check_writable(&self) -> DeviceResult<()> {
@@ -340,7 +350,7 @@ impl ObjectVolume {
     }
 
     fn check(&self, offset: u64, length: u64) -> DeviceResult<()> {
-        check_range(offset, length, self.shared.meta.size)
+        check_range(offset, length, self.shared.size())
     }
 
     /// Appends a change to the journal and the overlay (see [`WriteLog::append`]); returns

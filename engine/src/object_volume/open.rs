@@ -11,8 +11,8 @@ use super::read::ReadState;
 use super::upload_progress::UploadProgress;
 use super::write_log::WriteLog;
 use super::{
-    META_JOURNAL_OWNER, META_JOURNAL_SEQ, ObjectVolume, Shared, VolumeConfig, VolumeStats, catalog,
-    fetch, gc, lines, local_state, read, upload,
+    META_JOURNAL_OWNER, META_JOURNAL_SEQ, META_VOLUME_SIZE, ObjectVolume, Shared, VolumeConfig,
+    VolumeStats, catalog, fetch, gc, lines, local_state, read, upload,
 };
 use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
@@ -29,6 +29,7 @@ use bytes::Bytes;
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::io;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use stores::counting::CountingStore;
@@ -167,7 +168,7 @@ pub(super) async fn open(
         }
         _ => 0,
     };
-    let (lookups, updates, uploaded_seq, owner) = {
+    let (lookups, updates, uploaded_seq, owner, resized) = {
         let name = db_name.clone();
         let connections = match &map {
             MapRole::Writer(_) => MapConnections::LookupAndUpdate,
@@ -183,7 +184,12 @@ pub(super) async fn open(
                 .and_then(|s| s.parse::<u64>().ok())
                 .unwrap_or(0);
             let owner = lookups.meta(META_JOURNAL_OWNER).map_err(read)?;
-            Ok((lookups, updates, seq, owner))
+            // A resized volume's size is the map's (volume.json keeps the size at creation).
+            let resized = lookups
+                .meta(META_VOLUME_SIZE)
+                .map_err(read)?
+                .and_then(|s| s.parse::<u64>().ok());
+            Ok((lookups, updates, seq, owner, resized))
         })
         .await?
     };
@@ -243,11 +249,13 @@ pub(super) async fn open(
     let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
     phase("cache opened");
     let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
-    let total_blocks = meta.size.div_ceil(u64::from(block_size));
+    let size = resized.unwrap_or(meta.size);
+    let total_blocks = size.div_ceil(u64::from(block_size));
     let shared = Arc::new(Shared {
         chunks: chunk_store(&store, prefix, &meta),
         store: Arc::clone(&store),
         prefix: prefix.clone(),
+        size: AtomicU64::new(size),
         meta,
         instance,
         log: WriteLog::new(journal, overlay),

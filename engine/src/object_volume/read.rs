@@ -566,7 +566,7 @@ pub(super) async fn stored_blocks(
 /// foreground reads miss the cache.
 pub(super) async fn hydrate(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let started = Instant::now();
-    let total_blocks = shared.meta.size.div_ceil(shared.block_size());
+    let total_blocks = shared.size().div_ceil(shared.block_size());
     let slots = Arc::new(tokio::sync::Semaphore::new(HYDRATE_CONCURRENCY));
     let mut next = 0u64;
     let mut fetched = 0u64;

@@ -363,6 +363,24 @@ pub(super) async fn commit(
     .await
 }
 
+/// One block-map transaction that only sets metadata (`key`, `value`), synced to the store.
+/// The caller holds the maintenance lock.
+pub(super) async fn commit_meta(
+    shared: &Arc<Shared>,
+    key: &'static str,
+    value: String,
+) -> io::Result<()> {
+    let s = Arc::clone(shared);
+    blocking(move || {
+        s.map
+            .updates()?
+            .apply_with_meta(&[], &[], &[(key, value.as_str())])
+            .map_err(|e| other("block map transaction", e))
+    })
+    .await?;
+    sync_map(shared).await
+}
+
 /// Syncs the block map to the store, retrying transient failures until it works. Being fenced
 /// (another writer took the volume) stops this volume's writes for good.
 pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
