@@ -170,17 +170,22 @@ pub(crate) struct RestoreArgs {
 }
 
 /// `bucketdisk restore`: the volume as its checkpoint holds it, from now on, on every host.
+/// A volume served here is restored by its server (refused while NBD clients are connected,
+/// unless `--force` ends their sessions); otherwise the verb restores it itself.
 pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
     let location = args.access.object_store("restore")?;
     let cache_dir = args.access.cache_dir();
     let name = args.volume.as_str();
     let report = new_runtime()?.block_on(async {
-        if control::serves(&cache_dir, name).await? {
-            anyhow::bail!(
-                "volume {name} is served by the server using {}: stop it, restore, and start it \
-                 again (restoring a served volume is not supported yet)",
-                cache_dir.display()
-            );
+        // A served volume: its server closes it, restores it and serves it again.
+        let served = control::Request::Restore {
+            volume: name.to_string(),
+            checkpoint: args.checkpoint.clone(),
+            keep_current: args.keep_current,
+            force: args.access.force,
+        };
+        if let Some(result) = control::ask_server(&cache_dir, &served).await? {
+            return serde_json::from_value(result).context("reading the server's answer");
         }
         let mut config = engine::VolumeConfig::new(cache_dir.join(name));
         config.holder = control::holder_name("restore");

@@ -90,14 +90,11 @@ impl ExportSource for CheckpointExports {
         match opened {
             Ok(device) => {
                 tracing::info!(export = name, "serving a checkpoint read-only");
-                Some(Export {
-                    name: name.to_string(),
-                    description: format!(
-                        "checkpoint {checkpoint} of bucketdisk volume {volume} (read-only)"
-                    ),
-                    device: Arc::new(device),
-                    metrics: Default::default(),
-                })
+                Some(Export::new(
+                    name.to_string(),
+                    format!("checkpoint {checkpoint} of bucketdisk volume {volume} (read-only)"),
+                    Arc::new(device),
+                ))
             }
             Err(e) => {
                 tracing::info!(export = name, "no such export: {e:#}");

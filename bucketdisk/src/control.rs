@@ -5,8 +5,10 @@
 //! itself, straight against the store ([`run`]), after checking that no other writer may still
 //! be running.
 
+use crate::served::ServedVolume;
 use anyhow::{Context, Result, bail};
 use engine::object_volume::{Holder, ObjectVolume, VolumeConfig};
+use nbd_server::exports::Exports;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -46,6 +48,13 @@ pub(crate) enum Request {
         size: u64,
         force: bool,
     },
+    /// Served volumes only (a volume no server holds is restored by the verb itself).
+    Restore {
+        volume: String,
+        checkpoint: String,
+        keep_current: bool,
+        force: bool,
+    },
 }
 
 impl Request {
@@ -54,7 +63,8 @@ impl Request {
             Request::CheckpointCreate { volume, .. }
             | Request::CheckpointDelete { volume, .. }
             | Request::Holds { volume }
-            | Request::Resize { volume, .. } => volume,
+            | Request::Resize { volume, .. }
+            | Request::Restore { volume, .. } => volume,
         }
     }
 
@@ -74,6 +84,9 @@ impl Request {
                 let old = volume.resize(*size, *force).await?;
                 Ok(serde_json::json!({ "old_size": old, "size": size }))
             }
+            Request::Restore { .. } => Err(std::io::Error::other(
+                "internal: a restore is carried out by the server holding the volume",
+            )),
         }
     }
 }
@@ -116,13 +129,20 @@ pub(crate) async fn bind(cache_dir: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Answers requests for `volumes` until `stop`; removes the socket then.
+/// What a server's control socket answers for: its object volumes and their exports.
+pub(crate) struct Served {
+    pub(crate) volumes: HashMap<String, Arc<ServedVolume>>,
+    pub(crate) exports: Arc<Exports>,
+}
+
+/// Answers requests for `served` until `stop`; removes the socket then.
 pub(crate) async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    volumes: Arc<HashMap<String, Arc<ObjectVolume>>>,
+    served: Served,
     mut stop: watch::Receiver<bool>,
 ) {
+    let served = Arc::new(served);
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -134,9 +154,9 @@ pub(crate) async fn serve(
             },
             _ = stop.changed() => break,
         };
-        let volumes = Arc::clone(&volumes);
+        let served = Arc::clone(&served);
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, &volumes).await {
+            if let Err(e) = answer(stream, served).await {
                 tracing::warn!("control socket: {e:#}");
             }
         });
@@ -144,7 +164,7 @@ pub(crate) async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: UnixStream, volumes: &HashMap<String, Arc<ObjectVolume>>) -> Result<()> {
+async fn answer(stream: UnixStream, served: Arc<Served>) -> Result<()> {
     // The socket is 0600 already; this also refuses a peer that got a descriptor some other way.
     let peer = stream
         .peer_cred()
@@ -165,11 +185,30 @@ async fn answer(stream: UnixStream, volumes: &HashMap<String, Arc<ObjectVolume>>
         Err(e) => Response::Failed {
             error: format!("not a control request: {e}"),
         },
-        Ok(request) => match volumes.get(request.volume()) {
+        Ok(request) => match served.volumes.get(request.volume()) {
             None => Response::NotServed,
             Some(volume) => {
                 tracing::info!(volume = request.volume(), ?request, "control request");
-                match request.execute(volume).await {
+                let outcome = match &request {
+                    // On a thread of its own: opening a volume is not `Send` for every
+                    // lifetime (a rustc limitation with its nested futures).
+                    Request::Restore { .. } => {
+                        let (served, volume) = (Arc::clone(&served), Arc::clone(volume));
+                        let request = request.clone();
+                        let runtime = tokio::runtime::Handle::current();
+                        tokio::task::spawn_blocking(move || {
+                            runtime.block_on(restore_served(&served, &volume, &request))
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            Err(std::io::Error::other(format!(
+                                "the restore task failed: {e}"
+                            )))
+                        })
+                    }
+                    _ => request.execute(&volume.current()).await,
+                };
+                match outcome {
                     Ok(result) => Response::Done { result },
                     Err(e) => Response::Failed {
                         error: e.to_string(),
@@ -182,6 +221,91 @@ async fn answer(stream: UnixStream, volumes: &HashMap<String, Arc<ObjectVolume>>
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
     Ok(())
+}
+
+/// How long a forced restore waits for the clients it disconnected to go.
+const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Restores a volume this server serves: refused while NBD clients are connected unless
+/// `force` (which ends their sessions); then the volume is closed cleanly (everything uploaded,
+/// the lease released), its map switched to the checkpoint, and opened again under the same
+/// export. Should the switch fail, the volume is opened again as it was.
+async fn restore_served(
+    served: &Served,
+    volume: &ServedVolume,
+    request: &Request,
+) -> std::io::Result<serde_json::Value> {
+    let Request::Restore {
+        checkpoint,
+        keep_current,
+        force,
+        ..
+    } = request
+    else {
+        return Err(std::io::Error::other("internal: not a restore"));
+    };
+    let name = volume.name.as_str();
+    if let Some(export) = served.exports.all().into_iter().find(|e| e.name == name) {
+        let connected = export.sessions();
+        if connected > 0 {
+            if !force {
+                return Err(std::io::Error::other(format!(
+                    "{connected} NBD client(s) connected to {name}: disconnect them, or pass \
+                     --force to end their sessions"
+                )));
+            }
+            export.disconnect_all();
+            let deadline = std::time::Instant::now() + DISCONNECT_WAIT;
+            while export.sessions() > 0 {
+                if std::time::Instant::now() > deadline {
+                    return Err(std::io::Error::other(format!(
+                        "{name}'s clients did not disconnect within {DISCONNECT_WAIT:?}"
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let current = volume.current();
+    let kept = match keep_current {
+        true => Some(current.create_checkpoint(None).await?.name),
+        false => None,
+    };
+    engine::BlockDevice::close(current.as_ref()).await?;
+    let location = &volume.location;
+    let restore = engine::object_volume::RestoreRequest {
+        volume: name,
+        checkpoint,
+        keep_current: false,
+    };
+    let restored = engine::object_volume::restore(
+        Arc::clone(&location.store),
+        &location.prefix,
+        location.layout,
+        restore,
+        volume.config.clone(),
+        |_| Ok(()),
+    )
+    .await;
+    // Served again either way: the restored state, or the state it had.
+    let reopened = volume.reopen().await?;
+    volume.replace(reopened);
+    let mut report = restored?;
+    report.kept_current = kept;
+    serde_json::to_value(report).map_err(std::io::Error::other)
+}
+
+/// Asks the server using `cache_dir` to carry `request` out: its result; `None` when no server
+/// runs there or it does not hold the volume.
+pub(crate) async fn ask_server(
+    cache_dir: &Path,
+    request: &Request,
+) -> Result<Option<serde_json::Value>> {
+    match ask(cache_dir, request).await? {
+        Some(Response::Done { result }) => Ok(Some(result)),
+        Some(Response::Failed { error }) => bail!("{error}"),
+        Some(Response::NotServed) | None => Ok(None),
+    }
 }
 
 /// Asks the server using `cache_dir`, if one runs; `None` when none does.
@@ -295,6 +419,7 @@ fn verb(request: &Request) -> &'static str {
         Request::CheckpointDelete { .. } => "checkpoint delete",
         Request::Holds { .. } => "holds",
         Request::Resize { .. } => "resize",
+        Request::Restore { .. } => "restore",
     }
 }
 

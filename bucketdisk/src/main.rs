@@ -9,6 +9,7 @@ mod create;
 mod info;
 mod progress;
 mod serve;
+mod served;
 mod store_args;
 mod volumes;
 

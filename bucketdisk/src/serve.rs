@@ -2,6 +2,7 @@
 
 use crate::checkpoint_exports;
 use crate::control;
+use crate::served::ServedVolume;
 use crate::store_args::{
     DEFAULT_DATA_DIR, DEFAULT_VOLUME, StoreArgs, block_size, file_engine, new_runtime,
     object_store, store_dir,
@@ -162,12 +163,17 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                         checkpoint_exports::open(location, volume, checkpoint, &cache_dir).await?,
                     ),
                     None => {
-                        let volume = Arc::new(
+                        let (volume, config) =
                             open_object_volume(location, name, &args, &cache_dir, block_size)
-                                .await?,
-                        );
-                        object_volumes.insert(name.clone(), Arc::clone(&volume));
-                        volume
+                                .await?;
+                        let served = Arc::new(ServedVolume::new(
+                            name.clone(),
+                            location.clone(),
+                            config,
+                            volume,
+                        ));
+                        object_volumes.insert(name.clone(), Arc::clone(&served));
+                        served
                     }
                 },
             };
@@ -178,12 +184,11 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 engine = %args.store.engine,
                 "volume ready"
             );
-            exports.push(Export {
-                name: name.clone(),
-                description: format!("bucketdisk volume {name}"),
+            exports.push(Export::new(
+                name.clone(),
+                format!("bucketdisk volume {name}"),
                 device,
-                metrics: Default::default(),
-            });
+            ));
         }
         let mut exports = Exports::new(exports);
         if let Some(location) = &location
@@ -207,7 +212,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             tokio::spawn(control::serve(
                 listener,
                 path,
-                Arc::new(object_volumes),
+                control::Served {
+                    volumes: object_volumes,
+                    exports: Arc::clone(&exports),
+                },
                 stop_rx.clone(),
             ))
         });
@@ -253,14 +261,15 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
-/// Opens (creating on first start) an object-storage volume.
+/// Opens (creating on first start) an object-storage volume; returns it with the configuration
+/// it was opened with (to open it again after a restore).
 async fn open_object_volume(
     location: &StoreLocation,
     name: &str,
     args: &ServeArgs,
     cache_dir: &Path,
     block_size: u32,
-) -> Result<ObjectVolume> {
+) -> Result<(ObjectVolume, VolumeConfig)> {
     let mut config = VolumeConfig::new(cache_dir.join(name));
     if let Some(bytes) = args.cache_size {
         config.cache_bytes = bytes;
@@ -309,7 +318,7 @@ async fn open_object_volume(
     // Opened straight away (the open reads volume.json itself: a boot is a handful of round
     // trips, and this saves one); created only when it is missing.
     let missing = match open(config.clone()).await {
-        Ok(volume) => return Ok(volume),
+        Ok(volume) => return Ok((volume, config)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let meta = catalog::load(location.store.as_ref(), &location.prefix, name)
                 .await
@@ -332,9 +341,10 @@ async fn open_object_volume(
     .await
     .with_context(|| format!("creating volume {name}"))?;
     tracing::info!(volume = name, size = %format_size(args.size), "created volume");
-    open(config)
+    let volume = open(config.clone())
         .await
-        .with_context(|| format!("opening volume {name} in {}", location.description))
+        .with_context(|| format!("opening volume {name} in {}", location.description))?;
+    Ok((volume, config))
 }
 
 fn open_file_volume(

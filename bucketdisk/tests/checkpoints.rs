@@ -182,8 +182,8 @@ fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
     assert!(server.stop().success(), "{}", server.log_text());
 }
 
-/// `restore` refuses a served volume and one another host may hold; a checkpoint that does not
-/// exist is an error that changes nothing.
+/// `restore` refuses a volume another host may hold; a checkpoint that does not exist is an
+/// error that changes nothing.
 #[test]
 fn restore_refuses_what_it_must_not_take() {
     let mut server = Server::start();
@@ -196,10 +196,6 @@ fn restore_refuses_what_it_must_not_take() {
             .arg(server.cache_dir());
         cmd
     };
-    assert_fails_with(
-        run_output(&mut restore(&server, "base")),
-        "is served by the server",
-    );
     assert!(server.stop().success(), "{}", server.log_text());
     assert_fails_with(
         run_output(&mut restore(&server, "nope")),
@@ -315,4 +311,73 @@ fn forge_foreign_lease(server: &Server) {
         "{\"epoch\":0,\"holder\":\"elsewhere pid 1\"}\n",
     )
     .expect("forge a lease");
+}
+
+/// A served volume is restored by its server, at once when no client is connected; with clients
+/// connected only with `--force`, which ends their sessions. The export serves the restored
+/// state without a restart.
+#[test]
+fn a_served_volume_is_restored_by_its_server() {
+    require_tool("nbdcopy");
+    require_tool("qemu-img");
+    let mut server = Server::start_with(ServerOptions {
+        size: "64M",
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let first = work.path().join("first.bin");
+    let second = work.path().join("second.bin");
+    write_pattern_file(&first, 64 << 20, 11);
+    write_pattern_file(&second, 8 << 20, 12);
+    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
+    run(checkpoint(&server, "create").arg("disk").arg("base"));
+    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    let restore = |server: &Server| {
+        let mut cmd = server.cli("restore");
+        cmd.arg("disk")
+            .arg("base")
+            .arg("--cache-dir")
+            .arg(server.cache_dir());
+        cmd
+    };
+    let same_as_first = |server: &Server| {
+        Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+            .arg(server.uri())
+            .arg(&first)
+            .status()
+            .expect("qemu-img compare")
+            .success()
+    };
+    assert!(!same_as_first(&server));
+    let said = run(&mut restore(&server));
+    assert!(
+        said.contains("restored volume disk to checkpoint base"),
+        "{said}"
+    );
+    assert!(
+        same_as_first(&server),
+        "the export serves the restored state at once"
+    );
+
+    // A connected client: refused; --force ends its session.
+    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    let mut client = common::nbd_client::NbdClient::connect(&server.endpoint, "").expect("connect");
+    client.read(0, 4096).expect("a read before");
+    assert_fails_with(
+        run_output(&mut restore(&server)),
+        "NBD client(s) connected to disk",
+    );
+    client
+        .read(0, 4096)
+        .expect("the refused restore left the client alone");
+    run(restore(&server).arg("--force"));
+    assert!(client.read(0, 4096).is_err(), "its session was ended");
+    assert!(same_as_first(&server));
+    assert!(server.stop().success(), "{}", server.log_text());
+    assert!(
+        !server.log_text().contains("refusing further writes"),
+        "{}",
+        server.log_text()
+    );
 }

@@ -4,7 +4,9 @@
 use crate::metrics::RequestMetrics;
 use async_trait::async_trait;
 use engine::BlockDevice;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 pub struct Export {
     pub name: String,
@@ -12,6 +14,51 @@ pub struct Export {
     pub device: Arc<dyn BlockDevice>,
     /// Requests answered on this export, for `--metrics`.
     pub metrics: RequestMetrics,
+    /// Connections in the transmission phase on this export now.
+    sessions: AtomicUsize,
+    /// Bumped to end every session of this export (see [`Export::disconnect_all`]).
+    disconnect: watch::Sender<u64>,
+}
+
+impl Export {
+    pub fn new(name: String, description: String, device: Arc<dyn BlockDevice>) -> Self {
+        Export {
+            name,
+            description,
+            device,
+            metrics: RequestMetrics::default(),
+            sessions: AtomicUsize::new(0),
+            disconnect: watch::channel(0).0,
+        }
+    }
+
+    /// Clients in the transmission phase on this export.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Ends every session of this export: each answers what it has in flight and closes (the
+    /// same as a server stop, for this export only).
+    pub fn disconnect_all(&self) {
+        self.disconnect.send_modify(|generation| *generation += 1);
+    }
+
+    /// Counts a session for as long as the guard lives, and tells it when to end.
+    pub(crate) fn session_started(&self) -> (SessionGuard<'_>, watch::Receiver<u64>) {
+        self.sessions.fetch_add(1, Ordering::AcqRel);
+        let mut told = self.disconnect.subscribe();
+        told.mark_unchanged();
+        (SessionGuard(&self.sessions), told)
+    }
+}
+
+/// Un-counts a session when it ends.
+pub(crate) struct SessionGuard<'a>(&'a AtomicUsize);
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Exports beyond the fixed ones, opened on demand.

@@ -51,6 +51,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let session = Arc::new(session);
+    let export = Arc::clone(&session.export);
+    let (_counted, mut disconnect) = export.session_started();
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
     let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
@@ -67,6 +69,8 @@ where
             let read = tokio::select! {
                 r = reader.read_exact(&mut buf[..header_len]) => r,
                 _ = shutdown.wait_for(|&stop| stop) => return Ok(()),
+                // The export's sessions were ended (a restore of its volume).
+                _ = disconnect.changed() => return Ok(()),
             };
             match read {
                 Ok(_) => {}
