@@ -128,36 +128,19 @@ fn without_a_server_checkpoints_open_the_volume_unless_another_may_hold_it() {
 /// `serve --volume disk@NAME` serves one on its own.
 #[test]
 fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
-    require_tool("nbdcopy");
-    require_tool("qemu-img");
     require_tool("nbdinfo");
-    let mut server = Server::start_with(ServerOptions {
-        size: "64M",
-        ..Default::default()
-    });
-    let work = tempfile::tempdir().expect("tempdir");
-    let first = work.path().join("first.bin");
-    let second = work.path().join("second.bin");
-    write_pattern_file(&first, 64 << 20, 5);
-    write_pattern_file(&second, 16 << 20, 6);
-    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
-    run(checkpoint(&server, "create").arg("disk").arg("snap"));
-    // The disk changes after the checkpoint.
-    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
-    let compare = |uri: &str| {
-        Command::new("qemu-img")
-            .args(["compare", "-f", "raw", "-F", "raw"])
-            .arg(uri)
-            .arg(&first)
-            .status()
-            .expect("qemu-img compare")
-    };
+    let Changed {
+        mut server,
+        first,
+        second,
+        _work,
+    } = changed_after_checkpoint("snap", 5);
     assert!(
-        compare(&server.uri_for("disk@snap")).success(),
+        same_as(&server.uri_for("disk@snap"), &first),
         "the checkpoint export is the disk as it was"
     );
     assert!(
-        !compare(&server.uri()).success(),
+        !same_as(&server.uri(), &first),
         "the disk itself has changed"
     );
     let listed = run(Command::new("nbdinfo").arg("--list").arg(server.uri()));
@@ -176,7 +159,7 @@ fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
     server.set_volumes(&["disk@snap"]);
     server.spawn();
     assert!(
-        compare(&server.uri()).success(),
+        same_as(&server.uri(), &first),
         "served alone, the checkpoint is the same"
     );
     assert!(server.stop().success(), "{}", server.log_text());
@@ -318,20 +301,12 @@ fn forge_foreign_lease(server: &Server) {
 /// state without a restart.
 #[test]
 fn a_served_volume_is_restored_by_its_server() {
-    require_tool("nbdcopy");
-    require_tool("qemu-img");
-    let mut server = Server::start_with(ServerOptions {
-        size: "64M",
-        ..Default::default()
-    });
-    let work = tempfile::tempdir().expect("tempdir");
-    let first = work.path().join("first.bin");
-    let second = work.path().join("second.bin");
-    write_pattern_file(&first, 64 << 20, 11);
-    write_pattern_file(&second, 8 << 20, 12);
-    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
-    run(checkpoint(&server, "create").arg("disk").arg("base"));
-    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    let Changed {
+        mut server,
+        first,
+        second,
+        _work,
+    } = changed_after_checkpoint("base", 11);
     let restore = |server: &Server| {
         let mut cmd = server.cli("restore");
         cmd.arg("disk")
@@ -340,23 +315,14 @@ fn a_served_volume_is_restored_by_its_server() {
             .arg(server.cache_dir());
         cmd
     };
-    let same_as_first = |server: &Server| {
-        Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "raw"])
-            .arg(server.uri())
-            .arg(&first)
-            .status()
-            .expect("qemu-img compare")
-            .success()
-    };
-    assert!(!same_as_first(&server));
+    assert!(!same_as(&server.uri(), &first));
     let said = run(&mut restore(&server));
     assert!(
         said.contains("restored volume disk to checkpoint base"),
         "{said}"
     );
     assert!(
-        same_as_first(&server),
+        same_as(&server.uri(), &first),
         "the export serves the restored state at once"
     );
 
@@ -373,11 +339,54 @@ fn a_served_volume_is_restored_by_its_server() {
         .expect("the refused restore left the client alone");
     run(restore(&server).arg("--force"));
     assert!(client.read(0, 4096).is_err(), "its session was ended");
-    assert!(same_as_first(&server));
+    assert!(same_as(&server.uri(), &first));
     assert!(server.stop().success(), "{}", server.log_text());
     assert!(
         !server.log_text().contains("refusing further writes"),
         "{}",
         server.log_text()
     );
+}
+
+/// A 64 MiB disk served with `first` written, checkpointed as `name`, then 8 MiB of `second`
+/// written over its start: the disk no longer equals `first`, the checkpoint does.
+struct Changed {
+    server: Server,
+    first: std::path::PathBuf,
+    second: std::path::PathBuf,
+    _work: tempfile::TempDir,
+}
+
+fn changed_after_checkpoint(name: &str, seed: u64) -> Changed {
+    require_tool("nbdcopy");
+    require_tool("qemu-img");
+    let server = Server::start_with(ServerOptions {
+        size: "64M",
+        ..Default::default()
+    });
+    let work = tempfile::tempdir().expect("tempdir");
+    let first = work.path().join("first.bin");
+    let second = work.path().join("second.bin");
+    write_pattern_file(&first, 64 << 20, seed);
+    write_pattern_file(&second, 8 << 20, seed + 1);
+    run(Command::new("nbdcopy").arg(&first).arg(server.uri()));
+    run(checkpoint(&server, "create").arg("disk").arg(name));
+    run(Command::new("nbdcopy").arg(&second).arg(server.uri()));
+    Changed {
+        server,
+        first,
+        second,
+        _work: work,
+    }
+}
+
+/// Whether the export at `uri` holds exactly the image `file`.
+fn same_as(uri: &str, file: &std::path::Path) -> bool {
+    Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(uri)
+        .arg(file)
+        .status()
+        .expect("qemu-img compare")
+        .success()
 }
