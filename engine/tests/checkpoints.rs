@@ -426,3 +426,43 @@ async fn resize_grows_at_once_and_shrinks_only_over_no_data() {
     assert_reads(&x, 4, 1).await;
     x.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_crashed_before_its_new_owner_replays_no_journal() {
+    use engine::object_volume::lines::{self, MapLine};
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let mut config = f.config("a");
+    config.sync_interval = std::time::Duration::from_secs(3600);
+    let a = f.open(config).await;
+    fill(&a, 8, 1).await;
+    let one = a.create_checkpoint(Some("one")).await.expect("checkpoint");
+    assert!(
+        one.journal_owner.is_some(),
+        "the checkpoint names its journal's owner"
+    );
+    fill(&a, 8, 2).await;
+    a.write(0, pattern(BLOCK as usize, 99), true)
+        .await
+        .expect("a journaled tail");
+    drop(a);
+    // A restore's switch, then a crash before its new journal owner was committed.
+    let line = MapLine {
+        line: 1,
+        dir: lines::replica_dir(1),
+        base_txid: one.txid,
+        base: one.map_files.clone(),
+        checkpoint: one.name.clone(),
+        stale_owner: one.journal_owner.clone(),
+    };
+    lines::create(
+        f.store.as_ref(),
+        &object_store::path::Path::from("disk"),
+        &line,
+    )
+    .await
+    .expect("line");
+    // The folder whose journal continued the checkpoint's state: set aside, never replayed.
+    let a = f.open(f.config("a")).await;
+    assert_reads(&a, 8, 1).await;
+    a.close().await.expect("close");
+}

@@ -35,6 +35,10 @@ pub struct Checkpoint {
     pub map_files: Vec<MapFile>,
     /// Every chunk that state references.
     pub chunks: Vec<u64>,
+    /// The journal owner that state records (the local folder whose journal continues it): a
+    /// restore must never let that folder replay its journal on top (see `lines`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal_owner: Option<String>,
 }
 
 /// One block-map replica file a checkpoint (or a map line's base) is restored from.
@@ -306,6 +310,7 @@ mod tests {
             size: 1 << 30,
             allocated_blocks: 0,
             stored_bytes: 0,
+            journal_owner: None,
             map_files: files
                 .into_iter()
                 .map(|path| MapFile {

@@ -125,6 +125,7 @@ pub async fn clone_volume(
         base_txid: found.txid,
         base,
         checkpoint: format!("{source}@{checkpoint}"),
+        stale_owner: found.journal_owner.clone(),
     };
     match lines::create(store, &root, &line).await {
         Ok(()) => {}

@@ -95,12 +95,13 @@ impl ObjectVolume {
             })
             .collect::<io::Result<Vec<_>>>()?;
         let s = Arc::clone(shared);
-        let (chunks, (allocated_blocks, stored_bytes)) = blocking(move || {
+        let (chunks, (allocated_blocks, stored_bytes), journal_owner) = blocking(move || {
             let map = s.map.lookups();
             let query = |e| other("block map", e);
             Ok((
                 map.live_chunk_ids().map_err(query)?,
                 map.usage().map_err(query)?,
+                map.meta(super::META_JOURNAL_OWNER).map_err(query)?,
             ))
         })
         .await?;
@@ -113,6 +114,7 @@ impl ObjectVolume {
             stored_bytes,
             map_files,
             chunks,
+            journal_owner,
         };
         checkpoints::create(
             shared.store.as_ref(),

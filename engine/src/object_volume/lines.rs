@@ -28,6 +28,24 @@ pub struct MapLine {
     pub base: Vec<MapFile>,
     /// The checkpoint restored, for people reading the bucket.
     pub checkpoint: String,
+    /// The journal owner the base state records. Until a writer of this line records another,
+    /// no local folder may replay its journal on top (a restore that crashed before its new
+    /// owner was committed would otherwise let that folder's stale tail in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_owner: Option<String>,
+}
+
+impl MapLine {
+    /// The journal owner an open must go by, given the one the map records: none at all while
+    /// the map still records the base's owner (every journal is moved aside).
+    pub fn effective_owner(&self, recorded: Option<String>) -> Option<String> {
+        match (&self.stale_owner, recorded) {
+            (Some(stale), Some(recorded)) if *stale == recorded => {
+                Some(format!("restored-line-{}", self.line))
+            }
+            (_, recorded) => recorded,
+        }
+    }
 }
 
 fn dir(root: &Path) -> Path {

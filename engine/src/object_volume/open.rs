@@ -195,6 +195,11 @@ pub(super) async fn open(
     };
 
     phase("SQLite opened");
+    // A restored volume whose new line has no owner of its own yet replays no journal.
+    let owner = match &line {
+        Some(line) => line.effective_owner(owner),
+        None => owner,
+    };
     // Replay the journal on top of what the map holds.
     let block_size = meta.block_size;
     let max_dirty_bytes = config.max_dirty_bytes;

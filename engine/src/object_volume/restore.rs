@@ -9,8 +9,9 @@
 //! 3. A map writer on the new line (it takes the writer lease) commits a new journal owner that
 //!    names no folder, so no journal left anywhere — here, or by the host that wrote the
 //!    checkpoint — is ever replayed on top of the restored state: each is moved aside at its
-//!    folder's next open. A crash between 2 and 3 leaves the owner the checkpoint recorded;
-//!    running the restore again finishes it (the next line, same state).
+//!    folder's next open. A crash between 2 and 3 is covered too: the line names the owner the
+//!    checkpoint recorded as stale, and while the map still records it no journal is replayed
+//!    (`MapLine::effective_owner`).
 //! 4. The old line's map files that no checkpoint pins are deleted (chunks only it used go with
 //!    the next collection's orphan sweep).
 //!
@@ -108,6 +109,7 @@ pub async fn restore(
         base_txid: found.txid,
         base: found.map_files.clone(),
         checkpoint: checkpoint.to_string(),
+        stale_owner: found.journal_owner.clone(),
     };
     lines::create(store.as_ref(), &root, &line).await?;
     let epoch = match &holder {
