@@ -21,6 +21,7 @@ enum CheckpointCommand {
     /// Take a checkpoint: everything written before the command, uploaded and pinned (no data
     /// is copied). Prints its name.
     Create {
+        /// The volume to checkpoint.
         volume: String,
         /// 1-128 of [A-Za-z0-9._-]. [default: ckpt-<UTC time>]
         name: Option<String>,
@@ -32,6 +33,7 @@ enum CheckpointCommand {
     },
     /// List a volume's checkpoints, oldest first.
     List {
+        /// The volume whose checkpoints to list.
         volume: String,
         #[command(flatten)]
         store: StoreArgs,
@@ -41,7 +43,9 @@ enum CheckpointCommand {
     },
     /// Delete a checkpoint; the space only it held is freed by the volume's garbage collection.
     Delete {
+        /// The volume the checkpoint belongs to.
         volume: String,
+        /// The checkpoint to delete.
         name: String,
         #[command(flatten)]
         target: VolumeAccess,
@@ -156,6 +160,7 @@ fn describe(c: &Checkpoint) -> serde_json::Value {
 
 #[derive(Args)]
 pub(crate) struct RestoreArgs {
+    /// The volume to restore.
     volume: String,
     /// The checkpoint to restore.
     checkpoint: String,

@@ -51,7 +51,8 @@ enum Command {
     Delete(DeleteArgs),
     /// Take, list and delete checkpoints (named, restorable states) of a volume.
     Checkpoint(CheckpointArgs),
-    /// Restore a volume to one of its checkpoints (the volume must not be served meanwhile).
+    /// Restore a volume to one of its checkpoints; a served volume is restored by its server
+    /// (with NBD clients connected only with --force, which ends their sessions).
     Restore(RestoreArgs),
     /// Make a new volume from a checkpoint of another (or from its state now), sharing its
     /// chunks: nothing is copied, and writes to either never show in the other.

@@ -21,6 +21,7 @@ pub(crate) struct ListArgs {
 
 #[derive(Args)]
 pub(crate) struct DeleteArgs {
+    /// The volume to delete.
     volume: String,
     #[command(flatten)]
     access: VolumeAccess,
@@ -192,6 +193,7 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
 
 #[derive(Args)]
 pub(crate) struct ResizeArgs {
+    /// The volume to resize.
     volume: String,
     /// The new size (K, M, G, T suffixes; a multiple of 4K, and of the block size to shrink).
     #[arg(value_parser = bucketdisk::units::parse_size)]
