@@ -11,6 +11,11 @@
 //! - **clone** of that checkpoint into a new volume: `bucketdisk clone` start to exit, then the
 //!   clone's first read the same way.
 //!
+//! - **space a checkpoint holds**: 1 GiB written with fio (1M sequential, incompressible), a
+//!   checkpoint, the same GiB written again, and the bytes of chunks in the store after the
+//!   server's clean stop (uploads and collection done) — then again once the checkpoint is
+//!   deleted and the volume served until its collection ran.
+//!
 //! Repeats are interleaved across the sizes; each repeat takes a new checkpoint and restores
 //! it, so later repeats run on volumes already restored (a map line past the first).
 
@@ -26,6 +31,8 @@ use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use crate::{machine, moto};
 use anyhow::{Context, Result, bail, ensure};
 use blockmap::replica::Layout;
+use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path as StorePath;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -73,6 +80,18 @@ struct Round {
     clone_first_read_ms: f64,
 }
 
+/// The store's chunk bytes around one overwrite of a checkpointed volume.
+#[derive(Debug, Clone, Serialize)]
+struct Space {
+    written_bytes: u64,
+    /// After the first write (uploaded).
+    chunks_before: u64,
+    /// After the overwrite, with the checkpoint holding the first version.
+    chunks_with_checkpoint: u64,
+    /// After the checkpoint was deleted and collection ran.
+    chunks_after_delete: u64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     #[serde(flatten)]
@@ -81,6 +100,7 @@ struct Report {
     built: Vec<Built>,
     commands: Vec<String>,
     rounds: Vec<Round>,
+    space: Space,
 }
 
 fn prefix(written_gib: u64) -> String {
@@ -247,6 +267,87 @@ fn round(
     })
 }
 
+const SPACE_PREFIX: &str = "lifecycle-space";
+const SPACE_BYTES: u64 = GIB;
+
+/// Bytes of every chunk object of `volume` under `prefix`.
+fn chunk_bytes(
+    runtime: &tokio::runtime::Runtime,
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    volume: &str,
+) -> Result<u64> {
+    let dir = StorePath::from(format!("{prefix}/{volume}/chunks"));
+    runtime.block_on(async {
+        let objects: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+        Ok(objects.iter().map(|m| m.size).sum())
+    })
+}
+
+/// The space a checkpoint holds once the volume is overwritten: written, checkpointed,
+/// written again (no added latency: this measures bytes, not time).
+fn space(env: &Env, store: &Arc<dyn ObjectStore>) -> Result<Space> {
+    let work = env.work.join("space");
+    std::fs::create_dir_all(&work)?;
+    let cache = fresh_dir(&work, "cache")?;
+    // One runtime for every listing: the store's client keeps its connections in it.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let served = |what: &str| -> Result<(ServerProcess, SocketAddr)> {
+        let log = work.join(format!("{what}.log"));
+        let (mut server, addr) = serve(env, SPACE_PREFIX, VOLUME, &cache, &log)?;
+        server.wait_until_serving(addr, TIMEOUT)?;
+        Ok((server, addr))
+    };
+    let write = |addr: SocketAddr, pass: &str| -> Result<()> {
+        crate::fio::pass(
+            "write",
+            SPACE_BYTES,
+            &format!("nbd://{addr}/"),
+            &work.join(format!("{pass}.json")),
+        )?;
+        Ok(())
+    };
+    let (server, addr) = served("first")?;
+    write(addr, "first")?;
+    server.stop()?;
+    let chunks_before = chunk_bytes(&runtime, store, SPACE_PREFIX, VOLUME)?;
+    let (server, addr) = served("overwrite")?;
+    timed(
+        verb(
+            env,
+            SPACE_PREFIX,
+            &["checkpoint", "create", VOLUME, "held"],
+            &cache,
+        ),
+        "checkpoint create",
+    )?;
+    write(addr, "overwrite")?;
+    server.stop()?;
+    let chunks_with_checkpoint = chunk_bytes(&runtime, store, SPACE_PREFIX, VOLUME)?;
+    timed(
+        verb(
+            env,
+            SPACE_PREFIX,
+            &["checkpoint", "delete", VOLUME, "held"],
+            &cache,
+        ),
+        "checkpoint delete",
+    )?;
+    // Served until a collection pass has run (they run every few seconds when idle).
+    let (server, _) = served("collect")?;
+    std::thread::sleep(Duration::from_secs(8));
+    server.stop()?;
+    let chunks_after_delete = chunk_bytes(&runtime, store, SPACE_PREFIX, VOLUME)?;
+    Ok(Space {
+        written_bytes: SPACE_BYTES,
+        chunks_before,
+        chunks_with_checkpoint,
+        chunks_after_delete,
+    })
+}
+
 pub fn run(args: Args, command: String) -> Result<()> {
     let workspace = workspace_root();
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
@@ -254,7 +355,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
     let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let store = moto::client(&format!("http://{}", moto.addr), BUCKET)?;
-    let steps = (args.written_gib.len() * (1 + args.repeats)) as u64;
+    let steps = (args.written_gib.len() * (1 + args.repeats) + 1) as u64;
     let mut progress = Progress::new(steps);
     let mut built = Vec::new();
     for &gib in &args.written_gib {
@@ -295,6 +396,10 @@ pub fn run(args: Args, command: String) -> Result<()> {
             progress.step_done();
         }
     }
+    proxy.set_delay(Duration::ZERO);
+    progress.step("the space a checkpoint holds after one overwrite");
+    let space = space(&env, &store)?;
+    progress.step_done();
     progress.finish();
     run.finish();
     let cache = PathBuf::from("CACHE");
@@ -315,6 +420,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         built,
         commands,
         rounds,
+        space,
     };
     let out_dir = args.places.out_dir(&workspace);
     let stem = report.run.stem("lifecycle");
@@ -413,6 +519,22 @@ fn markdown(r: &Report, stem: &str) -> String {
             x.clone_first_read_ms
         );
     }
+    let gib = |b: u64| b as f64 / GIB as f64;
+    let sp = &r.space;
+    let _ = writeln!(
+        md,
+        "\n## Space a checkpoint holds\n\n{:.0} GiB written with fio (1M sequential, \
+         incompressible data), a checkpoint, the same range written again; chunk bytes in the \
+         store after each clean stop (uploads and collection done). No added latency.\n\n\
+         | state | chunk bytes in the store |\n|---|---:|\n\
+         | written once | {:.2} GiB |\n\
+         | overwritten, the checkpoint holding the first version | {:.2} GiB |\n\
+         | checkpoint deleted, collection run | {:.2} GiB |",
+        gib(sp.written_bytes),
+        gib(sp.chunks_before),
+        gib(sp.chunks_with_checkpoint),
+        gib(sp.chunks_after_delete)
+    );
     let _ = writeln!(
         md,
         "\nRaw numbers for every run: `{stem}.json` beside this file."
