@@ -5,7 +5,8 @@
 //! - **checkpoint create** of a served volume: `bucketdisk checkpoint create` from the command's
 //!   start to its exit (it goes through the server's control socket), and the store requests
 //!   it caused;
-//! - **restore** of the volume, its server stopped: `bucketdisk restore` from start to exit;
+//! - **restore** of the served volume (its server closes it, switches it and serves it again),
+//!   and of the volume with its server stopped: `bucketdisk restore` from start to exit;
 //! - **first read after the restore**: a server started with an empty cache, process start → the
 //!   first 4 KiB read answered and checked against the built block;
 //! - **clone** of that checkpoint into a new volume: `bucketdisk clone` start to exit, then the
@@ -71,6 +72,8 @@ struct Round {
     checkpoint_ms: f64,
     /// Store requests while the checkpoint was taken (the server's and the command's).
     checkpoint_store: Traffic,
+    /// `bucketdisk restore` of the volume while its server serves it (no client connected).
+    served_restore_ms: f64,
     restore_ms: f64,
     restore_store: Traffic,
     /// Process start → the first 4 KiB read answered, empty cache, after the restore.
@@ -239,6 +242,12 @@ fn round(
         "checkpoint create",
     )?;
     let checkpoint_store = proxy.traffic().since(&before);
+    // Restored by its server while it serves (no client connected): closed, switched, opened
+    // again under the same export.
+    let served_restore_ms = timed(
+        verb(env, &prefix, &["restore", VOLUME, &name], &cache),
+        "restore of the served volume",
+    )?;
     server.stop()?;
     let before = proxy.traffic();
     let restore_ms = timed(
@@ -255,6 +264,7 @@ fn round(
     )?;
     let clone_first_read_ms = first_read(env, &prefix, &copy, &work, expected)?;
     Ok(Round {
+        served_restore_ms,
         clone_ms,
         clone_first_read_ms,
         written_gib,
@@ -452,7 +462,9 @@ fn markdown(r: &Report, stem: &str) -> String {
          Each volume is a 100 GiB disk whose block map has one row per written 64 KiB block \
          (built directly, every row pointing at real checksummed data). A round: a server \
          starts on the volume; `bucketdisk checkpoint create` runs (through the server's control \
-         socket), timed from the command's start to its exit; the server stops; `bucketdisk \
+         socket), timed from the command's start to its exit; `bucketdisk restore` of it runs \
+         while the server serves the volume (the server closes it, switches it and serves it \
+         again), timed the same way; the server stops; `bucketdisk \
          restore` of that checkpoint runs, timed the same way; then a server starts with an \
          empty cache and the first 4 KiB read of block 0 is timed from process start and checked; \
          then `bucketdisk clone` of the checkpoint into a new volume is timed, and that volume's \
@@ -465,7 +477,7 @@ fn markdown(r: &Report, stem: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "\n| written | map rows | checkpoint create, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | restore, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | first 4 KiB read after restore, empty cache, ms (≤ {READ_FLOOR_MS:.0}) | clone, ms (≤ {VERB_FLOOR_MS:.0}) | the clone's first 4 KiB read, empty cache, ms (≤ {READ_FLOOR_MS:.0}) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\n| written | map rows | checkpoint create, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | restore of the served volume, ms (≤ {VERB_FLOOR_MS:.0}) | restore, server stopped, ms (≤ {VERB_FLOOR_MS:.0}) | its store requests (PUTs) | first 4 KiB read after restore, empty cache, ms (≤ {READ_FLOOR_MS:.0}) | clone, ms (≤ {VERB_FLOOR_MS:.0}) | the clone's first 4 KiB read, empty cache, ms (≤ {READ_FLOOR_MS:.0}) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut sizes: Vec<u64> = r.rounds.iter().map(|x| x.written_gib).collect();
     sizes.dedup();
@@ -488,10 +500,11 @@ fn markdown(r: &Report, stem: &str) -> String {
             .map_or(0, |b| b.rows);
         let _ = writeln!(
             md,
-            "| {gib} GiB | {rows} | {} | {} ({}) | {} | {} ({}) | {} | {} | {} |",
+            "| {gib} GiB | {rows} | {} | {} ({}) | {} | {} | {} ({}) | {} | {} | {} |",
             of(&|x| x.checkpoint_ms),
             of(&|x| x.checkpoint_store.requests as f64),
             of(&|x| x.checkpoint_store.puts as f64),
+            of(&|x| x.served_restore_ms),
             of(&|x| x.restore_ms),
             of(&|x| x.restore_store.requests as f64),
             of(&|x| x.restore_store.puts as f64),
@@ -502,16 +515,17 @@ fn markdown(r: &Report, stem: &str) -> String {
     }
     let _ = writeln!(
         md,
-        "\nPer round:\n\n| written | round | checkpoint ms | requests | restore ms | requests | first read ms | clone ms | clone's first read ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "\nPer round:\n\n| written | round | checkpoint ms | requests | served restore ms | restore ms | requests | first read ms | clone ms | clone's first read ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for x in &r.rounds {
         let _ = writeln!(
             md,
-            "| {} GiB | {} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
+            "| {} GiB | {} | {:.0} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
             x.written_gib,
             x.repeat + 1,
             x.checkpoint_ms,
             x.checkpoint_store.requests,
+            x.served_restore_ms,
             x.restore_ms,
             x.restore_store.requests,
             x.first_read_ms,
