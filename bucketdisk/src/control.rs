@@ -227,8 +227,9 @@ async fn answer(stream: UnixStream, served: Arc<Served>) -> Result<()> {
 const DISCONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Restores a volume this server serves: refused while NBD clients are connected unless
-/// `force` (which ends their sessions); then the volume is closed cleanly (everything uploaded,
-/// the lease released), its map switched to the checkpoint, and opened again under the same
+/// `force` (which ends their sessions); then the volume is stopped without uploading (what it
+/// journaled since the checkpoint is what a restore drops; with `keep_current` it was stored by
+/// that checkpoint), its map switched to the checkpoint, and opened again under the same
 /// export. Should the switch fail, the volume is opened again as it was.
 async fn restore_served(
     served: &Served,
@@ -271,7 +272,8 @@ async fn restore_served(
         true => Some(current.create_checkpoint(None).await?.name),
         false => None,
     };
-    engine::BlockDevice::close(current.as_ref()).await?;
+    // What it journaled since the checkpoint is what the restore drops: no upload.
+    current.abandon().await?;
     let location = &volume.location;
     let restore = engine::object_volume::RestoreRequest {
         volume: name,

@@ -197,6 +197,18 @@ impl ObjectVolume {
         Ok(old)
     }
 
+    /// Stops this volume without storing what is journaled and not uploaded (a restore is about
+    /// to replace its state): it refuses writes from now on; close follows. Cheaper than a
+    /// clean close by the uploads and map upkeep that would be thrown away.
+    pub async fn abandon(&self) -> io::Result<()> {
+        tracing::info!(volume = %self.shared.meta.name, "stopping for a restore");
+        self.shared.uploads.stop_writes(format!(
+            "volume {} is being restored; it serves again once restored",
+            self.shared.meta.name
+        ));
+        Ok(crate::BlockDevice::close(self).await?)
+    }
+
     /// The volume's checkpoints, oldest first.
     pub async fn checkpoints(&self) -> io::Result<Vec<Checkpoint>> {
         let shared = &self.shared;

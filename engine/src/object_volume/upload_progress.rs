@@ -84,6 +84,12 @@ impl UploadProgress {
     /// for the uploader so that they see it.
     pub(super) fn fence(&self, volume: &str, why: String) {
         tracing::error!(volume, "{why}; refusing further writes");
+        self.stop_writes(why);
+    }
+
+    /// Refuses writes from now on for a reason that is no failure (the volume is being
+    /// restored), and wakes everyone waiting for the uploader.
+    pub(super) fn stop_writes(&self, why: String) {
         *lock(&self.fenced) = Some(why);
         self.uploaded.send_modify(|_| {});
     }
