@@ -37,15 +37,21 @@ fn lease_dir(root: &Path) -> Path {
 
 /// The highest epoch taken so far (0 if none).
 pub async fn current_epoch(store: &dyn ObjectStore, root: &Path) -> Result<u64, LeaseError> {
-    let dir = lease_dir(root);
-    let objects: Vec<_> = store.list(Some(&dir)).try_collect().await?;
-    Ok(objects
+    let objects: Vec<_> = store.list(Some(&lease_dir(root))).try_collect().await?;
+    let names: Vec<&str> = objects
         .iter()
         .filter_map(|m| m.location.filename())
+        .collect();
+    Ok(newest_epoch(&names).unwrap_or(0))
+}
+
+/// The highest epoch among the lease directory's object names (markers are not leases).
+fn newest_epoch(names: &[&str]) -> Option<u64> {
+    names
+        .iter()
         .filter(|name| name.len() == 16)
         .filter_map(|name| u64::from_str_radix(name, 16).ok())
         .max()
-        .unwrap_or(0))
 }
 
 /// Takes the next epoch. `holder` names this writer in the lease object (host, pid) for people
@@ -114,12 +120,7 @@ pub async fn current_holder(store: &dyn ObjectStore, root: &Path) -> Result<Hold
         .iter()
         .filter_map(|m| m.location.filename())
         .collect();
-    let Some(epoch) = names
-        .iter()
-        .filter(|name| name.len() == 16)
-        .filter_map(|name| u64::from_str_radix(name, 16).ok())
-        .max()
-    else {
+    let Some(epoch) = newest_epoch(&names) else {
         return Ok(Holder::Nobody);
     };
     let path = dir.join(format!("{epoch:016x}"));

@@ -3,6 +3,7 @@
 //! NBD_OPT_LIST), opened when a client first asks. Each has a local folder of its own
 //! (`<cache-dir>/disk@NAME`) for its block cache.
 
+use crate::store_args::on_own_thread;
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use engine::object_volume::{ObjectVolume, VolumeConfig, checkpoints};
@@ -77,12 +78,10 @@ impl ExportSource for CheckpointExports {
         {
             return None;
         }
-        // On a thread of its own: the volume's open is not `Send` for every lifetime (a
-        // rustc limitation with its nested futures), which a handshake task needs.
+        // A handshake task needs `Send`, which the volume's open cannot prove.
         let (location, cache_dir) = (self.location.clone(), self.cache_dir.clone());
         let (volume_name, checkpoint_name) = (volume.to_string(), checkpoint.to_string());
-        let runtime = tokio::runtime::Handle::current();
-        let opened = tokio::task::spawn_blocking(move || {
+        let opened = on_own_thread(move |runtime| {
             runtime.block_on(open(&location, &volume_name, &checkpoint_name, &cache_dir))
         })
         .await

@@ -6,6 +6,7 @@
 //! be running.
 
 use crate::served::ServedVolume;
+use crate::store_args::on_own_thread;
 use anyhow::{Context, Result, bail};
 use engine::object_volume::{Holder, ObjectVolume, VolumeConfig};
 use nbd_server::exports::Exports;
@@ -190,13 +191,11 @@ async fn answer(stream: UnixStream, served: Arc<Served>) -> Result<()> {
             Some(volume) => {
                 tracing::info!(volume = request.volume(), ?request, "control request");
                 let outcome = match &request {
-                    // On a thread of its own: opening a volume is not `Send` for every
-                    // lifetime (a rustc limitation with its nested futures).
+                    // A spawned task needs `Send`, which opening a volume cannot prove.
                     Request::Restore { .. } => {
                         let (served, volume) = (Arc::clone(&served), Arc::clone(volume));
                         let request = request.clone();
-                        let runtime = tokio::runtime::Handle::current();
-                        tokio::task::spawn_blocking(move || {
+                        on_own_thread(move |runtime| {
                             runtime.block_on(restore_served(&served, &volume, &request))
                         })
                         .await

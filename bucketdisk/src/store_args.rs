@@ -44,6 +44,16 @@ pub(crate) fn new_runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Runs `work` on a blocking thread, with the current runtime to drive its futures: for
+/// futures rustc cannot prove `Send` for every lifetime (opening a volume nests several), which
+/// a spawned task needs. `Err` if the thread panicked.
+pub(crate) async fn on_own_thread<T: Send + 'static>(
+    work: impl FnOnce(&tokio::runtime::Handle) -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || work(&runtime)).await
+}
+
 /// Resolves `--store` to a local directory (the local-file engine).
 pub(crate) fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
     let Some(url) = args.store.as_deref() else {

@@ -39,20 +39,19 @@ struct Row {
 }
 
 async fn describe(location: &StoreLocation, name: String) -> Result<Option<Row>> {
-    if catalog::load(location.store.as_ref(), &location.prefix, &name)
-        .await?
-        .is_none()
-    {
-        return Ok(None); // not a volume (or the remains of one being deleted)
-    }
-    let report = engine::object_volume::inspect(
+    let report = match engine::object_volume::inspect(
         std::sync::Arc::clone(&location.store),
         &location.prefix,
         location.layout,
         &name,
     )
     .await
-    .with_context(|| format!("reading volume {name}"))?;
+    {
+        Ok(report) => report,
+        // Not a volume (or the remains of one being deleted).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading volume {name}")),
+    };
     let checkpoints = checkpoints::list(location.store.as_ref(), &location.prefix, &name)
         .await
         .with_context(|| format!("listing the checkpoints of volume {name}"))?
@@ -120,19 +119,20 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
             );
         }
         let store = location.store.as_ref();
-        let exists = catalog::load(store, &location.prefix, name)
-            .await?
-            .is_some();
-        let remains = !catalog::list_names(store, &location.prefix)
-            .await?
-            .iter()
-            .all(|n| n != name);
-        if !exists && !remains {
+        let meta = catalog::load(store, &location.prefix, name).await?;
+        // Without volume.json, only the remains of a deletion that did not finish.
+        if meta.is_none()
+            && !catalog::list_names(store, &location.prefix)
+                .await?
+                .iter()
+                .any(|n| n == name)
+        {
             bail!("no volume {name} in {}", location.description);
         }
         // Clones read this volume's chunks: it goes only after they do, --force or not.
+        let kept = checkpoints::list(store, &location.prefix, name).await?;
         let mut clones = Vec::new();
-        for c in checkpoints::list(store, &location.prefix, name).await? {
+        for c in &kept {
             clones.extend(
                 engine::object_volume::clones_of(store, &location.prefix, name, &c.name).await?,
             );
@@ -143,9 +143,8 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
                 clones.join(", ")
             );
         }
-        if exists && !args.access.force {
+        if meta.is_some() && !args.access.force {
             control::check_not_held_elsewhere(&location, name, false).await?;
-            let kept = checkpoints::list(store, &location.prefix, name).await?;
             if !kept.is_empty() {
                 let names: Vec<&str> = kept.iter().map(|c| c.name.as_str()).collect();
                 bail!(
@@ -155,7 +154,6 @@ pub(crate) fn delete(args: DeleteArgs) -> Result<()> {
                 );
             }
         }
-        let meta = catalog::load(store, &location.prefix, name).await?;
         let bar = crate::progress::bar("deleting objects");
         let count = catalog::delete_volume(store, &location.prefix, name, |done, total| {
             bar.set_length(total);

@@ -15,6 +15,22 @@ pub fn volume_root(prefix: &Path, name: &str) -> Path {
     prefix.clone().join(name)
 }
 
+/// The key `relative` (`a/b/c`) names under `root`.
+pub fn under(root: &Path, relative: &str) -> Path {
+    relative
+        .split('/')
+        .fold(root.clone(), |path, part| path.join(part))
+}
+
+/// The prefix the volume at `volume_root` lives under (its root without its name).
+pub fn prefix_of(volume_root: &Path) -> Path {
+    let mut parts: Vec<_> = volume_root.parts().collect();
+    parts.pop();
+    parts
+        .into_iter()
+        .fold(Path::default(), |path, part| path.join(part))
+}
+
 fn metadata_path(prefix: &Path, name: &str) -> Path {
     volume_root(prefix, name).join(METADATA_FILE)
 }
@@ -125,6 +141,20 @@ pub fn require(meta: Option<VolumeMetadata>, name: &str) -> io::Result<VolumeMet
     })
 }
 
+/// Writes a new object create-only (the keys a volume's metadata lives under are never
+/// overwritten). `Ok(false)`: it existed already.
+pub async fn put_new(store: &dyn ObjectStore, path: &Path, body: Vec<u8>) -> io::Result<bool> {
+    let options = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(path, PutPayload::from(body), options).await {
+        Ok(_) => Ok(true),
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    }
+}
+
 /// Stores new metadata; fails with `AlreadyExists` if the volume exists.
 pub async fn create(
     store: &dyn ObjectStore,
@@ -133,18 +163,13 @@ pub async fn create(
 ) -> io::Result<()> {
     let path = metadata_path(prefix, &meta.name);
     let text = serde_json::to_vec_pretty(meta).map_err(io::Error::other)?;
-    let options = PutOptions {
-        mode: PutMode::Create,
-        ..PutOptions::default()
-    };
-    match store.put_opts(&path, PutPayload::from(text), options).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("volume {} already exists ({path})", meta.name),
-        )),
-        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    if put_new(store, &path, text).await? {
+        return Ok(());
     }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("volume {} already exists ({path})", meta.name),
+    ))
 }
 
 /// Checks the shape of a new volume: a size that is a non-zero multiple of the block size, and

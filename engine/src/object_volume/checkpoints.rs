@@ -8,7 +8,7 @@ use super::catalog;
 use crate::file_volume::validate_volume_name;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::collections::HashSet;
 use std::io;
 use stores::retry::with_retries;
@@ -58,18 +58,9 @@ impl MapFile {
     pub fn key(&self, volume_root: &Path) -> Path {
         let root = match &self.volume {
             None => volume_root.clone(),
-            Some(other) => {
-                let mut parts: Vec<_> = volume_root.parts().collect();
-                parts.pop();
-                parts
-                    .into_iter()
-                    .fold(Path::default(), |path, part| path.join(part))
-                    .join(other.as_str())
-            }
+            Some(other) => catalog::prefix_of(volume_root).join(other.as_str()),
         };
-        self.path
-            .split('/')
-            .fold(root, |path, part| path.join(part))
+        catalog::under(&root, &self.path)
     }
 
     /// The file at `key`, as the volume at `volume_root` records it (`None`: not a key under
@@ -89,12 +80,7 @@ impl MapFile {
                 size,
             });
         }
-        let mut prefix: Vec<_> = volume_root.parts().collect();
-        prefix.pop();
-        let prefix = prefix
-            .into_iter()
-            .fold(Path::default(), |path, part| path.join(part));
-        let mut rest = key.prefix_match(&prefix)?;
+        let mut rest = key.prefix_match(&catalog::prefix_of(volume_root))?;
         let volume = rest.next()?.as_ref().to_string();
         Some(MapFile {
             volume: Some(volume),
@@ -193,17 +179,10 @@ pub async fn create(
     validate_name(&checkpoint.name)?;
     let path = path(prefix, volume, &checkpoint.name);
     let text = serde_json::to_vec(checkpoint).map_err(io::Error::other)?;
-    let options = PutOptions {
-        mode: PutMode::Create,
-        ..PutOptions::default()
-    };
-    match store.put_opts(&path, PutPayload::from(text), options).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => {
-            Err(already_exists(volume, &checkpoint.name))
-        }
-        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    if catalog::put_new(store, &path, text).await? {
+        return Ok(());
     }
+    Err(already_exists(volume, &checkpoint.name))
 }
 
 pub(super) fn already_exists(volume: &str, name: &str) -> io::Error {

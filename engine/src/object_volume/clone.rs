@@ -22,7 +22,7 @@ use super::checkpoints::{self, MapFile, not_found};
 use super::lines::{self, MapLine};
 use crate::metadata::{Inherited, Parent, VolumeMetadata, random_id};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::io;
 
 /// Where a clone's dependency on a checkpoint is recorded, in the source volume.
@@ -31,17 +31,6 @@ pub(super) fn marker(prefix: &Path, source: &str, checkpoint: &str, clone: &str)
         .join("checkpoints")
         .join(format!("{checkpoint}.clones"))
         .join(clone)
-}
-
-async fn put_new(store: &dyn ObjectStore, path: &Path, body: Vec<u8>) -> io::Result<()> {
-    let options = PutOptions {
-        mode: PutMode::Create,
-        ..PutOptions::default()
-    };
-    match store.put_opts(path, PutPayload::from(body), options).await {
-        Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
-    }
 }
 
 /// Creates volume `clone` from checkpoint `checkpoint` of volume `source`.
@@ -88,7 +77,7 @@ pub async fn clone_volume(
     };
     let root = catalog::volume_root(prefix, clone);
     // 1. The dependency, so the checkpoint cannot go while the clone is being made.
-    put_new(
+    catalog::put_new(
         store,
         &marker(prefix, source, checkpoint, clone),
         Vec::new(),
@@ -98,13 +87,13 @@ pub async fn clone_volume(
     //    the next epoch, above every id it inherits.
     let lease = root.clone().join("lease");
     let body = format!("{{\"epoch\":{epoch},\"holder\":\"cloned from {source}@{checkpoint}\"}}\n");
-    put_new(
+    catalog::put_new(
         store,
         &lease.clone().join(format!("{epoch:016x}")),
         body.into_bytes(),
     )
     .await?;
-    put_new(
+    catalog::put_new(
         store,
         &lease.join(format!("{epoch:016x}.released")),
         Vec::new(),

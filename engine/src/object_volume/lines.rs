@@ -8,7 +8,7 @@
 use super::checkpoints::MapFile;
 use blockmap::replica::{Layout, Replica, ReplicaFile};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::io;
 use std::sync::Arc;
 use stores::retry::with_retries;
@@ -87,18 +87,13 @@ pub async fn current(store: &dyn ObjectStore, root: &Path) -> io::Result<Option<
 pub async fn create(store: &dyn ObjectStore, root: &Path, line: &MapLine) -> io::Result<()> {
     let path = dir(root).join(format!("{:016x}.json", line.line));
     let text = serde_json::to_vec(line).map_err(io::Error::other)?;
-    let options = PutOptions {
-        mode: PutMode::Create,
-        ..PutOptions::default()
-    };
-    match store.put_opts(&path, PutPayload::from(text), options).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{path} exists: the volume was restored by someone else meanwhile"),
-        )),
-        Err(e) => Err(io::Error::other(format!("writing {path}: {e}"))),
+    if super::catalog::put_new(store, &path, text).await? {
+        return Ok(());
     }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!("{path} exists: the volume was restored by someone else meanwhile"),
+    ))
 }
 
 /// The replica of `line` (line 0 when `None`) of the volume at `root`.
@@ -127,10 +122,7 @@ pub fn replica(
             })
         })
         .collect::<io::Result<Vec<_>>>()?;
-    let dir = line
-        .dir
-        .split('/')
-        .fold(root.clone(), |path, part| path.join(part));
+    let dir = super::catalog::under(root, &line.dir);
     Ok(Replica::with_base(Arc::clone(store), dir, layout, base))
 }
 
