@@ -135,11 +135,6 @@ impl Replica {
         }
     }
 
-    /// Where this replica's own files live.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The other replica's files this one continues (see [`Replica::with_base`]).
     pub fn base(&self) -> &[ReplicaFile] {
         &self.base
