@@ -192,7 +192,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
         if let Some(result) = control::ask_server(&cache_dir, &served).await? {
             return serde_json::from_value(result).context("reading the server's answer");
         }
-        let mut config = engine::VolumeConfig::new(cache_dir.join(name));
+        let mut config = crate::store_args::volume_config(&cache_dir, name);
         config.holder = control::holder_name("restore");
         let request = engine::object_volume::RestoreRequest {
             volume: name,

@@ -6,7 +6,7 @@
 use crate::store_args::on_own_thread;
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use engine::object_volume::{ObjectVolume, VolumeConfig, checkpoints};
+use engine::object_volume::{ObjectVolume, checkpoints};
 use nbd_server::exports::{Export, ExportSource};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ pub(crate) async fn open(
     checkpoint: &str,
     cache_dir: &Path,
 ) -> Result<ObjectVolume> {
-    let config = VolumeConfig::new(cache_dir.join(format!("{volume}@{checkpoint}")));
+    let config = crate::store_args::volume_config(cache_dir, &format!("{volume}@{checkpoint}"));
     ObjectVolume::open_checkpoint(
         Arc::clone(&location.store),
         &location.prefix,

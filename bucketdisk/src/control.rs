@@ -8,7 +8,7 @@
 use crate::served::ServedVolume;
 use crate::store_args::on_own_thread;
 use anyhow::{Context, Result, bail};
-use engine::object_volume::{Holder, ObjectVolume, VolumeConfig};
+use engine::object_volume::{Holder, ObjectVolume};
 use nbd_server::exports::Exports;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -357,7 +357,7 @@ pub(crate) async fn run(
     }
     let name = request.volume();
     check_not_held_elsewhere(location, name, force).await?;
-    let mut config = VolumeConfig::new(cache_dir.join(name));
+    let mut config = crate::store_args::volume_config(cache_dir, name);
     config.holder = holder_name(verb(&request));
     let volume = ObjectVolume::open(
         Arc::clone(&location.store),

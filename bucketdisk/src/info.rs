@@ -63,7 +63,9 @@ fn object_info(args: InfoArgs) -> Result<()> {
         .cache_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("cache"));
-    let local = engine::object_volume::local_usage(&cache_dir.join(&args.name));
+    let shared_cache = crate::store_args::shared_cache_dir(&cache_dir);
+    let local =
+        engine::object_volume::local_usage(&cache_dir.join(&args.name), Some(&shared_cache));
     let report = new_runtime()?
         .block_on(engine::object_volume::inspect(
             location.store,
@@ -88,6 +90,7 @@ fn object_info(args: InfoArgs) -> Result<()> {
             "local_journal_bytes": local.journal_bytes,
             "local_cache_bytes": local.cache_bytes,
             "local_cache_capacity": local.cache_capacity,
+            "local_cache_shared": local.cache_shared,
             "format": meta.format,
             "store": location.description,
         });
@@ -122,9 +125,14 @@ fn object_info(args: InfoArgs) -> Result<()> {
             (
                 "local cache",
                 format!(
-                    "{} used of {}",
+                    "{} used of {}{}",
                     format_size(local.cache_bytes),
-                    format_size(local.cache_capacity)
+                    format_size(local.cache_capacity),
+                    if local.cache_shared {
+                        " (shared by the volumes of this cache directory)"
+                    } else {
+                        ""
+                    }
                 ),
             ),
             ("format", meta.format.clone()),

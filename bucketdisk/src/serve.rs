@@ -270,7 +270,7 @@ async fn open_object_volume(
     cache_dir: &Path,
     block_size: u32,
 ) -> Result<(ObjectVolume, VolumeConfig)> {
-    let mut config = VolumeConfig::new(cache_dir.join(name));
+    let mut config = crate::store_args::volume_config(cache_dir, name);
     if let Some(bytes) = args.cache_size {
         config.cache_bytes = bytes;
     }

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use stores::url::{StoreLocation, open_store};
 
 pub(crate) const DEFAULT_DATA_DIR: &str = "bucketdisk-data";
@@ -73,6 +73,23 @@ pub(crate) fn store_dir(args: &StoreArgs) -> Result<PathBuf> {
 
 pub(crate) fn block_size(value: u64) -> Result<u32> {
     u32::try_from(value).context("block size too large")
+}
+
+/// The block cache every volume opened under a cache directory shares (a name no volume
+/// can have: volume names never start with a dot).
+const SHARED_CACHE: &str = ".blocks";
+
+/// The block cache shared by the volumes whose local folders are in `cache_dir`.
+pub(crate) fn shared_cache_dir(cache_dir: &Path) -> PathBuf {
+    cache_dir.join(SHARED_CACHE)
+}
+
+/// The engine's configuration for the volume whose local folder is `<cache_dir>/<local>`, with
+/// the cache directory's shared block cache.
+pub(crate) fn volume_config(cache_dir: &Path, local: &str) -> engine::VolumeConfig {
+    let mut config = engine::VolumeConfig::new(cache_dir.join(local));
+    config.shared_cache_dir = Some(shared_cache_dir(cache_dir));
+    config
 }
 
 /// Where a verb that changes a volume finds it, and whether it may take it over.

@@ -251,6 +251,13 @@ fn clones_serve_at_once_and_change_independently() {
     run(Command::new("nbdcopy")
         .arg(&second)
         .arg(server.uri_for("twin")));
+    // Both volumes use the cache directory's one block cache (a clone reads the blocks its
+    // source cached), none has a cache of its own.
+    let cache_dir = server.cache_dir();
+    assert!(cache_dir.join(".blocks/blocks.cache").exists());
+    for volume in ["disk", "twin"] {
+        assert!(!cache_dir.join(volume).join("cache").exists(), "{volume}");
+    }
     assert!(server.stop().success(), "{}", server.log_text());
     let mut delete_checkpoint = server.cli("checkpoint delete");
     delete_checkpoint

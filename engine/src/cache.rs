@@ -21,21 +21,15 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-/// Identity of a cached block: where its bytes live in object storage.
+/// Identity of a cached block: where its bytes live in object storage. Chunk ids are unique
+/// within the volume that wrote them, so the key names that volume too (`owner`, a tag of its
+/// identity, see `ChunkStore::cache_key`): a cache shared by several volumes, a clone reading
+/// its parent's chunks among them, finds a block under the same key whoever reads it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
+    pub owner: u64,
     pub chunk: u64,
     pub offset: u64,
-}
-
-impl CacheKey {
-    /// The key of the stored block at `location`.
-    pub fn of(location: &blockmap::BlockLocation) -> CacheKey {
-        CacheKey {
-            chunk: location.chunk,
-            offset: location.offset,
-        }
-    }
 }
 
 struct Entry {
@@ -73,9 +67,9 @@ pub struct CacheInsert<'a> {
     pub data: &'a [u8],
 }
 
-/// Writes at most this many consecutive slots at once.
 /// The cache's data file in its directory: fixed-size slots, sparse until filled.
 pub(crate) const DATA_FILE: &str = "blocks.cache";
+/// Writes at most this many consecutive slots at once.
 const MAX_RUN_SLOTS: usize = 128;
 
 /// Zero runs at least this long are punched out of the cache file instead of written.
@@ -119,6 +113,24 @@ fn write_sparse_at(file: &File, data: &[u8], at: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Takes an exclusive `flock` on the cache file, without waiting: two processes writing slots
+/// and saving indexes over each other would make a slot's bytes another block's.
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor this function borrows; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "in use by another process",
+        ));
+    }
+    Err(e)
+}
+
 /// Splits slot-sorted reservations into runs of consecutive slots.
 fn consecutive_runs(reserved: &[(u32, usize)]) -> impl Iterator<Item = &[(u32, usize)]> {
     let mut rest = reserved;
@@ -146,6 +158,7 @@ pub struct BlockCache {
 
 impl BlockCache {
     /// Opens the cache in `dir` with room for `capacity_bytes`, reusing a clean close's index.
+    /// One process at a time: another one using `dir` makes this fail with `WouldBlock`.
     pub fn open(dir: &Path, block_size: u32, capacity_bytes: u64) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let slots = u32::try_from((capacity_bytes / u64::from(block_size)).max(1))
@@ -156,6 +169,12 @@ impl BlockCache {
             .create(true)
             .truncate(false)
             .open(dir.join(DATA_FILE))?;
+        lock_exclusive(&file).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("the block cache in {}: {e}", dir.display()),
+            )
+        })?;
         file.set_len(u64::from(slots) * u64::from(block_size))?;
         let cache = BlockCache {
             file,
@@ -166,6 +185,11 @@ impl BlockCache {
         };
         cache.load_index()?;
         Ok(cache)
+    }
+
+    /// Whether the cache in `dir` exists and no process has it open.
+    pub fn is_unused(dir: &Path) -> bool {
+        File::open(dir.join(DATA_FILE)).is_ok_and(|file| lock_exclusive(&file).is_ok())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -181,18 +205,22 @@ impl BlockCache {
             for line in io::BufReader::new(f).lines() {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                // The fifth field (absent in older indexes) says the slot was verified.
-                let (slot, chunk, offset, checksum, verified) = match fields[..] {
-                    [slot, chunk, offset, checksum] => (slot, chunk, offset, checksum, false),
-                    [slot, chunk, offset, checksum, v] => (slot, chunk, offset, checksum, v == 1),
-                    _ => continue,
+                // Lines of older indexes (without the owner) are skipped: whose chunk a block
+                // was is not known, so the slot is reused.
+                let [slot, owner, chunk, offset, checksum, verified] = fields[..] else {
+                    continue;
                 };
+                let verified = verified == 1;
                 let slot = slot as u32;
                 if slot >= self.slots || used[slot as usize] {
                     continue;
                 }
                 used[slot as usize] = true;
-                let key = CacheKey { chunk, offset };
+                let key = CacheKey {
+                    owner,
+                    chunk,
+                    offset,
+                };
                 state.entries.insert(
                     key,
                     Entry {
@@ -231,8 +259,9 @@ impl BlockCache {
                 }
                 writeln!(
                     out,
-                    "{} {} {} {} {}",
+                    "{} {} {} {} {} {}",
                     e.slot,
+                    key.owner,
                     key.chunk,
                     key.offset,
                     e.checksum,
@@ -479,9 +508,14 @@ impl BlockCache {
         None
     }
 
-    /// The chunks that have blocks in the cache, in order.
-    pub fn cached_chunks(&self) -> Vec<u64> {
-        let mut chunks: Vec<u64> = self.state().entries.keys().map(|k| k.chunk).collect();
+    /// The chunks that have blocks in the cache as `(owner, chunk)`, in order.
+    pub fn cached_chunks(&self) -> Vec<(u64, u64)> {
+        let mut chunks: Vec<(u64, u64)> = self
+            .state()
+            .entries
+            .keys()
+            .map(|k| (k.owner, k.chunk))
+            .collect();
         chunks.sort_unstable();
         chunks.dedup();
         chunks
@@ -490,6 +524,20 @@ impl BlockCache {
     /// Whether a block is cached (without counting as a read).
     pub fn contains(&self, key: CacheKey) -> bool {
         self.state().entries.contains_key(&key)
+    }
+
+    /// The size of one slot.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Deletes the index a clean close saved, for a cache that goes back into use in this
+    /// process: a crash from now on must not trust it (see [`BlockCache::save_index`]).
+    pub fn forget_saved_index(&self) -> io::Result<()> {
+        match std::fs::remove_file(&self.index_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Blocks currently cached.
@@ -515,6 +563,7 @@ mod tests {
 
     fn key(n: u64) -> CacheKey {
         CacheKey {
+            owner: 7,
             chunk: n / 100,
             offset: n % 100 * 8192,
         }
@@ -612,17 +661,18 @@ mod tests {
             "written and synced before a clean close"
         );
         drop(c);
-        // An index in the older four-field format: loaded, but every slot is checked again.
-        std::fs::write(
-            dir.path().join("blocks.index"),
-            format!(
-                "0 {} {} {}\n",
-                key(1).chunk,
-                key(1).offset,
-                block_checksum(&block(1))
-            ),
-        )
-        .expect("write index");
+        // An index in the older format, without owners: nothing of it is trusted.
+        let line = |owner: Option<u64>, verified: u8| {
+            let owner = owner.map_or(String::new(), |o| format!("{o} "));
+            let (k, sum) = (key(1), block_checksum(&block(1)));
+            format!("0 {owner}{} {} {sum} {verified}\n", k.chunk, k.offset)
+        };
+        std::fs::write(dir.path().join("blocks.index"), line(None, 1)).expect("write index");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert_eq!(verified(&c), None, "an old index's slots are free");
+        drop(c);
+        // A slot not recorded as verified: loaded, but checked in full before it is used.
+        std::fs::write(dir.path().join("blocks.index"), line(Some(7), 0)).expect("write index");
         let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
         assert_eq!(verified(&c), Some(false));
         let mut buf = [0u8; 16];
@@ -715,5 +765,17 @@ mod tests {
         drop(c);
         let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn one_user_at_a_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+        let Err(e) = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)) else {
+            panic!("a second user of the same cache file was let in");
+        };
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        drop(c);
+        BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("free again once closed");
     }
 }

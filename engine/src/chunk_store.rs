@@ -2,6 +2,7 @@
 //! overwritten, read as runs of neighbouring blocks with one ranged GET each, every block
 //! verified against the block map's checksum (invariant I5: a mismatch is an error, never data).
 
+use crate::cache::CacheKey;
 use crate::chunk::decode_block_bytes;
 use crate::device::DeviceError;
 use blockmap::BlockLocation;
@@ -17,9 +18,25 @@ pub struct ChunkStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
     block_size: u32,
-    /// A clone's inherited chunks: ids whose epoch is at most the bound (and above the previous
-    /// one's) live in that directory, oldest ancestor first. Never written or deleted here.
-    inherited: Vec<(Path, u64)>,
+    /// Tag of the volume these chunks are written by, in cache keys (see [`owner_tag`]).
+    owner: u64,
+    /// A clone's inherited chunks, oldest ancestor first: ids whose epoch is at most the bound
+    /// (and above the previous one's) live in that directory. Never written or deleted here.
+    inherited: Vec<InheritedChunks>,
+}
+
+#[derive(Clone)]
+struct InheritedChunks {
+    dir: Path,
+    through_epoch: u64,
+    owner: u64,
+}
+
+/// The tag of a volume's identity (its uuid, or for volumes made before they had one, its root
+/// in the store) that cache keys carry: stable across processes, as the cache's index is.
+pub fn owner_tag(identity: &str) -> u64 {
+    const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+    CRC64.checksum(identity.as_bytes())
 }
 
 fn to_io(what: &str, e: impl std::fmt::Display) -> io::Error {
@@ -59,16 +76,27 @@ impl ChunkStore {
             store,
             prefix: volume_prefix.clone().join("chunks"),
             block_size,
+            owner: owner_tag(volume_prefix.as_ref()),
             inherited: Vec::new(),
         }
     }
 
+    /// The tag of the volume whose chunks these are, for cache keys (by default its root's).
+    pub fn owned_by(mut self, owner: u64) -> Self {
+        self.owner = owner;
+        self
+    }
+
     /// A clone's chunk store: ids of epoch at most `through_epoch` of each `(volume root,
-    /// through_epoch)`, oldest first, are read from that volume's chunks.
-    pub fn inheriting(mut self, from: Vec<(Path, u64)>) -> Self {
+    /// through_epoch, owner tag)`, oldest first, are read from that volume's chunks.
+    pub fn inheriting(mut self, from: Vec<(Path, u64, u64)>) -> Self {
         self.inherited = from
             .into_iter()
-            .map(|(root, through)| (root.join("chunks"), through))
+            .map(|(root, through_epoch, owner)| InheritedChunks {
+                dir: root.join("chunks"),
+                through_epoch,
+                owner,
+            })
             .collect();
         self
     }
@@ -77,16 +105,34 @@ impl ChunkStore {
     pub fn is_inherited(&self, chunk: u64) -> bool {
         self.inherited
             .last()
-            .is_some_and(|&(_, through)| chunk >> 32 <= through)
+            .is_some_and(|i| chunk >> 32 <= i.through_epoch)
+    }
+
+    /// The ancestor chunk `id` belongs to, if any.
+    fn ancestor(&self, chunk: u64) -> Option<&InheritedChunks> {
+        self.inherited
+            .iter()
+            .find(|i| chunk >> 32 <= i.through_epoch)
     }
 
     pub fn path(&self, chunk: u64) -> Path {
-        let dir = self
-            .inherited
-            .iter()
-            .find(|&&(_, through)| chunk >> 32 <= through)
-            .map_or(&self.prefix, |(dir, _)| dir);
+        let dir = self.ancestor(chunk).map_or(&self.prefix, |i| &i.dir);
         dir.clone().join(format!("{chunk:016x}"))
+    }
+
+    /// The tag of the volume that wrote chunk `id`.
+    pub fn owner_of(&self, chunk: u64) -> u64 {
+        self.ancestor(chunk).map_or(self.owner, |i| i.owner)
+    }
+
+    /// The cache key of the stored block at `location`: the same in every volume that reads
+    /// that chunk (a clone and its parent), so they share cached blocks.
+    pub fn cache_key(&self, location: &BlockLocation) -> CacheKey {
+        CacheKey {
+            owner: self.owner_of(location.chunk),
+            chunk: location.chunk,
+            offset: location.offset,
+        }
     }
 
     /// Uploads a chunk create-only, retrying transient failures. A retry that finds the object

@@ -20,6 +20,7 @@ mod journal;
 mod metadata;
 pub mod object_volume;
 mod overlay;
+mod shared_cache;
 mod zeros;
 
 pub use device::{

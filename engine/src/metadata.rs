@@ -40,6 +40,33 @@ pub struct Parent {
 pub struct Inherited {
     pub volume: String,
     pub through_epoch: u64,
+    /// That volume's `uuid` (empty in clones made before it was recorded).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uuid: String,
+}
+
+impl VolumeMetadata {
+    /// The tag cache keys carry for this volume's chunks: the same for every volume that
+    /// reads them (see `ChunkStore::cache_key`).
+    pub fn owner_tag(&self, root: &str) -> u64 {
+        identity_tag(&self.uuid, root)
+    }
+}
+
+impl Inherited {
+    /// The tag cache keys carry for the chunks inherited from this ancestor.
+    pub fn owner_tag(&self, root: &str) -> u64 {
+        identity_tag(&self.uuid, root)
+    }
+}
+
+/// A volume's uuid, or its root for volumes made before they had one, as a cache-key tag.
+fn identity_tag(uuid: &str, root: &str) -> u64 {
+    if uuid.is_empty() {
+        crate::chunk_store::owner_tag(root)
+    } else {
+        crate::chunk_store::owner_tag(uuid)
+    }
 }
 
 /// 128 random bits as hex, from the kernel's generator.

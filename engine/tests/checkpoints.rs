@@ -183,6 +183,11 @@ async fn restore(f: &Fixture, checkpoint: &str, local: &str, keep_current: bool)
         .expect("restore")
 }
 
+/// Blocks the volume has fetched from the store.
+async fn fetches(v: &ObjectVolume) -> f64 {
+    common::metric(v, "bucketdisk_store_block_fetches_total").await
+}
+
 /// Every block of the first `blocks` as `seed`'s fill, read through the volume.
 async fn assert_reads(v: &ObjectVolume, blocks: u64, seed: u8) {
     for b in 0..blocks {
@@ -465,4 +470,69 @@ async fn a_restore_that_crashed_before_its_new_owner_replays_no_journal() {
     let a = f.open(f.config("a")).await;
     assert_reads(&a, 8, 1).await;
     a.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_on_its_sources_host_reads_the_blocks_the_source_cached() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let prefix = object_store::path::Path::from("");
+    let shared = f.dir.path().join("shared-cache");
+    let config = |local: &str| {
+        let mut c = f.config(local);
+        c.shared_cache_dir = Some(shared.clone());
+        c
+    };
+    let open = |name: &'static str, c| {
+        let store = std::sync::Arc::clone(&f.store);
+        let prefix = prefix.clone();
+        async move {
+            ObjectVolume::open(store, &prefix, f.layout, name, c)
+                .await
+                .expect("open")
+        }
+    };
+    let source = open("disk", config("s")).await;
+    fill(&source, 16, 1).await;
+    source
+        .create_checkpoint(Some("base"))
+        .await
+        .expect("checkpoint");
+    clone_volume(f.store.as_ref(), &prefix, "disk", "base", "twin")
+        .await
+        .expect("clone");
+
+    let twin = open("twin", config("t")).await;
+    assert_reads(&twin, 16, 1).await;
+    assert_eq!(
+        fetches(&twin).await,
+        0.0,
+        "the clone read every block from the cache its source filled"
+    );
+    // What the clone would have cost with a cache of its own.
+    let mut own = f.config("t-own");
+    own.read_only = true;
+    let follower = open("twin", own).await;
+    assert_reads(&follower, 16, 1).await;
+    assert!(fetches(&follower).await > 0.0, "a cache of its own is cold");
+    follower.close().await.expect("close");
+
+    // The clone's overwrites retire its own versions only: the source's blocks stay cached.
+    fill(&twin, 4, 2).await;
+    twin.maintain_now().await.expect("maintenance");
+    assert_reads(&source, 16, 1).await;
+    assert_eq!(
+        fetches(&source).await,
+        0.0,
+        "the source still reads from the cache"
+    );
+
+    // The last volume out saves the shared index: after a restart the clone starts warm.
+    source.close().await.expect("close");
+    twin.close().await.expect("close");
+    let twin = open("twin", config("t")).await;
+    for b in 0..16 {
+        assert_block(&twin, b, if b < 4 { 2 } else { 1 }).await;
+    }
+    assert_eq!(fetches(&twin).await, 0.0, "warm after a restart");
+    twin.close().await.expect("close");
 }

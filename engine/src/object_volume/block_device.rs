@@ -132,7 +132,7 @@ impl BlockDevice for ObjectVolume {
             }
         }
         let shared = Arc::clone(&self.shared);
-        blocking(move || shared.cache.save_index())
+        blocking(move || shared.cache.release())
             .await
             .map_err(DeviceError::from)?;
         Ok(())

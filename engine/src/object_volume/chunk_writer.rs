@@ -208,8 +208,11 @@ impl Packer {
             .locations
             .get_range(block, 1)
             .and_then(|found| found.first().copied().flatten())
+            // An ancestor's block may still be read by the ancestor, or other clones, from
+            // a cache they share: left to eviction.
+            && !shared.chunks.is_inherited(old.chunk)
         {
-            self.retired.push(CacheKey::of(&old));
+            self.retired.push(shared.chunks.cache_key(&old));
         }
         if crate::zeros::is_zero(data) {
             self.holes.push(block);
@@ -223,6 +226,7 @@ impl Packer {
         // (chunk ids are never reused).
         let insert = CacheInsert {
             key: CacheKey {
+                owner: shared.chunks.owner_of(self.chunk_id),
                 chunk: self.chunk_id,
                 offset: entry.offset,
             },

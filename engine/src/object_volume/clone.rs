@@ -62,6 +62,7 @@ pub async fn clone_volume(
     inherits.push(Inherited {
         volume: source.to_string(),
         through_epoch: epoch,
+        uuid: source_meta.uuid.clone(),
     });
     let meta = VolumeMetadata {
         name: clone.to_string(),

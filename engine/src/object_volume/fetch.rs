@@ -110,7 +110,10 @@ pub(super) async fn fetch_blocks(
     let mut results: Vec<Option<io::Result<Bytes>>> = Vec::with_capacity(locations.len());
     let mut wanted = Vec::new();
     for (i, location) in locations.iter().enumerate() {
-        match shared.cache.get(CacheKey::of(location), location.checksum) {
+        match shared
+            .cache
+            .get(shared.chunks.cache_key(location), location.checksum)
+        {
             Ok(Some(data)) => results.push(Some(Ok(Bytes::from(data)))),
             Ok(None) => {
                 results.push(None);
@@ -127,7 +130,7 @@ pub(super) async fn fetch_blocks(
     {
         let mut fetches = lock(&shared.reads.fetches);
         for i in wanted {
-            let key = CacheKey::of(&locations[i]);
+            let key = shared.chunks.cache_key(&locations[i]);
             let mut ours = false;
             let cell = fetches.entry(key).or_insert_with(|| {
                 ours = true;
@@ -141,7 +144,7 @@ pub(super) async fn fetch_blocks(
         cells: cells
             .iter()
             .filter(|(_, _, ours)| *ours)
-            .map(|(i, cell, _)| (CacheKey::of(&locations[*i]), Arc::clone(cell)))
+            .map(|(i, cell, _)| (shared.chunks.cache_key(&locations[*i]), Arc::clone(cell)))
             .collect(),
     };
     let our_runs = runs(
@@ -154,7 +157,7 @@ pub(super) async fn fetch_blocks(
     let run_of: std::collections::HashMap<CacheKey, (RunFuture<'_>, usize)> = our_runs
         .into_iter()
         .flat_map(|run| {
-            let keys: Vec<CacheKey> = run.iter().map(CacheKey::of).collect();
+            let keys: Vec<CacheKey> = run.iter().map(|l| shared.chunks.cache_key(l)).collect();
             let future = fetch_run(shared, run).boxed().shared();
             keys.into_iter()
                 .enumerate()
@@ -164,7 +167,7 @@ pub(super) async fn fetch_blocks(
     let waits =
         cells.iter().map(|(i, cell, _)| {
             let location = locations[*i];
-            let run = run_of.get(&CacheKey::of(&location)).cloned();
+            let run = run_of.get(&shared.chunks.cache_key(&location)).cloned();
             async move {
                 let result = cell
                     .get_or_init(|| async move {
@@ -259,7 +262,10 @@ async fn settle_run(
         .zip(decoded)
         .map(|(location, block)| match block {
             Ok(data) => {
-                if let Err(e) = shared.cache.insert(CacheKey::of(location), &data) {
+                if let Err(e) = shared
+                    .cache
+                    .insert(shared.chunks.cache_key(location), &data)
+                {
                     tracing::warn!("cannot cache a block: {e}");
                 }
                 Ok(data)
@@ -277,7 +283,7 @@ async fn settle_run(
 /// block's fetch, so a read that wants it meanwhile awaits it instead of fetching it again.
 /// Should it fail, the block is fetched the usual way.
 pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
-    let key = CacheKey::of(&early.location);
+    let key = shared.chunks.cache_key(&early.location);
     let cell = BlockFetch::default();
     lock(&shared.reads.fetches).insert(key, Arc::clone(&cell));
     let shared = Arc::clone(shared);

@@ -34,10 +34,13 @@ pub struct LocalUsage {
     pub cache_bytes: u64,
     /// The cache file's size: its limit (`--cache-size`).
     pub cache_capacity: u64,
+    /// The cache is the one shared by the volumes of the cache directory.
+    pub cache_shared: bool,
 }
 
-/// [`LocalUsage`] of the local folder `dir` (zeros for what is missing).
-pub fn usage(dir: &Path) -> LocalUsage {
+/// [`LocalUsage`] of the local folder `dir` (zeros for what is missing); the cache is the one in
+/// `shared_cache_dir` unless the volume has one of its own.
+pub fn usage(dir: &Path, shared_cache_dir: Option<&Path>) -> LocalUsage {
     use std::os::unix::fs::MetadataExt;
     let journal_bytes = std::fs::read_dir(journal_dir(dir))
         .map(|entries| {
@@ -47,13 +50,18 @@ pub fn usage(dir: &Path) -> LocalUsage {
                 .sum()
         })
         .unwrap_or(0);
+    let own = cache_dir(dir).join(crate::cache::DATA_FILE);
+    let (file, cache_shared) = match shared_cache_dir {
+        Some(shared) if !own.exists() => (shared.join(crate::cache::DATA_FILE), true),
+        _ => (own, false),
+    };
     let (cache_bytes, cache_capacity) =
-        std::fs::metadata(cache_dir(dir).join(crate::cache::DATA_FILE))
-            .map_or((0, 0), |m| (m.blocks() * 512, m.len()));
+        std::fs::metadata(file).map_or((0, 0), |m| (m.blocks() * 512, m.len()));
     LocalUsage {
         journal_bytes,
         cache_bytes,
         cache_capacity,
+        cache_shared,
     }
 }
 
@@ -159,7 +167,11 @@ mod tests {
     fn usage_reads_journal_and_cache_sizes() {
         let root = tempfile::tempdir().expect("tempdir");
         let dir = root.path().join("disk");
-        assert_eq!(usage(&dir), LocalUsage::default(), "nothing there yet");
+        assert_eq!(
+            usage(&dir, None),
+            LocalUsage::default(),
+            "nothing there yet"
+        );
         std::fs::create_dir_all(journal_dir(&dir)).expect("journal dir");
         std::fs::write(journal_dir(&dir).join("a"), vec![1u8; 1000]).expect("segment");
         std::fs::write(journal_dir(&dir).join("b"), vec![1u8; 24]).expect("segment");
@@ -167,7 +179,7 @@ mod tests {
         let cache = std::fs::File::create(cache_dir(&dir).join(crate::cache::DATA_FILE))
             .expect("cache file");
         cache.set_len(64 << 20).expect("sparse size");
-        let used = usage(&dir);
+        let used = usage(&dir, None);
         assert_eq!(used.journal_bytes, 1024);
         assert_eq!(used.cache_capacity, 64 << 20);
         assert!(used.cache_bytes < 1 << 20, "sparse: {used:?}");

@@ -55,10 +55,10 @@ pub use inspect::{Holder, VolumeReport, holder, inspect};
 pub use restore::{RestoreReport, RestoreRequest, restore};
 pub use upload_health::UploadStall;
 
-use crate::cache::BlockCache;
 use crate::chunk_store::ChunkStore;
 use crate::device::{DeviceError, DeviceResult, check_range};
 use crate::metadata::VolumeMetadata;
+use crate::shared_cache::CacheHandle;
 use blockmap::replica::Layout;
 use chunk_writer::ChunkIds;
 use helpers::{blocking, lock, other};
@@ -103,6 +103,9 @@ pub struct VolumeConfig {
     pub local_dir: PathBuf,
     /// Size limit of the block cache.
     pub cache_bytes: u64,
+    /// A block cache folder shared with the other volumes this process opens there (see
+    /// `shared_cache`); `None`, or when another process uses it: one in `local_dir`.
+    pub shared_cache_dir: Option<PathBuf>,
     /// How often dirty data is uploaded.
     pub sync_interval: Duration,
     pub durability: Durability,
@@ -146,6 +149,7 @@ impl VolumeConfig {
         VolumeConfig {
             local_dir,
             cache_bytes: 8 << 30,
+            shared_cache_dir: None,
             sync_interval: Duration::from_secs(1),
             durability: Durability::Local,
             read_only: false,
@@ -210,7 +214,7 @@ pub(crate) struct Shared {
     /// Ids for the chunks this process writes (see [`chunk_writer`]).
     chunk_ids: ChunkIds,
     /// Used by reads (hits, fetched blocks) and uploads (blocks they store).
-    cache: BlockCache,
+    cache: Arc<CacheHandle>,
     /// In-flight fetches, readahead and read counters (see [`read`]).
     reads: ReadState,
     /// What is stored, who waits for it, the store's health, fencing (see [`upload_progress`]).

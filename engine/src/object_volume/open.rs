@@ -14,11 +14,11 @@ use super::{
     META_JOURNAL_OWNER, META_JOURNAL_SEQ, META_VOLUME_SIZE, ObjectVolume, Shared, VolumeConfig,
     VolumeStats, catalog, fetch, gc, lines, local_state, read, upload,
 };
-use crate::cache::{BlockCache, CacheKey};
 use crate::chunk_store::ChunkStore;
 use crate::journal::{Journal, Record};
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
+use crate::shared_cache::CacheHandle;
 use blockmap::RestoreTarget;
 use blockmap::lease;
 use blockmap::replica::Layout;
@@ -107,9 +107,22 @@ pub(super) async fn open(
     phase("volume.json read, block map listed");
     let dir = config.local_dir.clone();
     let uuid = meta.uuid.clone();
-    // The local folder is made ready while the map opens (a dozen ms of directory work
-    // beside round trips to the store).
-    let local = blocking(move || local_state::prepare(&dir, &uuid));
+    let (shared_cache, cache_bytes) = (config.shared_cache_dir.clone(), config.cache_bytes);
+    let block_size = meta.block_size;
+    let (cache_opened, cache_for_early) = tokio::sync::oneshot::channel();
+    // The local folder and the cache are made ready while the map opens (a dozen ms of
+    // directory work beside round trips to the store).
+    let local = blocking(move || {
+        let instance = local_state::prepare(&dir, &uuid)?;
+        let cache = Arc::new(CacheHandle::open(
+            shared_cache.as_deref(),
+            &local_state::cache_dir(&dir),
+            block_size,
+            cache_bytes,
+        )?);
+        let _ = cache_opened.send(Arc::clone(&cache));
+        Ok((instance, cache))
+    });
     // One VFS database per volume and process (and per checkpoint served).
     let line_number = line.as_ref().map_or(0, |l| l.line);
     let db_name = match config.at_txid {
@@ -117,7 +130,8 @@ pub(super) async fn open(
         Some(txid) => format!("{root}#{}#{line_number}@{txid}", meta.uuid),
     };
     let runtime = tokio::runtime::Handle::current();
-    let (first_located, early_fetch) = early_first_reads(chunk_store(&store, prefix, &meta));
+    let (first_located, early_fetch) =
+        early_first_reads(chunk_store(&store, prefix, &meta), cache_for_early);
     let map = async {
         if config.read_only {
             // Nothing stored yet (or a checkpoint of a volume that had nothing).
@@ -153,8 +167,8 @@ pub(super) async fn open(
             .map_err(|e| other("taking the volume", e))
         }
     };
-    let (instance, map) = tokio::join!(local, map);
-    let (instance, map) = (instance?, map?);
+    let (local, map) = tokio::join!(local, map);
+    let ((instance, cache), map) = (local?, map?);
     // Found while the claim was in flight (or never, for a new or read-only map).
     let early_fetch = early_fetch.await.ok().flatten();
     phase("block map opened (lease, listing, files, claim)");
@@ -201,7 +215,6 @@ pub(super) async fn open(
         None => owner,
     };
     // Replay the journal on top of what the map holds.
-    let block_size = meta.block_size;
     let max_dirty_bytes = config.max_dirty_bytes;
     let (journal, overlay) = if config.read_only {
         (None, Overlay::new(block_size))
@@ -249,10 +262,6 @@ pub(super) async fn open(
         .await?
     };
     phase("journal replayed");
-    let cache_dir = local_state::cache_dir(&config.local_dir);
-    let cache_bytes = config.cache_bytes;
-    let cache = blocking(move || BlockCache::open(&cache_dir, block_size, cache_bytes)).await?;
-    phase("cache opened");
     let background = LowPriorityThreads::start(&format!("upload-{name}"), 1)?;
     let size = resized.unwrap_or(meta.size);
     let total_blocks = size.div_ceil(u64::from(block_size));
@@ -363,7 +372,12 @@ async fn hydrate_map(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 fn warm_locations(shared: &Shared) -> io::Result<()> {
     let generation = shared.map.locations.generation();
     let mut warmed = 0usize;
-    for chunk in shared.cache.cached_chunks() {
+    let ours = shared
+        .cache
+        .cached_chunks()
+        .into_iter()
+        .filter(|&(owner, chunk)| shared.chunks.owner_of(chunk) == owner);
+    for (_, chunk) in ours {
         let rows = shared
             .map
             .lookups()
@@ -371,7 +385,7 @@ fn warm_locations(shared: &Shared) -> io::Result<()> {
             .map_err(|e| other("block map", e))?;
         let cached: Vec<(u64, BlockLocation)> = rows
             .into_iter()
-            .filter(|(_, loc)| shared.cache.contains(CacheKey::of(loc)))
+            .filter(|(_, loc)| shared.cache.contains(shared.chunks.cache_key(loc)))
             .collect();
         if !shared.map.locations.fill_rows(generation, &cached) {
             break;
@@ -390,9 +404,11 @@ const FIRST_LOOKUPS: [u64; 1] = [0];
 /// A sender for the map's open to say where block 0 is, and a task that starts block 0's GET
 /// as soon as it does (while the claim is in flight): a boot's first read is block 0, and its
 /// GET then overlaps the open's last round trip instead of following it. The task ends with
-/// the fetch to adopt, or `None` when block 0 is not stored (never written, or a new map).
+/// the fetch to adopt, or `None` when block 0 is not stored (never written, or a new map) or
+/// is in the cache.
 fn early_first_reads(
     chunks: ChunkStore,
+    cache: tokio::sync::oneshot::Receiver<Arc<CacheHandle>>,
 ) -> (
     FirstLocated,
     tokio::task::JoinHandle<Option<fetch::EarlyFetch>>,
@@ -401,6 +417,12 @@ fn early_first_reads(
     let task = tokio::spawn(async move {
         let found = located.await.ok()?;
         let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
+        // Not when the block is cached already (a restart, or a clone on its source's host).
+        if let Ok(cache) = cache.await
+            && cache.contains(chunks.cache_key(&location))
+        {
+            return None;
+        }
         let span = tokio::spawn(async move { chunks.read_span(&[location]).await });
         Some(fetch::EarlyFetch { location, span })
     });
@@ -410,12 +432,18 @@ fn early_first_reads(
 /// The volume's chunks; a clone's inherited ones read from its ancestors (see `clone`).
 fn chunk_store(store: &Arc<dyn ObjectStore>, prefix: &Path, meta: &VolumeMetadata) -> ChunkStore {
     let root = catalog::volume_root(prefix, &meta.name);
-    ChunkStore::new(Arc::clone(store), &root, meta.block_size).inheriting(
-        meta.inherits
-            .iter()
-            .map(|i| (catalog::volume_root(prefix, &i.volume), i.through_epoch))
-            .collect(),
-    )
+    ChunkStore::new(Arc::clone(store), &root, meta.block_size)
+        .owned_by(meta.owner_tag(root.as_ref()))
+        .inheriting(
+            meta.inherits
+                .iter()
+                .map(|i| {
+                    let root = catalog::volume_root(prefix, &i.volume);
+                    let owner = i.owner_tag(root.as_ref());
+                    (root, i.through_epoch, owner)
+                })
+                .collect(),
+        )
 }
 
 /// Opens the lookup connection and, for a writer, the update connection.

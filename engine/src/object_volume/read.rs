@@ -185,7 +185,7 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
             (_, None) => Part::Zero,
             (_, Some(loc)) => {
                 let buffer = cached.get_or_insert_with(|| BytesMut::zeroed(length as usize));
-                let key = CacheKey::of(&loc);
+                let key = shared.chunks.cache_key(&loc);
                 let into = &mut buffer[start..start + piece.len];
                 if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
                     shared
@@ -415,7 +415,7 @@ fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<Blo
     Ok(rows
         .into_iter()
         .filter(|(block, loc)| {
-            !overlay.touches(*block) && !shared.cache.contains(CacheKey::of(loc))
+            !overlay.touches(*block) && !shared.cache.contains(shared.chunks.cache_key(loc))
         })
         .map(|(_, loc)| loc)
         .collect())
