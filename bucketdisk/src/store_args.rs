@@ -20,6 +20,10 @@ pub(crate) struct StoreArgs {
     /// "file" (one sparse local file per volume; the local baseline, directory stores only).
     #[arg(long, env = "BUCKETDISK_ENGINE", default_value = "object", value_parser = ["object", "file"])]
     pub(crate) engine: String,
+    /// Test tool: the process kills itself (SIGKILL) just before the Nth change it would make
+    /// to the store, to crash a verb at each of its steps.
+    #[arg(long, hide = true, env = "BUCKETDISK_CRASH_BEFORE_STORE_CHANGE")]
+    pub(crate) crash_before_store_change: Option<u64>,
 }
 
 pub(crate) fn store_url(args: &StoreArgs) -> String {
@@ -30,7 +34,12 @@ pub(crate) fn store_url(args: &StoreArgs) -> String {
 
 pub(crate) fn object_store(args: &StoreArgs) -> Result<StoreLocation> {
     let url = store_url(args);
-    open_store(&url).with_context(|| format!("--store {url}"))
+    let mut location = open_store(&url).with_context(|| format!("--store {url}"))?;
+    if let Some(n) = args.crash_before_store_change {
+        tracing::warn!("this process kills itself before store change {n} (crash test)");
+        location.store = stores::url::with_crash_point(location.store, n);
+    }
+    Ok(location)
 }
 
 pub(crate) fn file_engine(args: &StoreArgs) -> bool {

@@ -253,6 +253,23 @@ async fn restore_serves_the_checkpoint_everywhere_and_never_replays_a_stale_jour
     let d = f.open(f.config("fresh-again")).await;
     assert_reads(&d, 16, 1).await;
     d.close().await.expect("close");
+
+    // Each checkpoint still reads as its own state, whichever line the volume is on now (the
+    // current line continues "one": a checkpoint of another line is not in its history).
+    for (checkpoint, seed) in [("one", 1), (kept.as_str(), 2)] {
+        let view = ObjectVolume::open_checkpoint(
+            std::sync::Arc::clone(&f.store),
+            &object_store::path::Path::from(""),
+            f.layout,
+            "disk",
+            checkpoint,
+            f.config(&format!("view-{checkpoint}")),
+        )
+        .await
+        .expect("open the checkpoint");
+        assert_reads(&view, 16, seed).await;
+        view.close().await.expect("close");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

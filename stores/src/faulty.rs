@@ -19,6 +19,10 @@ pub struct Faults {
     failures_left: AtomicU32,
     outage: AtomicU8,
     requests: AtomicU64,
+    /// The process kills itself (SIGKILL) instead of making this change to the store (counted
+    /// from 1; 0: never). See [`Faults::crash_before_change`].
+    crash_at_change: AtomicU64,
+    changes: AtomicU64,
     /// PUTs to paths containing this text wait until the gate closes (see [`Faults::hold_puts`]).
     held_puts: std::sync::Mutex<Option<(String, Arc<tokio::sync::Semaphore>)>>,
 }
@@ -98,6 +102,24 @@ impl Faults {
         }
     }
 
+    /// The process dies by SIGKILL just before the `n`th change it would make to the store (a
+    /// PUT, a multipart step, a copy or rename, each object of a delete): crash tests run a verb
+    /// once per `n` to leave the store in every state the verb passes through.
+    pub fn crash_before_change(&self, n: u64) {
+        self.crash_at_change.store(n, Ordering::Relaxed);
+    }
+
+    fn change(&self) {
+        let n = self.changes.fetch_add(1, Ordering::Relaxed) + 1;
+        if n == self.crash_at_change.load(Ordering::Relaxed) {
+            tracing::warn!("injected crash before store change {n}");
+            // SAFETY: kill(2) on this process's own id; no memory is involved.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+    }
+
     /// Requests seen so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
@@ -140,9 +162,22 @@ impl Around for Faults {
             }
             Request::Put { location, .. } => {
                 self.wait_if_held(location).await;
+                self.change();
+                self.enter().await
+            }
+            Request::MultipartStart { .. }
+            | Request::MultipartPart { .. }
+            | Request::MultipartComplete
+            | Request::Copy { .. }
+            | Request::Rename { .. } => {
+                self.change();
                 self.enter().await
             }
             _ => self.enter().await,
         }
+    }
+
+    fn deleting(&self, _location: &Path) {
+        self.change();
     }
 }

@@ -161,6 +161,14 @@ pub fn with_latency(store: Arc<dyn ObjectStore>, latency: Duration) -> Arc<dyn O
     Arc::new(slow)
 }
 
+/// `store`, with the process killed (SIGKILL) just before the `n`th change it would make to it
+/// (hidden `--crash-before-store-change`, for crash tests of every step of a verb).
+pub fn with_crash_point(store: Arc<dyn ObjectStore>, n: u64) -> Arc<dyn ObjectStore> {
+    let doomed = FaultyStore::new(store);
+    doomed.crash_before_change(n);
+    Arc::new(doomed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ impl ObjectVolume {
             .ok_or_else(|| not_found(name, checkpoint))?;
         config.read_only = true;
         config.hydrate = false;
-        config.at_txid = Some(found.txid);
+        config.checkpoint = Some(found.clone());
         let volume = super::open::open(store, prefix, layout, name, config).await?;
         if volume.shared.map.txid() != found.txid {
             return Err(io::Error::other(format!(

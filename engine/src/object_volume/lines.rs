@@ -5,7 +5,7 @@
 //! wherever they live), so its first own file is the checkpoint's TXID + 1. Nothing of the old
 //! line is read again; what checkpoints do not pin of it is deleted.
 
-use super::checkpoints::MapFile;
+use super::checkpoints::{Checkpoint, MapFile};
 use blockmap::replica::{Layout, Replica, ReplicaFile};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
@@ -110,20 +110,42 @@ pub fn replica(
             layout,
         ));
     };
-    let base = line
-        .base
+    let base = base_files(root, &line.base, &format!("map line {}", line.line))?;
+    let dir = super::catalog::under(root, &line.dir);
+    Ok(Replica::with_base(Arc::clone(store), dir, layout, base))
+}
+
+/// A replica of checkpoint `checkpoint`'s state alone: the files it records (in whichever line
+/// they are) and a directory of its own that nothing writes, so no later state of any line is
+/// in it.
+pub fn checkpoint_replica(
+    store: &Arc<dyn ObjectStore>,
+    root: &Path,
+    layout: Layout,
+    checkpoint: &Checkpoint,
+) -> io::Result<Replica> {
+    let what = format!("checkpoint {}", checkpoint.name);
+    let base = base_files(root, &checkpoint.map_files, &what)?;
+    let dir = root
+        .clone()
+        .join("checkpoints")
+        .join(format!("{}.map", checkpoint.name));
+    Ok(Replica::with_base(Arc::clone(store), dir, layout, base))
+}
+
+/// `files`, recorded by the volume at `root`, as replica files.
+fn base_files(root: &Path, files: &[MapFile], what: &str) -> io::Result<Vec<ReplicaFile>> {
+    files
         .iter()
         .map(|f| {
             ReplicaFile::stored(f.key(root), f.level, f.size).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("map line {}: {} is not an LTX file", line.line, f.path),
+                    format!("{what}: {} is not an LTX file", f.path),
                 )
             })
         })
-        .collect::<io::Result<Vec<_>>>()?;
-    let dir = super::catalog::under(root, &line.dir);
-    Ok(Replica::with_base(Arc::clone(store), dir, layout, base))
+        .collect()
 }
 
 /// The replica directory of line `n`, relative to the volume's root.

@@ -140,8 +140,8 @@ pub struct VolumeConfig {
     pub prefetch_gets: usize,
     /// Name of this process in the writer lease (host and pid).
     pub holder: String,
-    /// Serve the map state of this TXID (a checkpoint's) instead of the latest; read-only.
-    pub at_txid: Option<u64>,
+    /// Serve this checkpoint's map state instead of the latest; read-only.
+    pub checkpoint: Option<checkpoints::Checkpoint>,
 }
 
 impl VolumeConfig {
@@ -164,7 +164,7 @@ impl VolumeConfig {
             readahead_bytes: 64 << 20,
             prefetch_gets: 16,
             holder: format!("pid {}", std::process::id()),
-            at_txid: None,
+            checkpoint: None,
         }
     }
 }

@@ -89,9 +89,18 @@ pub(super) async fn open(
     );
     let meta = catalog::require(meta?, name)?;
     let line = line?;
-    let (replica, listing, hint) = match &line {
-        None => (replica, listing, hint),
-        Some(line) => {
+    let (replica, listing, hint) = match (&config.checkpoint, &line) {
+        (Some(checkpoint), _) => {
+            // A checkpoint's state: the files it records, whichever line holds them (the
+            // current line may have been restored from another checkpoint since).
+            let replica = Arc::new(lines::checkpoint_replica(
+                &store, &root, layout, checkpoint,
+            )?);
+            let listing = replica.list().await;
+            (replica, listing, None)
+        }
+        (None, None) => (replica, listing, hint),
+        (None, Some(line)) => {
             // A restored volume: its line's replica, one round trip more.
             let replica = Arc::new(lines::replica(&store, &root, layout, Some(line))?);
             let (listing, hint) = tokio::join!(replica.list(), async {
@@ -125,20 +134,21 @@ pub(super) async fn open(
     });
     // One VFS database per volume and process (and per checkpoint served).
     let line_number = line.as_ref().map_or(0, |l| l.line);
-    let db_name = match config.at_txid {
+    let db_name = match &config.checkpoint {
         None => format!("{root}#{}#{line_number}", meta.uuid),
-        Some(txid) => format!("{root}#{}#{line_number}@{txid}", meta.uuid),
+        Some(checkpoint) => format!("{root}#{}@{}", meta.uuid, checkpoint.name),
     };
+    let at_txid = config.checkpoint.as_ref().map(|c| c.txid);
     let runtime = tokio::runtime::Handle::current();
     let (first_located, early_fetch) =
         early_first_reads(chunk_store(&store, prefix, &meta), cache_for_early);
     let map = async {
         if config.read_only {
             // Nothing stored yet (or a checkpoint of a volume that had nothing).
-            if listing.is_empty() || config.at_txid == Some(0) {
+            if listing.is_empty() || at_txid == Some(0) {
                 return Ok(MapRole::Empty);
             }
-            let target = match config.at_txid {
+            let target = match at_txid {
                 Some(txid) => RestoreTarget::Txid(txid),
                 None => RestoreTarget::Latest,
             };
