@@ -135,9 +135,49 @@ fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
         second,
         _work,
     } = changed_after_checkpoint("snap", 5);
+    // The writable export is rewritten all over (uploads, GC and map maintenance run) for as
+    // long as the checkpoint is compared.
+    require_tool("qemu-io");
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    let writing = std::sync::Arc::new(AtomicBool::new(true));
+    let rounds = std::sync::Arc::new(AtomicU32::new(0));
+    let writer = {
+        let (writing, rounds, uri) = (
+            std::sync::Arc::clone(&writing),
+            std::sync::Arc::clone(&rounds),
+            server.uri(),
+        );
+        std::thread::spawn(move || {
+            while writing.load(Ordering::Relaxed) {
+                let round = u64::from(rounds.load(Ordering::Relaxed));
+                let mut io = Command::new("qemu-io");
+                io.args(["-f", "raw"]);
+                for i in 0..16u64 {
+                    let offset = (round * 7 + i * 4) % 64;
+                    let pattern = (round + i) % 250 + 1;
+                    io.args(["-c", &format!("write -P {pattern} {offset}M 1M")]);
+                }
+                io.args(["-c", "flush"]).arg(&uri);
+                run(&mut io);
+                rounds.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    while rounds.load(Ordering::Relaxed) == 0 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let same = same_as(&server.uri_for("disk@snap"), &first);
+    let during = rounds.load(Ordering::Relaxed);
+    writing.store(false, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let rounds = rounds.load(Ordering::Relaxed);
     assert!(
-        same_as(&server.uri_for("disk@snap"), &first),
-        "the checkpoint export is the disk as it was"
+        rounds > during,
+        "the writer was still writing when the compare ended"
+    );
+    assert!(
+        same,
+        "the checkpoint export is the disk as it was, while the disk was written ({rounds} rounds)"
     );
     assert!(
         !same_as(&server.uri(), &first),
