@@ -279,19 +279,38 @@ async fn restore_served(
         checkpoint,
         keep_current: false,
     };
-    let restored = engine::object_volume::restore(
+    let restored = engine::object_volume::restore_keeping_map(
         Arc::clone(&location.store),
         &location.prefix,
         location.layout,
         restore,
         volume.config.clone(),
-        |_| Ok(()),
     )
     .await;
-    // Served again either way: the restored state, or the state it had.
-    let reopened = volume.reopen().await?;
+    // Served again either way: the restored state (adopting the map the restore took), or the
+    // state it had.
+    let (report, reopened) = match restored {
+        Ok((report, map)) => {
+            let reopened = ObjectVolume::open_restored(
+                &location.prefix,
+                location.layout,
+                volume.config.clone(),
+                map,
+            )
+            .await;
+            match reopened {
+                Ok(reopened) => (Ok(report), reopened),
+                // The store holds the restored state whatever happened here: open it anew.
+                Err(e) => {
+                    tracing::warn!(volume = name, "adopting the restored map failed: {e}");
+                    (Ok(report), volume.reopen().await?)
+                }
+            }
+        }
+        Err(e) => (Err(e), volume.reopen().await?),
+    };
     volume.replace(reopened);
-    let mut report = restored?;
+    let mut report = report?;
     report.kept_current = kept;
     serde_json::to_value(report).map_err(std::io::Error::other)
 }

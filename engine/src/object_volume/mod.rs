@@ -52,7 +52,7 @@ mod write_log;
 pub use clone::{clone_volume, dependents as clones_of, release_parent};
 pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
-pub use restore::{RestoreReport, RestoreRequest, restore};
+pub use restore::{RestoreReport, RestoreRequest, RestoredMap, restore, restore_keeping_map};
 pub use upload_health::UploadStall;
 
 use crate::chunk_store::ChunkStore;
@@ -308,6 +308,18 @@ impl ObjectVolume {
         config: VolumeConfig,
     ) -> io::Result<ObjectVolume> {
         open::open(store, prefix, layout, name, config).await
+    }
+
+    /// Opens a volume [`restore_keeping_map`] just restored, adopting its map: the volume
+    /// serves the restored state without taking it again (a served volume's restore then costs
+    /// the switch alone).
+    pub async fn open_restored(
+        prefix: &Path,
+        layout: Layout,
+        config: VolumeConfig,
+        restored: RestoredMap,
+    ) -> io::Result<ObjectVolume> {
+        open::open_restored(prefix, layout, config, restored).await
     }
 
     pub fn metadata(&self) -> &VolumeMetadata {

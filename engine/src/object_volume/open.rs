@@ -8,6 +8,7 @@ use super::chunk_writer::ChunkIds;
 use super::helpers::{blocking, other};
 use super::map_access::{MapAccess, MapRole};
 use super::read::ReadState;
+use super::restore::RestoredMap;
 use super::upload_progress::UploadProgress;
 use super::write_log::WriteLog;
 use super::{
@@ -21,7 +22,8 @@ use crate::overlay::Overlay;
 use crate::shared_cache::CacheHandle;
 use blockmap::RestoreTarget;
 use blockmap::lease;
-use blockmap::replica::Layout;
+use blockmap::open_hint::OpenHint;
+use blockmap::replica::{Layout, Replica, ReplicaFile};
 use blockmap::vfs::follower::Follower;
 use blockmap::writer::{FirstLocated, MapWriter, OpenAhead};
 use blockmap::{BlockLocation, BlockMap};
@@ -44,9 +46,33 @@ pub(super) async fn open(
     name: &str,
     config: VolumeConfig,
 ) -> io::Result<ObjectVolume> {
-    let opening = std::time::Instant::now();
     // Every request this volume makes is counted, for the metrics endpoint.
     let counted = Arc::new(CountingStore::new(store));
+    open_with(counted, prefix, layout, name, config, None).await
+}
+
+/// Opens a volume just restored, adopting the map its restore took (see
+/// [`super::restore::RestoredMap`]): no store request before the volume serves.
+pub(super) async fn open_restored(
+    prefix: &Path,
+    layout: Layout,
+    config: VolumeConfig,
+    restored: RestoredMap,
+) -> io::Result<ObjectVolume> {
+    let counted = Arc::clone(&restored.counted);
+    let name = restored.meta.name.clone();
+    open_with(counted, prefix, layout, &name, config, Some(restored)).await
+}
+
+async fn open_with(
+    counted: Arc<CountingStore>,
+    prefix: &Path,
+    layout: Layout,
+    name: &str,
+    config: VolumeConfig,
+    adopted: Option<RestoredMap>,
+) -> io::Result<ObjectVolume> {
+    let opening = std::time::Instant::now();
     let store: Arc<dyn ObjectStore> = Arc::clone(&counted) as Arc<dyn ObjectStore>;
     // Where an open's time goes (boot time is a floor): milliseconds and store requests
     // at the end of each phase.
@@ -60,59 +86,32 @@ pub(super) async fn open(
         );
     };
     let root = catalog::volume_root(prefix, name);
-    // Line 0's replica; a restored volume's map is a later line (see `lines`), found in the
-    // same round trip.
-    let replica = Arc::new(lines::replica(&store, &root, layout, None)?);
-    // volume.json and the map's listing are both needed before anything else and neither
-    // depends on the other: one round trip for the two; and for a writer (a follower uses
-    // neither) the map's open hint and the lease's epoch too: every request of an open
-    // that depends on nothing else goes in this round trip. (Opening a volume that turns
-    // out not to exist costs these read-only requests.)
-    let writer = !config.read_only;
-    let (meta, line, listing, hint, lease_epoch) = tokio::join!(
-        catalog::load(store.as_ref(), prefix, name),
-        lines::current(store.as_ref(), &root),
-        replica.list(),
-        async {
-            match writer {
-                true => blockmap::open_hint::load(&replica).await,
-                false => None,
-            }
-        },
-        async {
-            match writer {
-                // A failed listing is made again when the lease is taken.
-                true => lease::current_epoch(store.as_ref(), &root).await.ok(),
-                false => None,
-            }
+    let (located, adopted_writer, adopted_db) = match adopted {
+        Some(a) => {
+            let located = Located {
+                meta: a.meta,
+                line: Some(a.line),
+                listing: a.replica.base().to_vec(),
+                replica: a.replica,
+                hint: None,
+                lease_epoch: None,
+            };
+            (located, Some(a.writer), Some(a.db_name))
         }
-    );
-    let meta = catalog::require(meta?, name)?;
-    let line = line?;
-    let (replica, listing, hint) = match (&config.checkpoint, &line) {
-        (Some(checkpoint), _) => {
-            // A checkpoint's state: the files it records, whichever line holds them (the
-            // current line may have been restored from another checkpoint since).
-            let replica = Arc::new(lines::checkpoint_replica(
-                &store, &root, layout, checkpoint,
-            )?);
-            let listing = replica.list().await;
-            (replica, listing, None)
-        }
-        (None, None) => (replica, listing, hint),
-        (None, Some(line)) => {
-            // A restored volume: its line's replica, one round trip more.
-            let replica = Arc::new(lines::replica(&store, &root, layout, Some(line))?);
-            let (listing, hint) = tokio::join!(replica.list(), async {
-                match writer {
-                    true => blockmap::open_hint::load(&replica).await,
-                    false => None,
-                }
-            });
-            (replica, listing, hint)
-        }
+        None => (
+            locate(&store, prefix, layout, name, &config).await?,
+            None,
+            None,
+        ),
     };
-    let listing = listing.map_err(|e| other("listing the block map", e))?;
+    let Located {
+        meta,
+        line,
+        replica,
+        listing,
+        hint,
+        lease_epoch,
+    } = located;
     phase("volume.json read, block map listed");
     let dir = config.local_dir.clone();
     let uuid = meta.uuid.clone();
@@ -134,9 +133,10 @@ pub(super) async fn open(
     });
     // One VFS database per volume and process (and per checkpoint served).
     let line_number = line.as_ref().map_or(0, |l| l.line);
-    let db_name = match &config.checkpoint {
-        None => format!("{root}#{}#{line_number}", meta.uuid),
-        Some(checkpoint) => format!("{root}#{}@{}", meta.uuid, checkpoint.name),
+    let db_name = match (&config.checkpoint, adopted_db) {
+        (_, Some(adopted)) => adopted,
+        (None, None) => format!("{root}#{}#{line_number}", meta.uuid),
+        (Some(checkpoint), None) => format!("{root}#{}@{}", meta.uuid, checkpoint.name),
     };
     let at_txid = config.checkpoint.as_ref().map(|c| c.txid);
     let runtime = tokio::runtime::Handle::current();
@@ -156,6 +156,8 @@ pub(super) async fn open(
                 .await
                 .map(MapRole::Follower)
                 .map_err(|e| other("opening the block map", e))
+        } else if let Some(writer) = adopted_writer {
+            Ok(MapRole::Writer(Box::new(writer)))
         } else {
             MapWriter::open_ahead(
                 Arc::clone(&store),
@@ -374,6 +376,88 @@ async fn hydrate_map(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             "block map hydration failed, lookups stay remote: {e}"
         ),
     }
+}
+
+/// What an open reads before anything else: volume.json, the current map line, the replica to
+/// open (the line's, or a checkpoint's files) and its listing, and for a writer the map's open
+/// hint and the lease's newest epoch.
+struct Located {
+    meta: VolumeMetadata,
+    line: Option<lines::MapLine>,
+    replica: Arc<Replica>,
+    listing: Vec<ReplicaFile>,
+    hint: Option<OpenHint>,
+    lease_epoch: Option<u64>,
+}
+
+/// Reads [`Located`] in as few round trips as it can.
+async fn locate(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    layout: Layout,
+    name: &str,
+    config: &VolumeConfig,
+) -> io::Result<Located> {
+    let root = catalog::volume_root(prefix, name);
+    // Line 0's replica; a restored volume's map is a later line (see `lines`), found in the
+    // same round trip.
+    let replica = Arc::new(lines::replica(store, &root, layout, None)?);
+    // volume.json and the map's listing are both needed before anything else and neither
+    // depends on the other: one round trip for the two; and for a writer (a follower uses
+    // neither) the map's open hint and the lease's epoch too: every request of an open
+    // that depends on nothing else goes in this round trip. (Opening a volume that turns
+    // out not to exist costs these read-only requests.)
+    let writer = !config.read_only;
+    let (meta, line, listing, hint, lease_epoch) = tokio::join!(
+        catalog::load(store.as_ref(), prefix, name),
+        lines::current(store.as_ref(), &root),
+        replica.list(),
+        async {
+            match writer {
+                true => blockmap::open_hint::load(&replica).await,
+                false => None,
+            }
+        },
+        async {
+            match writer {
+                // A failed listing is made again when the lease is taken.
+                true => lease::current_epoch(store.as_ref(), &root).await.ok(),
+                false => None,
+            }
+        }
+    );
+    let meta = catalog::require(meta?, name)?;
+    let line = line?;
+    let (replica, listing, hint) = match (&config.checkpoint, &line) {
+        (Some(checkpoint), _) => {
+            // A checkpoint's state: the files it records, whichever line holds them (the
+            // current line may have been restored from another checkpoint since).
+            let replica = Arc::new(lines::checkpoint_replica(store, &root, layout, checkpoint)?);
+            let listing = replica.list().await;
+            (replica, listing, None)
+        }
+        (None, None) => (replica, listing, hint),
+        (None, Some(line)) => {
+            // A restored volume: its line's replica, one round trip more.
+            let replica = Arc::new(lines::replica(store, &root, layout, Some(line))?);
+            let (listing, hint) = tokio::join!(replica.list(), async {
+                match writer {
+                    true => blockmap::open_hint::load(&replica).await,
+                    false => None,
+                }
+            });
+            (replica, listing, hint)
+        }
+    };
+    let listing = listing.map_err(|e| other("listing the block map", e))?;
+    Ok(Located {
+        meta,
+        line,
+        replica,
+        listing,
+        hint,
+        lease_epoch,
+    })
 }
 
 /// Loads where the blocks already in the local cache live (one indexed query per cached

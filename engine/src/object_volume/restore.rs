@@ -22,14 +22,16 @@ use super::helpers::other;
 use super::inspect::{self, Holder};
 use super::lines::{self, MapLine};
 use super::{META_JOURNAL_OWNER, ObjectVolume, VolumeConfig, catalog};
+use crate::metadata::VolumeMetadata;
 use blockmap::BlockMap;
-use blockmap::replica::Layout;
+use blockmap::replica::{Layout, Replica};
 use blockmap::writer::{MapWriter, OpenAhead};
 use futures::{StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::io;
 use std::sync::Arc;
+use stores::counting::CountingStore;
 
 /// What a restore did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -65,6 +67,64 @@ pub async fn restore(
     config: VolumeConfig,
     may_take: impl FnOnce(&Holder) -> io::Result<()>,
 ) -> io::Result<RestoreReport> {
+    let (report, _) = switch(store, prefix, layout, request, config, may_take, false).await?;
+    Ok(report)
+}
+
+/// A restored volume's map, still taken by the restore (its lease held, its first transaction
+/// stored), for the open that serves the volume next to adopt instead of taking it again
+/// (`ObjectVolume::open_restored`): a served volume's restore then costs the switch alone.
+pub struct RestoredMap {
+    pub(super) writer: MapWriter,
+    pub(super) replica: Arc<Replica>,
+    pub(super) db_name: String,
+    pub(super) meta: VolumeMetadata,
+    pub(super) line: MapLine,
+    /// The store as the restore used it, counting requests: the volume's metrics go on from it.
+    pub(super) counted: Arc<CountingStore>,
+}
+
+/// [`restore`], keeping the map taken for [`ObjectVolume::open_restored`]; the caller opens the
+/// volume with it (or drops it: the lease then lapses as a crashed writer's would, and the next
+/// open takes it over).
+pub async fn restore_keeping_map(
+    store: Arc<dyn ObjectStore>,
+    prefix: &Path,
+    layout: Layout,
+    request: RestoreRequest<'_>,
+    config: VolumeConfig,
+) -> io::Result<(RestoreReport, RestoredMap)> {
+    let counted = Arc::new(CountingStore::new(store));
+    let store = Arc::clone(&counted) as Arc<dyn ObjectStore>;
+    let (report, kept) = switch(store, prefix, layout, request, config, |_| Ok(()), true).await?;
+    let (writer, replica, db_name, meta, line) =
+        kept.ok_or_else(|| io::Error::other("internal: the restore kept no map"))?;
+    Ok((
+        report,
+        RestoredMap {
+            writer,
+            replica,
+            db_name,
+            meta,
+            line,
+            counted,
+        },
+    ))
+}
+
+/// What a restore that keeps its map hands over.
+type KeptMap = (MapWriter, Arc<Replica>, String, VolumeMetadata, MapLine);
+
+/// The steps of the module's doc; with `keep_map`, step 3's writer is returned still open.
+async fn switch(
+    store: Arc<dyn ObjectStore>,
+    prefix: &Path,
+    layout: Layout,
+    request: RestoreRequest<'_>,
+    config: VolumeConfig,
+    may_take: impl FnOnce(&Holder) -> io::Result<()>,
+    keep_map: bool,
+) -> io::Result<(RestoreReport, Option<KeptMap>)> {
     let RestoreRequest {
         volume: name,
         checkpoint,
@@ -127,19 +187,29 @@ pub async fn restore(
         own_journal_position(&store, &root, layout, taking),
         drop_old_line(&store, &root, layout, old_line.as_ref(), prefix, name)
     );
-    owned?;
+    let (writer, replica, db_name) = owned?;
     if let Err(e) = dropped {
         tracing::warn!(
             volume = name,
             "deleting the replaced map line's files failed: {e}"
         );
     }
-    Ok(RestoreReport {
+    let report = RestoreReport {
         checkpoint: checkpoint.to_string(),
         txid: line.base_txid,
         line: line.line,
         kept_current,
-    })
+    };
+    if keep_map {
+        return Ok((report, Some((writer, replica, db_name, meta, line))));
+    }
+    let released = writer.release_lease().await;
+    writer
+        .close()
+        .await
+        .map_err(|e| other("closing the restored map", e))?;
+    released.map_err(|e| other("releasing the writer lease", e))?;
+    Ok((report, None))
 }
 
 /// The new line, and what taking it needs.
@@ -155,19 +225,20 @@ struct Taking<'a> {
 
 /// Step 3: the new line's first transaction names a journal owner no local folder has. The
 /// line's replica holds nothing of its own yet (its listing is its base) and the lease's newest
-/// epoch is known: the writer's open is two round trips.
+/// epoch is known: the writer's open is two round trips. Returns the writer (lease held, the
+/// transaction stored), its replica and its database's name.
 async fn own_journal_position(
     store: &Arc<dyn ObjectStore>,
     root: &Path,
     layout: Layout,
     taking: Taking<'_>,
-) -> io::Result<()> {
+) -> io::Result<(MapWriter, Arc<Replica>, String)> {
     let replica = Arc::new(lines::replica(store, root, layout, Some(taking.line))?);
     let listing = replica.base().to_vec();
     let db_name = format!("{root}#{}#{}#restore", taking.uuid, taking.line.line);
     let writer = MapWriter::open_ahead(
         Arc::clone(store),
-        replica,
+        Arc::clone(&replica),
         root.clone(),
         &db_name,
         taking.holder,
@@ -201,12 +272,7 @@ async fn own_journal_position(
         let _ = writer.close().await;
         return Err(other("storing the restored map", e));
     }
-    let released = writer.release_lease().await;
-    writer
-        .close()
-        .await
-        .map_err(|e| other("closing the restored map", e))?;
-    released.map_err(|e| other("releasing the writer lease", e))
+    Ok((writer, replica, db_name))
 }
 
 /// Step 4: the replaced line's own map files that no checkpoint restores from.
