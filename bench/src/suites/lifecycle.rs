@@ -17,6 +17,10 @@
 //!   server's clean stop (uploads and collection done) — then again once the checkpoint is
 //!   deleted and the volume served until its collection ran.
 //!
+//! - **a clone's first read on its source's host**: a base image written through a server,
+//!   checkpointed and cloned; the clone's first read of it beside its source (shared cache, warm)
+//!   and on a host with an empty cache, with the added latency.
+//!
 //! Repeats are interleaved across the sizes; each repeat takes a new checkpoint and restores
 //! it, so later repeats run on volumes already restored (a map line past the first).
 
@@ -104,6 +108,7 @@ struct Report {
     commands: Vec<String>,
     rounds: Vec<Round>,
     space: Space,
+    warm_clone: WarmClone,
 }
 
 fn prefix(written_gib: u64) -> String {
@@ -163,16 +168,24 @@ fn serve(
     cache: &Path,
     log: &Path,
 ) -> Result<(ServerProcess, SocketAddr)> {
+    serve_all(env, prefix, &[volume], cache, log)
+}
+
+/// A server of `volumes` under `prefix`, their cache directory `cache`.
+fn serve_all(
+    env: &Env,
+    prefix: &str,
+    volumes: &[&str],
+    cache: &Path,
+    log: &Path,
+) -> Result<(ServerProcess, SocketAddr)> {
     let port = free_loopback_port()?;
     let listen = format!("127.0.0.1:{port}");
-    let mut cmd = verb(
-        env,
-        prefix,
-        &[
-            "serve", "--volume", volume, "--size", "100G", "--listen", &listen,
-        ],
-        cache,
-    );
+    let mut words = vec!["serve", "--size", "100G", "--listen", &listen];
+    for volume in volumes {
+        words.extend(["--volume", volume]);
+    }
+    let mut cmd = verb(env, prefix, &words, cache);
     cmd.env("BUCKETDISK_LOG", "info");
     let process = ServerProcess::spawn("bucketdisk", cmd, log)?;
     Ok((process, SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
@@ -358,6 +371,82 @@ fn space(env: &Env, store: &Arc<dyn ObjectStore>) -> Result<Space> {
     })
 }
 
+const WARM_PREFIX: &str = "lifecycle-warm";
+/// What the clone's "boot" reads: the start of the base image.
+const BOOT_BYTES: u64 = 256 << 20;
+
+/// A clone's first read of its base image on its source's host (the cache directory's shared
+/// block cache warm with the source's blocks) and on a host with an empty cache.
+#[derive(Debug, Clone, Serialize)]
+struct WarmClone {
+    read_bytes: u64,
+    warm_ms: f64,
+    warm_gets: u64,
+    cold_ms: f64,
+    cold_gets: u64,
+}
+
+/// A base image written through a server (its blocks in that host's cache), checkpointed and
+/// cloned; then the clone's first `BOOT_BYTES` read with fio (1M, QD32) on that host, beside
+/// its source, and on a host with an empty cache; time from the read's start and the store
+/// GETs it caused, with the proxy's latency.
+fn warm_clone(env: &Env, proxy: &LatencyProxy, latency: Duration) -> Result<WarmClone> {
+    let work = env.work.join("warm-clone");
+    std::fs::create_dir_all(&work)?;
+    let host = fresh_dir(&work, "host-cache")?;
+    let (mut server, addr) = serve(env, WARM_PREFIX, VOLUME, &host, &work.join("base.log"))?;
+    server.wait_until_serving(addr, TIMEOUT)?;
+    crate::fio::pass(
+        "write",
+        BOOT_BYTES,
+        &format!("nbd://{addr}/"),
+        &work.join("base.json"),
+    )?;
+    timed(
+        verb(
+            env,
+            WARM_PREFIX,
+            &["checkpoint", "create", VOLUME, "base"],
+            &host,
+        ),
+        "checkpoint create",
+    )?;
+    server.stop()?;
+    timed(
+        verb(env, WARM_PREFIX, &["clone", "disk@base", "vm"], &host),
+        "clone",
+    )?;
+    proxy.set_delay(latency);
+    let boot = |cache: &Path, volumes: &[&str], what: &str| -> Result<(f64, u64)> {
+        let log = work.join(format!("{what}.log"));
+        let (mut server, addr) = serve_all(env, WARM_PREFIX, volumes, cache, &log)?;
+        server.wait_until_serving(addr, TIMEOUT)?;
+        let before = proxy.traffic();
+        let start = Instant::now();
+        crate::fio::pass(
+            "read",
+            BOOT_BYTES,
+            &format!("nbd://{addr}/vm"),
+            &work.join(format!("{what}.json")),
+        )?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        let gets = proxy.traffic().since(&before).gets;
+        server.stop()?;
+        Ok((ms, gets))
+    };
+    let (warm_ms, warm_gets) = boot(&host, &[VOLUME, "vm"], "warm")?;
+    let empty = fresh_dir(&work, "empty-cache")?;
+    let (cold_ms, cold_gets) = boot(&empty, &["vm"], "cold")?;
+    proxy.set_delay(Duration::ZERO);
+    Ok(WarmClone {
+        read_bytes: BOOT_BYTES,
+        warm_ms,
+        warm_gets,
+        cold_ms,
+        cold_gets,
+    })
+}
+
 pub fn run(args: Args, command: String) -> Result<()> {
     let workspace = workspace_root();
     let bin = bucketdisk_binary(args.places.bucketdisk.as_deref(), &workspace)?;
@@ -365,7 +454,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     let mut run = RunInfo::begin(command, &bin, &workspace, tmp.path())?;
     let (env, moto, proxy) = Env::on_moto(bin, tmp.path())?;
     let store = moto::client(&format!("http://{}", moto.addr), BUCKET)?;
-    let steps = (args.written_gib.len() * (1 + args.repeats) + 1) as u64;
+    let steps = (args.written_gib.len() * (1 + args.repeats) + 2) as u64;
     let mut progress = Progress::new(steps);
     let mut built = Vec::new();
     for &gib in &args.written_gib {
@@ -410,6 +499,10 @@ pub fn run(args: Args, command: String) -> Result<()> {
     progress.step("the space a checkpoint holds after one overwrite");
     let space = space(&env, &store)?;
     progress.step_done();
+    progress.step("a clone's first read on its source's host and on an empty one");
+    let latency = Duration::from_millis(args.latency_ms);
+    let warm_clone = warm_clone(&env, &proxy, latency)?;
+    progress.step_done();
     progress.finish();
     run.finish();
     let cache = PathBuf::from("CACHE");
@@ -431,6 +524,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         commands,
         rounds,
         space,
+        warm_clone,
     };
     let out_dir = args.places.out_dir(&workspace);
     let stem = report.run.stem("lifecycle");
@@ -548,6 +642,26 @@ fn markdown(r: &Report, stem: &str) -> String {
         gib(sp.chunks_before),
         gib(sp.chunks_with_checkpoint),
         gib(sp.chunks_after_delete)
+    );
+    let w = &r.warm_clone;
+    let _ = writeln!(
+        md,
+        "\n## A clone's first read on its source's host\n\n{} MiB written through a server \
+         (the base image: its blocks land in that host's cache), checkpointed, cloned; then the \
+         clone's first read of those {} MiB with fio (1M, QD32) with {} ms added to every store \
+         request: on the same host, served beside its source from the same cache directory \
+         (the block cache is shared and keyed by the chunk's writer), and on a host with an \
+         empty cache. Time from the read's start; store GETs during it.\n\n\
+         | host | read, ms | store GETs |\n|---|---:|---:|\n\
+         | the source's (warm) | {:.0} | {} |\n\
+         | empty cache | {:.0} | {} |",
+        w.read_bytes >> 20,
+        w.read_bytes >> 20,
+        r.latency_ms,
+        w.warm_ms,
+        w.warm_gets,
+        w.cold_ms,
+        w.cold_gets
     );
     let _ = writeln!(
         md,
