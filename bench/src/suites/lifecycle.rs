@@ -5,7 +5,8 @@
 //! - **checkpoint create** of a served volume: `bucketdisk checkpoint create` from the command's
 //!   start to its exit (it goes through the server's control socket), and the store requests
 //!   it caused;
-//! - **restore** of the served volume (its server closes it, switches it and serves it again),
+//! - **restore** of the served volume (its server stops it, switches it and serves it again,
+//!   adopting the map the switch took),
 //!   and of the volume with its server stopped: `bucketdisk restore` from start to exit;
 //! - **first read after the restore**: a server started with an empty cache, process start → the
 //!   first 4 KiB read answered and checked against the built block;
@@ -255,8 +256,8 @@ fn round(
         "checkpoint create",
     )?;
     let checkpoint_store = proxy.traffic().since(&before);
-    // Restored by its server while it serves (no client connected): closed, switched, opened
-    // again under the same export.
+    // Restored by its server while it serves (no client connected): stopped, switched, served
+    // again under the same export with the map the switch took.
     let served_restore_ms = timed(
         verb(env, &prefix, &["restore", VOLUME, &name], &cache),
         "restore of the served volume",
@@ -557,8 +558,8 @@ fn markdown(r: &Report, stem: &str) -> String {
          (built directly, every row pointing at real checksummed data). A round: a server \
          starts on the volume; `bucketdisk checkpoint create` runs (through the server's control \
          socket), timed from the command's start to its exit; `bucketdisk restore` of it runs \
-         while the server serves the volume (the server closes it, switches it and serves it \
-         again), timed the same way; the server stops; `bucketdisk \
+         while the server serves the volume (the server stops it, switches its map and serves \
+         it again adopting the map the switch took), timed the same way; the server stops; `bucketdisk \
          restore` of that checkpoint runs, timed the same way; then a server starts with an \
          empty cache and the first 4 KiB read of block 0 is timed from process start and checked; \
          then `bucketdisk clone` of the checkpoint into a new volume is timed, and that volume's \
