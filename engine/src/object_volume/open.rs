@@ -512,7 +512,9 @@ fn early_first_reads(
         let found = located.await.ok()?;
         let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
         // Not when the block is cached already (a restart, or a clone on its source's host).
-        if let Ok(cache) = cache.await
+        // The cache is normally open by now; if not, the GET goes anyway rather than wait.
+        let mut cache = cache;
+        if let Ok(cache) = cache.try_recv()
             && cache.contains(chunks.cache_key(&location))
         {
             return None;
