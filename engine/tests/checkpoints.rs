@@ -553,3 +553,78 @@ async fn a_clone_on_its_sources_host_reads_the_blocks_the_source_cached() {
     assert_eq!(fetches(&twin).await, 0.0, "warm after a restart");
     twin.close().await.expect("close");
 }
+
+/// Opens checkpoint `checkpoint` of `volume` read-only from a fresh local folder (its reads come
+/// from the store) and checks every block's seed.
+async fn assert_checkpoint(f: &Fixture, volume: &str, checkpoint: &str, seeds: &[u8]) {
+    let view = ObjectVolume::open_checkpoint(
+        std::sync::Arc::clone(&f.store),
+        &object_store::path::Path::from(""),
+        f.layout,
+        volume,
+        checkpoint,
+        f.config(&format!("view-{volume}-{checkpoint}-{}", seeds[0])),
+    )
+    .await
+    .expect("open the checkpoint");
+    for (b, seed) in seeds.iter().enumerate() {
+        assert_block(&view, b as u64, *seed).await;
+    }
+    view.close().await.expect("close");
+}
+
+/// Checkpoints of a volume and of its clone, and the clone itself, read back exactly while
+/// both volumes overwrite everything several times with collection and map maintenance.
+async fn checkpoints_and_clones_survive_overwrites_and_gc(f: Fixture) {
+    const BLOCKS: usize = 32;
+    let prefix = object_store::path::Path::from("");
+    let source = f.open(f.config("s")).await;
+    fill(&source, BLOCKS as u64, 1).await;
+    source.create_checkpoint(Some("a")).await.expect("a");
+    fill(&source, BLOCKS as u64, 2).await;
+    source.create_checkpoint(Some("b")).await.expect("b");
+    clone_volume(f.store.as_ref(), &prefix, "disk", "a", "twin")
+        .await
+        .expect("clone");
+    let twin = open_volume(&f, "twin", "t").await;
+    // The clone rewrites its first half each round: its second half stays the source's.
+    let mut twin_seeds = vec![1u8; BLOCKS];
+    let mut twin_checkpoint = Vec::new();
+    for round in 0..3u8 {
+        fill(&source, BLOCKS as u64, 10 + round).await;
+        fill(&twin, BLOCKS as u64 / 2, 20 + round).await;
+        twin_seeds[..BLOCKS / 2].fill(20 + round);
+        if round == 0 {
+            twin.create_checkpoint(Some("t1")).await.expect("t1");
+            twin_checkpoint = twin_seeds.clone();
+        }
+        source.maintain_now().await.expect("maintenance");
+        twin.maintain_now().await.expect("maintenance");
+    }
+    let seeds_of = |seed: u8| vec![seed; BLOCKS];
+    for b in 0..BLOCKS {
+        assert_block(&source, b as u64, 12).await;
+        assert_block(&twin, b as u64, twin_seeds[b]).await;
+    }
+    source.close().await.expect("close");
+    twin.close().await.expect("close");
+    // From the store alone, in fresh folders.
+    assert_checkpoint(&f, "disk", "a", &seeds_of(1)).await;
+    assert_checkpoint(&f, "disk", "b", &seeds_of(2)).await;
+    assert_checkpoint(&f, "twin", "t1", &twin_checkpoint).await;
+    let twin = open_volume(&f, "twin", "t-fresh").await;
+    for (b, seed) in twin_seeds.iter().enumerate() {
+        assert_block(&twin, b as u64, *seed).await;
+    }
+    twin.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_and_clones_survive_overwrites_and_gc_on_a_directory() {
+    checkpoints_and_clones_survive_overwrites_and_gc(Fixture::new(64 * MIB, BLOCK).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_and_clones_survive_overwrites_and_gc_on_s3() {
+    checkpoints_and_clones_survive_overwrites_and_gc(Fixture::on_s3(64 * MIB, BLOCK).await).await;
+}
