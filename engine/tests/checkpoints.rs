@@ -602,9 +602,9 @@ async fn checkpoints_and_clones_survive_overwrites_and_gc(f: Fixture) {
         twin.maintain_now().await.expect("maintenance");
     }
     let seeds_of = |seed: u8| vec![seed; BLOCKS];
-    for b in 0..BLOCKS {
+    for (b, seed) in twin_seeds.iter().enumerate() {
         assert_block(&source, b as u64, 12).await;
-        assert_block(&twin, b as u64, twin_seeds[b]).await;
+        assert_block(&twin, b as u64, *seed).await;
     }
     source.close().await.expect("close");
     twin.close().await.expect("close");
