@@ -512,9 +512,9 @@ fn early_first_reads(
         let found = located.await.ok()?;
         let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
         // Not when the block is cached already (a restart, or a clone on its source's host).
-        // The cache is normally open by now; if not, the GET goes anyway rather than wait.
-        let mut cache = cache;
-        if let Ok(cache) = cache.try_recv()
+        // The cache is open by now unless its index is large, and then block 0 is likely in
+        // it: waiting for it beats a GET that may be wasted (measured: no cost on a boot).
+        if let Ok(cache) = cache.await
             && cache.contains(chunks.cache_key(&location))
         {
             return None;
