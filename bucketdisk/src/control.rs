@@ -245,6 +245,13 @@ async fn restore_served(
         return Err(std::io::Error::other("internal: not a restore"));
     };
     let name = volume.name.as_str();
+    if volume.config.read_only {
+        // It holds no lease: a writer elsewhere may be serving the volume.
+        return Err(std::io::Error::other(format!(
+            "{name} is served read-only here: restore it where it is written, or with no \
+             server serving it"
+        )));
+    }
     if let Some(export) = served.exports.all().into_iter().find(|e| e.name == name) {
         let connected = export.sessions();
         if connected > 0 {
@@ -291,25 +298,35 @@ async fn restore_served(
     // state it had.
     let (report, reopened) = match restored {
         Ok((report, map)) => {
-            let reopened = ObjectVolume::open_restored(
-                &location.prefix,
-                location.layout,
-                volume.config.clone(),
-                map,
-            )
-            .await;
-            match reopened {
-                Ok(reopened) => (Ok(report), reopened),
+            let config = volume.config.clone();
+            let adopted =
+                ObjectVolume::open_restored(&location.prefix, location.layout, config, map).await;
+            let reopened = match adopted {
+                Ok(reopened) => Ok(reopened),
                 // The store holds the restored state whatever happened here: open it anew.
                 Err(e) => {
                     tracing::warn!(volume = name, "adopting the restored map failed: {e}");
-                    (Ok(report), volume.reopen().await?)
+                    volume.reopen().await
                 }
-            }
+            };
+            (Ok(report), reopened)
         }
-        Err(e) => (Err(e), volume.reopen().await?),
+        Err(e) => (Err(e), volume.reopen().await),
     };
-    volume.replace(reopened);
+    match reopened {
+        Ok(reopened) => volume.replace(reopened),
+        Err(e) => {
+            // The export keeps the stopped volume: writes are refused, with this reason.
+            let outcome = match &report {
+                Ok(_) => "was restored".to_string(),
+                Err(failed) => format!("was not restored ({failed})"),
+            };
+            tracing::error!(volume = name, "cannot serve the volume again: {e}");
+            return Err(std::io::Error::other(format!(
+                "{name} {outcome} and cannot be served again ({e}): restart the server"
+            )));
+        }
+    }
     let mut report = report?;
     report.kept_current = kept;
     serde_json::to_value(report).map_err(std::io::Error::other)

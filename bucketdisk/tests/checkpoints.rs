@@ -205,8 +205,8 @@ fn a_checkpoint_is_exported_read_only_while_the_disk_changes() {
     assert!(server.stop().success(), "{}", server.log_text());
 }
 
-/// `restore` refuses a volume another host may hold; a checkpoint that does not exist is an
-/// error that changes nothing.
+/// `restore` refuses a volume another host may hold, and a read-only server refuses to restore
+/// what it serves; a checkpoint that does not exist is an error that changes nothing.
 #[test]
 fn restore_refuses_what_it_must_not_take() {
     let mut server = Server::start();
@@ -235,6 +235,14 @@ fn restore_refuses_what_it_must_not_take() {
         run(&mut restore(&server, "base"));
     }
     server.spawn();
+    assert!(server.stop().success(), "{}", server.log_text());
+    // A read-only server holds no lease: it does not restore what a writer elsewhere may serve.
+    server.extra_args.push("--read-only".into());
+    server.spawn();
+    assert_fails_with(
+        run_output(&mut restore(&server, "base")),
+        "is served read-only here",
+    );
     assert!(server.stop().success(), "{}", server.log_text());
 }
 

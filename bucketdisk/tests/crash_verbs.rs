@@ -2,7 +2,8 @@
 //! `clone`, `delete` and `resize` are each run once per change they make to the store, killed
 //! (SIGKILL, by the hidden `--crash-before-store-change`) just before that change, so the store
 //! is left in every state the verb passes through. After each crash every volume and checkpoint
-//! still listed must read back exactly as one of its allowed states; running the verb again
+//! still listed must read back exactly as one of its allowed states, from the store alone (a
+//! read-only server with an empty cache, which changes nothing); running the verb again
 //! must finish the job (or say clearly that it was done); and the result is checked again.
 //!
 //! Local-directory store only: each round starts from a copy of the same store directory.
@@ -130,8 +131,16 @@ impl World {
                 exports.push(format!("{volume}@{checkpoint}"));
             }
         }
+        // Read from the store alone, without changing it: a read-only server (followers: no
+        // lease, no collection) with an empty cache directory; the crashed verb's local folder
+        // is left for its re-run.
         let served: Vec<&str> = volumes.iter().map(String::as_str).collect();
         self.server.set_volumes(&served);
+        let cache = self.server.cache_dir();
+        let kept = cache.with_extension("kept");
+        std::fs::rename(&cache, &kept).expect("set the cache directory aside");
+        let args = self.server.extra_args.clone();
+        self.server.extra_args.push("--read-only".into());
         self.server.spawn();
         let mut state = BTreeMap::new();
         for export in exports {
@@ -145,6 +154,9 @@ impl World {
             state.insert(export, matched);
         }
         assert!(self.server.stop().success(), "{}", self.server.log_text());
+        self.server.extra_args = args;
+        std::fs::remove_dir_all(&cache).expect("remove the check's cache directory");
+        std::fs::rename(&kept, &cache).expect("put the cache directory back");
         state
     }
 

@@ -57,6 +57,10 @@ struct State {
     ghost_set: FastHashSet<CacheKey>,
     free: Vec<u32>,
     generations: u64,
+    /// An index describing the slots was saved: before any slot takes another block it is
+    /// deleted, so a saved index always describes the slots exactly (a volume's background
+    /// task may still insert after the last close saved it).
+    index_saved: bool,
 }
 
 /// One block for [`BlockCache::insert_batch`].
@@ -187,9 +191,18 @@ impl BlockCache {
         Ok(cache)
     }
 
-    /// Whether the cache in `dir` exists and no process has it open.
-    pub fn is_unused(dir: &Path) -> bool {
-        File::open(dir.join(DATA_FILE)).is_ok_and(|file| lock_exclusive(&file).is_ok())
+    /// Deletes the folder `dir` of a cache no process has open, holding the cache's lock while
+    /// it does (a process that opens it meanwhile waits for nothing: it makes a new one);
+    /// whether it did.
+    pub fn remove_if_unused(dir: &Path) -> io::Result<bool> {
+        let Ok(file) = File::open(dir.join(DATA_FILE)) else {
+            return Ok(false);
+        };
+        if lock_exclusive(&file).is_err() {
+            return Ok(false);
+        }
+        std::fs::remove_dir_all(dir)?;
+        Ok(true)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -202,11 +215,14 @@ impl BlockCache {
         let mut state = self.state();
         let mut used = vec![false; self.slots as usize];
         if let Ok(f) = File::open(&self.index_path) {
-            for line in io::BufReader::new(f).lines() {
+            let mut lines = io::BufReader::new(f).lines();
+            // An index written for another geometry (or by an older version) describes other
+            // slots: none of it is trusted.
+            let header = lines.next().transpose()?;
+            let ours = header.as_deref() == Some(self.index_header().as_str());
+            for line in lines.filter(|_| ours) {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                // Lines of older indexes (without the owner) are skipped: whose chunk a block
-                // was is not known, so the slot is reused.
                 let [slot, owner, chunk, offset, checksum, verified] = fields[..] else {
                     continue;
                 };
@@ -249,9 +265,11 @@ impl BlockCache {
     /// a clean close and is deleted as soon as it is loaded, so a crash never inherits it.
     pub fn save_index(&self) -> io::Result<()> {
         self.file.sync_data()?;
-        let state = self.state();
+        // Held until the index is in place: no slot takes another block meanwhile.
+        let mut state = self.state();
         let tmp = self.index_path.with_extension("tmp");
         let mut out = io::BufWriter::new(File::create(&tmp)?);
+        writeln!(out, "{}", self.index_header())?;
         for key in state.main.iter().chain(state.small.iter()) {
             if let Some(e) = state.entries.get(key) {
                 if e.writing {
@@ -270,7 +288,26 @@ impl BlockCache {
             }
         }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, &self.index_path)
+        std::fs::rename(&tmp, &self.index_path)?;
+        state.index_saved = true;
+        Ok(())
+    }
+
+    /// The index's first line: the geometry its slot numbers mean.
+    fn index_header(&self) -> String {
+        format!(
+            "bucketdisk block cache: {} slots of {} bytes",
+            self.slots, self.block_size
+        )
+    }
+
+    /// Deletes the saved index before a slot takes another block (see `State::index_saved`).
+    fn invalidate_saved_index(&self, state: &mut State) -> io::Result<()> {
+        if state.index_saved {
+            self.remove_index_file()?;
+            state.index_saved = false;
+        }
+        Ok(())
     }
 
     /// A cached block, verified against `checksum`; `None` on a miss or a damaged slot.
@@ -361,6 +398,7 @@ impl BlockCache {
         // (slot, item) for every block that got a slot, in slot order.
         let mut reserved: Vec<(u32, usize)> = {
             let mut state = self.state();
+            self.invalidate_saved_index(&mut state)?;
             items
                 .iter()
                 .enumerate()
@@ -534,6 +572,13 @@ impl BlockCache {
     /// Deletes the index a clean close saved, for a cache that goes back into use in this
     /// process: a crash from now on must not trust it (see [`BlockCache::save_index`]).
     pub fn forget_saved_index(&self) -> io::Result<()> {
+        let mut state = self.state();
+        self.remove_index_file()?;
+        state.index_saved = false;
+        Ok(())
+    }
+
+    fn remove_index_file(&self) -> io::Result<()> {
         match std::fs::remove_file(&self.index_path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -661,7 +706,8 @@ mod tests {
             "written and synced before a clean close"
         );
         drop(c);
-        // An index in the older format, without owners: nothing of it is trusted.
+        // An index in the older format (no header, no owners): nothing of it is trusted.
+        let header = format!("bucketdisk block cache: 10 slots of {BS} bytes\n");
         let line = |owner: Option<u64>, verified: u8| {
             let owner = owner.map_or(String::new(), |o| format!("{o} "));
             let (k, sum) = (key(1), block_checksum(&block(1)));
@@ -672,7 +718,8 @@ mod tests {
         assert_eq!(verified(&c), None, "an old index's slots are free");
         drop(c);
         // A slot not recorded as verified: loaded, but checked in full before it is used.
-        std::fs::write(dir.path().join("blocks.index"), line(Some(7), 0)).expect("write index");
+        let index = format!("{header}{}", line(Some(7), 0));
+        std::fs::write(dir.path().join("blocks.index"), index).expect("write index");
         let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
         assert_eq!(verified(&c), Some(false));
         let mut buf = [0u8; 16];
@@ -777,5 +824,43 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
         drop(c);
         BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("free again once closed");
+    }
+
+    #[test]
+    fn an_index_for_another_geometry_is_not_trusted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+        c.insert(key(1), &block(1)).expect("insert");
+        c.save_index().expect("save");
+        drop(c);
+        // The same file opened for 8 KiB blocks: slot n is another byte range.
+        let c = BlockCache::open(dir.path(), 2 * BS, 10 * u64::from(BS)).expect("reopen");
+        assert!(
+            c.is_empty(),
+            "nothing of a 4 KiB index is trusted for 8 KiB slots"
+        );
+        drop(c);
+        let c = BlockCache::open(dir.path(), BS, 20 * u64::from(BS)).expect("reopen");
+        assert!(c.is_empty(), "nor for another number of slots");
+    }
+
+    #[test]
+    fn a_slot_taken_after_the_index_was_saved_deletes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = BlockCache::open(dir.path(), BS, 2 * u64::from(BS)).expect("open");
+        c.insert(key(1), &block(1)).expect("insert");
+        c.insert(key(2), &block(2)).expect("insert");
+        c.save_index().expect("save");
+        let index = dir.path().join("blocks.index");
+        assert!(index.exists());
+        // A late insert (a background task of a closed volume) evicts a saved slot.
+        c.insert(key(3), &block(3)).expect("insert");
+        assert!(
+            !index.exists(),
+            "the saved index no longer describes the slots"
+        );
+        drop(c);
+        let c = BlockCache::open(dir.path(), BS, 2 * u64::from(BS)).expect("reopen");
+        assert!(c.is_empty(), "a crash now trusts nothing");
     }
 }

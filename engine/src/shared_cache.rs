@@ -76,6 +76,10 @@ impl CacheHandle {
     fn in_dir(dir: &Path, block_size: u32, capacity_bytes: u64) -> io::Result<CacheHandle> {
         let dir = std::path::absolute(dir)?;
         let mut open = open_caches();
+        // Registered, but its last handle is being dropped (see `open_after_last_drop`).
+        let dying = open
+            .get(&dir)
+            .is_some_and(|entry| entry.cache.strong_count() == 0);
         open.retain(|_, entry| entry.cache.strong_count() > 0);
         let reusable = open
             .get_mut(&dir)
@@ -98,7 +102,10 @@ impl CacheHandle {
                 cache
             }
             None => {
-                let cache = Arc::new(BlockCache::open(&dir, block_size, capacity_bytes)?);
+                let cache = Arc::new(match dying {
+                    true => open_after_last_drop(&dir, block_size, capacity_bytes)?,
+                    false => BlockCache::open(&dir, block_size, capacity_bytes)?,
+                });
                 let entry = Open {
                     cache: Arc::downgrade(&cache),
                     users: 1,
@@ -150,15 +157,30 @@ fn leave(open: &mut HashMap<PathBuf, Open>, dir: &Path) -> bool {
     }
 }
 
+/// Opens the cache in `dir` whose last handle in this process is being dropped (its
+/// registration dead, its file maybe not yet closed): the lock is then this process's own,
+/// released within moments, so a refusal is tried again for a little while.
+fn open_after_last_drop(
+    dir: &Path,
+    block_size: u32,
+    capacity_bytes: u64,
+) -> io::Result<BlockCache> {
+    let mut tries = 0;
+    loop {
+        match BlockCache::open(dir, block_size, capacity_bytes) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Removes a volume's own cache folder (left by an open that found the shared one busy) once
 /// nobody uses it: its blocks are only a cache, and its space counts twice otherwise.
 fn discard_unused(private_dir: &Path) {
-    if !private_dir.join(crate::cache::DATA_FILE).exists() {
-        return;
-    }
-    if BlockCache::is_unused(private_dir)
-        && let Err(e) = std::fs::remove_dir_all(private_dir)
-    {
+    if let Err(e) = BlockCache::remove_if_unused(private_dir) {
         tracing::warn!("cannot remove {}: {e}", private_dir.display());
     }
 }

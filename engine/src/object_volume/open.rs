@@ -59,6 +59,13 @@ pub(super) async fn open_restored(
     config: VolumeConfig,
     restored: RestoredMap,
 ) -> io::Result<ObjectVolume> {
+    if config.read_only {
+        // A follower has no use for the writer: give the lease back rather than leak it.
+        let released = restored.writer.release_lease().await;
+        let _ = restored.writer.close().await;
+        released.map_err(|e| other("releasing the writer lease", e))?;
+        return Err(crate::DeviceError::ReadOnly.into_io());
+    }
     let counted = Arc::clone(&restored.counted);
     let name = restored.meta.name.clone();
     open_with(counted, prefix, layout, &name, config, Some(restored)).await
@@ -136,7 +143,10 @@ async fn open_with(
     let db_name = match (&config.checkpoint, adopted_db) {
         (_, Some(adopted)) => adopted,
         (None, None) => format!("{root}#{}#{line_number}", meta.uuid),
-        (Some(checkpoint), None) => format!("{root}#{}@{}", meta.uuid, checkpoint.name),
+        (Some(checkpoint), None) => format!(
+            "{root}#{}@{}@{}",
+            meta.uuid, checkpoint.name, checkpoint.txid
+        ),
     };
     let at_txid = config.checkpoint.as_ref().map(|c| c.txid);
     let runtime = tokio::runtime::Handle::current();
