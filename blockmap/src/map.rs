@@ -256,8 +256,6 @@ impl BlockMap {
         )?)
     }
 
-    /// Bytes of every chunk the map knows, dead ones included.
-    /// Chunks the map knows (live or waiting for collection).
     /// Every chunk at least one block lives in: what the current state references (a checkpoint
     /// of it pins these).
     pub fn live_chunk_ids(&self) -> Result<Vec<u64>> {
@@ -266,6 +264,41 @@ impl BlockMap {
             .prepare_cached("SELECT chunk FROM chunks WHERE live_blocks > 0 ORDER BY chunk")?;
         let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|n| n as u64))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every chunk some block points at, whether the `chunks` table knows it or not (checking the
+    /// map: `verify`), in order.
+    pub fn referenced_chunk_ids(&self) -> Result<Vec<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT chunk FROM blocks ORDER BY chunk")?;
+        let rows = stmt.query_map([], |r| r.get::<_, i64>(0).map(|n| n as u64))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Blocks stored at or past `block`: how many, and the first `limit` of them.
+    pub fn blocks_from(&self, block: u64, limit: usize) -> Result<(u64, Vec<u64>)> {
+        let block = i64::try_from(block).map_err(|_| Error::OutOfRange(block))?;
+        let count: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM blocks WHERE block >= ?1",
+            [block],
+            |r| r.get(0),
+        )?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT block FROM blocks WHERE block >= ?1 ORDER BY block LIMIT ?2")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt.query_map([block, limit], |r| r.get::<_, i64>(0).map(|n| n as u64))?;
+        Ok((count as u64, rows.collect::<rusqlite::Result<_>>()?))
+    }
+
+    /// SQLite's own check of the database (`PRAGMA integrity_check`): the problems it reports,
+    /// none when the database is sound.
+    pub fn integrity_problems(&self) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let found: Vec<String> = rows.collect::<rusqlite::Result<_>>()?;
+        Ok(found.into_iter().filter(|line| line != "ok").collect())
     }
 
     /// Whether any block at or past `block` is stored (shrinking a volume must not cut data).

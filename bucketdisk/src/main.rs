@@ -11,6 +11,7 @@ mod progress;
 mod serve;
 mod served;
 mod store_args;
+mod verify;
 mod volumes;
 
 use checkpoint::{CheckpointArgs, CloneArgs, RestoreArgs, checkpoint, clone, restore};
@@ -18,6 +19,7 @@ use clap::{Parser, Subcommand};
 use create::{CreateArgs, create};
 use info::{InfoArgs, info};
 use serve::{ServeArgs, serve};
+use verify::{VerifyArgs, verify};
 use volumes::{DeleteArgs, ListArgs, ResizeArgs, delete, list, resize};
 
 #[derive(Parser)]
@@ -57,6 +59,9 @@ enum Command {
     /// Make a new volume from a checkpoint of another (or from its state now), sharing its
     /// chunks: nothing is copied, and writes to either never show in the other.
     Clone(CloneArgs),
+    /// Check a volume against the store: its block map, every referenced chunk present and
+    /// whole, with --deep every block's CRC; names what is damaged and exits non-zero then.
+    Verify(VerifyArgs),
 }
 
 /// glibc gives every thread that allocates an arena of its own, and memory freed there stays
@@ -94,6 +99,7 @@ fn main() -> std::process::ExitCode {
         Command::Checkpoint(args) => checkpoint(args),
         Command::Restore(args) => restore(args),
         Command::Clone(args) => clone(args),
+        Command::Verify(args) => verify(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -241,6 +241,43 @@ impl ChunkStore {
             .collect())
     }
 
+    /// This volume's own chunk objects, as `(id, size)`.
+    pub async fn own_objects(&self) -> io::Result<Vec<(u64, u64)>> {
+        self.objects_in(&self.prefix).await
+    }
+
+    /// Every chunk object this volume can read, own and inherited (each ancestor's ids in its
+    /// range only), as id → size.
+    pub async fn readable_objects(&self) -> io::Result<std::collections::HashMap<u64, u64>> {
+        let mut all: std::collections::HashMap<u64, u64> =
+            self.own_objects().await?.into_iter().collect();
+        all.retain(|id, _| !self.is_inherited(*id));
+        for ancestor in &self.inherited {
+            for (id, size) in self.objects_in(&ancestor.dir).await? {
+                if self.ancestor(id).is_some_and(|a| a.dir == ancestor.dir) {
+                    all.insert(id, size);
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    async fn objects_in(&self, dir: &Path) -> io::Result<Vec<(u64, u64)>> {
+        use futures::TryStreamExt;
+        let objects: Vec<_> = with_retries("list chunks", || {
+            self.store.list(Some(dir)).try_collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| store_error("list chunks", e))?;
+        Ok(objects
+            .iter()
+            .filter_map(|meta| {
+                let id = u64::from_str_radix(meta.location.filename()?, 16).ok()?;
+                Some((id, meta.size))
+            })
+            .collect())
+    }
+
     /// Deletes one of this volume's chunks; an inherited one is left alone.
     pub async fn delete(&self, chunk: u64) -> io::Result<()> {
         if self.is_inherited(chunk) {

@@ -47,6 +47,7 @@ mod upload;
 mod upload_health;
 mod upload_policy;
 mod upload_progress;
+mod verify;
 mod write_log;
 
 pub use clone::{clone_volume, dependents as clones_of, release_parent};
@@ -54,6 +55,7 @@ pub use gc::GcReport;
 pub use inspect::{Holder, VolumeReport, holder, inspect};
 pub use restore::{RestoreReport, RestoreRequest, RestoredMap, restore, restore_keeping_map};
 pub use upload_health::UploadStall;
+pub use verify::{DamagedBlock, OrphanChunk, StateReport, VerifyOptions, VerifyReport, verify};
 
 use crate::chunk_store::ChunkStore;
 use crate::device::{DeviceError, DeviceResult, check_range};

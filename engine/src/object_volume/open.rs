@@ -536,7 +536,11 @@ fn early_first_reads(
 }
 
 /// The volume's chunks; a clone's inherited ones read from its ancestors (see `clone`).
-fn chunk_store(store: &Arc<dyn ObjectStore>, prefix: &Path, meta: &VolumeMetadata) -> ChunkStore {
+pub(super) fn chunk_store(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    meta: &VolumeMetadata,
+) -> ChunkStore {
     let root = catalog::volume_root(prefix, &meta.name);
     ChunkStore::new(Arc::clone(store), &root, meta.block_size)
         .owned_by(meta.owner_tag(root.as_ref()))
