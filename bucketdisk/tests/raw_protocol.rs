@@ -741,6 +741,32 @@ fn bad_client_flags_close_the_connection() {
 }
 
 #[test]
+fn a_client_without_fixed_newstyle_gets_no_option_replies() {
+    let mut server = Server::start();
+    // Plain newstyle: NBD_OPT_EXPORT_NAME is all there is.
+    let mut s = greet(port(&server));
+    s.write_all(&CLIENT_NO_ZEROES.to_be_bytes()).unwrap();
+    send_option(&mut s, OPT_EXPORT_NAME, b"");
+    let h = read_n(&mut s, 10);
+    assert_eq!(be64(&h), GIB, "export size");
+    let mut c = Client::from_stream(s, Mode::Simple, GIB, be16(&h[8..]), None);
+    assert_eq!(c.read(0, 4096), vec![0u8; 4096]);
+    // Any other option closes the connection without a fixed-newstyle reply.
+    for option in [OPT_LIST, OPT_GO, OPT_STRUCTURED_REPLY, 0x7777] {
+        let mut s = greet(port(&server));
+        s.write_all(&0u32.to_be_bytes()).unwrap();
+        let data = if option == OPT_GO {
+            go_data("")
+        } else {
+            Vec::new()
+        };
+        send_option(&mut s, option, &data);
+        expect_closed(&mut s, &format!("option {option} without fixed newstyle"));
+    }
+    assert_serves(&mut server);
+}
+
+#[test]
 fn bad_option_magic_closes_the_connection() {
     let mut server = Server::start();
     let mut s = haggle(port(&server));

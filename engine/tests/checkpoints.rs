@@ -628,3 +628,95 @@ async fn checkpoints_and_clones_survive_overwrites_and_gc_on_a_directory() {
 async fn checkpoints_and_clones_survive_overwrites_and_gc_on_s3() {
     checkpoints_and_clones_survive_overwrites_and_gc(Fixture::on_s3(64 * MIB, BLOCK).await).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_could_leave_the_prefix_are_refused_wherever_they_enter() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let prefix = object_store::path::Path::from("");
+    for bad in ["../disk", "a/b", "x\0y", "tab\tname", "..", ".hidden", ""] {
+        let e = ObjectVolume::open(
+            std::sync::Arc::clone(&f.store),
+            &prefix,
+            f.layout,
+            bad,
+            f.config("bad"),
+        )
+        .await
+        .err()
+        .expect("a name that is not a volume's is refused");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}: {e}");
+        let e = clone_volume(f.store.as_ref(), &prefix, "disk", "base", bad)
+            .await
+            .expect_err("a clone named so");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad:?}: {e}");
+    }
+    let v = f.open(f.config("a")).await;
+    fill(&v, 2, 1).await;
+    v.create_checkpoint(Some("base")).await.expect("checkpoint");
+    v.close().await.expect("close");
+
+    // A checkpoint whose recorded map files point outside the volumes' prefix.
+    let key = object_store::path::Path::from("disk/checkpoints/base.json");
+    let text = f
+        .store
+        .get(&key)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
+    let mut checkpoint: serde_json::Value = serde_json::from_slice(&text).expect("json");
+    checkpoint["map_files"][0]["volume"] = serde_json::json!("../../etc");
+    let hostile = serde_json::to_vec(&checkpoint).expect("json");
+    f.store
+        .put(&key, PutPayload::from(hostile))
+        .await
+        .expect("put");
+    let e = v_checkpoints(&f).await.expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+    assert!(e.to_string().contains("base.json"), "{e}");
+
+    // A volume.json that names another volume.
+    let key = object_store::path::Path::from("disk/volume.json");
+    let text = f
+        .store
+        .get(&key)
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
+    let mut meta: serde_json::Value = serde_json::from_slice(&text).expect("json");
+    meta["name"] = serde_json::json!("other");
+    f.store
+        .put(
+            &key,
+            PutPayload::from(serde_json::to_vec(&meta).expect("json")),
+        )
+        .await
+        .expect("put");
+    let e = ObjectVolume::open(
+        std::sync::Arc::clone(&f.store),
+        &prefix,
+        f.layout,
+        "disk",
+        f.config("b"),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+}
+
+/// The checkpoints of `disk`, read from the store.
+async fn v_checkpoints(
+    f: &Fixture,
+) -> std::io::Result<Vec<engine::object_volume::checkpoints::Checkpoint>> {
+    engine::object_volume::checkpoints::list(
+        f.store.as_ref(),
+        &object_store::path::Path::from(""),
+        "disk",
+    )
+    .await
+}

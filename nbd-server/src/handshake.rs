@@ -95,6 +95,9 @@ where
         no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
         ..State::default()
     };
+    // A client that did not take fixed newstyle knows only NBD_OPT_EXPORT_NAME and cannot read
+    // option replies: anything else ends the session (the spec allows only that).
+    let fixed_newstyle = client_flags & CLIENT_FIXED_NEWSTYLE != 0;
 
     for _ in 0..MAX_OPTIONS {
         let mut head = [0u8; 16];
@@ -109,6 +112,12 @@ where
         if magic != IHAVEOPT {
             return Err(HandshakeError::Protocol(format!(
                 "bad option magic {magic:#x}"
+            )));
+        }
+        if !fixed_newstyle && option != OPT_EXPORT_NAME {
+            return Err(HandshakeError::Protocol(format!(
+                "option {option} from a client without fixed newstyle (only \
+                 NBD_OPT_EXPORT_NAME is understood there)"
             )));
         }
         if length > MAX_OPTION_LEN {

@@ -41,6 +41,7 @@ pub async fn load(
     prefix: &Path,
     name: &str,
 ) -> io::Result<Option<VolumeMetadata>> {
+    crate::file_volume::validate_volume_name(name)?;
     let path = metadata_path(prefix, name);
     let got = with_retries("read volume.json", || async {
         store.get(&path).await?.bytes().await
@@ -59,6 +60,22 @@ pub async fn load(
             format!(
                 "{path}: volume format {:?}; this engine reads {FORMAT:?}",
                 meta.format
+            ),
+        ));
+    }
+    // The names it carries become store keys (its chunks, its ancestors'): a volume.json that
+    // names another volume, or a name that is not one, is refused.
+    let foreign = std::iter::once(meta.name.as_str())
+        .chain(meta.parent.iter().map(|p| p.volume.as_str()))
+        .chain(meta.inherits.iter().map(|i| i.volume.as_str()))
+        .find(|n| crate::file_volume::validate_volume_name(n).is_err());
+    if meta.name != name || foreign.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{path}: names volume {:?}{}",
+                meta.name,
+                foreign.map_or(String::new(), |n| format!(" and refers to {n:?}"))
             ),
         ));
     }

@@ -164,9 +164,33 @@ async fn load_path(store: &dyn ObjectStore, path: &Path) -> io::Result<Option<Ch
         Err(object_store::Error::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(io::Error::other(format!("reading {path}: {e}"))),
     };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))
+    let checkpoint: Checkpoint = serde_json::from_slice(&bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
+    check_names(&checkpoint)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
+    Ok(Some(checkpoint))
+}
+
+/// Names a stored checkpoint carries become store keys: a hostile or damaged one must not lead
+/// a read outside the volumes' prefix.
+fn check_names(checkpoint: &Checkpoint) -> io::Result<()> {
+    validate_name(&checkpoint.name)?;
+    for file in &checkpoint.map_files {
+        if let Some(volume) = &file.volume {
+            validate_volume_name(volume)?;
+        }
+        if file
+            .path
+            .split('/')
+            .any(|part| part.is_empty() || part == "." || part == ".." || part.contains('\0'))
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("map file path {:?} is not a plain relative key", file.path),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Stores a new checkpoint; `AlreadyExists` if one of that name exists.
