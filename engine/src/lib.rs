@@ -16,6 +16,8 @@ pub mod device;
 mod fallocate;
 mod fast_hash;
 mod file_volume;
+#[doc(hidden)]
+pub mod fuzzing;
 mod journal;
 mod metadata;
 pub mod object_volume;

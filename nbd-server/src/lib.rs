@@ -2,6 +2,8 @@
 //! `bucketdisk` crate is the command-line tool that runs it.
 
 pub mod exports;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handshake;
 pub mod metrics;
 pub mod proto;

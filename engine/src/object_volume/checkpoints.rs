@@ -173,7 +173,7 @@ async fn load_path(store: &dyn ObjectStore, path: &Path) -> io::Result<Option<Ch
 
 /// Names a stored checkpoint carries become store keys: a hostile or damaged one must not lead
 /// a read outside the volumes' prefix.
-fn check_names(checkpoint: &Checkpoint) -> io::Result<()> {
+pub(crate) fn check_names(checkpoint: &Checkpoint) -> io::Result<()> {
     validate_name(&checkpoint.name)?;
     for file in &checkpoint.map_files {
         if let Some(volume) = &file.volume {
