@@ -2,8 +2,37 @@
 //! are found where the engine keeps its state — a journal segment, a cache index, a
 //! `volume.json`, a checkpoint, a map line — opening them gives data or an error, never a panic.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Replays every committed input of `targets` under `fuzz_dir` (`corpus/<target>/`: seeds and
+/// what fuzzing kept; `regressions/<target>/`: inputs that once crashed) through `run`; how many.
+/// The fuzz-input tests of each crate call this with their own targets.
+pub fn replay_committed(fuzz_dir: &Path, targets: &[&str], run: impl Fn(&str, &[u8])) -> usize {
+    let mut replayed = 0;
+    for target in targets {
+        for kind in ["corpus", "regressions"] {
+            let Ok(entries) = std::fs::read_dir(fuzz_dir.join(kind).join(target)) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let input = std::fs::read(entry.path()).expect("read a fuzz input");
+                run(target, &input);
+                replayed += 1;
+            }
+        }
+    }
+    replayed
+}
+
+/// Writes `seeds` (`(target, name, bytes)`) as `corpus/<target>/seed-<name>` under `fuzz_dir`.
+pub fn write_seeds(fuzz_dir: &Path, seeds: Vec<(&'static str, String, Vec<u8>)>) {
+    for (target, name, bytes) in seeds {
+        let dir = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
+    }
+}
 
 /// A fresh directory for one input (removed by the caller).
 fn scratch(what: &str) -> PathBuf {

@@ -631,7 +631,6 @@ async fn checkpoints_and_clones_survive_overwrites_and_gc_on_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_could_leave_the_prefix_are_refused_wherever_they_enter() {
-    use object_store::{ObjectStoreExt, PutPayload};
     let f = Fixture::new(64 * MIB, BLOCK).await;
     let prefix = object_store::path::Path::from("");
     for bad in ["../disk", "a/b", "x\0y", "tab\tname", "..", ".hidden", ""] {
@@ -657,45 +656,19 @@ async fn names_that_could_leave_the_prefix_are_refused_wherever_they_enter() {
     v.close().await.expect("close");
 
     // A checkpoint whose recorded map files point outside the volumes' prefix.
-    let key = object_store::path::Path::from("disk/checkpoints/base.json");
-    let text = f
-        .store
-        .get(&key)
-        .await
-        .expect("get")
-        .bytes()
-        .await
-        .expect("bytes");
-    let mut checkpoint: serde_json::Value = serde_json::from_slice(&text).expect("json");
-    checkpoint["map_files"][0]["volume"] = serde_json::json!("../../etc");
-    let hostile = serde_json::to_vec(&checkpoint).expect("json");
-    f.store
-        .put(&key, PutPayload::from(hostile))
-        .await
-        .expect("put");
+    rewrite_json(&f, "disk/checkpoints/base.json", |checkpoint| {
+        checkpoint["map_files"][0]["volume"] = serde_json::json!("../../etc");
+    })
+    .await;
     let e = v_checkpoints(&f).await.expect_err("refused");
     assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
     assert!(e.to_string().contains("base.json"), "{e}");
 
     // A volume.json that names another volume.
-    let key = object_store::path::Path::from("disk/volume.json");
-    let text = f
-        .store
-        .get(&key)
-        .await
-        .expect("get")
-        .bytes()
-        .await
-        .expect("bytes");
-    let mut meta: serde_json::Value = serde_json::from_slice(&text).expect("json");
-    meta["name"] = serde_json::json!("other");
-    f.store
-        .put(
-            &key,
-            PutPayload::from(serde_json::to_vec(&meta).expect("json")),
-        )
-        .await
-        .expect("put");
+    rewrite_json(&f, "disk/volume.json", |meta| {
+        meta["name"] = serde_json::json!("other");
+    })
+    .await;
     let e = ObjectVolume::open(
         std::sync::Arc::clone(&f.store),
         &prefix,
@@ -707,6 +680,21 @@ async fn names_that_could_leave_the_prefix_are_refused_wherever_they_enter() {
     .err()
     .expect("refused");
     assert_eq!(e.kind(), ErrorKind::InvalidData, "{e}");
+}
+
+/// Rewrites the JSON object at `key` in the store with `change`.
+async fn rewrite_json(f: &Fixture, key: &str, change: impl FnOnce(&mut serde_json::Value)) {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let key = object_store::path::Path::from(key);
+    let got = f.store.get(&key).await.expect("get");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&got.bytes().await.expect("bytes")).expect("json");
+    change(&mut value);
+    let bytes = serde_json::to_vec(&value).expect("json");
+    f.store
+        .put(&key, PutPayload::from(bytes))
+        .await
+        .expect("put");
 }
 
 /// The checkpoints of `disk`, read from the store.

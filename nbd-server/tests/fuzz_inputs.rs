@@ -4,6 +4,7 @@
 //!
 //! `cargo test -p nbd-server --test fuzz_inputs -- --ignored` writes the seed inputs anew.
 
+use engine::fuzzing::{replay_committed, write_seeds};
 use std::path::PathBuf;
 
 const TARGETS: &[&str] = &["nbd_session", "nbd_frames"];
@@ -22,20 +23,7 @@ fn run(target: &str, input: &[u8]) {
 
 #[test]
 fn committed_fuzz_inputs_replay_without_panicking() {
-    let mut replayed = 0;
-    for target in TARGETS {
-        for kind in ["corpus", "regressions"] {
-            let dir = fuzz_dir().join(kind).join(target);
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let input = std::fs::read(entry.path()).expect("read input");
-                run(target, &input);
-                replayed += 1;
-            }
-        }
-    }
+    let replayed = replay_committed(&fuzz_dir(), TARGETS, run);
     assert!(
         replayed >= TARGETS.len(),
         "every target has seeds ({replayed} inputs)"
@@ -45,9 +33,5 @@ fn committed_fuzz_inputs_replay_without_panicking() {
 #[test]
 #[ignore = "writes the seed corpus; run by hand after a format change"]
 fn write_seed_corpus() {
-    for (target, name, bytes) in nbd_server::fuzzing::seeds() {
-        let dir = fuzz_dir().join("corpus").join(target);
-        std::fs::create_dir_all(&dir).expect("corpus dir");
-        std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write seed");
-    }
+    write_seeds(&fuzz_dir(), nbd_server::fuzzing::seeds());
 }
