@@ -7,10 +7,11 @@
 //! "ghost" so that a quick return goes straight to main. A one-time sequential read of a whole
 //! disk therefore cannot flush the working set.
 //!
-//! Every slot is checked against its block's checksum once, in full, before partial reads of
-//! it are trusted: slots this process wrote count as checked, and so do slots a clean close
-//! recorded as checked (the index is written only after the slots are synced). A slot found
-//! damaged costs a refetch, never wrong data; whole-block reads are always verified.
+//! Every slot is checked against its block's checksum once per process, in full, before reads
+//! of it are trusted: slots this process wrote count as checked; slots a previous process left
+//! (a clean close's index) are checked again at their first read, so bits that rotted on disk
+//! while the server was down cost a refetch, never wrong data. Whole-block `get`s are always
+//! verified.
 
 use crate::chunk::block_checksum;
 use crate::fast_hash::{FastHashMap, FastHashSet};
@@ -223,10 +224,9 @@ impl BlockCache {
             for line in lines.filter(|_| ours) {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                let [slot, owner, chunk, offset, checksum, verified] = fields[..] else {
+                let [slot, owner, chunk, offset, checksum] = fields[..] else {
                     continue;
                 };
-                let verified = verified == 1;
                 let slot = slot as u32;
                 if slot >= self.slots || used[slot as usize] {
                     continue;
@@ -244,7 +244,8 @@ impl BlockCache {
                         checksum: checksum as u32,
                         freq: 0,
                         in_main: true,
-                        verified,
+                        // Checked again before it is trusted (see the module's doc).
+                        verified: false,
                         writing: false,
                         generation: 0,
                     },
@@ -277,13 +278,8 @@ impl BlockCache {
                 }
                 writeln!(
                     out,
-                    "{} {} {} {} {} {}",
-                    e.slot,
-                    key.owner,
-                    key.chunk,
-                    key.offset,
-                    e.checksum,
-                    u8::from(e.verified)
+                    "{} {} {} {} {}",
+                    e.slot, key.owner, key.chunk, key.offset, e.checksum
                 )?;
             }
         }
@@ -296,7 +292,7 @@ impl BlockCache {
     /// The index's first line: the geometry its slot numbers mean.
     fn index_header(&self) -> String {
         format!(
-            "bucketdisk block cache: {} slots of {} bytes",
+            "bucketdisk block cache v2: {} slots of {} bytes",
             self.slots, self.block_size
         )
     }
@@ -691,7 +687,7 @@ mod tests {
     }
 
     #[test]
-    fn verification_survives_a_clean_restart_only() {
+    fn a_restart_checks_every_slot_again_before_trusting_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
@@ -700,28 +696,7 @@ mod tests {
         }
         let verified = |c: &BlockCache| c.state().entries.get(&key(1)).map(|e| e.verified);
         let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
-        assert_eq!(
-            verified(&c),
-            Some(true),
-            "written and synced before a clean close"
-        );
-        drop(c);
-        // An index in the older format (no header, no owners): nothing of it is trusted.
-        let header = format!("bucketdisk block cache: 10 slots of {BS} bytes\n");
-        let line = |owner: Option<u64>, verified: u8| {
-            let owner = owner.map_or(String::new(), |o| format!("{o} "));
-            let (k, sum) = (key(1), block_checksum(&block(1)));
-            format!("0 {owner}{} {} {sum} {verified}\n", k.chunk, k.offset)
-        };
-        std::fs::write(dir.path().join("blocks.index"), line(None, 1)).expect("write index");
-        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
-        assert_eq!(verified(&c), None, "an old index's slots are free");
-        drop(c);
-        // A slot not recorded as verified: loaded, but checked in full before it is used.
-        let index = format!("{header}{}", line(Some(7), 0));
-        std::fs::write(dir.path().join("blocks.index"), index).expect("write index");
-        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
-        assert_eq!(verified(&c), Some(false));
+        assert_eq!(verified(&c), Some(false), "kept, but not trusted yet");
         let mut buf = [0u8; 16];
         assert!(
             c.read_at(key(1), block_checksum(&block(1)), 8, &mut buf)
@@ -729,6 +704,30 @@ mod tests {
         );
         assert_eq!(buf[..], block(1)[8..24]);
         assert_eq!(verified(&c), Some(true), "checked in full on first read");
+        c.save_index().expect("save");
+        drop(c);
+        // Bits rotted on disk while no process had the cache open: a partial read misses.
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join(DATA_FILE))
+            .expect("open");
+        f.write_all_at(&[0xee; 4], 100).expect("damage");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert!(
+            !c.read_at(key(1), block_checksum(&block(1)), 8, &mut buf)
+                .expect("read"),
+            "a rotted slot is a miss, not data"
+        );
+        drop(c);
+        // An index in an older format: nothing of it is kept.
+        let (k, sum) = (key(1), block_checksum(&block(1)));
+        let old = format!(
+            "bucketdisk block cache: 10 slots of {BS} bytes\n0 7 {} {} {sum} 1\n",
+            k.chunk, k.offset
+        );
+        std::fs::write(dir.path().join("blocks.index"), old).expect("write index");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert_eq!(verified(&c), None, "an old index's slots are free");
     }
 
     #[test]
