@@ -227,17 +227,13 @@ impl ChunkStore {
             .collect()
     }
 
-    /// Ids of every chunk object in the store.
+    /// Ids of every chunk object of this volume's own in the store.
     pub async fn list(&self) -> io::Result<Vec<u64>> {
-        use futures::TryStreamExt;
-        let objects: Vec<_> = with_retries("list chunks", || {
-            self.store.list(Some(&self.prefix)).try_collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| store_error("list chunks", e))?;
-        Ok(objects
-            .iter()
-            .filter_map(|meta| u64::from_str_radix(meta.location.filename()?, 16).ok())
+        Ok(self
+            .own_objects()
+            .await?
+            .into_iter()
+            .map(|(id, _)| id)
             .collect())
     }
 

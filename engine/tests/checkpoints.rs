@@ -13,16 +13,7 @@ const BLOCK: u32 = 65536;
 
 /// Writes `seed`'s pattern over the first `blocks` blocks and uploads it.
 async fn fill(v: &ObjectVolume, blocks: u64, seed: u8) {
-    for b in 0..blocks {
-        v.write(
-            b * u64::from(BLOCK),
-            pattern(BLOCK as usize, seed.wrapping_add(b as u8)),
-            false,
-        )
-        .await
-        .expect("write");
-    }
-    v.sync_to_store().await.expect("upload");
+    common::fill_blocks(v, blocks, BLOCK, seed).await;
 }
 
 /// The blocks a restored state holds must be exactly `seed`'s fill.

@@ -45,16 +45,7 @@ async fn chunks(f: &Fixture) -> Vec<(Path, u64)> {
 
 async fn write_volume(f: &Fixture, seed: u8) -> ObjectVolume {
     let v = f.open(f.config("a")).await;
-    for b in 0..BLOCKS {
-        v.write(
-            b * u64::from(BLOCK),
-            pattern(BLOCK as usize, seed.wrapping_add(b as u8)),
-            false,
-        )
-        .await
-        .expect("write");
-    }
-    v.sync_to_store().await.expect("upload");
+    common::fill_blocks(&v, BLOCKS, BLOCK, seed).await;
     v
 }
 

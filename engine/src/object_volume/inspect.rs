@@ -5,9 +5,9 @@
 use super::helpers::{blocking, other};
 use super::{catalog, lines};
 use crate::metadata::VolumeMetadata;
-use blockmap::BlockMap;
-use blockmap::replica::Layout;
+use blockmap::replica::{Layout, Replica};
 use blockmap::vfs::follower::Follower;
+use blockmap::{BlockMap, RestoreTarget};
 use object_store::ObjectStore;
 use object_store::path::Path;
 use std::io;
@@ -43,8 +43,6 @@ pub async fn inspect(
     let meta = catalog::require(meta?, name)?;
     let line = line?;
     let replica = Arc::new(lines::replica(&store, &root, layout, line.as_ref())?);
-    let listing = replica.list().await;
-    let listing = listing.map_err(|e| other("listing the block map", e))?;
     let mut report = VolumeReport {
         meta,
         map_txid: 0,
@@ -53,24 +51,18 @@ pub async fn inspect(
         chunks: 0,
         chunk_bytes: 0,
     };
-    if listing.is_empty() {
-        return Ok(report);
-    }
     // Its own VFS database name: a volume this process also serves keeps its own.
     let db_name = format!(
         "{root}#{}#{}#inspect",
         report.meta.uuid,
         line.as_ref().map_or(0, |l| l.line)
     );
-    let follower = Follower::open(replica, &db_name, tokio::runtime::Handle::current())
-        .await
-        .map_err(|e| other("opening the block map", e))?;
-    report.map_txid = follower.txid();
+    let Some(view) = MapView::open(replica, &db_name, RestoreTarget::Latest).await? else {
+        return Ok(report);
+    };
+    report.map_txid = view.txid;
     blocking(move || {
-        let conn = follower
-            .connection()
-            .map_err(|e| other("opening the block map", e))?;
-        let map = BlockMap::open_read_only(conn).map_err(|e| other("opening the block map", e))?;
+        let map = &view.map;
         let query = |e| other("querying the block map", e);
         let (blocks, bytes) = map.usage().map_err(query)?;
         report.allocated_blocks = blocks;
@@ -78,18 +70,57 @@ pub async fn inspect(
         report.chunks = map.chunk_count().map_err(query)?;
         report.chunk_bytes = map.chunk_bytes().map_err(query)?;
         // A resized volume's size is the map's.
-        if let Some(size) = map
-            .meta(super::META_VOLUME_SIZE)
-            .map_err(query)?
-            .and_then(|s| s.parse::<u64>().ok())
-        {
+        if let Some(size) = super::recorded_size(map).map_err(query)? {
             report.meta.size = size;
         }
-        drop(map);
-        drop(follower);
+        drop(view);
         Ok(report)
     })
     .await
+}
+
+/// A read-only view of one map state: a follower of a replica and a connection to it. (Fields
+/// drop in order: the connection before its follower.)
+pub(super) struct MapView {
+    pub(super) map: BlockMap,
+    _follower: Follower,
+    pub(super) txid: u64,
+}
+
+impl MapView {
+    /// The state of `replica` at `target`, its database named `db_name`; `None` when the
+    /// replica holds nothing (nothing was ever uploaded).
+    pub(super) async fn open(
+        replica: Arc<Replica>,
+        db_name: &str,
+        target: RestoreTarget,
+    ) -> io::Result<Option<MapView>> {
+        let listing = replica.list().await;
+        if listing
+            .map_err(|e| other("listing the block map", e))?
+            .is_empty()
+        {
+            return Ok(None);
+        }
+        let follower =
+            Follower::open_at(replica, db_name, tokio::runtime::Handle::current(), target)
+                .await
+                .map_err(|e| other("opening the block map", e))?;
+        let txid = follower.txid();
+        blocking(move || {
+            let conn = follower
+                .connection()
+                .map_err(|e| other("opening the block map", e))?;
+            let map =
+                BlockMap::open_read_only(conn).map_err(|e| other("opening the block map", e))?;
+            Ok(Some(MapView {
+                map,
+                _follower: follower,
+                txid,
+            }))
+        })
+        .await
+    }
 }
 
 pub use blockmap::lease::Holder;

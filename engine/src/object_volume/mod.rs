@@ -89,6 +89,13 @@ const META_JOURNAL_OWNER: &str = "journal_owner";
 /// it was created with). In the map, so a checkpoint or a clone carries the size of its state.
 const META_VOLUME_SIZE: &str = "volume_size";
 
+/// The size `map` records (`None`: never resized, volume.json's size holds).
+fn recorded_size(map: &blockmap::BlockMap) -> Result<Option<u64>, blockmap::Error> {
+    Ok(map
+        .meta(META_VOLUME_SIZE)?
+        .and_then(|s| s.parse::<u64>().ok()))
+}
+
 /// What FLUSH and FUA wait for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

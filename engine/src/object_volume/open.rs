@@ -12,8 +12,8 @@ use super::restore::RestoredMap;
 use super::upload_progress::UploadProgress;
 use super::write_log::WriteLog;
 use super::{
-    META_JOURNAL_OWNER, META_JOURNAL_SEQ, META_VOLUME_SIZE, ObjectVolume, Shared, VolumeConfig,
-    VolumeStats, catalog, fetch, gc, lines, local_state, read, upload,
+    META_JOURNAL_OWNER, META_JOURNAL_SEQ, ObjectVolume, Shared, VolumeConfig, VolumeStats, catalog,
+    fetch, gc, lines, local_state, read, upload,
 };
 use crate::chunk_store::ChunkStore;
 use crate::journal::{Journal, Record};
@@ -221,10 +221,7 @@ async fn open_with(
                 .unwrap_or(0);
             let owner = lookups.meta(META_JOURNAL_OWNER).map_err(read)?;
             // A resized volume's size is the map's (volume.json keeps the size at creation).
-            let resized = lookups
-                .meta(META_VOLUME_SIZE)
-                .map_err(read)?
-                .and_then(|s| s.parse::<u64>().ok());
+            let resized = super::recorded_size(&lookups).map_err(read)?;
             Ok((lookups, updates, seq, owner, resized))
         })
         .await?

@@ -10,13 +10,12 @@
 
 use super::checkpoints::{self, Checkpoint};
 use super::helpers::{blocking, other};
-use super::inspect::{self, Holder};
-use super::{META_VOLUME_SIZE, catalog, lines};
+use super::inspect::{self, Holder, MapView};
+use super::{catalog, lines};
 use crate::chunk_store::ChunkStore;
 use crate::metadata::VolumeMetadata;
 use blockmap::replica::{Layout, Replica};
-use blockmap::vfs::follower::Follower;
-use blockmap::{BlockLocation, BlockMap, RestoreTarget};
+use blockmap::{BlockLocation, RestoreTarget};
 use futures::StreamExt;
 use object_store::ObjectStore;
 use object_store::path::Path;
@@ -204,41 +203,24 @@ async fn check_state(
         state: state.label,
         ..StateReport::default()
     };
-    let listing = state
-        .replica
-        .list()
-        .await
-        .map_err(|e| other("listing the block map", e))?;
-    if listing.is_empty() || state.checkpoint.is_some_and(|c| c.txid == 0) {
+    if state.checkpoint.is_some_and(|c| c.txid == 0) {
         return Ok((report, Vec::new()));
     }
     let target = state
         .checkpoint
         .map_or(RestoreTarget::Latest, |c| RestoreTarget::Txid(c.txid));
-    let follower = Follower::open_at(
-        state.replica,
-        &state.db_name,
-        tokio::runtime::Handle::current(),
-        target,
-    )
-    .await
-    .map_err(|e| other("opening the block map", e))?;
-    report.txid = follower.txid();
+    let Some(view) = MapView::open(state.replica, &state.db_name, target).await? else {
+        return Ok((report, Vec::new()));
+    };
+    report.txid = view.txid;
     let size = meta.size;
     let block_size = meta.block_size;
     // The map's own checks, on a blocking thread.
-    let (map, map_problems, referenced, known) = blocking(move || {
-        let conn = follower
-            .connection()
-            .map_err(|e| other("opening the block map", e))?;
-        let map = BlockMap::open_read_only(conn).map_err(|e| other("opening the block map", e))?;
+    let (view, map_problems, referenced, known) = blocking(move || {
+        let map = &view.map;
         let query = |e| other("querying the block map", e);
         let mut problems = map.integrity_problems().map_err(query)?;
-        let size = map
-            .meta(META_VOLUME_SIZE)
-            .map_err(query)?
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(size);
+        let size = super::recorded_size(map).map_err(query)?.unwrap_or(size);
         let (past_end, first) = map
             .blocks_from(size.div_ceil(u64::from(block_size)), 1)
             .map_err(query)?;
@@ -251,12 +233,7 @@ async fn check_state(
         }
         let referenced = map.referenced_chunk_ids().map_err(query)?;
         let known = map.chunk_ids().map_err(query)?;
-        Ok((
-            Arc::new(Mutex::new((map, follower))),
-            problems,
-            referenced,
-            known,
-        ))
+        Ok((Arc::new(Mutex::new(view)), problems, referenced, known))
     })
     .await?;
     report.map_problems = map_problems;
@@ -267,13 +244,13 @@ async fn check_state(
     // Each referenced chunk: its rows, present and long enough; read back when deep.
     let checks = futures::stream::iter(referenced.iter().copied())
         .map(|chunk| {
-            let map = Arc::clone(&map);
+            let view = Arc::clone(&view);
             let done = &done;
             async move {
                 let rows = blocking(move || {
-                    let guard = map.lock().unwrap_or_else(|e| e.into_inner());
+                    let guard = view.lock().unwrap_or_else(|e| e.into_inner());
                     guard
-                        .0
+                        .map
                         .blocks_in_chunk(chunk)
                         .map_err(|e| other("querying the block map", e))
                 })
@@ -299,7 +276,7 @@ async fn check_state(
     }
     report.missing_chunks.sort();
     report.damaged_blocks.sort_by_key(|d| d.offset);
-    drop(map);
+    drop(view);
     Ok((report, known))
 }
 

@@ -100,6 +100,20 @@ pub async fn read(v: &ObjectVolume, offset: u64, len: u32) -> Vec<u8> {
     out
 }
 
+/// Writes `seed`'s pattern over the first `blocks` blocks of `block_size` and uploads it.
+pub async fn fill_blocks(v: &ObjectVolume, blocks: u64, block_size: u32, seed: u8) {
+    for b in 0..blocks {
+        v.write(
+            b * u64::from(block_size),
+            pattern(block_size as usize, seed.wrapping_add(b as u8)),
+            false,
+        )
+        .await
+        .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+}
+
 pub fn pattern(len: usize, seed: u8) -> Bytes {
     Bytes::from(
         (0..len)
