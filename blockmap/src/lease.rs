@@ -7,10 +7,24 @@
 //! LTX uploads are create-only too, so even a fenced writer that has not noticed yet can never
 //! overwrite a file, and the new writer claims the next TXID before writing anything else.
 
+use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
+use stores::retry::{Created, create_only, with_retries};
+
+/// A number no other process draws: std's per-process random hash keys.
+fn nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
 
 /// Attempts before giving up when other writers keep taking the next epoch first.
 const ACQUIRE_ATTEMPTS: usize = 16;
@@ -37,7 +51,9 @@ fn lease_dir(root: &Path) -> Path {
 
 /// The highest epoch taken so far (0 if none).
 pub async fn current_epoch(store: &dyn ObjectStore, root: &Path) -> Result<u64, LeaseError> {
-    let objects: Vec<_> = store.list(Some(&lease_dir(root))).try_collect().await?;
+    let dir = lease_dir(root);
+    let objects: Vec<_> =
+        with_retries("list leases", || store.list(Some(&dir)).try_collect()).await?;
     let names: Vec<&str> = objects
         .iter()
         .filter_map(|m| m.location.filename())
@@ -79,20 +95,28 @@ pub async fn acquire_after(
             None => current_epoch(store.as_ref(), root).await?,
         } + 1;
         let path = lease_dir(root).join(format!("{epoch:016x}"));
-        let body = format!("{{\"epoch\":{epoch},\"holder\":{holder:?}}}\n");
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match store.put_opts(&path, PutPayload::from(body), options).await {
-            Ok(_) => {
-                return Ok(Lease {
-                    epoch,
-                    holder: holder.to_string(),
-                });
+        // The nonce tells this call's object from another writer's with the same holder text,
+        // should a retry after a lost reply find the key taken.
+        let body = Bytes::from(format!(
+            "{{\"epoch\":{epoch},\"holder\":{holder:?},\"nonce\":{}}}\n",
+            nonce()
+        ));
+        let ours = match create_only(store.as_ref(), &path, body.clone(), "take the lease").await? {
+            Created::Stored => true,
+            Created::Taken => false,
+            Created::TakenAfterFailure => {
+                with_retries("read a lease", || async {
+                    store.get(&path).await?.bytes().await
+                })
+                .await?
+                    == body
             }
-            Err(object_store::Error::AlreadyExists { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        };
+        if ours {
+            return Ok(Lease {
+                epoch,
+                holder: holder.to_string(),
+            });
         }
     }
     Err(LeaseError::Contended)
@@ -115,7 +139,8 @@ pub enum Holder {
 /// The newest lease and whether its writer released it.
 pub async fn current_holder(store: &dyn ObjectStore, root: &Path) -> Result<Holder, LeaseError> {
     let dir = lease_dir(root);
-    let objects: Vec<_> = store.list(Some(&dir)).try_collect().await?;
+    let objects: Vec<_> =
+        with_retries("list leases", || store.list(Some(&dir)).try_collect()).await?;
     let names: Vec<&str> = objects
         .iter()
         .filter_map(|m| m.location.filename())
@@ -124,7 +149,10 @@ pub async fn current_holder(store: &dyn ObjectStore, root: &Path) -> Result<Hold
         return Ok(Holder::Nobody);
     };
     let path = dir.join(format!("{epoch:016x}"));
-    let body = store.get(&path).await?.bytes().await?;
+    let body = with_retries("read a lease", || async {
+        store.get(&path).await?.bytes().await
+    })
+    .await?;
     let holder = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("holder")?.as_str().map(String::from))
@@ -143,17 +171,9 @@ impl Lease {
     /// next writer takes the next epoch as always; a released writer must not write again.)
     pub async fn release(&self, store: &dyn ObjectStore, root: &Path) -> Result<(), LeaseError> {
         let path = lease_dir(root).join(format!("{:016x}{RELEASED}", self.epoch));
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match store
-            .put_opts(&path, PutPayload::from_static(b""), options)
-            .await
-        {
-            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        // Whoever created the marker, it says the same thing.
+        create_only(store, &path, Bytes::new(), "release the lease").await?;
+        Ok(())
     }
 
     /// Fails with `Fenced` if a newer writer has taken the volume.

@@ -12,12 +12,12 @@ use futures::{StreamExt, TryStreamExt, stream};
 use ltx::page_index::TAIL_LEN;
 use ltx::{FileName, Header, IndexEntry, LtxFile, PageIndex, RestoreTarget, plan_restore};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use stores::retry::with_retries;
+use stores::retry::{Created, create_only, with_retries};
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
@@ -221,7 +221,9 @@ impl Replica {
     }
 
     /// Publishes an LTX file create-only: if the key exists, another writer got there first and
-    /// this one must stop (it has been fenced).
+    /// this one must stop (it has been fenced) — unless the file there is this one's: the same
+    /// TXIDs leading to the same database (its post-apply checksum), stored by an attempt whose
+    /// reply was lost (the retry re-encodes it, so its bytes may differ in the timestamp).
     pub async fn publish(&self, level: u8, bytes: Bytes) -> ReplicaResult<Path> {
         let header = ltx::Decoder::new(&bytes[..])
             .map_err(|source| ReplicaError::Ltx {
@@ -235,20 +237,27 @@ impl Replica {
             max_txid: header.max_txid,
         };
         let path = self.level_path(level).join(name.to_string());
-        let options = PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from(bytes), options)
-            .await
+        match create_only(
+            self.store.as_ref(),
+            &path,
+            bytes.clone(),
+            "publish an LTX file",
+        )
+        .await?
         {
-            Ok(_) => Ok(path),
-            Err(object_store::Error::AlreadyExists { .. }) => {
-                Err(ReplicaError::Conflict(path.to_string()))
+            Created::Stored => Ok(path),
+            Created::Taken | Created::TakenAfterFailure => {
+                let there = with_retries("read a published LTX file", || async {
+                    self.store.get(&path).await?.bytes().await
+                })
+                .await?;
+                if same_outcome(&there, &bytes) {
+                    tracing::info!("{path} was already published by this writer (a lost reply)");
+                    Ok(path)
+                } else {
+                    Err(ReplicaError::Conflict(path.to_string()))
+                }
             }
-            Err(e) => Err(e.into()),
         }
     }
 
@@ -582,4 +591,28 @@ impl PageMap {
             .map(|(_, page)| page)
             .ok_or(ReplicaError::MissingPage(pgno))
     }
+}
+/// Whether two encodings of an LTX file publish the same change: the same header but for its
+/// timestamp, and the same database after it (post-apply checksum). Without checksums (a
+/// file that does not track them) only identical bytes are the same.
+fn same_outcome(a: &[u8], b: &[u8]) -> bool {
+    let post_apply = |f: &[u8]| {
+        let at = f.len().checked_sub(ltx::TRAILER_SIZE)?;
+        f.get(at..at + 8).map(<[u8]>::to_vec)
+    };
+    let header = |f: &[u8]| {
+        let h = ltx::Decoder::new(f).ok()?.header().to_owned();
+        (!h.no_checksum()).then_some((
+            h.min_txid,
+            h.max_txid,
+            h.page_size,
+            h.commit,
+            h.pre_apply_checksum,
+        ))
+    };
+    if a == b {
+        return true;
+    }
+    let (ha, hb) = (header(a), header(b));
+    ha.is_some() && ha == hb && post_apply(a).is_some() && post_apply(a) == post_apply(b)
 }

@@ -52,3 +52,37 @@ async fn concurrent_writers_get_distinct_epochs_and_older_ones_are_fenced() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_reply_was_lost_is_taken_not_skipped() {
+    use stores::chaos::{FaultKind, FaultPlan};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inner: Arc<dyn ObjectStore> =
+        Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    let root = Path::from("vol");
+    // Every PUT is stored and its reply lost: the retry meets the lease its first attempt took.
+    let plan = FaultPlan {
+        kinds: vec![FaultKind::LostReply],
+        ..FaultPlan::default().with_rate(1.0)
+    };
+    let (lossy, _) = stores::url::with_faults(Arc::clone(&inner), plan);
+    let first = lease::acquire(&lossy, &root, "same-holder")
+        .await
+        .expect("acquire");
+    assert_eq!(first.epoch, 1, "its own epoch, not the next one");
+    // Another writer with the same holder text, whose replies are lost too, is told apart.
+    let second = lease::acquire(&lossy, &root, "same-holder")
+        .await
+        .expect("acquire");
+    assert_eq!(second.epoch, 2);
+    first
+        .release(lossy.as_ref(), &root)
+        .await
+        .expect("a release whose reply was lost is done");
+    assert_eq!(
+        lease::current_epoch(inner.as_ref(), &root)
+            .await
+            .expect("epoch"),
+        2
+    );
+}

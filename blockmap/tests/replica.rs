@@ -79,3 +79,51 @@ async fn publishing_is_create_only() {
         vec![1u8; 4096]
     );
 }
+
+/// A one-page snapshot with checksums, as a writer encodes it at `timestamp`.
+fn snapshot(fill: u8, timestamp: i64) -> bytes::Bytes {
+    let header = ltx::Header {
+        page_size: 4096,
+        commit: 1,
+        min_txid: 1,
+        max_txid: 1,
+        timestamp,
+        ..ltx::Header::default()
+    };
+    let page = vec![fill; 4096];
+    let mut enc = ltx::Encoder::new(Vec::new(), header).expect("header");
+    enc.encode_page(1, &page).expect("page");
+    let sum = ltx::DatabaseChecksum::of_database(&page, 4096);
+    bytes::Bytes::from(enc.finish(sum).expect("finish").0)
+}
+
+#[tokio::test]
+async fn a_publish_whose_reply_was_lost_is_this_writers_own_when_retried() {
+    use stores::chaos::{FaultKind, FaultPlan};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let inner = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+    // Every PUT is stored and its reply lost.
+    let plan = FaultPlan {
+        kinds: vec![FaultKind::LostReply],
+        ..FaultPlan::default().with_rate(1.0)
+    };
+    let (lossy, chaos) = stores::url::with_faults(inner.clone(), plan);
+    let replica = Replica::new(lossy, Path::from(""), Layout::File);
+    replica
+        .publish(0, snapshot(1, 10))
+        .await
+        .expect("the retry finds its own file");
+    assert!(chaos.counts().injected() >= 1);
+
+    // A sync retried after its attempts ran out encodes the same change again, at another time.
+    let plain = Replica::new(inner, Path::from(""), Layout::File);
+    plain
+        .publish(0, snapshot(1, 99))
+        .await
+        .expect("the same change, re-encoded");
+    let err = plain
+        .publish(0, snapshot(2, 10))
+        .await
+        .expect_err("another writer's change");
+    assert!(matches!(err, ReplicaError::Conflict(_)), "{err}");
+}

@@ -101,6 +101,11 @@ pub(crate) struct ServeArgs {
     /// remote store's first-byte latency on a local one).
     #[arg(long, value_parser = parse_duration, hide = true)]
     pub(crate) inject_latency: Option<Duration>,
+    /// Fault runs and tests: inject object-store faults by a seeded plan, e.g.
+    /// `seed=7,rate=0.1,outage=60s+30s` (see stores::chaos::FaultPlan); what was injected is
+    /// logged when the server stops.
+    #[arg(long, hide = true)]
+    pub(crate) inject_faults: Option<stores::chaos::FaultPlan>,
     /// Benchmarks: no garbage collection (dead chunks stay), to measure what it costs.
     #[arg(long, hide = true)]
     pub(crate) no_gc: bool,
@@ -129,6 +134,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         let stop_signals = StopSignals::install();
         let mut exports = Vec::new();
         let mut object_volumes = std::collections::HashMap::new();
+        let mut injected = None;
         let location = if file_engine(&args.store) {
             warn_engine_only_flags(&args, &cache_dir);
             None
@@ -139,6 +145,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                     "every object-store request is delayed by {latency:?} (--inject-latency)"
                 );
                 location.store = stores::url::with_latency(location.store, latency);
+            }
+            if let Some(plan) = &args.inject_faults {
+                tracing::warn!("object-store faults are injected ({plan:?})");
+                let (store, chaos) = stores::url::with_faults(location.store, plan.clone());
+                location.store = store;
+                injected = Some(chaos);
             }
             Some(location)
         };
@@ -255,6 +267,13 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 .close()
                 .await
                 .with_context(|| format!("closing volume {}", export.name))?;
+        }
+        if let Some(chaos) = injected {
+            tracing::info!(
+                "injected store faults: {} retried={}",
+                chaos.counts(),
+                stores::retry::retried()
+            );
         }
         tracing::info!("stopped cleanly");
         Ok(())

@@ -8,10 +8,10 @@ use crate::device::DeviceError;
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 use std::io;
 use std::sync::Arc;
-use stores::retry::with_retries;
+use stores::retry::{Created, create_only, with_retries};
 
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -61,12 +61,15 @@ fn store_error(what: &str, e: object_store::Error) -> io::Error {
 /// failure left after the retries means the store is unavailable.
 fn read_error(what: &str, e: object_store::Error) -> io::Error {
     match e {
-        object_store::Error::NotFound { .. } => {
-            DeviceError::Corrupt(format!("{what}: the chunk is missing from the store: {e}"))
-        }
-        e => DeviceError::StoreUnavailable(format!("{what}: {e}")),
+        // NotFound, so a read that looked the block up just before garbage collection
+        // deleted its chunk looks it up again; should the map still point there, the volume
+        // is damaged, which is what the carried error says.
+        object_store::Error::NotFound { .. } => io::Error::new(
+            io::ErrorKind::NotFound,
+            DeviceError::Corrupt(format!("{what}: the chunk is missing from the store: {e}")),
+        ),
+        e => DeviceError::StoreUnavailable(format!("{what}: {e}")).into_io(),
     }
-    .into_io()
 }
 
 impl ChunkStore {
@@ -140,31 +143,20 @@ impl ChunkStore {
     /// under this id is an error: chunk keys are never written twice.
     pub async fn put(&self, chunk: u64, bytes: Bytes) -> io::Result<()> {
         let path = self.path(chunk);
-        let options = || PutOptions {
-            mode: PutMode::Create,
-            ..PutOptions::default()
-        };
-        let mut attempts = 0u32;
-        let result = with_retries("upload chunk", || {
-            attempts += 1;
-            self.store
-                .put_opts(&path, PutPayload::from(bytes.clone()), options())
-        })
-        .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(object_store::Error::AlreadyExists { .. }) if attempts > 1 => {
-                let existing = self.fetch(chunk).await?;
-                if existing == bytes {
-                    Ok(())
-                } else {
-                    Err(to_io(
-                        &format!("chunk {path}"),
-                        "a different object already exists",
-                    ))
-                }
+        let created = create_only(self.store.as_ref(), &path, bytes.clone(), "upload chunk")
+            .await
+            .map_err(|e| store_error(&format!("upload chunk {path}"), e))?;
+        match created {
+            Created::Stored => Ok(()),
+            // Also `Taken`: an upload step retried after its PUT's reply was lost uses the
+            // same chunk id again.
+            Created::Taken | Created::TakenAfterFailure if self.fetch(chunk).await? == bytes => {
+                Ok(())
             }
-            Err(e) => Err(store_error(&format!("upload chunk {path}"), e)),
+            Created::Taken | Created::TakenAfterFailure => Err(to_io(
+                &format!("chunk {path}"),
+                "a different object already exists",
+            )),
         }
     }
 

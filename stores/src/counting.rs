@@ -93,19 +93,21 @@ impl Around for Counters {
     }
 
     /// The bytes are those the store said it is sending (`range`), so the body stream is
-    /// passed through untouched instead of being buffered to be measured.
-    fn got(&self, head: bool, result: &Result<GetResult>) {
+    /// not buffered to be measured. Every body the engine reads passes here, so this is also
+    /// where one that ends short of that becomes an error ([`crate::whole_body`]).
+    fn got(&self, _: &Path, head: bool, result: Result<GetResult>) -> Result<GetResult> {
         if head {
             bump(&self.head_requests, 1);
-            return;
+            return result;
         }
         bump(&self.get_requests, 1);
-        if let Ok(got) = result {
+        if let Ok(got) = &result {
             bump(
                 &self.bytes_read,
                 got.range.end.saturating_sub(got.range.start),
             );
         }
+        crate::whole_body::checked(result)
     }
 
     fn stored(&self, bytes: u64) {

@@ -64,14 +64,23 @@ pub trait Around: fmt::Debug + Send + Sync + 'static {
         Ok(())
     }
 
-    /// A GET or HEAD was answered (or failed) by the store inside.
-    fn got(&self, head: bool, result: &Result<GetResult>) {
-        let _ = (head, result);
+    /// A GET or HEAD was answered (or failed) by the store inside; what this returns is the
+    /// answer the caller gets (a wrapper may check or damage the body on its way).
+    fn got(&self, location: &Path, head: bool, result: Result<GetResult>) -> Result<GetResult> {
+        let _ = (location, head);
+        result
     }
 
     /// A PUT or a multipart part of `bytes` bytes was stored.
     fn stored(&self, bytes: u64) {
         let _ = bytes;
+    }
+
+    /// A PUT to `location` was answered by the store inside; what this returns is the answer
+    /// the caller gets (a wrapper may lose the reply to a PUT that succeeded).
+    fn put_answered(&self, location: &Path, result: Result<PutResult>) -> Result<PutResult> {
+        let _ = location;
+        result
     }
 
     /// One object of a bulk delete is on its way to the store inside.
@@ -127,9 +136,11 @@ impl<A: Around> ObjectStore for Wrapped<A> {
     ) -> Result<PutResult> {
         let bytes = payload.content_length() as u64;
         self.around.before(Request::Put { location, bytes }).await?;
-        let put = self.inner.put_opts(location, payload, opts).await?;
-        self.around.stored(bytes);
-        Ok(put)
+        let put = self.inner.put_opts(location, payload, opts).await;
+        if put.is_ok() {
+            self.around.stored(bytes);
+        }
+        self.around.put_answered(location, put)
     }
 
     async fn put_multipart_opts(
@@ -151,8 +162,7 @@ impl<A: Around> ObjectStore for Wrapped<A> {
         let head = options.head;
         self.around.before(Request::Get { location, head }).await?;
         let result = self.inner.get_opts(location, options).await;
-        self.around.got(head, &result);
-        result
+        self.around.got(location, head, result)
     }
 
     // `get_ranges` keeps the trait's default on purpose: it coalesces the ranges and fetches
@@ -321,8 +331,9 @@ mod tests {
             }
             Ok(())
         }
-        fn got(&self, head: bool, result: &Result<GetResult>) {
+        fn got(&self, _: &Path, head: bool, result: Result<GetResult>) -> Result<GetResult> {
             self.push(format!("got head={head} ok={}", result.is_ok()));
+            result
         }
         fn stored(&self, bytes: u64) {
             self.push(format!("stored {bytes}"));

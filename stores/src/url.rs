@@ -11,6 +11,7 @@
 //!   AWS_REGION, AWS_ALLOW_HTTP=true for a plain-HTTP endpoint).
 //! - `memory://`: in-process, gone at exit (tests, benchmarks).
 
+use crate::chaos::{Chaos, ChaosStore, FaultPlan};
 use crate::faulty::FaultyStore;
 use crate::local::LocalStore;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
@@ -159,6 +160,16 @@ pub fn with_latency(store: Arc<dyn ObjectStore>, latency: Duration) -> Arc<dyn O
     let slow = FaultyStore::new(store);
     slow.set_latency(latency);
     Arc::new(slow)
+}
+
+/// `store` with faults injected by `plan` (hidden `serve --inject-faults`), and the wrapper,
+/// to read what it injected.
+pub fn with_faults(
+    store: Arc<dyn ObjectStore>,
+    plan: FaultPlan,
+) -> (Arc<dyn ObjectStore>, Arc<ChaosStore>) {
+    let chaos = Arc::new(ChaosStore::with(store, Chaos::new(plan)));
+    (Arc::clone(&chaos) as Arc<dyn ObjectStore>, chaos)
 }
 
 /// `store`, with the process killed (SIGKILL) just before the `n`th change it would make to it

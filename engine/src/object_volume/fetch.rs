@@ -23,6 +23,8 @@ pub(super) const MAX_RUN_BYTES: u64 = 4 << 20;
 /// Bytes of blocks nobody asked for that a run reads through rather than splitting in two: a
 /// second request costs more than this much transfer.
 pub(super) const MAX_RUN_GAP: u64 = 256 << 10;
+/// Times a block that arrived damaged is fetched again before its reader gets an error.
+const DAMAGED_REFETCHES: usize = 2;
 /// Runs of more blocks than this are decoded on a blocking thread.
 const INLINE_DECODE_BLOCKS: usize = 2;
 
@@ -34,6 +36,8 @@ pub(super) type FetchResult = Result<Bytes, FetchFailure>;
 #[derive(Debug, Clone)]
 pub(super) enum FetchFailure {
     Corrupt(String),
+    /// The block's chunk is not in the store (a lookup older than a collection, or damage).
+    Missing(String),
     StoreUnavailable(String),
     Other(io::ErrorKind, String),
 }
@@ -46,7 +50,9 @@ impl FetchFailure {
 
 impl From<io::Error> for FetchFailure {
     fn from(e: io::Error) -> Self {
+        let missing = e.kind() == io::ErrorKind::NotFound;
         match DeviceError::from(e) {
+            DeviceError::Corrupt(why) if missing => FetchFailure::Missing(why),
             DeviceError::Corrupt(why) => FetchFailure::Corrupt(why),
             DeviceError::StoreUnavailable(why) => FetchFailure::StoreUnavailable(why),
             other => {
@@ -61,6 +67,9 @@ impl From<FetchFailure> for io::Error {
     fn from(failure: FetchFailure) -> Self {
         match failure {
             FetchFailure::Corrupt(why) => DeviceError::Corrupt(why).into_io(),
+            FetchFailure::Missing(why) => {
+                io::Error::new(io::ErrorKind::NotFound, DeviceError::Corrupt(why))
+            }
             FetchFailure::StoreUnavailable(why) => DeviceError::StoreUnavailable(why).into_io(),
             FetchFailure::Other(kind, message) => io::Error::new(kind, message),
         }
@@ -224,11 +233,39 @@ fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
 }
 
 /// One ranged GET for `run`, each block verified and put in the cache before anyone sees it
-/// (so nobody fetches it again once its cell is forgotten).
+/// (so nobody fetches it again once its cell is forgotten). Blocks that arrive damaged are
+/// fetched again, up to [`DAMAGED_REFETCHES`] times: damage in transit goes away with another
+/// GET; damage at rest stays and is the reader's error.
 async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
     shared.reads.counters.fetched(run.len() as u64);
     let span = shared.chunks.read_span(&run).await;
-    settle_run(shared, run, span).await
+    let mut results = settle_run(shared, run.clone(), span).await;
+    for _ in 0..DAMAGED_REFETCHES {
+        let damaged: Vec<usize> = (0..run.len())
+            .filter(|&i| matches!(results.get(i), Some(Err(FetchFailure::Corrupt(_)))))
+            .collect();
+        if damaged.is_empty() {
+            break;
+        }
+        tracing::warn!(
+            volume = %shared.meta.name,
+            "{} block(s) arrived damaged, fetching them again",
+            damaged.len()
+        );
+        shared.reads.counters.refetched(damaged.len() as u64);
+        let again: Vec<BlockLocation> = damaged.iter().map(|&i| run[i]).collect();
+        let span = shared.chunks.read_span(&again).await;
+        let settled = settle_run(shared, again, span).await;
+        for (&i, result) in damaged.iter().zip(settled) {
+            results[i] = result;
+        }
+    }
+    for failure in &results {
+        if let Err(FetchFailure::Corrupt(why)) = failure {
+            tracing::error!(volume = %shared.meta.name, "a stored block is damaged: {why}");
+        }
+    }
+    Arc::new(results)
 }
 
 /// The blocks of `run` from `span`, its ranged GET's answer: each verified and cached.
@@ -236,12 +273,12 @@ async fn settle_run(
     shared: &Shared,
     run: Vec<BlockLocation>,
     span: io::Result<Bytes>,
-) -> Arc<Vec<FetchResult>> {
+) -> Vec<FetchResult> {
     let span = match span {
         Ok(span) => span,
         Err(e) => {
             tracing::error!(volume = %shared.meta.name, "reading blocks from the store failed: {e}");
-            return Arc::new(vec![Err(FetchFailure::from(e)); run.len()]);
+            return vec![Err(FetchFailure::from(e)); run.len()];
         }
     };
     let decoded = if run.len() > INLINE_DECODE_BLOCKS {
@@ -257,8 +294,7 @@ async fn settle_run(
     } else {
         shared.chunks.decode_run(&run, &span)
     };
-    let results = run
-        .iter()
+    run.iter()
         .zip(decoded)
         .map(|(location, block)| match block {
             Ok(data) => {
@@ -271,12 +307,11 @@ async fn settle_run(
                 Ok(data)
             }
             Err(e) => {
-                tracing::error!(volume = %shared.meta.name, "a stored block is damaged: {e}");
+                tracing::warn!(volume = %shared.meta.name, "a block arrived damaged: {e}");
                 Err(FetchFailure::from(e))
             }
         })
-        .collect();
-    Arc::new(results)
+        .collect()
 }
 
 /// A block's GET started before the volume was open (see [`EarlyFetch`]): adopted as that

@@ -93,6 +93,22 @@ pub(super) fn describe(shared: &Shared, stats: &VolumeStats) -> Vec<DeviceMetric
             shared.reads.counters.store_gets.load(Ordering::Relaxed) as f64,
         ),
         metric(
+            "bucketdisk_store_damaged_block_refetches_total",
+            Counter,
+            "Blocks fetched again because they arrived from the store damaged (bad checksum).",
+            shared
+                .reads
+                .counters
+                .damaged_refetches
+                .load(Ordering::Relaxed) as f64,
+        ),
+        metric(
+            "bucketdisk_store_retries_total",
+            Counter,
+            "Object-store requests tried again after a transient failure (whole process).",
+            stores::retry::retried() as f64,
+        ),
+        metric(
             "bucketdisk_readahead_cancelled_blocks_total",
             Counter,
             "Blocks readahead planned and dropped because their reader moved elsewhere.",

@@ -64,6 +64,8 @@ pub(super) struct ReadCounters {
     pub(super) store_fetches: AtomicU64,
     /// Ranged GETs of blocks (each brings one or more neighbouring blocks).
     pub(super) store_gets: AtomicU64,
+    /// Blocks fetched again because they arrived damaged (checksum or decoding).
+    pub(super) damaged_refetches: AtomicU64,
     /// Blocks readahead had planned and dropped because their stream was no longer read.
     pub(super) readahead_cancelled: AtomicU64,
     /// Disk hydration: blocks of the disk scanned so far (`--hydrate`).
@@ -75,6 +77,12 @@ impl ReadCounters {
     pub(super) fn fetched(&self, blocks: u64) {
         self.store_gets.fetch_add(1, Ordering::Relaxed);
         self.store_fetches.fetch_add(blocks, Ordering::Relaxed);
+    }
+
+    /// `blocks` blocks that arrived damaged, fetched again in one ranged GET.
+    pub(super) fn refetched(&self, blocks: u64) {
+        self.fetched(blocks);
+        self.damaged_refetches.fetch_add(blocks, Ordering::Relaxed);
     }
 }
 
@@ -237,6 +245,8 @@ pub(super) async fn read(
             tokio::spawn(prefetch_blocks(Arc::clone(shared), ahead));
         }
     }
+    // A chunk still missing after every look: the map points at a chunk that is not there.
+    let mut missing = None;
     for _attempt in 0..5 {
         // Small reads whose blocks are known are planned right here: a block-cache hit is a
         // pread from the page cache, cheaper than a hand-off to a blocking thread.
@@ -279,7 +289,10 @@ pub(super) async fn read(
                     bases.insert(i, data);
                 }
                 // GC deleted a chunk this read had looked up just before: look again.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => retry = true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    missing = Some(e);
+                    retry = true;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -291,9 +304,9 @@ pub(super) async fn read(
         }
         return Ok(segments(pieces, &cached));
     }
-    Err(io::Error::other(
-        "read kept racing with uploads and garbage collection; giving up",
-    ))
+    Err(missing.unwrap_or_else(|| {
+        io::Error::other("read kept racing with uploads and garbage collection; giving up")
+    }))
 }
 
 /// Fills fetched and merged pieces. `false` if the overlay changed since planning.

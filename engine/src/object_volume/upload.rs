@@ -122,6 +122,7 @@ pub(super) async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             Err(e) => {
                 shared.uploads.health.failed(&e);
+                stores::retry::note_retry();
                 tracing::warn!(volume = %shared.meta.name, "upload failed, retrying in {retry_delay:?}: {e}");
                 tokio::select! {
                     _ = tokio::time::sleep(retry_delay) => {}
@@ -394,8 +395,12 @@ pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
                 shared.uploads.health.progress();
                 return Ok(());
             }
+            // A lease check that could not reach the store is retried like any failed sync.
             Err(
-                e @ (WriterError::Lease(_)
+                e @ (WriterError::Lease(
+                    blockmap::lease::LeaseError::Fenced { .. }
+                    | blockmap::lease::LeaseError::Contended,
+                )
                 | WriterError::Replica(blockmap::replica::ReplicaError::Conflict(_))),
             ) => {
                 let why = format!("another writer took volume {}: {e}", shared.meta.name);
@@ -408,6 +413,7 @@ pub(super) async fn sync_map(shared: &Shared) -> io::Result<()> {
                     .uploads
                     .health
                     .failed(&map_sync_error(e.to_string(), &e));
+                stores::retry::note_retry();
                 tracing::warn!(volume = %shared.meta.name, "block map sync failed, retrying in {delay:?}: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
