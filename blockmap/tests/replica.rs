@@ -55,12 +55,22 @@ async fn publishing_is_create_only() {
         timestamp: 1,
         ..ltx::Header::default()
     };
-    let encode = |fill: u8| {
+    let encode_at = |fill: u8, timestamp: i64| {
+        let header = ltx::Header {
+            timestamp,
+            ..header
+        };
         let mut enc = ltx::Encoder::new(Vec::new(), header).expect("header");
         enc.encode_page(1, &vec![fill; 4096]).expect("page");
         bytes::Bytes::from(enc.finish(0).expect("finish").0)
     };
+    let encode = |fill: u8| encode_at(fill, 1);
     let path = replica.publish(0, encode(1)).await.expect("first writer");
+    // The same change encoded again later (a retried sync after a lost reply) is the same.
+    replica
+        .publish(0, encode_at(1, 2))
+        .await
+        .expect("the same change, re-encoded");
     assert_eq!(
         path.to_string(),
         "ltx/0/0000000000000001-0000000000000001.ltx"

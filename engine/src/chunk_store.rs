@@ -271,7 +271,8 @@ impl ChunkStore {
         if self.is_inherited(chunk) {
             return Ok(());
         }
-        match self.store.delete(&self.path(chunk)).await {
+        let path = self.path(chunk);
+        match with_retries("delete chunk", || self.store.delete(&path)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(store_error("delete chunk", e)),
         }

@@ -123,6 +123,44 @@ async fn journal_replay_restores_flushed_writes_after_a_crash() {
     fresh.close().await.expect("close");
 }
 
+/// A directory that takes over a volume another directory uploaded last (another host, or
+/// this one after losing its cache) and crashes before its first upload: its flushed writes
+/// are replayed at the next open, not moved aside as another history's (found by the crash
+/// soak: the map still named the old directory's journal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushed_writes_survive_a_crash_before_the_first_upload_from_a_new_directory() {
+    let f = Fixture::new(64 * MIB, 65536).await;
+    {
+        let first = f.open(f.config("first-host")).await;
+        first
+            .write(0, pattern(4096, 1), false)
+            .await
+            .expect("write");
+        first
+            .close()
+            .await
+            .expect("close: uploaded, the map names this directory");
+    }
+    let mut config = f.config("second-host");
+    config.sync_interval = Duration::from_secs(3600); // no upload before the crash
+    {
+        let v = f.open(config.clone()).await;
+        v.write(65536, pattern(4096, 2), false)
+            .await
+            .expect("write");
+        v.flush().await.expect("flush");
+        // Dropped without close, like a kill -9.
+    }
+    let v = f.open(config).await;
+    assert_eq!(
+        read(&v, 65536, 4096).await,
+        pattern(4096, 2),
+        "flushed write lost"
+    );
+    assert_eq!(read(&v, 0, 4096).await, pattern(4096, 1));
+    v.close().await.expect("close");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimming_the_whole_disk_is_quick_and_leaves_holes() {
     let size = 100u64 << 30;

@@ -39,7 +39,7 @@ fn config(f: &Fixture, local: &str) -> VolumeConfig {
     let mut c = f.config(local);
     // Small, so reads go to the store: 16 blocks.
     c.cache_bytes = MIB;
-    c.sync_interval = Duration::from_millis(200);
+    c.sync_interval = Duration::from_millis(100);
     // Long enough to ride out the outage below, as a server's default does.
     c.stall_timeout = Duration::from_secs(60);
     c
@@ -153,9 +153,11 @@ async fn ten_percent_faults_and_an_outage(f: Fixture) {
         outage: Some(outage),
         ..FaultPlan::default().with_rate(0.10)
     };
-    // PUTs are few here (an upload every 200 ms): more of them are hit, so that every kind of
-    // fault a PUT can meet is met.
-    plan.rates[2] = 0.3;
+    // PUTs are few here (an upload every 100 ms): more of them are hit, and a lost reply —
+    // the one fault only a PUT meets — weighs five times the others among them (a kind listed
+    // twice is picked twice as often), so that every kind is met in every run.
+    plan.rates[2] = 0.5;
+    plan.kinds.extend([FaultKind::LostReply; 4]);
     let started = Instant::now();
     let (store, chaos) = stores::url::with_faults(Arc::clone(&f.store), plan);
     let v = ObjectVolume::open(

@@ -33,6 +33,7 @@ mod fetch;
 mod gc;
 mod helpers;
 mod inspect;
+mod journal_claim;
 mod lifecycle;
 pub mod lines;
 mod local_state;
@@ -232,6 +233,8 @@ pub(crate) struct Shared {
     background: LowPriorityThreads,
     /// Held by each upload step and collection pass: one map writer at a time.
     maintenance: tokio::sync::Mutex<gc::Collector>,
+    /// Whether the map names this directory's journal yet (FLUSH waits for it).
+    journal_claim: journal_claim::JournalClaim,
     stats: Mutex<VolumeStats>,
     /// The store as this volume sees it, counting requests and bytes.
     store_counts: Arc<CountingStore>,
@@ -393,6 +396,7 @@ impl ObjectVolume {
 
     async fn durable(&self, seq: u64) -> DeviceResult<()> {
         self.shared.log.sync().await?;
+        self.shared.journal_claim.wait().await?;
         if self.shared.config.durability == Durability::Remote {
             self.shared.wait_uploaded(seq).await?;
         }

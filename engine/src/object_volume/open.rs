@@ -6,6 +6,7 @@
 
 use super::chunk_writer::ChunkIds;
 use super::helpers::{blocking, other};
+use super::journal_claim::{self, JournalClaim};
 use super::map_access::{MapAccess, MapRole};
 use super::read::ReadState;
 use super::restore::RestoredMap;
@@ -233,6 +234,7 @@ async fn open_with(
         Some(line) => line.effective_owner(owner),
         None => owner,
     };
+    let (owner_at_open, claim_instance) = (owner.clone(), instance.clone());
     // Replay the journal on top of what the map holds.
     let max_dirty_bytes = config.max_dirty_bytes;
     let (journal, overlay) = if config.read_only {
@@ -305,6 +307,14 @@ async fn open_with(
         uploads: UploadProgress::new(uploaded_seq, config.stall_timeout),
         background,
         maintenance: tokio::sync::Mutex::new(gc::Collector::default()),
+        journal_claim: JournalClaim::new(
+            if config.read_only {
+                None
+            } else {
+                owner_at_open.as_deref()
+            },
+            &claim_instance,
+        ),
         stats: Mutex::new(VolumeStats::default()),
         store_counts: counted,
         config,
@@ -316,6 +326,9 @@ async fn open_with(
             Arc::clone(&shared),
             stop_rx.clone(),
         )));
+    }
+    if shared.journal_claim.pending() {
+        tasks.push(tokio::spawn(journal_claim::record(Arc::clone(&shared))));
     }
     if let Some(early) = early_fetch {
         fetch::adopt_early(&shared, early);

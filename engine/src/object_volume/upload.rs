@@ -192,8 +192,16 @@ async fn upload_through(
         policy.step_done(&blocks);
         report_lag(shared, policy, &shared.situation());
         steps += 1;
-        collector.note_dead(shared).await?;
-        collector.collect(shared).await?;
+        // The step is stored: a collection that fails (the store refusing a delete) is the
+        // next pass's to finish, not this upload's failure.
+        if let Err(e) = async {
+            collector.note_dead(shared).await?;
+            collector.collect(shared).await
+        }
+        .await
+        {
+            tracing::warn!(volume = %shared.meta.name, "garbage collection failed, will retry: {e}");
+        }
     }
     Ok(steps)
 }
@@ -257,12 +265,34 @@ pub(super) fn boxed<'a, T>(
 /// Uploads until everything journaled is stored (clean shutdown), then syncs what GC changed.
 pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
     let mut policy = UploadPolicy::new(Duration::ZERO, Duration::ZERO, true);
+    // A failed step is tried again, as the background uploader would, until the store has
+    // made no progress for the stall timeout; being fenced or refused ends it at once.
+    let mut delay = RETRY_FIRST;
+    let mut progress_at = Instant::now();
     loop {
         let target = shared.log.journaled_through();
-        if shared.uploads.uploaded() >= target {
+        let before = shared.uploads.uploaded();
+        if before >= target {
             break;
         }
-        upload_through(shared, target, &mut policy).await?;
+        match upload_through(shared, target, &mut policy).await {
+            Ok(_) => delay = RETRY_FIRST,
+            Err(e) => {
+                if shared.uploads.uploaded() > before {
+                    progress_at = Instant::now();
+                }
+                let hopeless = shared.uploads.is_fenced()
+                    || e.kind() == io::ErrorKind::PermissionDenied
+                    || progress_at.elapsed() >= shared.config.stall_timeout;
+                if hopeless {
+                    return Err(e);
+                }
+                stores::retry::note_retry();
+                tracing::warn!(volume = %shared.meta.name, "upload failed, retrying in {delay:?}: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
     }
     let _serialised = shared.maintenance.lock().await;
     sync_map(shared).await
