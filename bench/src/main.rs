@@ -81,6 +81,14 @@ enum Suite {
     /// Checkpoint create (served volume) and restore (stopped volume) of a 100 GiB disk with
     /// 1, 10 and 100 GiB written, moto behind 20 ms, and the first read after the restore.
     Lifecycle(suites::lifecycle::Args),
+    /// fio verify with FLUSH through a server whose store requests fail (10 % injected faults
+    /// and a 30 s outage by default), a read-back through the faults, then verify-only on a
+    /// clean server: nothing acknowledged lost, no wrong bytes read, no hang, resumed by itself.
+    Faults(suites::faults::Args),
+    /// Rounds of writes with FLUSH, trims and zeroing, each ended by kill -9 of the server
+    /// (some with the cache directory deleted, some with store faults); every flushed write
+    /// and the prefix property checked after each (`scripts/crash-soak.sh`).
+    CrashSoak(suites::crash_soak::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,6 +109,8 @@ fn main() -> std::process::ExitCode {
         Suite::Boot(args) => suites::boot::run(args, command),
         Suite::Writes(args) => suites::writes::run(args, command),
         Suite::Lifecycle(args) => suites::lifecycle::run(args, command),
+        Suite::Faults(args) => suites::faults::run(args, command),
+        Suite::CrashSoak(args) => suites::crash_soak::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! A minimal NBD client for measurements that must not include a client's own start-up: fixed
 //! newstyle handshake with `NBD_OPT_GO` (no structured replies, so every reply is simple), then
-//! `NBD_CMD_READ`s, pipelined and matched by cookie.
+//! `NBD_CMD_READ`s, pipelined and matched by cookie; and writes, trims, zeroing and flushes
+//! one at a time, for workloads that must know the order their requests took.
 
 use anyhow::{Context, Result, bail, ensure};
 use nbd_server::proto;
@@ -147,6 +148,38 @@ impl NbdClient {
             .read_many(&[(offset, length)], 1)?
             .pop()
             .unwrap_or_default())
+    }
+
+    /// One request of `command` (no reply payload: not a read), waited for. `Ok(error)` is the
+    /// server's answer (0: done); `Err` a connection that failed.
+    pub fn request(
+        &mut self,
+        command: u16,
+        offset: u64,
+        length: u32,
+        payload: &[u8],
+    ) -> Result<u32> {
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let mut msg = Vec::with_capacity(28 + payload.len());
+        msg.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        msg.extend_from_slice(&0u16.to_be_bytes());
+        msg.extend_from_slice(&command.to_be_bytes());
+        msg.extend_from_slice(&cookie.to_be_bytes());
+        msg.extend_from_slice(&offset.to_be_bytes());
+        msg.extend_from_slice(&length.to_be_bytes());
+        msg.extend_from_slice(payload);
+        self.stream.write_all(&msg)?;
+        ensure!(
+            read_u32(&mut self.stream)? == proto::SIMPLE_REPLY_MAGIC,
+            "expected a simple reply"
+        );
+        let error = read_u32(&mut self.stream)?;
+        ensure!(
+            read_u64(&mut self.stream)? == cookie,
+            "a reply to another request"
+        );
+        Ok(error)
     }
 
     /// `NBD_CMD_DISC`, then the connection closes.

@@ -269,7 +269,20 @@ impl BlockCache {
         // Held until the index is in place: no slot takes another block meanwhile.
         let mut state = self.state();
         let tmp = self.index_path.with_extension("tmp");
-        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let written = self.write_index(&state, &tmp);
+        if written.is_err() {
+            // A half-written index (a full filesystem) must not keep taking its space.
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
+        std::fs::rename(&tmp, &self.index_path)?;
+        state.index_saved = true;
+        Ok(())
+    }
+
+    /// The index of `state`'s slots, written and synced to `tmp`.
+    fn write_index(&self, state: &State, tmp: &Path) -> io::Result<()> {
+        let mut out = io::BufWriter::new(File::create(tmp)?);
         writeln!(out, "{}", self.index_header())?;
         for key in state.main.iter().chain(state.small.iter()) {
             if let Some(e) = state.entries.get(key) {
@@ -283,10 +296,7 @@ impl BlockCache {
                 )?;
             }
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, &self.index_path)?;
-        state.index_saved = true;
-        Ok(())
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()
     }
 
     /// The index's first line: the geometry its slot numbers mean.

@@ -130,7 +130,15 @@ impl CacheHandle {
         let mut open = open_caches();
         if leave(&mut open, &self.dir) {
             // Under the registry's lock: a volume opening meanwhile waits, then deletes it.
-            self.cache.save_index()?;
+            // A cache that cannot save its index (its filesystem is full) costs the next
+            // start its blocks, nothing else: no index means nothing of the cache is trusted.
+            if let Err(e) = self.cache.save_index() {
+                tracing::warn!(
+                    "the block cache index in {} could not be saved ({e}); the next start \
+                     fetches the cached blocks again",
+                    self.dir.display()
+                );
+            }
         }
         Ok(())
     }

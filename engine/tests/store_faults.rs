@@ -11,29 +11,13 @@ use engine::{BlockDevice, ReadSegment};
 use object_store::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use stores::chaos::{FaultKind, FaultPlan};
+use stores::chaos::{FaultKind, FaultPlan, SplitMix64};
 
 mod common;
 use common::{Fixture, MIB, read};
 
 const BLOCK: u32 = 65536;
 const SIZE: u64 = 32 * MIB;
-
-/// SplitMix64, for a workload that repeats with its seed.
-struct Draws(u64);
-
-impl Draws {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn config(f: &Fixture, local: &str) -> VolumeConfig {
     let mut c = f.config(local);
@@ -66,7 +50,7 @@ async fn workload(
     started: Instant,
     outage: (Duration, Duration),
 ) -> Tally {
-    let mut draws = Draws(seed);
+    let mut draws = SplitMix64(seed);
     let mut tally = Tally::default();
     let (down, up) = (outage.0, outage.0 + outage.1 + Duration::from_secs(3));
     while started.elapsed() < length {
@@ -75,7 +59,7 @@ async fn workload(
         let op_started = Instant::now();
         match draws.below(10) {
             0..=4 => {
-                let fill = draws.next();
+                let fill = draws.draw();
                 let data: Vec<u8> = (0..len)
                     .map(|i| (fill.wrapping_add(i as u64 * 0x9e37) >> 13) as u8)
                     .collect();

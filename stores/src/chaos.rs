@@ -308,6 +308,30 @@ pub struct Chaos {
 
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
 
+/// SplitMix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// SplitMix64: the fault schedule's generator, and seeded workloads' (fault tests, the crash
+/// soak), so a run repeats with its seed.
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    pub fn draw(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(GAMMA);
+        mix(self.0)
+    }
+
+    /// A draw in `0..n` (0 for `n` = 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.draw() % n.max(1)
+    }
+}
+
 impl Chaos {
     pub fn new(plan: FaultPlan) -> Chaos {
         Chaos {
@@ -337,13 +361,10 @@ impl Chaos {
     }
 
     fn draw(&self) -> u64 {
-        let mut z = self
+        mix(self
             .draws
             .fetch_add(GAMMA, Ordering::Relaxed)
-            .wrapping_add(GAMMA);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+            .wrapping_add(GAMMA))
     }
 
     /// A draw in [0, 1).
