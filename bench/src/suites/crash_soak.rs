@@ -13,7 +13,9 @@
 //! the block in that state; a valid cut must be allowed by every block, at or after the last
 //! acknowledged FLUSH, and at or before the last request sent. None at all: not a prefix. Only
 //! cuts before the FLUSH: flushed writes lost. Rounds that delete the cache directory run with
-//! `--durability remote` (a FLUSH waits for the store), since the journal is what they delete.
+//! `--durability remote` (a FLUSH waits for the store), since the journal is what they delete,
+//! and FLUSH once before their workload: the state they start from was replayed from the last
+//! round's journal, durable only there until then.
 
 use crate::nbd_client::NbdClient;
 use crate::process::{ServerProcess, check_interrupted, free_loopback_port};
@@ -435,6 +437,17 @@ pub fn run(args: Args, command: String) -> Result<()> {
             server.stop_within(Duration::from_secs(300))?;
             break;
         }
+        if delete_cache {
+            // What this server replayed from the last round's journal is durable only there,
+            // and this round deletes the journal: a FLUSH (`--durability remote`) first makes
+            // the state the round starts from durable in the store.
+            let answer = client
+                .request(proto::CMD_FLUSH, 0, 0, &[])
+                .with_context(|| format!("round {round}: the first FLUSH"))?;
+            if answer != 0 {
+                bail!("round {round}: the first FLUSH failed (NBD error {answer})");
+            }
+        }
         // The kill, at a random moment of the workload.
         let kill_after = Duration::from_millis(300 + draws.below(4000));
         let pid = server.pid().context("server pid")?;
@@ -516,7 +529,8 @@ fn markdown(r: &Report) -> String {
          0.3–4.3 s in. 30 % of rounds run with store faults injected (5 % of requests: errors, \
          timeouts, stalls, damaged bodies, lost PUT replies); 20 % delete the whole cache \
          directory after the kill and run with `--durability remote` (FLUSH waits for the \
-         store, since the journal is what they delete). The check: every block must hold a \
+         store, since the journal is what they delete), starting with a FLUSH so that the \
+         state they start from — replayed from the last round's journal — is in the store. The check: every block must hold a \
          state the history gives it, and one cut of the history — at or after the last \
          acknowledged FLUSH — must fit every block at once (the disk is a prefix of the \
          acknowledged history and holds every flushed write). Seed {}.\n\n\
