@@ -89,6 +89,9 @@ enum Suite {
     /// (some with the cache directory deleted, some with store faults); every flushed write
     /// and the prefix property checked after each (`scripts/crash-soak.sh`).
     CrashSoak(suites::crash_soak::Args),
+    /// `bucketdisk verify` on moto: peak memory and time on a 100 GiB map, and `--deep`'s
+    /// read rate against the store's GET ceiling measured in the same run.
+    Verify(suites::verify::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +114,7 @@ fn main() -> std::process::ExitCode {
         Suite::Lifecycle(args) => suites::lifecycle::run(args, command),
         Suite::Faults(args) => suites::faults::run(args, command),
         Suite::CrashSoak(args) => suites::crash_soak::run(args, command),
+        Suite::Verify(args) => suites::verify::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,7 +1,9 @@
 //! The local directory misbehaving: the journal's filesystem fills up, the cache's fills up,
-//! the journal's last record is torn by a crash. Each is a clear error (or none, for the
-//! cache), reads go on, and no acknowledged write is lost. Full filesystems are real: a tmpfs
-//! of a few MiB mounted for the test (the tests run as root, as `scripts/test.sh` does).
+//! the journal's last record is torn by a crash, the directory refuses writes. Each is a
+//! clear error (or none, for the cache), reads go on, and no acknowledged write is lost. Full
+//! filesystems are real: a tmpfs of a few MiB mounted for the test; a directory that refuses
+//! writes is made immutable (`chattr +i`) under the open volume (the tests run as root, as
+//! `scripts/test.sh` does, on an ext4 scratch directory).
 
 use engine::object_volume::{ObjectVolume, VolumeConfig};
 use engine::{BlockDevice, DeviceError};
@@ -185,5 +187,82 @@ async fn a_torn_last_journal_record_is_dropped_at_restart_and_flushed_writes_sta
     v.write(u64::from(BLOCK), pattern(BLOCK as usize, 3), false)
         .await
         .expect("the journal takes writes again");
+    v.close().await.expect("close");
+}
+
+/// `chattr -R +i` on `dirs` for as long as this lives: writes to files already open there fail
+/// (EPERM), as on a filesystem that turned read-only under a running server (a read-only
+/// remount is refused while files are open for writing, so the immutable flag stands in).
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(dirs: &[&Path]) -> Immutable {
+        for dir in dirs {
+            let status = Command::new("chattr")
+                .args(["-R", "+i"])
+                .arg(dir)
+                .status()
+                .expect("running chattr");
+            assert!(
+                status.success(),
+                "chattr +i on {} failed: these tests need root and an ext4 scratch directory",
+                dir.display()
+            );
+        }
+        Immutable(dirs.iter().map(|d| d.to_path_buf()).collect())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = Command::new("chattr").args(["-R", "-i"]).arg(dir).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_directory_that_refuses_writes_fails_writes_keeps_reads_and_loses_nothing() {
+    let f = Fixture::new(64 * MIB, BLOCK).await;
+    let local = f.dir.path().join("local");
+    let cache = f.dir.path().join("cache");
+    let mut c = config(&f, &local, &cache);
+    c.sync_interval = Duration::from_secs(3600);
+    let v = open(&f, c.clone()).await;
+    for b in 0..8u64 {
+        v.write(
+            b * u64::from(BLOCK),
+            pattern(BLOCK as usize, b as u8),
+            false,
+        )
+        .await
+        .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+    v.flush().await.expect("flush");
+    {
+        let _frozen = Immutable::set(&[&local, &cache]);
+        let refused = v
+            .write(9 * u64::from(BLOCK), pattern(BLOCK as usize, 9), false)
+            .await
+            .expect_err("a write the journal cannot take");
+        assert!(
+            refused.to_string().contains("not permitted"),
+            "the error says why: {refused}"
+        );
+        // Reads go on: from the cache, and from the store past a cache that refuses blocks.
+        assert_blocks(&v, 8).await;
+    }
+    v.write(9 * u64::from(BLOCK), pattern(BLOCK as usize, 9), false)
+        .await
+        .expect("writes work again once the directory takes them");
+    v.flush().await.expect("flush");
+    drop(v); // a crash
+    let v = open(&f, c).await;
+    assert_blocks(&v, 8).await;
+    assert_eq!(
+        read(&v, 9 * u64::from(BLOCK), BLOCK).await,
+        pattern(BLOCK as usize, 9)
+    );
     v.close().await.expect("close");
 }

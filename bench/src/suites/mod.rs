@@ -11,4 +11,5 @@ pub mod faults;
 pub mod lifecycle;
 pub mod nbd_local;
 pub mod sustained;
+pub mod verify;
 pub mod writes;

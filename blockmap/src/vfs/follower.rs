@@ -51,6 +51,17 @@ impl Follower {
         self.state.txid()
     }
 
+    /// Restores the followed state into the local file `path` (verified) and reads its pages
+    /// from there from then on: one GET per map file instead of one per page, for a reader
+    /// that walks the whole map. The file may be unlinked once this returns (it stays open).
+    pub async fn hydrate(&self, path: &std::path::Path) -> ReplicaResult<()> {
+        let progress = super::hydrate::Progress::default();
+        let local = super::hydrate::hydrate(&self.replica, self.txid(), path, &progress).await?;
+        self.state
+            .replace_base(Arc::new(local))
+            .map_err(|e| ReplicaError::Invalid(e.to_string()))
+    }
+
     /// Applies every new level-0 transaction in order. Returns the TXID reached; stops early
     /// (without error) when readers are busy, to continue at the next poll.
     pub async fn poll(&self) -> ReplicaResult<u64> {

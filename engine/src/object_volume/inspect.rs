@@ -79,6 +79,15 @@ pub async fn inspect(
     .await
 }
 
+/// How a [`MapView`] reads the map's pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reading {
+    /// A ranged GET for the pages a query needs (`info`: a few queries).
+    PagesAsNeeded,
+    /// Every map file downloaded whole first (`verify`: walks every row).
+    Whole,
+}
+
 /// A read-only view of one map state: a follower of a replica and a connection to it. (Fields
 /// drop in order: the connection before its follower.)
 pub(super) struct MapView {
@@ -95,6 +104,16 @@ impl MapView {
         db_name: &str,
         target: RestoreTarget,
     ) -> io::Result<Option<MapView>> {
+        Self::open_reading(replica, db_name, target, Reading::PagesAsNeeded).await
+    }
+
+    /// [`MapView::open`], reading the map as `reading` says.
+    pub(super) async fn open_reading(
+        replica: Arc<Replica>,
+        db_name: &str,
+        target: RestoreTarget,
+        reading: Reading,
+    ) -> io::Result<Option<MapView>> {
         let listing = replica.list().await;
         if listing
             .map_err(|e| other("listing the block map", e))?
@@ -106,6 +125,14 @@ impl MapView {
             Follower::open_at(replica, db_name, tokio::runtime::Handle::current(), target)
                 .await
                 .map_err(|e| other("opening the block map", e))?;
+        if reading == Reading::Whole {
+            // A temporary file, unlinked at once: the follower keeps it open.
+            let id = crate::metadata::random_id()?;
+            let path = std::env::temp_dir().join(format!("bucketdisk-map-{id}.db"));
+            let hydrated = follower.hydrate(&path).await;
+            let _ = std::fs::remove_file(&path);
+            hydrated.map_err(|e| other("reading the block map", e))?;
+        }
         let txid = follower.txid();
         blocking(move || {
             let conn = follower

@@ -10,7 +10,7 @@
 
 use super::checkpoints::{self, Checkpoint};
 use super::helpers::{blocking, other};
-use super::inspect::{self, Holder, MapView};
+use super::inspect::{self, Holder, MapView, Reading};
 use super::{catalog, lines};
 use crate::chunk_store::ChunkStore;
 use crate::metadata::VolumeMetadata;
@@ -22,6 +22,14 @@ use object_store::path::Path;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
+
+/// Blocks decoded at once by a deep check (their decoded bytes are dropped after each batch).
+const DECODE_BATCH: usize = 64;
+
+/// A stored block's identity within its chunk.
+fn key(location: &BlockLocation) -> (u64, u32, u32) {
+    (location.offset, location.length, location.checksum)
+}
 
 /// Chunks read at once by a deep check (each one ranged GET of up to a chunk's size).
 const DEEP_READS: usize = 16;
@@ -209,7 +217,11 @@ async fn check_state(
     let target = state
         .checkpoint
         .map_or(RestoreTarget::Latest, |c| RestoreTarget::Txid(c.txid));
-    let Some(view) = MapView::open(state.replica, &state.db_name, target).await? else {
+    // Every row is walked: the map's files downloaded whole cost a GET each, where reading
+    // its pages as the walk needs them costs one per page.
+    let Some(view) =
+        MapView::open_reading(state.replica, &state.db_name, target, Reading::Whole).await?
+    else {
         return Ok((report, Vec::new()));
     };
     report.txid = view.txid;
@@ -333,14 +345,29 @@ async fn check_chunk(
     if !deep || rows.is_empty() {
         return found;
     }
-    rows.sort_by_key(|(_, location)| location.offset);
-    let run: Vec<BlockLocation> = rows.iter().map(|(_, location)| *location).collect();
-    match chunks.read_span(&run).await {
+    // Each distinct stored block is decoded once, a batch at a time, and only its verdict is
+    // kept: rows that share a block (a map that points many blocks at one) cost nothing more,
+    // and memory stays at the chunk's span whatever the rows.
+    rows.sort_by_key(|(_, l)| (l.offset, l.length, l.checksum));
+    let mut distinct: Vec<BlockLocation> = rows.iter().map(|(_, location)| *location).collect();
+    distinct.dedup();
+    match chunks.read_span(&distinct).await {
         Ok(span) => {
-            for ((block, _), decoded) in rows.iter().zip(chunks.decode_run(&run, &span)) {
+            let span_start = distinct.first().map_or(0, |l| l.offset);
+            let mut damaged: HashMap<(u64, u32, u32), String> = HashMap::new();
+            for batch in distinct.chunks(DECODE_BATCH) {
+                let from = (batch[0].offset - span_start) as usize;
+                let part = span.slice(from.min(span.len())..);
+                for (location, decoded) in batch.iter().zip(chunks.decode_run(batch, &part)) {
+                    if let Err(e) = decoded {
+                        damaged.insert(key(location), e.to_string());
+                    }
+                }
+            }
+            for (block, location) in &rows {
                 found.blocks_read += 1;
-                if let Err(e) = decoded {
-                    found.damaged.push((*block, e.to_string()));
+                if let Some(problem) = damaged.get(&key(location)) {
+                    found.damaged.push((*block, problem.clone()));
                 }
             }
         }
