@@ -100,3 +100,11 @@ impl Moto {
         self.server.ensure_running()
     }
 }
+
+/// moto's version, for a report's tools table.
+pub fn version_line() -> String {
+    crate::machine::version_line(
+        "python3",
+        &["-c", "import moto; print('moto', moto.__version__)"],
+    )
+}

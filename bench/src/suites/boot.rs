@@ -749,13 +749,7 @@ fn markdown(r: &Report, stem: &str) -> String {
                 "s3backer",
                 machine::version_line("s3backer", &["--version"]),
             ),
-            (
-                "moto",
-                machine::version_line(
-                    "python3",
-                    &["-c", "import moto; print('moto', moto.__version__)"],
-                ),
-            ),
+            ("moto", moto::version_line()),
             ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );

@@ -152,13 +152,7 @@ pub fn run(profile: Profile, args: Args, command: String) -> Result<()> {
             "s3backer".into(),
             machine::version_line("s3backer", &["--version"]),
         ),
-        (
-            "moto".into(),
-            machine::version_line(
-                "python3",
-                &["-c", "import moto; print('moto', moto.__version__)"],
-            ),
-        ),
+        ("moto".into(), crate::moto::version_line()),
         (
             "nbdkit S3 plugin".into(),
             machine::version_line("dpkg-query", &["-W", "nbdkit-plugin-python"]),

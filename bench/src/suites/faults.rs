@@ -20,7 +20,6 @@
 //! fail (EIO) was never acknowledged, so a verification failure there is expected and counted
 //! apart. Reads may fail with EIO; they must never return wrong bytes.
 
-use crate::machine;
 use crate::process::{
     ServerProcess, check_interrupted, die_with_parent, free_loopback_port, wait_with_timeout,
 };
@@ -943,13 +942,7 @@ fn markdown(r: &Report, stem: &str) -> String {
         "faults: fio verify through injected store faults and an outage",
         &[
             ("fio", r.run.tools.fio.clone()),
-            (
-                "moto",
-                machine::version_line(
-                    "python3",
-                    &["-c", "import moto; print('moto', moto.__version__)"],
-                ),
-            ),
+            ("moto", crate::moto::version_line()),
             ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );

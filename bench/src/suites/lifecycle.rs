@@ -26,6 +26,7 @@
 //! it, so later repeats run on volumes already restored (a map line past the first).
 
 use crate::latency_proxy::{LatencyProxy, Traffic};
+use crate::moto;
 use crate::nbd_client::NbdClient;
 use crate::process::{ServerProcess, check_interrupted, free_loopback_port, wait_with_timeout};
 use crate::progress::Progress;
@@ -34,7 +35,6 @@ use crate::stats::{Summary, show};
 use crate::store_subjects::{self, BUCKET, DISK_BYTES, Env};
 use crate::synthetic::{self, Built};
 use crate::workspace::{Places, bucketdisk_binary, workspace_root};
-use crate::{machine, moto};
 use anyhow::{Context, Result, bail, ensure};
 use blockmap::replica::Layout;
 use futures::TryStreamExt;
@@ -541,13 +541,7 @@ fn markdown(r: &Report, stem: &str) -> String {
         &mut md,
         "lifecycle: checkpoint and restore of a 100 GiB disk",
         &[
-            (
-                "moto",
-                machine::version_line(
-                    "python3",
-                    &["-c", "import moto; print('moto', moto.__version__)"],
-                ),
-            ),
+            ("moto", moto::version_line()),
             ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );

@@ -10,6 +10,7 @@
 //!   the ceiling of GETs of the same size, kept 16 in flight (as `--deep` keeps them) on
 //!   objects of the same size, measured in the same run, interleaved with the verify repeats.
 
+use crate::moto;
 use crate::process::{RssSampler, ServerProcess, check_interrupted, free_loopback_port};
 use crate::progress::Progress;
 use crate::run_info::RunInfo;
@@ -18,7 +19,6 @@ use crate::store_ceiling::{Ceiling, StoreProbe};
 use crate::store_subjects::{self, BUCKET, DISK_BYTES, Env};
 use crate::synthetic::{self, Built};
 use crate::workspace::{Places, bucketdisk_binary, workspace_root};
-use crate::{machine, moto};
 use anyhow::{Context, Result, bail};
 use blockmap::replica::Layout;
 use futures::TryStreamExt;
@@ -252,13 +252,7 @@ fn markdown(r: &Report) -> String {
         &mut md,
         "verify: memory on a 100 GiB map, --deep against the store's GET ceiling",
         &[
-            (
-                "moto",
-                machine::version_line(
-                    "python3",
-                    &["-c", "import moto; print('moto', moto.__version__)"],
-                ),
-            ),
+            ("moto", moto::version_line()),
             ("bucketdisk", r.run.tools.bucketdisk_line()),
         ],
     );
