@@ -11,7 +11,9 @@
 //!   objects of the same size, measured in the same run, interleaved with the verify repeats.
 
 use crate::moto;
-use crate::process::{RssSampler, ServerProcess, check_interrupted, free_loopback_port};
+use crate::process::{
+    RssSampler, ServerProcess, check_interrupted, cpu_seconds, free_loopback_port,
+};
 use crate::progress::Progress;
 use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
@@ -61,6 +63,20 @@ struct Run {
     blocks: u64,
     chunks: u64,
     blocks_read: u64,
+    /// CPU seconds (user + system) the command used, and moto meanwhile.
+    cpu_seconds: f64,
+    moto_cpu_seconds: f64,
+}
+
+/// CPU seconds (user + system) of this process's children waited for so far.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct it is given; zeroed is a valid rusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 #[derive(Debug, Serialize)]
@@ -98,7 +114,8 @@ fn verify_command(env: &Env, prefix: &str, deep: bool) -> Command {
 
 /// Runs `verify` (with `--deep` if asked) on the volume under `prefix`: time, peak RSS and
 /// what it checked; fails if it found damage.
-fn verify(env: &Env, prefix: &str, deep: bool) -> Result<Run> {
+fn verify(env: &Env, prefix: &str, deep: bool, moto_pid: Option<u32>) -> Result<Run> {
+    let (cpu_before, moto_before) = (children_cpu_seconds(), cpu_seconds(moto_pid));
     let started = Instant::now();
     let child = verify_command(env, prefix, deep)
         .spawn()
@@ -106,6 +123,10 @@ fn verify(env: &Env, prefix: &str, deep: bool) -> Result<Run> {
     let sampler = RssSampler::start(child.id());
     let out = child.wait_with_output().context("waiting for verify")?;
     let seconds = started.elapsed().as_secs_f64();
+    let (cpu_seconds, moto_cpu_seconds) = (
+        children_cpu_seconds() - cpu_before,
+        cpu_seconds(moto_pid) - moto_before,
+    );
     let memory = sampler.finish();
     if !out.status.success() {
         bail!(
@@ -125,6 +146,8 @@ fn verify(env: &Env, prefix: &str, deep: bool) -> Result<Run> {
         blocks: field("blocks"),
         chunks: field("chunks"),
         blocks_read: field("blocks_read"),
+        cpu_seconds,
+        moto_cpu_seconds,
     })
 }
 
@@ -179,9 +202,10 @@ pub fn run(args: Args, command: String) -> Result<()> {
     )?;
     progress.step_done();
     progress.step("verify and verify --deep of the 100 GiB map");
+    let moto_pid = moto.pid();
     let big = vec![
-        verify(&env, BIG_PREFIX, false)?,
-        verify(&env, BIG_PREFIX, true)?,
+        verify(&env, BIG_PREFIX, false, moto_pid)?,
+        verify(&env, BIG_PREFIX, true, moto_pid)?,
     ];
     for r in &big {
         eprintln!(
@@ -207,12 +231,14 @@ pub fn run(args: Args, command: String) -> Result<()> {
     for repeat in 0..args.repeats {
         check_interrupted()?;
         progress.step(&format!("repeat {}: verify --deep", repeat + 1));
-        let r = verify(&env, REAL_PREFIX, true)?;
+        let r = verify(&env, REAL_PREFIX, true, moto_pid)?;
         eprintln!(
-            "verify --deep: {:.1} s for {:.0} MiB of chunks ({:.0} MiB/s)",
+            "verify --deep: {:.1} s for {:.0} MiB of chunks ({:.0} MiB/s), CPU {:.1} s, moto {:.1} s",
             r.seconds,
             chunk_bytes as f64 / 1048576.0,
-            chunk_bytes as f64 / 1048576.0 / r.seconds
+            chunk_bytes as f64 / 1048576.0 / r.seconds,
+            r.cpu_seconds,
+            r.moto_cpu_seconds
         );
         deep.push(r);
         progress.step_done();
@@ -306,6 +332,20 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "| `verify --deep` | {} |", show(rate, 0));
     let _ = writeln!(md, "| store GET ceiling | {} |", show(ceiling, 0));
     let _ = writeln!(md, "| ratio (per repeat) | {} |", show(ratio, 2));
+    let busy: Vec<f64> = r
+        .deep
+        .iter()
+        .map(|d| (d.cpu_seconds + d.moto_cpu_seconds) / d.seconds)
+        .collect();
+    let own: Vec<f64> = r.deep.iter().map(|d| d.cpu_seconds / d.seconds).collect();
+    let _ = writeln!(
+        md,
+        "\nCores busy during `verify --deep` (its CPU seconds and moto's, over its wall time; \
+         the machine has {}): {} in all, {} of them the command's own.",
+        r.run.machine.nproc,
+        show(Summary::of(&busy), 2),
+        show(Summary::of(&own), 2)
+    );
     let peak = r.deep.iter().map(|d| d.peak_rss_bytes).max().unwrap_or(0);
     let _ = writeln!(
         md,
