@@ -265,26 +265,20 @@ pub(super) fn boxed<'a, T>(
 /// Uploads until everything journaled is stored (clean shutdown), then syncs what GC changed.
 pub(super) async fn upload_all(shared: &Arc<Shared>) -> io::Result<()> {
     let mut policy = UploadPolicy::new(Duration::ZERO, Duration::ZERO, true);
-    // A failed step is tried again, as the background uploader would, until the store has
-    // made no progress for the stall timeout; being fenced or refused ends it at once.
+    // A failed step is tried again, as the background uploader would, for as long as the
+    // upload health says waiting can help (no refusal, progress within the stall timeout);
+    // being fenced ends it at once.
     let mut delay = RETRY_FIRST;
-    let mut progress_at = Instant::now();
     loop {
         let target = shared.log.journaled_through();
-        let before = shared.uploads.uploaded();
-        if before >= target {
+        if shared.uploads.uploaded() >= target {
             break;
         }
         match upload_through(shared, target, &mut policy).await {
             Ok(_) => delay = RETRY_FIRST,
             Err(e) => {
-                if shared.uploads.uploaded() > before {
-                    progress_at = Instant::now();
-                }
-                let hopeless = shared.uploads.is_fenced()
-                    || e.kind() == io::ErrorKind::PermissionDenied
-                    || progress_at.elapsed() >= shared.config.stall_timeout;
-                if hopeless {
+                shared.uploads.health.failed(&e);
+                if shared.uploads.is_fenced() || shared.uploads.health.check().is_err() {
                     return Err(e);
                 }
                 stores::retry::note_retry();
