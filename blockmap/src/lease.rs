@@ -9,10 +9,10 @@
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 use std::sync::Arc;
-use stores::retry::{Created, create_only, with_retries};
+use stores::retry::{Created, create_only, get_whole, with_retries};
 
 /// A number no other process draws: std's per-process random hash keys.
 fn nonce() -> u64 {
@@ -105,11 +105,7 @@ pub async fn acquire_after(
             Created::Stored => true,
             Created::Taken => false,
             Created::TakenAfterFailure => {
-                with_retries("read a lease", || async {
-                    store.get(&path).await?.bytes().await
-                })
-                .await?
-                    == body
+                get_whole(store.as_ref(), &path, "read a lease").await? == body
             }
         };
         if ours {
@@ -149,10 +145,7 @@ pub async fn current_holder(store: &dyn ObjectStore, root: &Path) -> Result<Hold
         return Ok(Holder::Nobody);
     };
     let path = dir.join(format!("{epoch:016x}"));
-    let body = with_retries("read a lease", || async {
-        store.get(&path).await?.bytes().await
-    })
-    .await?;
+    let body = get_whole(store, &path, "read a lease").await?;
     let holder = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("holder")?.as_str().map(String::from))

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use stores::retry::{Created, create_only, with_retries};
+use stores::retry::{Created, create_only, get_whole, with_retries};
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
@@ -247,10 +247,8 @@ impl Replica {
         {
             Created::Stored => Ok(path),
             Created::Taken | Created::TakenAfterFailure => {
-                let there = with_retries("read a published LTX file", || async {
-                    self.store.get(&path).await?.bytes().await
-                })
-                .await?;
+                let there =
+                    get_whole(self.store.as_ref(), &path, "read a published LTX file").await?;
                 if same_outcome(&there, &bytes) {
                     tracing::info!("{path} was already published by this writer (a lost reply)");
                     Ok(path)
@@ -263,10 +261,7 @@ impl Replica {
 
     /// A whole LTX file.
     pub async fn fetch(&self, file: &ReplicaFile) -> ReplicaResult<Bytes> {
-        Ok(with_retries("fetch LTX file", || async {
-            self.store.get(&file.path).await?.bytes().await
-        })
-        .await?)
+        Ok(get_whole(self.store.as_ref(), &file.path, "fetch LTX file").await?)
     }
 
     /// Deletes one of this replica's own files; a base file (another replica's) is left alone.

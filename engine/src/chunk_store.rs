@@ -11,7 +11,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::io;
 use std::sync::Arc;
-use stores::retry::{Created, create_only, with_retries};
+use stores::retry::{Created, create_only, get_whole, with_retries};
 
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -163,11 +163,9 @@ impl ChunkStore {
     /// A whole chunk (GC rewrites, recovery).
     pub async fn fetch(&self, chunk: u64) -> io::Result<Bytes> {
         let path = self.path(chunk);
-        with_retries("fetch chunk", || async {
-            self.store.get(&path).await?.bytes().await
-        })
-        .await
-        .map_err(|e| store_error(&format!("fetch chunk {path}"), e))
+        get_whole(self.store.as_ref(), &path, "fetch chunk")
+            .await
+            .map_err(|e| store_error(&format!("fetch chunk {path}"), e))
     }
 
     /// The bytes of one chunk from the first block of `run` to the end of its last, in one

@@ -53,6 +53,16 @@ where
     }
 }
 
+/// The whole object at `path`, its GET and body retried like [`with_retries`].
+pub async fn get_whole(
+    store: &dyn object_store::ObjectStore,
+    path: &object_store::path::Path,
+    what: &str,
+) -> object_store::Result<bytes::Bytes> {
+    use object_store::ObjectStoreExt;
+    with_retries(what, || async { store.get(path).await?.bytes().await }).await
+}
+
 /// What a create-only PUT found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Created {

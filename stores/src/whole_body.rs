@@ -26,29 +26,21 @@ fn counted(
     expected: u64,
     location: String,
 ) -> BoxStream<'static, Result<Bytes>> {
-    let state = (body, 0u64, false);
-    stream::unfold(state, move |(mut body, seen, done)| {
-        let location = location.clone();
-        async move {
-            if done {
-                return None;
-            }
-            match body.next().await {
-                Some(Ok(bytes)) => {
-                    let seen = seen + bytes.len() as u64;
-                    if seen > expected {
-                        let e = wrong_length(&location, seen, expected);
-                        return Some((Err(e), (body, seen, true)));
-                    }
-                    Some((Ok(bytes), (body, seen, false)))
+    // (body, bytes seen, the location for an error; `None` once the stream has ended)
+    let state = Some((body, 0u64, location));
+    stream::unfold(state, move |state| async move {
+        let (mut body, seen, location) = state?;
+        match body.next().await {
+            Some(Ok(bytes)) => {
+                let seen = seen + bytes.len() as u64;
+                if seen > expected {
+                    return Some((Err(wrong_length(&location, seen, expected)), None));
                 }
-                Some(Err(e)) => Some((Err(e), (body, seen, true))),
-                None if seen < expected => {
-                    let e = wrong_length(&location, seen, expected);
-                    Some((Err(e), (body, seen, true)))
-                }
-                None => None,
+                Some((Ok(bytes), Some((body, seen, location))))
             }
+            Some(Err(e)) => Some((Err(e), None)),
+            None if seen < expected => Some((Err(wrong_length(&location, seen, expected)), None)),
+            None => None,
         }
     })
     .boxed()

@@ -5,7 +5,7 @@ use crate::metadata::{METADATA_FILE, VolumeMetadata};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::io;
-use stores::retry::with_retries;
+use stores::retry::{get_whole, with_retries};
 
 /// Format name of volumes kept as chunks and a block map in object storage.
 pub const FORMAT: &str = "object-v1";
@@ -43,10 +43,7 @@ pub async fn load(
 ) -> io::Result<Option<VolumeMetadata>> {
     crate::file_volume::validate_volume_name(name)?;
     let path = metadata_path(prefix, name);
-    let got = with_retries("read volume.json", || async {
-        store.get(&path).await?.bytes().await
-    })
-    .await;
+    let got = get_whole(store, &path, "read volume.json").await;
     let bytes = match got {
         Ok(bytes) => bytes,
         Err(object_store::Error::NotFound { .. }) => return Ok(None),

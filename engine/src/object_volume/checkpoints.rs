@@ -11,7 +11,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt};
 use std::collections::HashSet;
 use std::io;
-use stores::retry::with_retries;
+use stores::retry::{get_whole, with_retries};
 
 const DIR: &str = "checkpoints";
 const SUFFIX: &str = ".json";
@@ -154,10 +154,7 @@ pub async fn load(
 }
 
 async fn load_path(store: &dyn ObjectStore, path: &Path) -> io::Result<Option<Checkpoint>> {
-    let got = with_retries("read a checkpoint", || async {
-        store.get(path).await?.bytes().await
-    })
-    .await;
+    let got = get_whole(store, path, "read a checkpoint").await;
     let bytes = match got {
         Ok(bytes) => bytes,
         // Deleted between the listing and the read.

@@ -239,7 +239,7 @@ fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
 async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
     shared.reads.counters.fetched(run.len() as u64);
     let span = shared.chunks.read_span(&run).await;
-    let mut results = settle_run(shared, run.clone(), span).await;
+    let mut results = settle_run(shared, &run, span).await;
     for _ in 0..DAMAGED_REFETCHES {
         let damaged: Vec<usize> = (0..run.len())
             .filter(|&i| matches!(results.get(i), Some(Err(FetchFailure::Corrupt(_)))))
@@ -255,7 +255,7 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
         shared.reads.counters.refetched(damaged.len() as u64);
         let again: Vec<BlockLocation> = damaged.iter().map(|&i| run[i]).collect();
         let span = shared.chunks.read_span(&again).await;
-        let settled = settle_run(shared, again, span).await;
+        let settled = settle_run(shared, &again, span).await;
         for (&i, result) in damaged.iter().zip(settled) {
             results[i] = result;
         }
@@ -271,7 +271,7 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
 /// The blocks of `run` from `span`, its ranged GET's answer: each verified and cached.
 async fn settle_run(
     shared: &Shared,
-    run: Vec<BlockLocation>,
+    run: &[BlockLocation],
     span: io::Result<Bytes>,
 ) -> Vec<FetchResult> {
     let span = match span {
@@ -283,7 +283,7 @@ async fn settle_run(
     };
     let decoded = if run.len() > INLINE_DECODE_BLOCKS {
         let chunks = shared.chunks.clone();
-        let blocks = run.clone();
+        let blocks = run.to_vec();
         match tokio::task::spawn_blocking(move || chunks.decode_run(&blocks, &span)).await {
             Ok(decoded) => decoded,
             Err(e) => run
@@ -292,7 +292,7 @@ async fn settle_run(
                 .collect(),
         }
     } else {
-        shared.chunks.decode_run(&run, &span)
+        shared.chunks.decode_run(run, &span)
     };
     run.iter()
         .zip(decoded)
@@ -330,7 +330,7 @@ pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
                 Err(e) => Err(io::Error::other(format!("early fetch task failed: {e}"))),
             };
             shared.reads.counters.fetched(1);
-            let settled = match settle_run(&shared, vec![location], span).await.first() {
+            let settled = match settle_run(&shared, &[location], span).await.first() {
                 Some(Ok(data)) => return Ok(data.clone()),
                 _ => fetch_run(&shared, vec![location]).await,
             };

@@ -45,6 +45,10 @@ impl JournalClaim {
 
     /// Returns once the map names this directory's journal.
     pub(super) async fn wait(&self) -> Result<(), DeviceError> {
+        // Every FLUSH asks: answered without a subscription once recorded.
+        if *self.0.borrow() == State::Recorded {
+            return Ok(());
+        }
         let mut seen = self.0.subscribe();
         let settled = seen
             .wait_for(|state| *state != State::Pending)

@@ -7,11 +7,11 @@
 
 use super::checkpoints::{Checkpoint, MapFile};
 use blockmap::replica::{Layout, Replica, ReplicaFile};
+use object_store::ObjectStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
 use std::io;
 use std::sync::Arc;
-use stores::retry::with_retries;
+use stores::retry::get_whole;
 
 const DIR: &str = "map-lines";
 /// Line 0's replica directory.
@@ -67,11 +67,9 @@ pub async fn current(store: &dyn ObjectStore, root: &Path) -> io::Result<Option<
         return Ok(None);
     };
     let path = dir.clone().join(format!("{newest:016x}.json"));
-    let bytes = with_retries("read a map line", || async {
-        store.get(&path).await?.bytes().await
-    })
-    .await
-    .map_err(|e| io::Error::other(format!("reading {path}: {e}")))?;
+    let bytes = get_whole(store, &path, "read a map line")
+        .await
+        .map_err(|e| io::Error::other(format!("reading {path}: {e}")))?;
     let line: MapLine = serde_json::from_slice(&bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
     if line.line != newest {
