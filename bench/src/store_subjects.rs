@@ -386,14 +386,20 @@ fn bucketdisk_s3(env: &Env, port: u16, cache: &Path) -> Command {
 /// proxy), with its cache in `cache`.
 pub fn bucketdisk_s3_at(env: &Env, prefix: &str, port: u16, cache: &Path) -> Command {
     let mut cmd = bucketdisk(env, port, cache, "object");
+    on_moto_store(&mut cmd, env, prefix);
+    cmd
+}
+
+/// `cmd` (a `bucketdisk` command) pointed at the volumes under `prefix` of [`BUCKET`], through
+/// the proxy: `--store` and the AWS_* environment.
+pub fn on_moto_store<'a>(cmd: &'a mut Command, env: &Env, prefix: &str) -> &'a mut Command {
     cmd.arg("--store")
         .arg(format!("s3://{BUCKET}/{prefix}"))
         .env("AWS_ENDPOINT_URL", &env.s3_endpoint)
         .env("AWS_ALLOW_HTTP", "true")
         .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_KEY)
-        .env("AWS_REGION", moto::REGION);
-    cmd
+        .env("AWS_REGION", moto::REGION)
 }
 
 pub fn describe(cmd: &Command) -> String {

@@ -83,3 +83,11 @@ impl Places {
         Ok(dir)
     }
 }
+
+/// `work/name`, emptied (or made): a scratch directory a step starts from nothing in.
+pub fn fresh_dir(work: &Path, name: &str) -> Result<PathBuf> {
+    let dir = work.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

@@ -16,21 +16,25 @@ use common::{Fixture, MIB, pattern, read};
 
 const BLOCK: u32 = 65536;
 
+/// Runs `cmd`, which needs root (and, for `chattr`, an ext4 scratch directory).
+fn as_root(cmd: &mut Command) {
+    let status = cmd.status().expect("running a command");
+    assert!(
+        status.success(),
+        "{cmd:?} failed: these tests need root and an ext4 scratch directory"
+    );
+}
+
 /// A tmpfs of `size` mounted at `path` for as long as this lives.
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(path: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(path).expect("mount point");
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .status()
-            .expect("running mount");
-        assert!(
-            status.success(),
-            "mounting a {size} tmpfs at {} failed: these tests need root",
-            path.display()
+        as_root(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(path),
         );
         Tmpfs(path.to_path_buf())
     }
@@ -50,10 +54,6 @@ fn config(f: &Fixture, local: &Path, cache: &Path) -> VolumeConfig {
     c
 }
 
-async fn open(f: &Fixture, config: VolumeConfig) -> ObjectVolume {
-    f.open(config).await
-}
-
 /// The first `blocks` blocks hold the pattern written to each.
 async fn assert_blocks(v: &ObjectVolume, blocks: u64) {
     for b in 0..blocks {
@@ -71,7 +71,7 @@ async fn a_full_journal_fails_writes_with_no_space_keeps_reads_and_loses_nothing
     let cache = f.dir.path().join("cache");
     let mut c = config(&f, &local, &cache);
     c.sync_interval = Duration::from_secs(3600); // nothing leaves the journal by itself
-    let v = open(&f, c.clone()).await;
+    let v = f.open(c.clone()).await;
     let mut written = 0u64;
     let full = loop {
         match v
@@ -105,7 +105,7 @@ async fn a_full_journal_fails_writes_with_no_space_keeps_reads_and_loses_nothing
         .expect("a write after the upload freed the journal");
     v.flush().await.expect("flush");
     drop(v); // a crash: the last write lives in the journal only
-    let v = open(&f, c).await;
+    let v = f.open(c).await;
     assert_blocks(&v, written).await;
     assert_eq!(read(&v, more, BLOCK).await, pattern(BLOCK as usize, 99));
     v.close().await.expect("close");
@@ -118,7 +118,9 @@ async fn a_full_cache_filesystem_costs_fetches_not_errors() {
     let _tmpfs = Tmpfs::mount(&cache, "1m");
     let blocks = 48u64; // 3 MiB: three times the cache's filesystem
     {
-        let v = open(&f, config(&f, &f.dir.path().join("writer"), &cache)).await;
+        let v = f
+            .open(config(&f, &f.dir.path().join("writer"), &cache))
+            .await;
         for b in 0..blocks {
             v.write(
                 b * u64::from(BLOCK),
@@ -130,7 +132,9 @@ async fn a_full_cache_filesystem_costs_fetches_not_errors() {
         }
         v.close().await.expect("close: uploaded");
     }
-    let v = open(&f, config(&f, &f.dir.path().join("reader"), &cache)).await;
+    let v = f
+        .open(config(&f, &f.dir.path().join("reader"), &cache))
+        .await;
     for _round in 0..2 {
         assert_blocks(&v, blocks).await;
     }
@@ -145,7 +149,7 @@ async fn a_torn_last_journal_record_is_dropped_at_restart_and_flushed_writes_sta
     let mut c = config(&f, &local, &cache);
     c.sync_interval = Duration::from_secs(3600);
     {
-        let v = open(&f, c.clone()).await;
+        let v = f.open(c.clone()).await;
         v.write(0, pattern(BLOCK as usize, 1), false)
             .await
             .expect("write");
@@ -173,7 +177,7 @@ async fn a_torn_last_journal_record_is_dropped_at_restart_and_flushed_writes_sta
         .expect("open");
     file.set_len(len - 1000).expect("tear the last record");
     drop(file);
-    let v = open(&f, c).await;
+    let v = f.open(c).await;
     assert_eq!(
         read(&v, 0, BLOCK).await,
         pattern(BLOCK as usize, 1),
@@ -198,16 +202,7 @@ struct Immutable(Vec<PathBuf>);
 impl Immutable {
     fn set(dirs: &[&Path]) -> Immutable {
         for dir in dirs {
-            let status = Command::new("chattr")
-                .args(["-R", "+i"])
-                .arg(dir)
-                .status()
-                .expect("running chattr");
-            assert!(
-                status.success(),
-                "chattr +i on {} failed: these tests need root and an ext4 scratch directory",
-                dir.display()
-            );
+            as_root(Command::new("chattr").args(["-R", "+i"]).arg(dir));
         }
         Immutable(dirs.iter().map(|d| d.to_path_buf()).collect())
     }
@@ -228,7 +223,7 @@ async fn a_local_directory_that_refuses_writes_fails_writes_keeps_reads_and_lose
     let cache = f.dir.path().join("cache");
     let mut c = config(&f, &local, &cache);
     c.sync_interval = Duration::from_secs(3600);
-    let v = open(&f, c.clone()).await;
+    let v = f.open(c.clone()).await;
     for b in 0..8u64 {
         v.write(
             b * u64::from(BLOCK),
@@ -258,7 +253,7 @@ async fn a_local_directory_that_refuses_writes_fails_writes_keeps_reads_and_lose
         .expect("writes work again once the directory takes them");
     v.flush().await.expect("flush");
     drop(v); // a crash
-    let v = open(&f, c).await;
+    let v = f.open(c).await;
     assert_blocks(&v, 8).await;
     assert_eq!(
         read(&v, 9 * u64::from(BLOCK), BLOCK).await,

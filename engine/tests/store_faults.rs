@@ -6,15 +6,15 @@
 //! written.
 
 use bytes::Bytes;
+use engine::BlockDevice;
 use engine::object_volume::{ObjectVolume, VolumeConfig};
-use engine::{BlockDevice, ReadSegment};
 use object_store::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stores::chaos::{FaultKind, FaultPlan, SplitMix64};
 
 mod common;
-use common::{Fixture, MIB, read};
+use common::{Fixture, MIB, read, try_read};
 
 const BLOCK: u32 = 65536;
 const SIZE: u64 = 32 * MIB;
@@ -80,9 +80,8 @@ async fn workload(
             }
             _ => {
                 tally.reads += 1;
-                match v.read(offset, len as u32).await {
-                    Ok(segments) => {
-                        let got = joined(segments);
+                match try_read(v, offset, len as u32).await {
+                    Ok(got) => {
                         assert!(
                             got == model[offset as usize..offset as usize + len],
                             "wrong bytes read at {offset} (+{len})"
@@ -102,17 +101,6 @@ async fn workload(
         tally.longest = tally.longest.max(op_started.elapsed());
     }
     tally
-}
-
-fn joined(segments: Vec<ReadSegment>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for segment in segments {
-        match segment {
-            ReadSegment::Data(d) => out.extend_from_slice(&d),
-            ReadSegment::Zero(n) => out.resize(out.len() + n as usize, 0),
-        }
-    }
-    out
 }
 
 /// Every block of the volume, read from the store alone (an empty cache and journal).

@@ -27,7 +27,7 @@ use crate::progress::Progress;
 use crate::run_info::RunInfo;
 use crate::server_metrics::{self, Sampler, Scrape};
 use crate::store_subjects::{self, Env};
-use crate::workspace::{Places, bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, fresh_dir, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -129,13 +129,6 @@ fn serve(
         command_line,
         log: log.to_path_buf(),
     })
-}
-
-fn fresh_dir(work: &Path, name: &str) -> Result<PathBuf> {
-    let dir = work.join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(dir)
 }
 
 /// What every pass shares: the verify-only passes must regenerate the write pass's exact

@@ -34,7 +34,7 @@ use crate::run_info::RunInfo;
 use crate::stats::{Summary, show};
 use crate::store_subjects::{self, BUCKET, DISK_BYTES, Env};
 use crate::synthetic::{self, Built};
-use crate::workspace::{Places, bucketdisk_binary, workspace_root};
+use crate::workspace::{Places, bucketdisk_binary, fresh_dir, workspace_root};
 use anyhow::{Context, Result, bail, ensure};
 use blockmap::replica::Layout;
 use futures::TryStreamExt;
@@ -119,16 +119,10 @@ fn prefix(written_gib: u64) -> String {
 /// `bucketdisk <verb…>` on the volume under `prefix`, through the proxy.
 fn verb(env: &Env, prefix: &str, words: &[&str], cache: &Path) -> Command {
     let mut cmd = Command::new(&env.bucketdisk);
-    cmd.args(words)
-        .arg("--store")
-        .arg(format!("s3://{BUCKET}/{prefix}"))
+    cmd.args(words);
+    store_subjects::on_moto_store(&mut cmd, env, prefix)
         .arg("--cache-dir")
         .arg(cache)
-        .env("AWS_ENDPOINT_URL", &env.s3_endpoint)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_KEY)
-        .env("AWS_REGION", moto::REGION)
         .env("BUCKETDISK_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -221,13 +215,6 @@ fn first_read(env: &Env, prefix: &str, volume: &str, work: &Path, expected: &[u8
     client.disconnect()?;
     server.stop()?;
     Ok(ms)
-}
-
-fn fresh_dir(work: &Path, name: &str) -> Result<PathBuf> {
-    let dir = work.join(name);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// One checkpoint, one restore, one first read, on the volume of `written_gib`.

@@ -94,14 +94,8 @@ struct Report {
 
 fn verify_command(env: &Env, prefix: &str, deep: bool) -> Command {
     let mut cmd = Command::new(&env.bucketdisk);
-    cmd.args(["verify", VOLUME, "--json"])
-        .arg("--store")
-        .arg(format!("s3://{BUCKET}/{prefix}"))
-        .env("AWS_ENDPOINT_URL", &env.s3_endpoint)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_ACCESS_KEY_ID", moto::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", moto::SECRET_KEY)
-        .env("AWS_REGION", moto::REGION)
+    cmd.args(["verify", VOLUME, "--json"]);
+    store_subjects::on_moto_store(&mut cmd, env, prefix)
         .env("BUCKETDISK_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

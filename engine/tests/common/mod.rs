@@ -89,15 +89,20 @@ pub async fn metric(v: &ObjectVolume, name: &str) -> f64 {
 }
 
 pub async fn read(v: &ObjectVolume, offset: u64, len: u32) -> Vec<u8> {
+    try_read(v, offset, len).await.expect("read")
+}
+
+/// The bytes at `offset`, or the read's error.
+pub async fn try_read(v: &ObjectVolume, offset: u64, len: u32) -> engine::DeviceResult<Vec<u8>> {
     let mut out = Vec::with_capacity(len as usize);
-    for seg in v.read(offset, len).await.expect("read") {
+    for seg in v.read(offset, len).await? {
         match seg {
             ReadSegment::Data(d) => out.extend_from_slice(&d),
             ReadSegment::Zero(n) => out.resize(out.len() + n as usize, 0),
         }
     }
     assert_eq!(out.len(), len as usize);
-    out
+    Ok(out)
 }
 
 /// Writes `seed`'s pattern over the first `blocks` blocks of `block_size` and uploads it.
