@@ -159,28 +159,55 @@ pub fn decode_block_bytes(
     block_size: u32,
     checksum: u32,
 ) -> Result<Bytes, ChunkError> {
-    let size = block_size as usize;
-    let data = if payload.len() == size {
+    let data = if payload.len() == block_size as usize {
         payload
     } else {
-        let mut out = vec![0u8; size];
-        let n = lz4_flex::block::decompress_into(&payload, &mut out)
-            .map_err(|e| ChunkError::Decode(e.to_string()))?;
-        if n != size {
-            return Err(ChunkError::Decode(format!(
-                "{n} bytes, expected a {size}-byte block"
-            )));
-        }
+        let mut out = vec![0u8; block_size as usize];
+        decompress_block(&payload, &mut out)?;
         Bytes::from(out)
     };
-    let actual = block_checksum(&data);
+    matches_checksum(&data, checksum)?;
+    Ok(data)
+}
+
+/// Checks a block payload as [`decode_block_bytes`] does, without keeping its bytes: a
+/// compressed block is decompressed into `scratch` (reused from block to block).
+pub fn check_block(
+    payload: &[u8],
+    block_size: u32,
+    checksum: u32,
+    scratch: &mut Vec<u8>,
+) -> Result<(), ChunkError> {
+    if payload.len() == block_size as usize {
+        return matches_checksum(payload, checksum);
+    }
+    scratch.resize(block_size as usize, 0);
+    decompress_block(payload, scratch)?;
+    matches_checksum(scratch, checksum)
+}
+
+/// Decompresses a stored block into `out`, which must come out exactly full.
+fn decompress_block(payload: &[u8], out: &mut [u8]) -> Result<(), ChunkError> {
+    let n = lz4_flex::block::decompress_into(payload, out)
+        .map_err(|e| ChunkError::Decode(e.to_string()))?;
+    if n != out.len() {
+        return Err(ChunkError::Decode(format!(
+            "{n} bytes, expected a {}-byte block",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
+fn matches_checksum(data: &[u8], checksum: u32) -> Result<(), ChunkError> {
+    let actual = block_checksum(data);
     if actual != checksum {
         return Err(ChunkError::Checksum {
             expected: checksum,
             actual,
         });
     }
-    Ok(data)
+    Ok(())
 }
 
 /// Reads a whole chunk's index (for GC rewrites and recovery).

@@ -3,13 +3,16 @@
 //! verified against the block map's checksum (invariant I5: a mismatch is an error, never data).
 
 use crate::cache::CacheKey;
-use crate::chunk::decode_block_bytes;
+use crate::chunk::{check_block, decode_block_bytes};
 use crate::device::DeviceError;
 use blockmap::BlockLocation;
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt};
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt};
+use std::collections::VecDeque;
 use std::io;
+use std::ops::Range;
 use std::sync::Arc;
 use stores::retry::{Created, create_only, get_whole, with_retries};
 
@@ -172,16 +175,9 @@ impl ChunkStore {
     /// ranged GET. `run` is sorted by offset and lies in one chunk (see `fetch::runs`); the
     /// blocks between its members, if any, come along and are dropped by [`Self::decode_run`].
     pub async fn read_span(&self, run: &[BlockLocation]) -> io::Result<Bytes> {
-        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        let Some((path, range)) = self.span_of(run)? else {
             return Ok(Bytes::new());
         };
-        if run.iter().any(|l| l.chunk != first.chunk) || last.offset < first.offset {
-            return Err(io::Error::other(
-                "internal: a ranged read spans more than one chunk or is not sorted",
-            ));
-        }
-        let path = self.path(first.chunk);
-        let range = first.offset..last.offset + u64::from(last.length);
         let payload = with_retries("read block", || self.store.get_range(&path, range.clone()))
             .await
             .map_err(|e| read_error(&format!("read {path} {range:?}"), e))?;
@@ -193,6 +189,109 @@ impl ChunkStore {
             .into_io());
         }
         Ok(payload)
+    }
+
+    /// The object and byte range one ranged GET of `run` reads (none for an empty run).
+    fn span_of(&self, run: &[BlockLocation]) -> io::Result<Option<(Path, Range<u64>)>> {
+        let (Some(first), Some(last)) = (run.first(), run.last()) else {
+            return Ok(None);
+        };
+        if run.iter().any(|l| l.chunk != first.chunk) || last.offset < first.offset {
+            return Err(io::Error::other(
+                "internal: a ranged read spans more than one chunk or is not sorted",
+            ));
+        }
+        let end = run.iter().map(|l| l.offset + u64::from(l.length)).max();
+        Ok(Some((
+            self.path(first.chunk),
+            first.offset..end.unwrap_or(first.offset),
+        )))
+    }
+
+    /// Checks every block of `run` (as for [`Self::read_span`]) as its bytes arrive, keeping
+    /// only a verdict each (`None`: it decodes and matches its checksum). Memory stays at a
+    /// block or two however long the span, and no buffer the size of the span is filled: a
+    /// deep verify reads whole volumes this way. A GET that fails or ends early is retried.
+    pub async fn check_run(&self, run: &[BlockLocation]) -> io::Result<Vec<Option<String>>> {
+        let Some((path, range)) = self.span_of(run)? else {
+            return Ok(Vec::new());
+        };
+        with_retries("check blocks", || {
+            self.check_run_once(&path, range.clone(), run)
+        })
+        .await
+        .map_err(|e| read_error(&format!("read {path} {range:?}"), e))
+    }
+
+    async fn check_run_once(
+        &self,
+        path: &Path,
+        range: Range<u64>,
+        run: &[BlockLocation],
+    ) -> object_store::Result<Vec<Option<String>>> {
+        let options = GetOptions {
+            range: Some(range.clone().into()),
+            ..GetOptions::default()
+        };
+        let mut body = self.store.get_opts(path, options).await?.into_stream();
+        let short = |at: u64| object_store::Error::Generic {
+            store: "chunks",
+            source: format!("{path}: the body of {range:?} ended at byte {at}").into(),
+        };
+        // The body's pieces a block still needs, each with its offset in the object; a block
+        // inside one piece is checked in place, one across pieces is gathered into `joined`.
+        let mut pieces: VecDeque<(u64, Bytes)> = VecDeque::new();
+        let mut received = range.start;
+        let (mut joined, mut scratch) = (Vec::new(), Vec::new());
+        let mut verdicts = Vec::with_capacity(run.len());
+        for location in run {
+            let (start, end) = (
+                location.offset,
+                location.offset + u64::from(location.length),
+            );
+            while received < end {
+                let piece = body.next().await.ok_or_else(|| short(received))??;
+                let length = piece.len() as u64;
+                pieces.push_back((received, piece));
+                received += length;
+            }
+            // Runs are sorted by offset: what ends before this block is not needed again.
+            while pieces
+                .front()
+                .is_some_and(|(at, piece)| at + piece.len() as u64 <= start)
+            {
+                pieces.pop_front();
+            }
+            let payload: &[u8] = match pieces.front() {
+                Some((at, piece)) if at + piece.len() as u64 >= end => {
+                    &piece[(start - at) as usize..(end - at) as usize]
+                }
+                _ => {
+                    joined.clear();
+                    for (at, piece) in &pieces {
+                        let from = start.saturating_sub(*at) as usize;
+                        let to = (end - at).min(piece.len() as u64) as usize;
+                        if from < to {
+                            joined.extend_from_slice(&piece[from..to]);
+                        }
+                    }
+                    &joined
+                }
+            };
+            verdicts.push(
+                check_block(payload, self.block_size, location.checksum, &mut scratch)
+                    .err()
+                    .map(|e| format!("{path} at {start}: {e}")),
+            );
+        }
+        // Read to the end: the body's length is checked, and its connection can be reused.
+        while let Some(piece) = body.next().await {
+            received += piece?.len() as u64;
+        }
+        if received != range.end {
+            return Err(short(received));
+        }
+        Ok(verdicts)
     }
 
     /// Each block of `run` cut from `span` (what [`Self::read_span`] returned for it), decoded

@@ -1,6 +1,7 @@
 //! `verify` against a real store (a local directory and moto): a sound volume is sound; a chunk
 //! deleted behind the volume's back, a flipped bit in a block and an orphaned chunk are each
-//! named precisely; checkpoints are checked on request.
+//! named precisely; checkpoints are checked on request; a bit flipped on the way is not
+//! reported as damage in the store.
 
 use bytes::Bytes;
 use engine::BlockDevice;
@@ -8,6 +9,7 @@ use engine::object_volume::{ObjectVolume, VerifyOptions, VerifyReport, verify};
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use stores::chaos::{FaultKind, FaultPlan};
 
 mod common;
 use common::{Fixture, MIB, pattern};
@@ -16,8 +18,17 @@ const BLOCK: u32 = 65536;
 const BLOCKS: u64 = 32;
 
 async fn run(f: &Fixture, deep: bool, checkpoints: bool) -> VerifyReport {
+    run_on(std::sync::Arc::clone(&f.store), f, deep, checkpoints).await
+}
+
+async fn run_on(
+    store: std::sync::Arc<dyn ObjectStore>,
+    f: &Fixture,
+    deep: bool,
+    checkpoints: bool,
+) -> VerifyReport {
     verify(
-        std::sync::Arc::clone(&f.store),
+        store,
         &Path::from(""),
         f.layout,
         "disk",
@@ -157,4 +168,37 @@ async fn verify_names_missing_damaged_and_orphaned_chunks_on_a_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_names_missing_damaged_and_orphaned_chunks_on_s3() {
     finds_damage_precisely(Fixture::on_s3(64 * MIB, BLOCK).await).await;
+}
+
+/// A deep check through a store that flips a bit in chunk bodies: flipped once, the block is
+/// read again and found whole (nothing reported); flipped on every read, it is reported.
+async fn damage_on_the_way_is_not_damage_at_rest(f: Fixture) {
+    let v = write_volume(&f, 3).await;
+    v.close().await.expect("close");
+    let flips = |limit: Option<u64>| FaultPlan {
+        kinds: vec![FaultKind::FlippedBit],
+        limit,
+        ..FaultPlan::default().with_rate(1.0)
+    };
+    let (store, chaos) = stores::url::with_faults(std::sync::Arc::clone(&f.store), flips(Some(1)));
+    let once = run_on(store, &f, true, false).await;
+    assert_eq!(chaos.counts().injected(), 1, "one chunk read was damaged");
+    assert!(!once.is_damaged(), "{once:?}");
+    assert_eq!(once.states[0].blocks_read, BLOCKS);
+
+    let (store, chaos) = stores::url::with_faults(std::sync::Arc::clone(&f.store), flips(None));
+    let always = run_on(store, &f, true, false).await;
+    assert!(chaos.counts().injected() >= 2, "read and read again");
+    assert!(always.is_damaged(), "damaged on every read: {always:?}");
+    assert!(always.states[0].damaged_total >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flipped_on_the_way_is_read_again_on_a_directory() {
+    damage_on_the_way_is_not_damage_at_rest(Fixture::new(64 * MIB, BLOCK).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flipped_on_the_way_is_read_again_on_s3() {
+    damage_on_the_way_is_not_damage_at_rest(Fixture::on_s3(64 * MIB, BLOCK).await).await;
 }

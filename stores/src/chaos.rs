@@ -145,7 +145,7 @@ impl RequestKind {
 }
 
 /// What to inject: `seed=N,rate=R[,rate.KIND=R…][,kinds=K/K/…][,stall=D][,timeout=D]
-/// [,outage=START+LENGTH][,flip-in=TEXT]`, e.g. `seed=7,rate=0.1,outage=60s+30s`. Durations
+/// [,outage=START+LENGTH][,flip-in=TEXT][,limit=N]`, e.g. `seed=7,rate=0.1,outage=60s+30s`. Durations
 /// take `ms`, `s` or `m`; KIND is get, head, put, list, delete or other; fault kinds are named
 /// as [`FaultKind::name`] says (all of them by default).
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +160,9 @@ pub struct FaultPlan {
     pub outage: Option<(Duration, Duration)>,
     /// Bits are flipped only in bodies of objects whose key contains this.
     pub flip_in: String,
+    /// At most this many faults in all (the outage aside): a test can damage exactly one
+    /// answer and see what a second request does.
+    pub limit: Option<u64>,
 }
 
 impl Default for FaultPlan {
@@ -172,6 +175,7 @@ impl Default for FaultPlan {
             timeout: Duration::from_secs(5),
             outage: None,
             flip_in: "chunks/".into(),
+            limit: None,
         }
     }
 }
@@ -226,6 +230,7 @@ impl FromStr for FaultPlan {
                 "stall" => plan.stall = parse_duration(value).ok_or_else(bad)?,
                 "timeout" => plan.timeout = parse_duration(value).ok_or_else(bad)?,
                 "flip-in" => plan.flip_in = value.to_string(),
+                "limit" => plan.limit = Some(value.parse().map_err(|_| bad())?),
                 "outage" => {
                     let (start, length) = value.split_once('+').ok_or_else(bad)?;
                     plan.outage = Some((
@@ -304,6 +309,8 @@ pub struct Chaos {
     requests: AtomicU64,
     outage_failures: AtomicU64,
     injected: [AtomicU64; 9],
+    /// Faults picked so far, against [`FaultPlan::limit`].
+    picked: AtomicU64,
 }
 
 const GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -342,6 +349,7 @@ impl Chaos {
             requests: AtomicU64::new(0),
             outage_failures: AtomicU64::new(0),
             injected: Default::default(),
+            picked: AtomicU64::new(0),
         }
     }
 
@@ -403,7 +411,12 @@ impl Chaos {
         if candidates.is_empty() {
             return None;
         }
-        Some(candidates[(self.draw() % candidates.len() as u64) as usize])
+        let fault = candidates[(self.draw() % candidates.len() as u64) as usize];
+        let picked = self.picked.fetch_add(1, Ordering::Relaxed);
+        self.plan
+            .limit
+            .is_none_or(|limit| picked < limit)
+            .then_some(fault)
     }
 
     fn take_answer_fault(&self, location: &Path) -> Option<FaultKind> {
@@ -615,7 +628,12 @@ mod tests {
             plan.outage,
             Some((Duration::from_secs(60), Duration::from_secs(30)))
         );
+        assert_eq!(
+            "rate=1,limit=3".parse::<FaultPlan>().map(|p| p.limit),
+            Ok(Some(3))
+        );
         for bad in [
+            "limit=-1",
             "rate=2",
             "kinds=404",
             "outage=5s",
@@ -638,6 +656,23 @@ mod tests {
             kinds: vec![kind],
             ..FaultPlan::default().with_rate(1.0)
         }
+    }
+
+    #[tokio::test]
+    async fn a_limit_stops_the_faults() -> Result<()> {
+        let key = Path::from("v/chunks/1");
+        let (inner, chaos) = store(FaultPlan {
+            limit: Some(2),
+            ..only(FaultKind::Unavailable)
+        });
+        inner.put(&key, Bytes::from_static(b"x").into()).await?;
+        assert!(chaos.get(&key).await.is_err());
+        assert!(chaos.get(&key).await.is_err());
+        for _ in 0..5 {
+            assert_eq!(chaos.get(&key).await?.bytes().await?, "x");
+        }
+        assert_eq!(chaos.counts().injected(), 2);
+        Ok(())
     }
 
     #[tokio::test]
