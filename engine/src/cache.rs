@@ -596,7 +596,6 @@ impl BlockCache {
         self.state().entries.len()
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
