@@ -28,6 +28,9 @@ packages=(
     util-linux     # losetup, fstrim
     procps         # ps, pkill
     sqlite3        # builds and checks databases in the LTX interop tests
+    openssl        # makes the certificates of the TLS tests
+    make           # builds the vendored OpenSSL the TLS support links (with perl and cc)
+    perl
 )
 if [ "$BENCH" -eq 1 ]; then
     packages+=(

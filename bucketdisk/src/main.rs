@@ -11,6 +11,7 @@ mod progress;
 mod serve;
 mod served;
 mod store_args;
+mod tls_args;
 mod verify;
 mod volumes;
 

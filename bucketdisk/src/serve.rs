@@ -94,6 +94,8 @@ pub(crate) struct ServeArgs {
     /// by it. [default: 16]
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub(crate) prefetch_gets: Option<u64>,
+    #[command(flatten)]
+    pub(crate) tls: crate::tls_args::TlsArgs,
     /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9100).
     #[arg(long)]
     pub(crate) metrics: Option<String>,
@@ -127,6 +129,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         }
         names.push(name);
     }
+    // Before any volume opens: a TLS setup that cannot work is one line, at once.
+    let tls = args.tls.load()?;
     let runtime = new_runtime()?;
     runtime.block_on(async move {
         // Before anything can be seen from outside (the port, the log line): a SIGTERM sent
@@ -238,6 +242,17 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 None => Listener::tcp(&args.listen).await?,
             },
         };
+        if let Some(tls) = &tls {
+            tracing::info!(
+                "TLS {}, {}; SIGHUP reads the credentials again",
+                match tls.mode() {
+                    nbd_server::tls::TlsMode::Require => "required",
+                    _ => "offered",
+                },
+                tls.credentials().describe()
+            );
+            crate::tls_args::reload_on_sighup(Arc::clone(tls));
+        }
         tracing::info!("serving NBD on {}", listener.describe());
         if let Some(address) = &args.metrics {
             let metrics_listener = tokio::net::TcpListener::bind(address)
@@ -255,7 +270,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             tracing::info!("stopping: finishing in-flight requests");
             let _ = stop_tx.send(true);
         });
-        server::run(listener, Arc::clone(&exports), stop_rx).await?;
+        server::run(listener, Arc::clone(&exports), tls, stop_rx).await?;
         if let Some(control) = control {
             // Stopped with the server (the stop signal reaches both); a request in flight is
             // answered before the volumes close.

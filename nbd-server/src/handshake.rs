@@ -3,6 +3,11 @@
 //! Every option is answered (unknown ones with ERR_UNSUP); the connection is dropped only when the
 //! client breaks framing (bad magic, absurd lengths, unknown client flags) or sends too many
 //! options. Option payloads are bounded, so a client cannot make the server allocate freely.
+//!
+//! With TLS, the option phase runs twice: in clear until the client's `NBD_OPT_STARTTLS` (which
+//! [`options`] acknowledges and returns as [`Negotiated::StartTls`]), then again over TLS from a
+//! fresh state — nothing a client negotiated in clear (structured replies, meta contexts)
+//! survives into the encrypted session, where an attacker could have injected it.
 
 use crate::exports::{Export, Exports};
 use crate::proto::*;
@@ -29,6 +34,37 @@ pub struct Session {
     /// Whether `base:allocation` was selected (block status allowed).
     pub base_allocation: bool,
     pub transmission_flags: u16,
+}
+
+/// How far the option phase got.
+pub enum Negotiated {
+    /// The client chose an export: on to transmission.
+    Session(Session),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then the options again.
+    StartTls,
+    /// The client left politely (`NBD_OPT_ABORT`, or it closed the connection).
+    Ended,
+}
+
+/// Where the connection stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPhase {
+    /// The server does not offer TLS: `STARTTLS` is refused with `ERR_POLICY`.
+    Unavailable,
+    /// Offered, not taken (yet): options are answered in clear.
+    Offered,
+    /// Required, not taken yet: only `STARTTLS` and `ABORT` are answered, others get
+    /// `ERR_TLS_REQD`.
+    Required,
+    /// The connection is encrypted: a second `STARTTLS` is `ERR_INVALID`.
+    Active,
+}
+
+/// What the client said in the greeting.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientFlags {
+    fixed_newstyle: bool,
+    no_zeroes: bool,
 }
 
 /// Handshake failure that ends the connection.
@@ -64,12 +100,31 @@ impl State {
     }
 }
 
-/// Runs the handshake. `Ok(None)` means the client ended it politely (OPT_ABORT or disconnect).
+/// Runs the handshake of a server without TLS. `Ok(None)` means the client ended it politely
+/// (OPT_ABORT or disconnect).
 pub async fn negotiate<R, W>(
     reader: &mut R,
     writer: &mut W,
     exports: &Exports,
 ) -> Result<Option<Session>, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(flags) = greet(reader, writer).await? else {
+        return Ok(None);
+    };
+    match options(reader, writer, exports, flags, TlsPhase::Unavailable).await? {
+        Negotiated::Session(session) => Ok(Some(session)),
+        Negotiated::StartTls | Negotiated::Ended => Ok(None),
+    }
+}
+
+/// The server's greeting and the client's flags; `None` if the client left.
+pub async fn greet<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+) -> Result<Option<ClientFlags>, HandshakeError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -91,19 +146,38 @@ where
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let mut state = State {
+    Ok(Some(ClientFlags {
+        fixed_newstyle: client_flags & CLIENT_FIXED_NEWSTYLE != 0,
         no_zeroes: client_flags & CLIENT_NO_ZEROES != 0,
+    }))
+}
+
+/// The option phase, from a fresh state, until the client picks an export, asks for TLS or
+/// leaves.
+pub async fn options<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    exports: &Exports,
+    flags: ClientFlags,
+    tls: TlsPhase,
+) -> Result<Negotiated, HandshakeError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut state = State {
+        no_zeroes: flags.no_zeroes,
         ..State::default()
     };
     // A client that did not take fixed newstyle knows only NBD_OPT_EXPORT_NAME and cannot read
     // option replies: anything else ends the session (the spec allows only that).
-    let fixed_newstyle = client_flags & CLIENT_FIXED_NEWSTYLE != 0;
+    let fixed_newstyle = flags.fixed_newstyle;
 
     for _ in 0..MAX_OPTIONS {
         let mut head = [0u8; 16];
         match reader.read_exact(&mut head).await {
             Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Negotiated::Ended),
             Err(e) => return Err(e.into()),
         }
         let magic = u64::from_be_bytes(head[0..8].try_into().expect("8 bytes"));
@@ -133,9 +207,28 @@ where
         let mut data = vec![0u8; length as usize];
         reader.read_exact(&mut data).await?;
 
+        if tls == TlsPhase::Required && option != OPT_STARTTLS && option != OPT_ABORT {
+            if option == OPT_EXPORT_NAME {
+                // It has no error reply: the spec's answer is to end the session.
+                return Err(HandshakeError::Protocol(
+                    "NBD_OPT_EXPORT_NAME in clear on a server that requires TLS".into(),
+                ));
+            }
+            reply_error(
+                writer,
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            writer.flush().await?;
+            continue;
+        }
         match option {
             OPT_EXPORT_NAME => {
-                return export_name(writer, exports, &state, &data).await.map(Some);
+                return export_name(writer, exports, &state, &data)
+                    .await
+                    .map(Negotiated::Session);
             }
             OPT_ABORT => {
                 // The spec asks for an ACK, but the client may already be gone.
@@ -145,18 +238,30 @@ where
             }
             OPT_LIST => list(writer, exports, &data).await?,
             OPT_STARTTLS => {
-                let (code, msg) = if data.is_empty() {
-                    (REP_ERR_POLICY, "TLS is not enabled on this server")
-                } else {
-                    (REP_ERR_INVALID, "STARTTLS takes no data")
+                let refusal = match tls {
+                    _ if !data.is_empty() => Some((REP_ERR_INVALID, "STARTTLS takes no data")),
+                    TlsPhase::Unavailable => {
+                        Some((REP_ERR_POLICY, "TLS is not enabled on this server"))
+                    }
+                    TlsPhase::Active => Some((REP_ERR_INVALID, "TLS is already on")),
+                    TlsPhase::Offered | TlsPhase::Required => None,
                 };
-                reply_error(writer, option, code, msg).await?;
+                match refusal {
+                    Some((code, msg)) => reply_error(writer, option, code, msg).await?,
+                    None => {
+                        writer
+                            .write_all(&option_reply(option, REP_ACK, &[]))
+                            .await?;
+                        writer.flush().await?;
+                        return Ok(Negotiated::StartTls);
+                    }
+                }
             }
             OPT_INFO | OPT_GO => {
                 if let Some(session) =
                     info_or_go(writer, exports, &mut state, option, &data).await?
                 {
-                    return Ok(Some(session));
+                    return Ok(Negotiated::Session(session));
                 }
             }
             OPT_STRUCTURED_REPLY => {
@@ -510,4 +615,98 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         state.base_allocation = matched;
     }
     writer.write_all(&option_reply(option, REP_ACK, &[])).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn option_request(option: u32, data: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    /// The reply types the server sent, in order.
+    fn reply_types(sent: &[u8]) -> Vec<u32> {
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at + 20 <= sent.len() {
+            types.push(u32::from_be_bytes(
+                sent[at + 12..at + 16].try_into().unwrap(),
+            ));
+            let length = u32::from_be_bytes(sent[at + 16..at + 20].try_into().unwrap());
+            at += 20 + length as usize;
+        }
+        types
+    }
+
+    async fn run(
+        requests: &[(u32, &[u8])],
+        tls: TlsPhase,
+    ) -> (Result<Negotiated, HandshakeError>, Vec<u32>) {
+        let input: Vec<u8> = requests
+            .iter()
+            .flat_map(|(o, d)| option_request(*o, d))
+            .collect();
+        let mut reader = Cursor::new(input);
+        let mut sent = Vec::new();
+        let flags = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: true,
+        };
+        let exports = Exports::new(Vec::new());
+        let result = options(&mut reader, &mut sent, &exports, flags, tls).await;
+        (result, reply_types(&sent))
+    }
+
+    #[tokio::test]
+    async fn starttls_is_acknowledged_once_and_refused_after_or_without_tls() {
+        let (result, replies) = run(&[(OPT_STARTTLS, &[])], TlsPhase::Offered).await;
+        assert!(matches!(result, Ok(Negotiated::StartTls)));
+        assert_eq!(replies, [REP_ACK]);
+
+        let (result, replies) = run(&[(OPT_STARTTLS, &[])], TlsPhase::Active).await;
+        assert!(matches!(result, Ok(Negotiated::Ended)));
+        assert_eq!(replies, [REP_ERR_INVALID], "a second STARTTLS");
+
+        let (_, replies) = run(&[(OPT_STARTTLS, &[])], TlsPhase::Unavailable).await;
+        assert_eq!(replies, [REP_ERR_POLICY]);
+
+        let (_, replies) = run(&[(OPT_STARTTLS, b"x")], TlsPhase::Offered).await;
+        assert_eq!(replies, [REP_ERR_INVALID], "STARTTLS with data");
+    }
+
+    #[tokio::test]
+    async fn a_server_that_requires_tls_answers_nothing_else_in_clear() {
+        let (result, replies) = run(
+            &[
+                (OPT_LIST, &[]),
+                (OPT_STRUCTURED_REPLY, &[]),
+                (OPT_GO, &[0, 0, 0, 0, 0, 0]),
+                (OPT_STARTTLS, &[]),
+            ],
+            TlsPhase::Required,
+        )
+        .await;
+        assert!(matches!(result, Ok(Negotiated::StartTls)));
+        assert_eq!(
+            replies,
+            [
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ERR_TLS_REQD,
+                REP_ACK
+            ]
+        );
+        let (result, _) = run(&[(OPT_EXPORT_NAME, &[])], TlsPhase::Required).await;
+        assert!(
+            matches!(result, Err(HandshakeError::Protocol(_))),
+            "EXPORT_NAME has no error reply: the session ends"
+        );
+    }
 }

@@ -8,4 +8,5 @@ pub mod handshake;
 pub mod metrics;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;

@@ -1,8 +1,10 @@
 //! Listening sockets and per-connection lifecycle: TCP, Unix sockets, and systemd socket
-//! activation (LISTEN_FDS), with a graceful stop that answers in-flight requests first.
+//! activation (LISTEN_FDS), with a graceful stop that answers in-flight requests first; and
+//! the upgrade of a connection to TLS when its client sends `STARTTLS`.
 
 use crate::exports::Exports;
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, HandshakeError, Negotiated, TlsPhase};
+use crate::tls::{Tls, TlsMode};
 use crate::transmission;
 use std::io;
 use std::os::fd::{FromRawFd, RawFd};
@@ -10,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -145,10 +147,11 @@ fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
 }
 
 /// Accepts connections until `shutdown` fires, then waits (bounded) for open connections to
-/// answer what they have already read.
+/// answer what they have already read. With `tls`, clients may (or must) upgrade to TLS.
 pub async fn run(
     listener: Listener,
     exports: Arc<Exports>,
+    tls: Option<Arc<Tls>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -165,11 +168,21 @@ pub async fn run(
         // Reap finished connection tasks so the set does not grow forever.
         while connections.try_join_next().is_some() {}
         match accepted {
-            Ok((reader, writer, peer)) => {
+            Ok((socket, peer)) => {
                 let exports = Arc::clone(&exports);
                 let shutdown = shutdown.clone();
+                let tls = tls.clone();
                 connections.spawn(async move {
-                    handle_connection(reader, writer, &peer, &exports, shutdown).await;
+                    let connection = Connection {
+                        peer: &peer,
+                        exports: &exports,
+                        shutdown,
+                    };
+                    match (socket, tls) {
+                        (socket, None) => connection.plain(socket).await,
+                        (Socket::Tcp(s), Some(tls)) => connection.with_tls(s, &tls).await,
+                        (Socket::Unix(s), Some(tls)) => connection.with_tls(s, &tls).await,
+                    }
                     drop(permit);
                 });
             }
@@ -194,52 +207,174 @@ pub async fn run(
 type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
-async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
-    match listener {
-        Listener::Tcp(l) => {
-            let (stream, peer) = l.accept().await?;
-            stream.set_nodelay(true)?;
-            let (r, w) = stream.into_split();
-            Ok((Box::new(r), Box::new(w), peer.to_string()))
-        }
-        Listener::Unix { listener, .. } => {
-            let (stream, _) = listener.accept().await?;
-            let (r, w) = stream.into_split();
-            Ok((Box::new(r), Box::new(w), "unix".to_string()))
+/// An accepted connection's socket.
+enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    /// Its two halves, each usable on its own (no lock between them).
+    fn into_split(self) -> (BoxRead, BoxWrite) {
+        match self {
+            Socket::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Socket::Unix(s) => {
+                let (r, w) = s.into_split();
+                (Box::new(r), Box::new(w))
+            }
         }
     }
 }
 
-async fn handle_connection(
-    reader: BoxRead,
-    mut writer: BoxWrite,
-    peer: &str,
-    exports: &Exports,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut reader = BufReader::with_capacity(256 * 1024, reader);
-    let negotiated = tokio::select! {
-        n = handshake::negotiate(&mut reader, &mut writer, exports) => n,
-        _ = shutdown.wait_for(|&s| s) => return,
-    };
-    let session = match negotiated {
-        Ok(Some(session)) => session,
-        Ok(None) | Err(HandshakeError::Aborted) => {
-            tracing::debug!(peer, "client left during the handshake");
-            return;
+async fn accept(listener: &Listener) -> io::Result<(Socket, String)> {
+    match listener {
+        Listener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            stream.set_nodelay(true)?;
+            Ok((Socket::Tcp(stream), peer.to_string()))
         }
-        Err(e) => {
-            tracing::info!(peer, "handshake failed: {e}");
-            return;
+        Listener::Unix { listener, .. } => {
+            let (stream, _) = listener.accept().await?;
+            Ok((Socket::Unix(stream), "unix".to_string()))
         }
-    };
-    tracing::debug!(
-        peer,
-        export = session.export.name,
-        mode = ?session.mode,
-        "transmission started"
-    );
-    if let Err(e) = transmission::serve(reader, writer, session, shutdown).await {
-        tracing::info!(peer, "connection closed: {e}");
+    }
+}
+
+/// The read buffer of a connection: requests with their data are read through it.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// One client's connection, from the greeting to its end.
+struct Connection<'a> {
+    peer: &'a str,
+    exports: &'a Exports,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Connection<'_> {
+    /// A server without TLS: the handshake, then transmission, on the socket's halves.
+    async fn plain(mut self, socket: Socket) {
+        let (reader, mut writer) = socket.into_split();
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+        let negotiated = tokio::select! {
+            n = handshake::negotiate(&mut reader, &mut writer, self.exports) => n,
+            _ = self.shutdown.wait_for(|&s| s) => return,
+        };
+        let negotiated = negotiated.map(|n| n.map_or(Negotiated::Ended, Negotiated::Session));
+        if let Some(session) = self.session(negotiated) {
+            self.transmit(reader, writer, session).await;
+        }
+    }
+
+    /// A server with TLS: options in clear until `STARTTLS` (or, unless TLS is required, until
+    /// the client picks an export in clear), then the TLS handshake, the options again over
+    /// TLS, and transmission over TLS.
+    async fn with_tls<S>(mut self, stream: S, tls: &Tls)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (reader, mut writer) = tokio::io::split(stream);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+        let phase = match tls.mode() {
+            TlsMode::Require => TlsPhase::Required,
+            TlsMode::On | TlsMode::Off => TlsPhase::Offered,
+        };
+        let exports = self.exports;
+        let in_clear = tokio::select! {
+            n = async {
+                match handshake::greet(&mut reader, &mut writer).await? {
+                    None => Ok((None, Negotiated::Ended)),
+                    Some(flags) => handshake::options(&mut reader, &mut writer, exports, flags, phase)
+                        .await
+                        .map(|n| (Some(flags), n)),
+                }
+            } => n,
+            _ = self.shutdown.wait_for(|&s| s) => return,
+        };
+        let flags = match in_clear {
+            Ok((Some(flags), Negotiated::StartTls)) => flags,
+            Ok((_, negotiated)) => {
+                if let Some(session) = self.session(Ok(negotiated)) {
+                    self.transmit(reader, writer, session).await;
+                }
+                return;
+            }
+            Err(e) => {
+                self.session(Err(e));
+                return;
+            }
+        };
+        // Whatever the client sent after STARTTLS and before the handshake is not trusted
+        // into the encrypted session: it is dropped with the buffer.
+        if !reader.buffer().is_empty() {
+            tracing::warn!(
+                peer = self.peer,
+                "dropping {} bytes sent in clear after STARTTLS, before the TLS handshake",
+                reader.buffer().len()
+            );
+        }
+        let stream = reader.into_inner().unsplit(writer);
+        let secured = tokio::select! {
+            s = tls.accept(stream) => s,
+            _ = self.shutdown.wait_for(|&s| s) => return,
+        };
+        let secured = match secured {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(peer = self.peer, "{e}");
+                return;
+            }
+        };
+        tracing::debug!(
+            peer = self.peer,
+            version = secured.ssl().version_str(),
+            cipher = secured.ssl().current_cipher().map(|c| c.name()),
+            "TLS is up"
+        );
+        let (reader, mut writer) = tokio::io::split(secured);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+        let negotiated = tokio::select! {
+            n = handshake::options(&mut reader, &mut writer, exports, flags, TlsPhase::Active) => n,
+            _ = self.shutdown.wait_for(|&s| s) => return,
+        };
+        if let Some(session) = self.session(negotiated) {
+            self.transmit(reader, writer, session).await;
+        }
+    }
+
+    /// The session a finished option phase chose, if any (the rest is logged).
+    fn session(
+        &self,
+        negotiated: Result<Negotiated, HandshakeError>,
+    ) -> Option<handshake::Session> {
+        match negotiated {
+            Ok(Negotiated::Session(session)) => Some(session),
+            Ok(Negotiated::Ended | Negotiated::StartTls) | Err(HandshakeError::Aborted) => {
+                tracing::debug!(peer = self.peer, "client left during the handshake");
+                None
+            }
+            Err(e) => {
+                tracing::info!(peer = self.peer, "handshake failed: {e}");
+                None
+            }
+        }
+    }
+
+    async fn transmit<R, W>(self, reader: R, writer: W, session: handshake::Session)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        tracing::debug!(
+            peer = self.peer,
+            export = session.export.name,
+            mode = ?session.mode,
+            "transmission started"
+        );
+        if let Err(e) = transmission::serve(reader, writer, session, self.shutdown).await {
+            tracing::info!(peer = self.peer, "connection closed: {e}");
+        }
     }
 }
