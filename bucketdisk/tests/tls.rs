@@ -448,3 +448,59 @@ fn key_files_others_can_read_are_refused_at_start() {
         "needs --tls-cert and --tls-key, --tls-dir, or --tls-psk",
     );
 }
+
+#[test]
+fn sighup_reads_the_credentials_again_and_a_bad_reload_keeps_them() {
+    let pki = Pki::new();
+    pki.issue("server2", "other-ca", "localhost", "server.ext");
+    let dir = pki.path("server-dir");
+    let server = tls_server(&[
+        "--tls".into(),
+        "require".into(),
+        "--tls-dir".into(),
+        dir.display().to_string(),
+    ]);
+    let p = port(&server);
+    let uri = |ca_dir: &str| {
+        format!(
+            "nbds://localhost:{p}/?tls-certificates={}",
+            pki.path(ca_dir).display()
+        )
+    };
+    let hangup = |expect: &str| {
+        let pid = server.child.as_ref().expect("running").id();
+        let before = server.log_text().matches(expect).count();
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &pid.to_string()])
+                .status()
+                .expect("kill")
+                .success()
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.log_text().matches(expect).count() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {expect:?} in the log"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    assert_ok(&nbdinfo(&uri("ca-only")), "the first certificate");
+
+    // A key others can read: refused, the credentials in use kept.
+    set_mode(&dir.join("server-key.pem"), 0o644);
+    hangup("kept as they were");
+    assert_ok(&nbdinfo(&uri("ca-only")), "still the first certificate");
+
+    // A certificate from another CA: new handshakes use it.
+    std::fs::copy(pki.path("server2-cert.pem"), dir.join("server-cert.pem")).expect("cert");
+    std::fs::copy(pki.path("server2-key.pem"), dir.join("server-key.pem")).expect("key");
+    set_mode(&dir.join("server-key.pem"), 0o600);
+    hangup("read again");
+    assert_refused(&nbdinfo(&uri("ca-only")), "the old CA no longer fits");
+    assert_ok(
+        &nbdinfo(&uri("wrong-ca")),
+        "the other CA signs the new certificate",
+    );
+}
