@@ -105,7 +105,11 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bucketdisk: {e:#}");
+            // Whatever an error quotes (a store's URL, a request's), never its credentials.
+            eprintln!(
+                "bucketdisk: {}",
+                stores::url::redact_credentials(&format!("{e:#}"))
+            );
             std::process::ExitCode::FAILURE
         }
     }

@@ -96,9 +96,15 @@ pub(crate) struct ServeArgs {
     pub(crate) prefetch_gets: Option<u64>,
     #[command(flatten)]
     pub(crate) tls: crate::tls_args::TlsArgs,
-    /// Serve Prometheus metrics on http://ADDRESS/metrics (e.g. 127.0.0.1:9100).
+    /// Serve Prometheus metrics on http://ADDRESS/metrics: HOST:PORT, or a port alone for
+    /// 127.0.0.1:PORT. Another address than loopback is the user's explicit choice; then
+    /// protect it with --metrics-token-file.
     #[arg(long)]
     pub(crate) metrics: Option<String>,
+    /// Scrapes must present the token in this file (owner-only) as `Authorization: Bearer
+    /// TOKEN`; others get 401.
+    #[arg(long, requires = "metrics")]
+    pub(crate) metrics_token_file: Option<PathBuf>,
     /// Testing and benchmarks: delay every object-store request by this much (simulates a
     /// remote store's first-byte latency on a local one).
     #[arg(long, value_parser = parse_duration, hide = true)]
@@ -129,8 +135,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         }
         names.push(name);
     }
-    // Before any volume opens: a TLS setup that cannot work is one line, at once.
+    // Before any volume opens: a TLS or metrics setup that cannot work is one line, at once.
     let tls = args.tls.load()?;
+    let metrics_token = args
+        .metrics_token_file
+        .as_deref()
+        .map(nbd_server::metrics::MetricsToken::from_file)
+        .transpose()?
+        .map(Arc::new);
     let runtime = new_runtime()?;
     runtime.block_on(async move {
         // Before anything can be seen from outside (the port, the log line): a SIGTERM sent
@@ -255,13 +267,29 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         }
         tracing::info!("serving NBD on {}", listener.describe());
         if let Some(address) = &args.metrics {
-            let metrics_listener = tokio::net::TcpListener::bind(address)
+            let address = metrics_address(address);
+            let metrics_listener = tokio::net::TcpListener::bind(&address)
                 .await
                 .with_context(|| format!("cannot listen for metrics on {address}"))?;
-            tracing::info!("serving metrics on http://{address}/metrics");
+            let bound = metrics_listener.local_addr()?;
+            tracing::info!(
+                "serving metrics on http://{bound}/metrics{}",
+                if metrics_token.is_some() {
+                    " (bearer token required)"
+                } else {
+                    ""
+                }
+            );
+            if !bound.ip().is_loopback() && metrics_token.is_none() {
+                tracing::warn!(
+                    "metrics on {bound}, beyond loopback, without --metrics-token-file: whoever \
+                     can reach it reads them"
+                );
+            }
             tokio::spawn(nbd_server::metrics::serve(
                 metrics_listener,
                 Arc::clone(&exports),
+                metrics_token.clone(),
                 stop_rx.clone(),
             ));
         }
@@ -293,6 +321,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped cleanly");
         Ok(())
     })
+}
+
+/// `--metrics`'s address: a port alone means loopback.
+fn metrics_address(given: &str) -> String {
+    match given.parse::<u16>() {
+        Ok(port) => format!("127.0.0.1:{port}"),
+        Err(_) => given.to_string(),
+    }
 }
 
 /// Opens (creating on first start) an object-storage volume; returns it with the configuration

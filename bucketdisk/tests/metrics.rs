@@ -1,5 +1,6 @@
 //! `--metrics`: a Prometheus scrape after real I/O from qemu-io shows the requests, their
-//! latency histogram and the volume's own state.
+//! latency histogram and the volume's own state; with `--metrics-token-file` only scrapes that
+//! carry the token get them.
 
 mod common;
 use common::*;
@@ -10,11 +11,20 @@ use std::time::{Duration, Instant};
 
 /// One HTTP GET; returns the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
+    get_with(port, path, "")
+}
+
+/// One HTTP GET with `headers` (each ending in CRLF).
+fn get_with(port: u16, path: &str, headers: &str) -> (String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").expect("send request");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n"
+    )
+    .expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
     let (head, body) = response
@@ -122,4 +132,57 @@ fn a_scrape_shows_requests_latency_and_volume_state() {
     let (status, _) = get(port, "/");
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     assert!(server.stop().success());
+}
+
+#[test]
+fn a_token_file_keeps_scrapes_without_the_token_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("metrics.token");
+    let token = "Zq8-metrics-token-7Rr";
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let port = free_port();
+    let server = Server::start_with(ServerOptions {
+        extra_args: vec![
+            "--metrics".into(),
+            port.to_string(),
+            "--metrics-token-file".into(),
+            token_file.display().to_string(),
+        ],
+        ..Default::default()
+    });
+    let (status, body) = get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized", "{body}");
+    assert!(!body.contains("bucketdisk_"), "{body}");
+    let (status, _) = get_with(port, "/metrics", "Authorization: Bearer wrong\r\n");
+    assert_eq!(status, "HTTP/1.1 401 Unauthorized");
+    let (status, body) = get_with(
+        port,
+        "/metrics",
+        &format!("Authorization: Bearer {token}\r\n"),
+    );
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(body.contains("bucketdisk_"), "{body}");
+    let log = server.log_text();
+    assert!(log.contains("bearer token required"), "{log}");
+    assert!(!log.contains(token), "the token is never logged:\n{log}");
+
+    // A token file others can read is refused at start.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let out = run_output(
+        Command::new(bucketdisk_bin())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "0",
+                "--metrics-token-file",
+            ])
+            .arg(&token_file)
+            .arg("--store")
+            .arg(dir.path().join("store")),
+    );
+    assert_fails_with(out, "chmod 600");
 }

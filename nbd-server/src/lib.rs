@@ -7,6 +7,7 @@ pub mod fuzzing;
 pub mod handshake;
 pub mod metrics;
 pub mod proto;
+pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod transmission;

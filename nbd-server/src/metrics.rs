@@ -1,12 +1,15 @@
 //! Prometheus metrics: per-export request counters and latency histograms kept by the
 //! transmission phase, plus each device's own gauges (journal, cache, block map), served as the
-//! Prometheus text format on `GET /metrics` by a deliberately tiny HTTP/1.1 responder.
+//! Prometheus text format on `GET /metrics` by a deliberately tiny HTTP/1.1 responder — behind
+//! a bearer token when the server has one ([`MetricsToken`]).
 
 use crate::exports::Exports;
 use crate::proto::*;
+use crate::secret::{SecretError, read_secret};
 use engine::device::MetricKind;
 use std::fmt::Write as _;
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -170,9 +173,59 @@ const MAX_REQUEST_HEAD: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Answers `GET /metrics` on `listener` until `shutdown` fires.
+/// The bearer token a scrape must present (`Authorization: Bearer TOKEN`).
+pub struct MetricsToken(Vec<u8>);
+
+impl std::fmt::Debug for MetricsToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsToken(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error("{0}: the token must be one line of printable characters without spaces")]
+    Malformed(PathBuf),
+}
+
+impl MetricsToken {
+    /// The token in `path` (an owner-only file; surrounding whitespace is ignored).
+    pub fn from_file(path: &Path) -> Result<MetricsToken, TokenError> {
+        let bytes = read_secret(path)?;
+        let token = bytes.trim_ascii();
+        if token.is_empty() || !token.iter().all(|b| b.is_ascii_graphic()) {
+            return Err(TokenError::Malformed(path.to_path_buf()));
+        }
+        Ok(MetricsToken(token.to_vec()))
+    }
+
+    /// Whether a request head carries this token (compared in constant time).
+    fn admits(&self, head: &[u8]) -> bool {
+        let presented = head
+            .split(|&b| b == b'\n')
+            .filter_map(|line| {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let colon = line.iter().position(|&b| b == b':')?;
+                let (name, value) = line.split_at(colon);
+                name.eq_ignore_ascii_case(b"authorization")
+                    .then(|| value[1..].trim_ascii())
+            })
+            .find_map(|value| {
+                (value.len() > 7 && value[..7].eq_ignore_ascii_case(b"bearer "))
+                    .then(|| value[7..].trim_ascii())
+            });
+        presented.is_some_and(|p| {
+            p.len() == self.0.len() && p.iter().zip(&self.0).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+        })
+    }
+}
+
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
+    token: Option<Arc<MetricsToken>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -183,8 +236,9 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 let exports = Arc::clone(&exports);
+                let token = token.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &exports).await {
+                    if let Err(e) = answer(stream, &exports, token.as_deref()).await {
                         tracing::debug!("metrics request failed: {e}");
                     }
                 });
@@ -198,7 +252,11 @@ pub async fn serve(
 }
 
 /// Reads one request head and answers it; the connection is then closed.
-async fn answer(mut stream: TcpStream, exports: &Exports) -> io::Result<()> {
+async fn answer(
+    mut stream: TcpStream,
+    exports: &Exports,
+    token: Option<&MetricsToken>,
+) -> io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let read_head = async {
         let mut buf = [0u8; 1024];
@@ -220,25 +278,28 @@ async fn answer(mut stream: TcpStream, exports: &Exports) -> io::Result<()> {
     let request_line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = request_line.split(|&b| b == b' ');
     let (method, path) = (parts.next(), parts.next());
-    let (status, content_type, body) = match (method, path) {
-        (Some(b"GET"), Some(b"/metrics")) => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(exports).await,
+    let admitted = token.is_none_or(|t| t.admits(&head));
+    let (status, challenge, body) = match (method, path) {
+        (Some(b"GET"), Some(b"/metrics")) if !admitted => (
+            "401 Unauthorized",
+            "WWW-Authenticate: Bearer realm=\"bucketdisk\"\r\n",
+            "a bearer token is required (Authorization: Bearer TOKEN)\n".to_string(),
         ),
-        (Some(b"GET"), _) => (
-            "404 Not Found",
-            "text/plain",
-            "metrics are at /metrics\n".to_string(),
-        ),
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", "", render(exports).await),
+        (Some(b"GET"), _) => ("404 Not Found", "", "metrics are at /metrics\n".to_string()),
         _ => (
             "405 Method Not Allowed",
-            "text/plain",
+            "",
             "only GET is supported\n".to_string(),
         ),
     };
+    let content_type = if status.starts_with("200") {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain"
+    };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
@@ -248,6 +309,24 @@ async fn answer(mut stream: TcpStream, exports: &Exports) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_admits_only_requests_that_carry_it() {
+        let token = MetricsToken(b"s3cr3t-Token".to_vec());
+        let head = |auth: &str| format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{auth}\r\n\r\n");
+        assert!(token.admits(head("Authorization: Bearer s3cr3t-Token").as_bytes()));
+        assert!(token.admits(head("authorization:   bearer s3cr3t-Token  ").as_bytes()));
+        for wrong in [
+            "",
+            "Authorization: Bearer s3cr3t-Toke",
+            "Authorization: Bearer s3cr3t-Token2",
+            "Authorization: Basic s3cr3t-Token",
+            "X-Authorization: Bearer s3cr3t-Token",
+            "Authorization: Bearer",
+        ] {
+            assert!(!token.admits(head(wrong).as_bytes()), "{wrong:?}");
+        }
+    }
 
     #[test]
     fn requests_land_in_their_buckets() {

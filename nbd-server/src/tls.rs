@@ -12,6 +12,7 @@
 //! after it use the new one, connections already up keep theirs, and a reload that fails keeps
 //! the old context and says why.
 
+use crate::secret::{SecretError, read_secret};
 use openssl::pkey::PKey;
 use openssl::ssl::{
     Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode,
@@ -20,7 +21,6 @@ use openssl::ssl::{
 use openssl::x509::X509Name;
 use std::collections::HashMap;
 use std::fmt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::RwLock;
@@ -100,16 +100,8 @@ impl Credentials {
 /// What went wrong setting up TLS or one connection's handshake.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path} can be read by group or others (mode {mode:03o}): a private key must be the \
-         owner's alone (chmod 600)"
-    )]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("{path} line {line}: {problem}")]
     PskFile {
         path: PathBuf,
@@ -292,22 +284,6 @@ fn build_context(credentials: &Credentials) -> Result<SslContext, TlsError> {
     Ok(b.build())
 }
 
-/// A secret's bytes, refused if others than its owner may read it.
-fn read_secret(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let read = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(TlsError::KeyPermissions {
-            path: path.to_path_buf(),
-            mode: mode & 0o777,
-        });
-    }
-    std::fs::read(path).map_err(read)
-}
-
 /// A psktool file's keys by identity.
 fn read_psk_file(path: &Path) -> Result<HashMap<Vec<u8>, Vec<u8>>, TlsError> {
     let text = read_secret(path)?;
@@ -359,6 +335,7 @@ fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn secret_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let path = dir.join(name);
@@ -399,7 +376,10 @@ mod tests {
         for mode in [0o640, 0o604, 0o644] {
             let path = secret_file(dir.path(), "keys.psk", "alice:00\n", mode);
             let e = read_psk_file(&path).expect_err("group/other readable");
-            assert!(matches!(e, TlsError::KeyPermissions { .. }), "{e}");
+            assert!(
+                matches!(e, TlsError::Secret(SecretError::Permissions { .. })),
+                "{e}"
+            );
             assert!(e.to_string().contains("chmod 600"), "{e}");
         }
     }

@@ -117,12 +117,27 @@ fn bucket_and_prefix(rest: &str) -> (&str, &str) {
 
 fn s3(url: &str, rest: &str) -> io::Result<StoreLocation> {
     let (bucket, prefix) = bucket_and_prefix(rest);
+    if bucket.contains('@') {
+        return Err(invalid(
+            &redact_credentials(url),
+            "credentials do not go in the URL: use AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY",
+        ));
+    }
     if bucket.is_empty() {
         return Err(invalid(url, "no bucket name"));
     }
-    let store = s3_builder(bucket)
+    if !bucket
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(invalid(
+            url,
+            "a bucket name is letters, digits, '.', '-' and '_'",
+        ));
+    }
+    let store = s3_builder(bucket)?
         .build()
-        .map_err(|e| invalid(url, &e.to_string()))?;
+        .map_err(|e| invalid(url, &redact_credentials(&e.to_string())))?;
     Ok(StoreLocation {
         store: Arc::new(store),
         prefix: Path::from(prefix),
@@ -134,10 +149,21 @@ fn s3(url: &str, rest: &str) -> io::Result<StoreLocation> {
 /// The AWS_* environment, with two things made explicit: AWS_ENDPOINT_URL wins over the older
 /// AWS_ENDPOINT when both are set (`from_env` would take whichever it meets last), and the
 /// region defaults to us-east-1 so a bare S3-compatible endpoint needs no region.
-fn s3_builder(bucket: &str) -> AmazonS3Builder {
+fn s3_builder(bucket: &str) -> io::Result<AmazonS3Builder> {
     let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let Some(endpoint) = env("AWS_ENDPOINT_URL").or_else(|| env("AWS_ENDPOINT")) {
+        // It would be printed in every error about a request: keep secrets out of it.
+        if redact_credentials(&endpoint) != endpoint {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the S3 endpoint {} carries credentials: use AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY",
+                    redact_credentials(&endpoint)
+                ),
+            ));
+        }
         // A plain-HTTP endpoint never uses TLS: skip loading the system's root certificates,
         // a directory of files parsed at start-up (tens of ms of a boot that aims at 240).
         if endpoint.starts_with("http://") {
@@ -151,7 +177,30 @@ fn s3_builder(bucket: &str) -> AmazonS3Builder {
     if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
         builder = builder.with_region(DEFAULT_REGION);
     }
-    builder
+    Ok(builder)
+}
+
+/// `text` with the user information of every URL in it (`scheme://user:password@host`)
+/// replaced by `***`: what is printed about a store never carries its credentials.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (before, after) = rest.split_at(at + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("***");
+                rest = &after[userinfo_end..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Delays every request to `store` by `latency`, so a local directory behaves like a remote
@@ -182,6 +231,22 @@ pub fn with_crash_point(store: Arc<dyn ObjectStore>, n: u64) -> Arc<dyn ObjectSt
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_in_urls_are_never_printed() {
+        assert_eq!(
+            redact_credentials("GET http://u:SECRET@host:9000/b?x=1 failed; s3://k:S2@bkt/p"),
+            "GET http://***@host:9000/b?x=1 failed; s3://***@bkt/p"
+        );
+        assert_eq!(redact_credentials("http://host/a@b"), "http://host/a@b");
+        assert_eq!(redact_credentials("no url"), "no url");
+        let e = open_store("s3://AKIA:SECRETX@bkt/p")
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(!e.contains("SECRETX") && !e.contains("AKIA"), "{e}");
+        assert!(e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+    }
+
     use super::*;
 
     #[test]
