@@ -96,6 +96,16 @@ pub(crate) struct ServeArgs {
     pub(crate) prefetch_gets: Option<u64>,
     #[command(flatten)]
     pub(crate) tls: crate::tls_args::TlsArgs,
+    /// Connections one client (an IP address; a user over a Unix socket) may hold at once;
+    /// more are closed at once, with a log line.
+    #[arg(long, default_value_t = nbd_server::limits::DEFAULT_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub(crate) max_client_connections: u64,
+    /// Memory one client's requests in flight may take across its connections (payloads
+    /// read, replies not yet written), at least 32M (the largest request); beyond it the
+    /// client's next request waits, other clients do not.
+    #[arg(long, default_value = "256M", value_parser = parse_client_memory)]
+    pub(crate) client_memory: u64,
     /// Serve Prometheus metrics on http://ADDRESS/metrics: HOST:PORT, or a port alone for
     /// 127.0.0.1:PORT. Another address than loopback is the user's explicit choice; then
     /// protect it with --metrics-token-file.
@@ -298,7 +308,14 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
             tracing::info!("stopping: finishing in-flight requests");
             let _ = stop_tx.send(true);
         });
-        server::run(listener, Arc::clone(&exports), tls, stop_rx).await?;
+        let policy = server::ServerPolicy {
+            tls,
+            limits: nbd_server::limits::ClientLimits::new(
+                args.max_client_connections as usize,
+                args.client_memory,
+            ),
+        };
+        server::run(listener, Arc::clone(&exports), policy, stop_rx).await?;
         if let Some(control) = control {
             // Stopped with the server (the stop signal reaches both); a request in flight is
             // answered before the volumes close.
@@ -321,6 +338,19 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         tracing::info!("stopped cleanly");
         Ok(())
     })
+}
+
+/// `--client-memory`: a size that holds the largest request.
+fn parse_client_memory(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    let least = nbd_server::transmission::MAX_PAYLOAD;
+    if bytes < least {
+        return Err(format!(
+            "at least {} (the largest request a client may send)",
+            format_size(least)
+        ));
+    }
+    Ok(bytes)
 }
 
 /// `--metrics`'s address: a port alone means loopback.

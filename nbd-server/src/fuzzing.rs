@@ -48,7 +48,8 @@ fn replies_to(input: &[u8]) -> usize {
             let mut counted = counted;
             tokio::io::copy(&mut counted, &mut tokio::io::sink()).await
         });
-        let _ = crate::transmission::serve(reader, replies, session, shutdown).await;
+        let budget = crate::limits::Budget::new(crate::limits::DEFAULT_MEMORY);
+        let _ = crate::transmission::serve(reader, replies, session, budget, shutdown).await;
         drained.await.ok().and_then(Result::ok).unwrap_or(0) as usize
     })
 }

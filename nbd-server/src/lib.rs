@@ -5,6 +5,7 @@ pub mod exports;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod handshake;
+pub mod limits;
 pub mod metrics;
 pub mod proto;
 pub mod secret;

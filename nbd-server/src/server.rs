@@ -4,6 +4,7 @@
 
 use crate::exports::Exports;
 use crate::handshake::{self, HandshakeError, Negotiated, TlsPhase};
+use crate::limits::{ClientId, ClientLimits, ClientTicket};
 use crate::tls::{Tls, TlsMode};
 use crate::transmission;
 use std::io;
@@ -146,14 +147,23 @@ fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(libc::c_int::from(addr.ss_family))
 }
 
+/// How a server treats its clients.
+#[derive(Default)]
+pub struct ServerPolicy {
+    /// With TLS, clients may (or must) upgrade with `STARTTLS`.
+    pub tls: Option<Arc<Tls>>,
+    pub limits: ClientLimits,
+}
+
 /// Accepts connections until `shutdown` fires, then waits (bounded) for open connections to
-/// answer what they have already read. With `tls`, clients may (or must) upgrade to TLS.
+/// answer what they have already read.
 pub async fn run(
     listener: Listener,
     exports: Arc<Exports>,
-    tls: Option<Arc<Tls>>,
+    policy: ServerPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()> {
+    let ServerPolicy { tls, limits } = policy;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut connections = JoinSet::new();
     loop {
@@ -169,6 +179,16 @@ pub async fn run(
         while connections.try_join_next().is_some() {}
         match accepted {
             Ok((socket, peer)) => {
+                let client = socket.client();
+                let Some(ticket) = limits.admit(client.clone()) else {
+                    tracing::warn!(
+                        peer,
+                        "refusing a connection: {client} holds {} already \
+                         (--max-client-connections)",
+                        limits.max_connections()
+                    );
+                    continue;
+                };
                 let exports = Arc::clone(&exports);
                 let shutdown = shutdown.clone();
                 let tls = tls.clone();
@@ -176,6 +196,7 @@ pub async fn run(
                     let connection = Connection {
                         peer: &peer,
                         exports: &exports,
+                        ticket,
                         shutdown,
                     };
                     match (socket, tls) {
@@ -214,6 +235,18 @@ enum Socket {
 }
 
 impl Socket {
+    /// Who is at the other end, as the per-client limits count.
+    fn client(&self) -> ClientId {
+        match self {
+            Socket::Tcp(s) => s
+                .peer_addr()
+                .map_or(ClientId::Unknown, |a| ClientId::Ip(a.ip().to_canonical())),
+            Socket::Unix(s) => s
+                .peer_cred()
+                .map_or(ClientId::Unknown, |c| ClientId::Uid(c.uid())),
+        }
+    }
+
     /// Its two halves, each usable on its own (no lock between them).
     fn into_split(self) -> (BoxRead, BoxWrite) {
         match self {
@@ -250,6 +283,8 @@ const READ_BUFFER: usize = 256 * 1024;
 struct Connection<'a> {
     peer: &'a str,
     exports: &'a Exports,
+    /// Its place among its client's connections, and the client's memory budget.
+    ticket: ClientTicket,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -373,7 +408,8 @@ impl Connection<'_> {
             mode = ?session.mode,
             "transmission started"
         );
-        if let Err(e) = transmission::serve(reader, writer, session, self.shutdown).await {
+        let budget = self.ticket.budget();
+        if let Err(e) = transmission::serve(reader, writer, session, budget, self.shutdown).await {
             tracing::info!(peer = self.peer, "connection closed: {e}");
         }
     }

@@ -2,10 +2,12 @@
 //!
 //! One task reads and validates requests in order; each valid request runs as its own task, so
 //! replies go out of order; one writer task serialises reply bytes onto the socket. Memory is
-//! bounded by a budget acquired *before* a request's payload is read. A malformed request gets
+//! bounded by a budget (its client's, shared by the client's connections: `limits`) acquired
+//! *before* a request's payload is read. A malformed request gets
 //! the error the spec asks for and the connection lives on; only lost framing closes it.
 
 use crate::handshake::Session;
+use crate::limits::Budget;
 use crate::proto::*;
 use bytes::{BufMut, Bytes, BytesMut};
 use engine::{DeviceError, ExtentKind, ReadSegment, ZeroMode};
@@ -13,13 +15,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 /// Largest read or write payload accepted (and advertised through NBD_INFO_BLOCK_SIZE).
 pub const MAX_PAYLOAD: u64 = engine::device::MAX_PAYLOAD as u64;
-/// Memory budget for payloads of in-flight requests on one connection, in units of `BUDGET_UNIT`.
-const BUDGET_UNIT: u64 = 64 * 1024;
-const BUDGET_UNITS: u32 = 4096; // 256 MiB
 /// Most block status extents in one reply (the spec's suggested ceiling).
 const MAX_EXTENTS: usize = 1 << 20;
 
@@ -44,6 +43,7 @@ pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
     session: Session,
+    budget: Budget,
     mut shutdown: watch::Receiver<bool>,
 ) -> io::Result<()>
 where
@@ -55,7 +55,6 @@ where
     let (_counted, mut disconnect) = export.session_started();
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx));
-    let budget = Arc::new(Semaphore::new(BUDGET_UNITS as usize));
     let extended = session.mode == ReplyMode::Extended;
     let header_len = if extended {
         EXTENDED_REQUEST_LEN
@@ -92,8 +91,8 @@ where
                     command_name(header.command)
                 )));
             }
-            let units = budget_units(&header, payload_len);
-            let permit = Arc::clone(&budget)
+            let units = budget_units(&budget, &header, payload_len);
+            let permit = Arc::clone(&budget.semaphore)
                 .acquire_many_owned(units)
                 .await
                 .map_err(|_| io::Error::other("budget semaphore closed"))?;
@@ -162,13 +161,13 @@ fn protocol_error(message: &str) -> io::Error {
 }
 
 /// Budget units a request holds while in flight: its payload or read buffer, at least one.
-fn budget_units(header: &RequestHeader, payload_len: u64) -> u32 {
+fn budget_units(budget: &Budget, header: &RequestHeader, payload_len: u64) -> u32 {
     let bytes = if header.command == CMD_READ {
         header.length.min(MAX_PAYLOAD)
     } else {
         payload_len
     };
-    (bytes.div_ceil(BUDGET_UNIT) as u32).clamp(1, BUDGET_UNITS)
+    budget.units_for(bytes)
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
