@@ -38,6 +38,10 @@ impl Workload {
 pub enum Target {
     /// An NBD server, through fio's nbd engine (libnbd, one connection).
     Nbd { uri: String },
+    /// An NBD server over TLS (`nbds://`): fio's nbd engine may not name local files in its
+    /// URI, so libnbd finds the CA where it looks by default, `$HOME/.pki/libnbd/`, with
+    /// `HOME` set to `home` for fio.
+    NbdTls { uri: String, home: PathBuf },
     /// A local file through io_uring (page cache, no NBD): the local limit.
     File { path: PathBuf },
 }
@@ -81,6 +85,11 @@ pub fn command(
     match target {
         Target::Nbd { uri } => {
             cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
+        }
+        Target::NbdTls { uri, home } => {
+            cmd.arg("--ioengine=nbd")
+                .arg(format!("--uri={uri}"))
+                .env("HOME", home);
         }
         Target::File { path } => {
             cmd.arg("--ioengine=io_uring")

@@ -1,4 +1,6 @@
-//! The things being measured: bucketdisk and its peers, each serving the same local file.
+//! The things being measured: bucketdisk and its peers, each serving the same local file, in
+//! clear or over TLS (X.509, certificates made with `openssl` for the run; clients verify the
+//! server, servers do not ask for client certificates).
 
 use crate::fio::Target;
 use crate::process::{ServerProcess, free_loopback_port};
@@ -28,6 +30,12 @@ pub enum Subject {
     Nbdkit,
     /// No server: fio's io_uring engine straight on the file (the local limit).
     Local,
+    /// `bucketdisk serve --engine file --tls require`.
+    BucketdiskTls,
+    /// `qemu-nbd --tls-creds` (x509, no client certificates), AIO threads.
+    QemuNbdTls,
+    /// `nbdkit --tls=require file`.
+    NbdkitTls,
 }
 
 impl Subject {
@@ -38,8 +46,110 @@ impl Subject {
             Subject::QemuNbdIoUring => "qemu-nbd-io_uring",
             Subject::Nbdkit => "nbdkit",
             Subject::Local => "local",
+            Subject::BucketdiskTls => "bucketdisk-tls",
+            Subject::QemuNbdTls => "qemu-nbd-tls",
+            Subject::NbdkitTls => "nbdkit-tls",
         }
     }
+
+    fn tls(self) -> bool {
+        matches!(
+            self,
+            Subject::BucketdiskTls | Subject::QemuNbdTls | Subject::NbdkitTls
+        )
+    }
+}
+
+/// The certificates of a run: the servers' directory (`ca-cert.pem`, `server-cert.pem`,
+/// `server-key.pem`, as qemu, nbdkit and bucketdisk read it) and a home for the clients, whose
+/// `.pki/libnbd/ca-cert.pem` libnbd reads when a URI names no certificates.
+struct TlsDirs {
+    server: PathBuf,
+    client_home: PathBuf,
+}
+
+/// Makes the run's certificates under `dir` the first time they are needed.
+fn tls_dirs(dir: &Path) -> Result<TlsDirs> {
+    let root = dir.join("tls");
+    let dirs = TlsDirs {
+        server: root.join("server"),
+        client_home: root.join("client-home"),
+    };
+    let client_ca = dirs.client_home.join(".pki/libnbd");
+    if dirs.server.join("server-key.pem").exists() {
+        return Ok(dirs);
+    }
+    std::fs::create_dir_all(&dirs.server)?;
+    std::fs::create_dir_all(&client_ca)?;
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&root)
+            .output()
+            .context("running openssl (apt-get install openssl)")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca-cert.pem",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server/server-key.pem",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(
+        root.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca-cert.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server/server-cert.pem",
+    ])?;
+    std::fs::copy(root.join("ca-cert.pem"), dirs.server.join("ca-cert.pem"))?;
+    std::fs::copy(root.join("ca-cert.pem"), client_ca.join("ca-cert.pem"))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dirs.server.join("server-key.pem"),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    Ok(dirs)
 }
 
 /// The volume every subject serves.
@@ -76,7 +186,12 @@ pub fn start(
         });
     }
     let port = free_loopback_port()?;
-    let cmd = server_command(subject, volume, bucketdisk, port);
+    let tls = if subject.tls() {
+        Some(tls_dirs(log_dir)?)
+    } else {
+        None
+    };
+    let cmd = server_command(subject, volume, bucketdisk, port, tls.as_ref());
     let command_line = describe(&cmd);
     let log = log_dir.join(format!("{}-{port}.log", subject.name()));
     let mut server = ServerProcess::spawn(subject.name(), cmd, &log)?;
@@ -86,17 +201,29 @@ pub fn start(
         .with_context(|| format!("starting {}", subject.name()))?;
     Ok(Running {
         server: Some(server),
-        target: Target::Nbd {
-            uri: format!("nbd://127.0.0.1:{port}/"),
+        target: match &tls {
+            Some(dirs) => Target::NbdTls {
+                uri: format!("nbds://localhost:{port}/"),
+                home: dirs.client_home.clone(),
+            },
+            None => Target::Nbd {
+                uri: format!("nbd://127.0.0.1:{port}/"),
+            },
         },
         command_line,
     })
 }
 
-fn server_command(subject: Subject, volume: &Volume, bucketdisk: &Path, port: u16) -> Command {
+fn server_command(
+    subject: Subject,
+    volume: &Volume,
+    bucketdisk: &Path,
+    port: u16,
+    tls: Option<&TlsDirs>,
+) -> Command {
     let file = volume.file.as_os_str();
     match subject {
-        Subject::Bucketdisk => {
+        Subject::Bucketdisk | Subject::BucketdiskTls => {
             let mut cmd = Command::new(bucketdisk);
             cmd.arg("serve")
                 .args(["--engine", "file"])
@@ -106,15 +233,27 @@ fn server_command(subject: Subject, volume: &Volume, bucketdisk: &Path, port: u1
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--volume")
                 .arg(&volume.name);
+            if let Some(dirs) = tls {
+                cmd.args(["--tls", "require", "--tls-dir"])
+                    .arg(&dirs.server);
+            }
             cmd
         }
-        Subject::QemuNbd | Subject::QemuNbdIoUring => {
-            let aio = if subject == Subject::QemuNbd {
-                "threads"
-            } else {
+        Subject::QemuNbd | Subject::QemuNbdIoUring | Subject::QemuNbdTls => {
+            let aio = if subject == Subject::QemuNbdIoUring {
                 "io_uring"
+            } else {
+                "threads"
             };
             let mut cmd = Command::new("qemu-nbd");
+            if let Some(dirs) = tls {
+                cmd.arg("--object")
+                    .arg(format!(
+                        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
+                        dirs.server.display()
+                    ))
+                    .args(["--tls-creds", "tls0"]);
+            }
             cmd.args(["-f", "raw", "--persistent", "--export-name="])
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
                 // Room for the readiness probe next to fio's connection.
@@ -124,7 +263,7 @@ fn server_command(subject: Subject, volume: &Volume, bucketdisk: &Path, port: u1
                 .arg(file);
             cmd
         }
-        Subject::Nbdkit => {
+        Subject::Nbdkit | Subject::NbdkitTls => {
             let mut cmd = Command::new("nbdkit");
             cmd.args([
                 "--exit-with-parent",
@@ -132,9 +271,12 @@ fn server_command(subject: Subject, volume: &Volume, bucketdisk: &Path, port: u1
                 "--ipaddr",
                 "127.0.0.1",
             ])
-            .args(["--port", &port.to_string()])
-            .arg("file")
-            .arg(file);
+            .args(["--port", &port.to_string()]);
+            if let Some(dirs) = tls {
+                cmd.arg("--tls=require")
+                    .arg(format!("--tls-certificates={}", dirs.server.display()));
+            }
+            cmd.arg("file").arg(file);
             cmd
         }
         Subject::Local => unreachable!("the local subject has no server"),

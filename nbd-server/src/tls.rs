@@ -31,7 +31,9 @@ use tokio_openssl::SslStream;
 /// How long a client has to finish the TLS handshake after `STARTTLS`.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// TLS 1.3 suites: both SHA-256, the hash OpenSSL gives a PSK from its callback.
+/// TLS 1.3 suites, in the server's order of preference: AES-128-GCM first (with AES
+/// instructions the cheapest for both ends at disk speeds); the SHA-256 ones first, the hash
+/// OpenSSL gives a PSK from its callback.
 const TLS13_SUITES: &str =
     "TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384";
 
@@ -224,7 +226,9 @@ fn build_context(credentials: &Credentials) -> Result<SslContext, TlsError> {
         .map_err(openssl_error("setting the TLS 1.3 suites"))?;
     // No renegotiation (TLS 1.2), no session tickets or cache: every connection does a full
     // handshake, so a reload or a revoked key takes effect for the next one.
-    b.set_options(SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET);
+    b.set_options(
+        SslOptions::NO_RENEGOTIATION | SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE,
+    );
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     b.set_num_tickets(0)
         .map_err(openssl_error("turning session tickets off"))?;

@@ -863,7 +863,9 @@ fn start_warm(ctx: &Ctx, subject: WarmSubject, dir: &Path) -> Result<WarmServer>
             let running = subjects::start(Subject::QemuNbd, &volume, &ctx.bin, dir)?;
             let uri = match &running.target {
                 Target::Nbd { uri } => uri.clone(),
-                Target::File { .. } => bail!("qemu-nbd has no NBD target"),
+                Target::File { .. } | Target::NbdTls { .. } => {
+                    bail!("qemu-nbd here serves NBD in clear")
+                }
             };
             Ok(WarmServer {
                 uri,
