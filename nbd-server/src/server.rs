@@ -278,6 +278,8 @@ async fn accept(listener: &Listener) -> io::Result<(Socket, String)> {
 
 /// The read buffer of a connection: requests with their data are read through it.
 const READ_BUFFER: usize = 256 * 1024;
+/// The buffers between TLS records and the socket, each way.
+const TLS_SOCKET_BUFFER: usize = 256 * 1024;
 
 /// One client's connection, from the greeting to its end.
 struct Connection<'a> {
@@ -350,7 +352,13 @@ impl Connection<'_> {
                 reader.buffer().len()
             );
         }
-        let stream = reader.into_inner().unsplit(writer);
+        // Buffered beneath TLS: OpenSSL writes a reply as 16 KiB records, each its own
+        // write; the buffer hands the socket many records at once (and reads ahead of them).
+        let stream = tokio::io::BufStream::with_capacity(
+            TLS_SOCKET_BUFFER,
+            TLS_SOCKET_BUFFER,
+            reader.into_inner().unsplit(writer),
+        );
         let secured = tokio::select! {
             s = tls.accept(stream) => s,
             _ = self.shutdown.wait_for(|&s| s) => return,
