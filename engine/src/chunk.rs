@@ -17,6 +17,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
+
+/// Bytes before a chunk's first block (its magic).
+pub const HEADER_BYTES: u64 = MAGIC.len() as u64;
+
+/// Bytes of `chunks` chunks holding `entries` blocks in all that are not block payloads: each
+/// chunk's magic before its blocks, its index after them and its trailer (entry count, index
+/// CRC, magic).
+pub fn framing_bytes(chunks: u64, entries: u64) -> u64 {
+    chunks * (HEADER_BYTES + 8 + MAGIC.len() as u64) + entries * ENTRY_LEN as u64
+}
 /// Bytes of a block tried first to decide whether compressing the rest is worth it, taken as
 /// [`SAMPLE_SLICES`] slices spread over the block.
 const SAMPLE_BYTES: usize = 4096;
@@ -254,6 +264,22 @@ pub fn read_index(chunk: &[u8]) -> Result<Vec<ChunkEntry>, ChunkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_is_what_a_chunk_holds_besides_its_payloads() {
+        let mut builder = ChunkBuilder::new(4096);
+        let mut payloads = 0u64;
+        for block in 0..5u64 {
+            payloads += u64::from(
+                builder
+                    .add(block, &[block as u8; 4096])
+                    .expect("add")
+                    .length,
+            );
+        }
+        let (chunk, _) = builder.finish();
+        assert_eq!(chunk.len() as u64 - payloads, framing_bytes(1, 5));
+    }
     use proptest::prelude::*;
 
     fn block(seed: u64, compressible: bool, size: usize) -> Vec<u8> {

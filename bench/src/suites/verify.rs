@@ -36,11 +36,6 @@ const GIB: u64 = 1 << 30;
 const VOLUME: &str = "disk";
 const BIG_PREFIX: &str = "verify-100g";
 const REAL_PREFIX: &str = "verify-written";
-/// A chunk's framing (see the engine's `chunk` module): a magic before the blocks, an index
-/// entry per block and a trailer after them.
-const CHUNK_HEADER: u64 = 8;
-const CHUNK_ENTRY: u64 = 24;
-const CHUNK_TRAILER: u64 = 16;
 /// GETs `verify --deep` keeps in flight.
 const DEEP_IN_FLIGHT: usize = 16;
 
@@ -231,7 +226,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
     // of the mean span of blocks in one (a chunk without its header, index and trailer).
     let object_bytes = chunk_bytes / objects.max(1);
     let blocks = args.region_gib * GIB / u64::from(synthetic::BLOCK);
-    let framing = objects * (CHUNK_HEADER + CHUNK_TRAILER) + blocks * CHUNK_ENTRY;
+    let framing = engine::chunk::framing_bytes(objects, blocks);
     let span_bytes = chunk_bytes.saturating_sub(framing) / objects.max(1);
     let probe = StoreProbe::new(&env.s3_endpoint, BUCKET, object_bytes)?;
     progress.step_done();
@@ -254,7 +249,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
         progress.step(&format!("repeat {}: the GET ceiling", repeat + 1));
         let c = Measured::run(repeat, moto_pid, || {
             probe.measure_from(
-                CHUNK_HEADER,
+                engine::chunk::HEADER_BYTES,
                 span_bytes,
                 DEEP_IN_FLIGHT,
                 Duration::from_secs(args.ceiling_secs),
@@ -337,7 +332,7 @@ fn markdown(r: &Report) -> String {
          `verify --deep` reads every chunk back (one ranged GET each, {DEEP_IN_FLIGHT} in \
          flight) and checks every block's CRC; the ceiling is {DEEP_IN_FLIGHT} GETs shaped \
          like those kept in flight for the same run, interleaved with the verify repeats: \
-         ranges of {:.2} MiB (a chunk's mean span of blocks) starting {CHUNK_HEADER} bytes into \
+         ranges of {:.2} MiB (a chunk's mean span of blocks) starting {} bytes into \
          objects of {:.2} MiB (the mean chunk). (Moto answers a range that is a whole object \
          without copying it, one that is not with a copy: a probe of whole objects would be \
          cheaper for moto than the reads it is held against.) Medians (min–max) of {} \
@@ -347,6 +342,7 @@ fn markdown(r: &Report) -> String {
         r.ceilings
             .first()
             .map_or(0.0, |c| c.ceiling.get_bytes as f64 / 1048576.0),
+        engine::chunk::HEADER_BYTES,
         mib / r.chunk_objects.max(1) as f64,
         r.deep.len()
     );
