@@ -178,8 +178,7 @@ pub async fn run(
         // Reap finished connection tasks so the set does not grow forever.
         while connections.try_join_next().is_some() {}
         match accepted {
-            Ok((socket, peer)) => {
-                let client = socket.client();
+            Ok((socket, peer, client)) => {
                 let Some(ticket) = limits.admit(client.clone()) else {
                     tracing::warn!(
                         peer,
@@ -235,18 +234,6 @@ enum Socket {
 }
 
 impl Socket {
-    /// Who is at the other end, as the per-client limits count.
-    fn client(&self) -> ClientId {
-        match self {
-            Socket::Tcp(s) => s
-                .peer_addr()
-                .map_or(ClientId::Unknown, |a| ClientId::Ip(a.ip().to_canonical())),
-            Socket::Unix(s) => s
-                .peer_cred()
-                .map_or(ClientId::Unknown, |c| ClientId::Uid(c.uid())),
-        }
-    }
-
     /// Its two halves, each usable on its own (no lock between them).
     fn into_split(self) -> (BoxRead, BoxWrite) {
         match self {
@@ -262,16 +249,21 @@ impl Socket {
     }
 }
 
-async fn accept(listener: &Listener) -> io::Result<(Socket, String)> {
+/// The next connection, its peer for the log, and who it is for the per-client limits.
+async fn accept(listener: &Listener) -> io::Result<(Socket, String, ClientId)> {
     match listener {
         Listener::Tcp(l) => {
             let (stream, peer) = l.accept().await?;
             stream.set_nodelay(true)?;
-            Ok((Socket::Tcp(stream), peer.to_string()))
+            let client = ClientId::Ip(peer.ip().to_canonical());
+            Ok((Socket::Tcp(stream), peer.to_string(), client))
         }
         Listener::Unix { listener, .. } => {
             let (stream, _) = listener.accept().await?;
-            Ok((Socket::Unix(stream), "unix".to_string()))
+            let client = stream
+                .peer_cred()
+                .map_or(ClientId::Unknown, |c| ClientId::Uid(c.uid()));
+            Ok((Socket::Unix(stream), "unix".to_string(), client))
         }
     }
 }
