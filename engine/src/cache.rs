@@ -35,7 +35,11 @@ pub struct CacheKey {
 
 struct Entry {
     slot: u32,
+    /// The block map's checksum of the stored block: which version of it this is.
     checksum: u32,
+    /// CRC-32C of the slot's bytes: the map's checksum, except for an encrypted volume's
+    /// blocks (the map's is then of the sealed bytes).
+    content: u32,
     /// Reads since insertion or last demotion, capped at 3.
     freq: u8,
     in_main: bool,
@@ -67,8 +71,10 @@ struct State {
 /// One block for [`BlockCache::insert_batch`].
 pub struct CacheInsert<'a> {
     pub key: CacheKey,
-    /// CRC-32C of `data` (the caller has it already).
+    /// The block map's checksum of the stored block.
     pub checksum: u32,
+    /// CRC-32C of `data` (the caller has it already; `checksum` unless the block is sealed).
+    pub content_checksum: u32,
     pub data: &'a [u8],
 }
 
@@ -224,8 +230,15 @@ impl BlockCache {
             for line in lines.filter(|_| ours) {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                let [slot, owner, chunk, offset, checksum] = fields[..] else {
-                    continue;
+                let (slot, owner, chunk, offset, checksum, content) = match fields[..] {
+                    [slot, owner, chunk, offset, checksum, content] => {
+                        (slot, owner, chunk, offset, checksum, content)
+                    }
+                    // An index from before sealed blocks: the two were the same.
+                    [slot, owner, chunk, offset, checksum] => {
+                        (slot, owner, chunk, offset, checksum, checksum)
+                    }
+                    _ => continue,
                 };
                 let slot = slot as u32;
                 if slot >= self.slots || used[slot as usize] {
@@ -242,6 +255,7 @@ impl BlockCache {
                     Entry {
                         slot,
                         checksum: checksum as u32,
+                        content: content as u32,
                         freq: 0,
                         in_main: true,
                         // Checked again before it is trusted (see the module's doc).
@@ -291,8 +305,8 @@ impl BlockCache {
                 }
                 writeln!(
                     out,
-                    "{} {} {} {} {}",
-                    e.slot, key.owner, key.chunk, key.offset, e.checksum
+                    "{} {} {} {} {} {}",
+                    e.slot, key.owner, key.chunk, key.offset, e.checksum, e.content
                 )?;
             }
         }
@@ -318,12 +332,12 @@ impl BlockCache {
 
     /// A cached block, verified against `checksum`; `None` on a miss or a damaged slot.
     pub fn get(&self, key: CacheKey, checksum: u32) -> io::Result<Option<Vec<u8>>> {
-        let (slot, generation) = {
+        let (slot, generation, content) = {
             let mut state = self.state();
             match state.entries.get_mut(&key) {
                 Some(e) if e.checksum == checksum && !e.writing => {
                     e.freq = (e.freq + 1).min(3);
-                    (e.slot, e.generation)
+                    (e.slot, e.generation, e.content)
                 }
                 _ => return Ok(None),
             }
@@ -331,7 +345,7 @@ impl BlockCache {
         let mut data = vec![0u8; self.block_size as usize];
         self.file
             .read_exact_at(&mut data, u64::from(slot) * u64::from(self.block_size))?;
-        if block_checksum(&data) != checksum {
+        if block_checksum(&data) != content {
             self.remove_damaged(key, slot, generation);
             return Ok(None);
         }
@@ -378,11 +392,19 @@ impl BlockCache {
         Ok(true)
     }
 
-    /// Caches a block (a no-op if it is already there).
+    /// Caches a plain block (a no-op if it is already there).
     pub fn insert(&self, key: CacheKey, data: &[u8]) -> io::Result<()> {
+        let checksum = block_checksum(data);
+        self.insert_stored(key, checksum, data)
+    }
+
+    /// Caches a block whose checksum in the block map is `checksum` (of its sealed bytes for
+    /// an encrypted volume).
+    pub fn insert_stored(&self, key: CacheKey, checksum: u32, data: &[u8]) -> io::Result<()> {
         self.insert_batch(&[CacheInsert {
             key,
-            checksum: block_checksum(data),
+            checksum,
+            content_checksum: block_checksum(data),
             data,
         }])
     }
@@ -457,6 +479,7 @@ impl BlockCache {
             Entry {
                 slot,
                 checksum: item.checksum,
+                content: item.content_checksum,
                 freq: 0,
                 in_main: returning,
                 verified: true,
@@ -740,6 +763,54 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_blocks_slot_is_found_by_the_maps_checksum_and_checked_by_its_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let map_checksum = block_checksum(&block(1)) ^ 0x5555; // of the sealed bytes
+        {
+            let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("open");
+            c.insert_stored(key(1), map_checksum, &block(1))
+                .expect("insert");
+            assert_eq!(c.get(key(1), map_checksum).expect("get"), Some(block(1)));
+            assert_eq!(
+                c.get(key(1), block_checksum(&block(1))).expect("get"),
+                None,
+                "looked up by the map's checksum only"
+            );
+            c.save_index().expect("save");
+        }
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        let mut buf = [0u8; 16];
+        assert!(
+            c.read_at(key(1), map_checksum, 8, &mut buf).expect("read"),
+            "verified against its content after a restart"
+        );
+        assert_eq!(buf[..], block(1)[8..24]);
+        drop(c);
+        // An index line of five fields (written before sealed blocks): both checksums equal.
+        let (k, sum) = (key(2), block_checksum(&block(2)));
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        c.insert(k, &block(2)).expect("insert");
+        c.save_index().expect("save");
+        drop(c);
+        let index = std::fs::read_to_string(dir.path().join("blocks.index")).expect("index");
+        let five_fields: String = index
+            .lines()
+            .map(|l| {
+                let fields: Vec<&str> = l.split(' ').collect();
+                if fields.len() == 6 && fields[3] == k.offset.to_string() {
+                    fields[..5].join(" ")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(dir.path().join("blocks.index"), five_fields + "\n").expect("write");
+        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
+        assert_eq!(c.get(k, sum).expect("get"), Some(block(2)));
+    }
+
+    #[test]
     fn a_batch_lands_in_consecutive_slots_and_reads_back() {
         let dir = tempfile::tempdir().expect("tempdir");
         let c = BlockCache::open(dir.path(), BS, 300 * u64::from(BS)).expect("open");
@@ -750,6 +821,7 @@ mod tests {
             .map(|(n, data)| CacheInsert {
                 key: key(n as u64),
                 checksum: block_checksum(data),
+                content_checksum: block_checksum(data),
                 data,
             })
             .collect();
@@ -757,6 +829,7 @@ mod tests {
         items.push(CacheInsert {
             key: key(3),
             checksum: block_checksum(&blocks[3]),
+            content_checksum: block_checksum(&blocks[3]),
             data: &blocks[3],
         });
         c.insert_batch(&items).expect("batch");

@@ -11,9 +11,15 @@
 //! make it smaller (then its length equals the block size). Every block's checksum is the
 //! CRC-32C of its uncompressed content; it is stored in the block map row and verified on every
 //! read from storage, so a corrupt or misplaced block is an error, never data.
+//!
+//! An encrypted volume's payloads are sealed (see `sealing`): the payload above, sealed for the
+//! place it lands in. Its checksum in the index and the map is then the CRC-32C of the sealed
+//! bytes, which says nothing about the content; the seal's tag authenticates the content.
 
 use crate::checksum::crc32c;
+use crate::sealing::{BlockPlace, BlockSealer, SealError};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
@@ -45,6 +51,8 @@ pub enum ChunkError {
     Decode(String),
     #[error("chunk is malformed: {0}")]
     Malformed(String),
+    #[error("sealed block: {0}")]
+    Sealed(#[from] SealError),
 }
 
 /// Where a block landed in its chunk: exactly what the block map stores.
@@ -56,12 +64,29 @@ pub struct ChunkEntry {
     pub checksum: u32,
 }
 
+/// A block just added to a chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedBlock {
+    pub entry: ChunkEntry,
+    /// CRC-32C of the block's content (the entry's checksum, unless the block is sealed).
+    pub content_checksum: u32,
+}
+
+/// What seals an encrypted volume's blocks in one chunk.
+struct Sealing {
+    sealer: Arc<BlockSealer>,
+    volume: u64,
+    chunk: u64,
+    sealed: Vec<u8>,
+}
+
 /// Builds one chunk from blocks of a fixed size.
 pub struct ChunkBuilder {
     block_size: usize,
     body: BytesMut,
     entries: Vec<ChunkEntry>,
     scratch: Vec<u8>,
+    sealing: Option<Sealing>,
 }
 
 impl ChunkBuilder {
@@ -73,6 +98,20 @@ impl ChunkBuilder {
             body,
             entries: Vec::new(),
             scratch: vec![0u8; lz4_flex::block::get_maximum_output_size(block_size as usize)],
+            sealing: None,
+        }
+    }
+
+    /// A builder for chunk `chunk` of the volume tagged `volume`, sealing every block.
+    pub fn sealed(block_size: u32, sealer: Arc<BlockSealer>, volume: u64, chunk: u64) -> Self {
+        ChunkBuilder {
+            sealing: Some(Sealing {
+                sealer,
+                volume,
+                chunk,
+                sealed: Vec::new(),
+            }),
+            ..Self::new(block_size)
         }
     }
 
@@ -87,6 +126,11 @@ impl ChunkBuilder {
 
     /// Appends one block (exactly `block_size` bytes).
     pub fn add(&mut self, block: u64, data: &[u8]) -> Result<ChunkEntry, ChunkError> {
+        self.add_block(block, data).map(|added| added.entry)
+    }
+
+    /// [`Self::add`], also returning the checksum of the block's content.
+    pub fn add_block(&mut self, block: u64, data: &[u8]) -> Result<AddedBlock, ChunkError> {
         if data.len() != self.block_size {
             return Err(ChunkError::Malformed(format!(
                 "block {block} is {} bytes, the block size is {}",
@@ -98,15 +142,40 @@ impl ChunkBuilder {
             Some(compressed) => &self.scratch[..compressed],
             None => data, // incompressible: stored raw, recognisable by its full length
         };
+        let content_checksum = block_checksum(data);
+        let offset = self.body.len() as u64;
+        let sealed = self.sealing.is_some();
+        let stored = match &mut self.sealing {
+            None => payload,
+            Some(sealing) => {
+                let place = BlockPlace {
+                    volume: sealing.volume,
+                    chunk: sealing.chunk,
+                    offset,
+                };
+                sealing.sealed.clear();
+                sealing
+                    .sealer
+                    .seal_into(place, payload, &mut sealing.sealed)?;
+                &sealing.sealed
+            }
+        };
         let entry = ChunkEntry {
             block,
-            offset: self.body.len() as u64,
-            length: payload.len() as u32,
-            checksum: block_checksum(data),
+            offset,
+            length: stored.len() as u32,
+            checksum: if sealed {
+                block_checksum(stored)
+            } else {
+                content_checksum
+            },
         };
-        self.body.put_slice(payload);
+        self.body.put_slice(stored);
         self.entries.push(entry);
-        Ok(entry)
+        Ok(AddedBlock {
+            entry,
+            content_checksum,
+        })
     }
 
     /// Compresses `data` into `scratch`; `None` if that would not save at least 1/16 of it
@@ -180,20 +249,73 @@ pub fn decode_block_bytes(
     Ok(data)
 }
 
-/// Checks a block payload as [`decode_block_bytes`] does, without keeping its bytes: a
-/// compressed block is decompressed into `scratch` (reused from block to block).
+/// Where a sealed block was written and what opens it.
+#[derive(Clone, Copy)]
+pub struct Opening<'a> {
+    pub sealer: &'a BlockSealer,
+    pub place: BlockPlace,
+}
+
+/// [`decode_block_bytes`] of a sealed block: its stored bytes are checked against `checksum`
+/// (a CRC of the sealed bytes), opened (authenticating the content and its place), then
+/// decompressed if they were compressed.
+pub fn decode_sealed_block(
+    payload: &[u8],
+    block_size: u32,
+    checksum: u32,
+    opening: Opening<'_>,
+) -> Result<Bytes, ChunkError> {
+    matches_checksum(payload, checksum)?;
+    let mut opened = Vec::with_capacity(payload.len());
+    opening
+        .sealer
+        .open_into(opening.place, payload, &mut opened)?;
+    if opened.len() == block_size as usize {
+        return Ok(Bytes::from(opened));
+    }
+    let mut out = vec![0u8; block_size as usize];
+    decompress_block(&opened, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// Buffers [`check_block`] reuses from block to block.
+#[derive(Default)]
+pub struct CheckScratch {
+    opened: Vec<u8>,
+    decompressed: Vec<u8>,
+}
+
+/// Checks a block payload as [`decode_block_bytes`] (or, given an `opening`,
+/// [`decode_sealed_block`]) does, without keeping its bytes.
 pub fn check_block(
     payload: &[u8],
     block_size: u32,
     checksum: u32,
-    scratch: &mut Vec<u8>,
+    opening: Option<Opening<'_>>,
+    scratch: &mut CheckScratch,
 ) -> Result<(), ChunkError> {
-    if payload.len() == block_size as usize {
-        return matches_checksum(payload, checksum);
+    let content = match opening {
+        None => payload,
+        Some(opening) => {
+            matches_checksum(payload, checksum)?;
+            opening
+                .sealer
+                .open_into(opening.place, payload, &mut scratch.opened)?;
+            &scratch.opened
+        }
+    };
+    if content.len() == block_size as usize {
+        return match opening {
+            None => matches_checksum(content, checksum),
+            Some(_) => Ok(()), // authenticated
+        };
     }
-    scratch.resize(block_size as usize, 0);
-    decompress_block(payload, scratch)?;
-    matches_checksum(scratch, checksum)
+    scratch.decompressed.resize(block_size as usize, 0);
+    decompress_block(content, &mut scratch.decompressed)?;
+    match opening {
+        None => matches_checksum(&scratch.decompressed, checksum),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Decompresses a stored block into `out`, which must come out exactly full.

@@ -3,8 +3,9 @@
 //! verified against the block map's checksum (invariant I5: a mismatch is an error, never data).
 
 use crate::cache::CacheKey;
-use crate::chunk::{check_block, decode_block_bytes};
+use crate::chunk::{CheckScratch, Opening, check_block, decode_block_bytes, decode_sealed_block};
 use crate::device::DeviceError;
+use crate::sealing::{BlockPlace, BlockSealer};
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -26,6 +27,8 @@ pub struct ChunkStore {
     /// A clone's inherited chunks, oldest ancestor first: ids whose epoch is at most the bound
     /// (and above the previous one's) live in that directory. Never written or deleted here.
     inherited: Vec<InheritedChunks>,
+    /// An encrypted volume's sealer (its ancestors share its key).
+    sealer: Option<Arc<BlockSealer>>,
 }
 
 #[derive(Clone)]
@@ -84,7 +87,31 @@ impl ChunkStore {
             block_size,
             owner: owner_tag(volume_prefix.as_ref()),
             inherited: Vec::new(),
+            sealer: None,
         }
+    }
+
+    /// The chunk store of an encrypted volume: every block is opened with `sealer`.
+    pub fn sealed_by(mut self, sealer: Option<Arc<BlockSealer>>) -> Self {
+        self.sealer = sealer;
+        self
+    }
+
+    /// The sealer of an encrypted volume's blocks.
+    pub fn sealer(&self) -> Option<&Arc<BlockSealer>> {
+        self.sealer.as_ref()
+    }
+
+    /// What opens the sealed block at `location` (`None` for a plain volume).
+    fn opening(&self, location: &BlockLocation) -> Option<Opening<'_>> {
+        self.sealer.as_deref().map(|sealer| Opening {
+            sealer,
+            place: BlockPlace {
+                volume: self.owner_of(location.chunk),
+                chunk: location.chunk,
+                offset: location.offset,
+            },
+        })
     }
 
     /// The tag of the volume whose chunks these are, for cache keys (by default its root's).
@@ -242,7 +269,7 @@ impl ChunkStore {
         // inside one piece is checked in place, one across pieces is gathered into `joined`.
         let mut pieces: VecDeque<(u64, Bytes)> = VecDeque::new();
         let mut received = range.start;
-        let (mut joined, mut scratch) = (Vec::new(), Vec::new());
+        let (mut joined, mut scratch) = (Vec::new(), CheckScratch::default());
         let mut verdicts = Vec::with_capacity(run.len());
         for location in run {
             let (start, end) = (
@@ -279,9 +306,15 @@ impl ChunkStore {
                 }
             };
             verdicts.push(
-                check_block(payload, self.block_size, location.checksum, &mut scratch)
-                    .err()
-                    .map(|e| format!("{path} at {start}: {e}")),
+                check_block(
+                    payload,
+                    self.block_size,
+                    location.checksum,
+                    self.opening(location),
+                    &mut scratch,
+                )
+                .err()
+                .map(|e| format!("{path} at {start}: {e}")),
             );
         }
         // Read to the end: the body's length is checked, and its connection can be reused.
@@ -309,7 +342,13 @@ impl ChunkStore {
                         io::Error::other(format!("{path} at {}: outside the read", location.offset))
                     })?;
                 // Whatever does not decode (checksum, framing, compression) is corrupt.
-                decode_block_bytes(payload, self.block_size, location.checksum).map_err(|e| {
+                let decoded = match self.opening(location) {
+                    None => decode_block_bytes(payload, self.block_size, location.checksum),
+                    Some(opening) => {
+                        decode_sealed_block(&payload, self.block_size, location.checksum, opening)
+                    }
+                };
+                decoded.map_err(|e| {
                     DeviceError::Corrupt(format!("{path} at {}: {e}", location.offset)).into_io()
                 })
             })
@@ -435,6 +474,72 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         chunks.delete(1).await.expect("delete");
         chunks.delete(1).await.expect("deleting twice is fine");
+    }
+
+    /// Sealed blocks whose map rows are made to match what lies at their place (as a store
+    /// that rewrote both chunk and map could): only the seal stands between them and wrong data.
+    #[tokio::test]
+    async fn a_sealed_block_moved_with_a_matching_checksum_still_does_not_open() {
+        use crate::sealing::{Encryption, VolumeKey};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = Arc::new(LocalFileSystem::new_with_prefix(dir.path()).expect("store"));
+        let key = VolumeKey::parse(&[3u8; 32]).expect("key");
+        let sealer = Arc::new(
+            Encryption::new(&key)
+                .expect("record")
+                .sealer("disk", Some(&key))
+                .expect("sealer"),
+        );
+        let chunks = ChunkStore::new(local as _, &Path::from("disk"), 4096)
+            .sealed_by(Some(Arc::clone(&sealer)));
+        let mut builder = ChunkBuilder::sealed(4096, sealer, chunks.owner_of(1), 1);
+        let noise = |seed: u64| -> Vec<u8> {
+            let mut x = seed | 1;
+            (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        let (a, b) = (noise(1), noise(2));
+        let (ea, eb) = (
+            builder.add(0, &a).expect("add"),
+            builder.add(1, &b).expect("add"),
+        );
+        assert_eq!(ea.length, eb.length);
+        let (bytes, _) = builder.finish();
+        let at = |e: &crate::chunk::ChunkEntry| {
+            e.offset as usize..(e.offset + u64::from(e.length)) as usize
+        };
+        let location = |chunk: u64, offset: u64, payload: &[u8]| BlockLocation {
+            chunk,
+            offset,
+            length: payload.len() as u32,
+            checksum: crate::chunk::block_checksum(payload),
+        };
+        let mut swapped = bytes.to_vec();
+        swapped[at(&ea)].copy_from_slice(&bytes[at(&eb)]);
+        swapped[at(&eb)].copy_from_slice(&bytes[at(&ea)]);
+        chunks.put(1, bytes.clone()).await.expect("put");
+        chunks.put(2, Bytes::from(swapped)).await.expect("put");
+        chunks.put(3, bytes.clone()).await.expect("put");
+        let good = location(1, ea.offset, &bytes[at(&ea)]);
+        assert_eq!(read_block(&chunks, &good).await.expect("read"), a);
+        // Swapped within a chunk, or the same bytes under another chunk id.
+        for moved in [
+            location(2, ea.offset, &bytes[at(&eb)]),
+            location(3, ea.offset, &bytes[at(&ea)]),
+        ] {
+            let err = read_block(&chunks, &moved).await.expect_err("moved block");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("does not authenticate"), "{err}");
+            let verdicts = chunks.check_run(&[moved]).await.expect("check");
+            assert!(verdicts[0].is_some(), "a deep verify reports it too");
+        }
+        assert_eq!(chunks.check_run(&[good]).await.expect("check"), vec![None]);
     }
 
     #[tokio::test]

@@ -104,6 +104,7 @@ impl FileVolume {
             uuid: crate::metadata::random_id()?,
             parent: None,
             inherits: Vec::new(),
+            encryption: None,
         };
         // Metadata last: a volume without volume.json was never completely created.
         meta.store(&dir)?;

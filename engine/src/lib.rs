@@ -24,6 +24,7 @@ mod journal;
 mod metadata;
 pub mod object_volume;
 mod overlay;
+pub mod sealing;
 mod shared_cache;
 mod zeros;
 

@@ -25,6 +25,10 @@ pub struct VolumeMetadata {
     /// `object_volume::clone`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inherits: Vec<Inherited>,
+    /// For an encrypted volume: how its blocks are sealed and what tells its key (never the
+    /// key). A clone keeps its source's: it reads the source's chunks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::sealing::Encryption>,
 }
 
 /// The checkpoint a clone was made from.

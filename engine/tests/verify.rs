@@ -32,7 +32,11 @@ async fn run_on(
         &Path::from(""),
         f.layout,
         "disk",
-        VerifyOptions { deep, checkpoints },
+        VerifyOptions {
+            deep,
+            checkpoints,
+            key: None,
+        },
         |_, _| {},
     )
     .await

@@ -184,9 +184,10 @@ struct Packer {
 
 impl Packer {
     fn new(shared: &Shared) -> Self {
+        let chunk_id = shared.chunk_ids.next();
         Packer {
-            builder: ChunkBuilder::new(shared.meta.block_size),
-            chunk_id: shared.chunk_ids.next(),
+            builder: builder_for(shared, chunk_id),
+            chunk_id,
             sealed: Vec::new(),
             holes: Vec::new(),
             retired: Vec::new(),
@@ -218,9 +219,9 @@ impl Packer {
             self.holes.push(block);
             return Ok(None);
         }
-        let entry = self
+        let added = self
             .builder
-            .add(block, data)
+            .add_block(block, data)
             .map_err(|e| other("building a chunk", e))?;
         // The chunk key is valid for the cache as soon as the chunk exists, and harmless before
         // (chunk ids are never reused).
@@ -228,17 +229,32 @@ impl Packer {
             key: CacheKey {
                 owner: shared.chunks.owner_of(self.chunk_id),
                 chunk: self.chunk_id,
-                offset: entry.offset,
+                offset: added.entry.offset,
             },
-            checksum: entry.checksum,
+            checksum: added.entry.checksum,
+            content_checksum: added.content_checksum,
             data,
         };
         if self.builder.len() >= shared.config.chunk_bytes {
-            let full =
-                std::mem::replace(&mut self.builder, ChunkBuilder::new(shared.meta.block_size));
-            let id = std::mem::replace(&mut self.chunk_id, shared.chunk_ids.next());
+            let next = shared.chunk_ids.next();
+            let full = std::mem::replace(&mut self.builder, builder_for(shared, next));
+            let id = std::mem::replace(&mut self.chunk_id, next);
             self.sealed.push((id, full));
         }
         Ok(Some(insert))
+    }
+}
+
+/// A builder for chunk `chunk`: an encrypted volume's seals every block for its place.
+fn builder_for(shared: &Shared, chunk: u64) -> ChunkBuilder {
+    let block_size = shared.meta.block_size;
+    match shared.chunks.sealer() {
+        None => ChunkBuilder::new(block_size),
+        Some(sealer) => ChunkBuilder::sealed(
+            block_size,
+            Arc::clone(sealer),
+            shared.chunks.owner_of(chunk),
+            chunk,
+        ),
     }
 }

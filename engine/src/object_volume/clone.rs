@@ -75,6 +75,8 @@ pub async fn clone_volume(
             checkpoint: checkpoint.to_string(),
         }),
         inherits,
+        // The clone reads its source's sealed chunks: same key, same record.
+        encryption: source_meta.encryption.clone(),
     };
     let root = catalog::volume_root(prefix, clone);
     // 1. The dependency, so the checkpoint cannot go while the clone is being made.

@@ -298,10 +298,8 @@ async fn settle_run(
         .zip(decoded)
         .map(|(location, block)| match block {
             Ok(data) => {
-                if let Err(e) = shared
-                    .cache
-                    .insert(shared.chunks.cache_key(location), &data)
-                {
+                let key = shared.chunks.cache_key(location);
+                if let Err(e) = shared.cache.insert_stored(key, location.checksum, &data) {
                     tracing::warn!("cannot cache a block: {e}");
                 }
                 Ok(data)

@@ -152,6 +152,8 @@ pub struct VolumeConfig {
     pub holder: String,
     /// Serve this checkpoint's map state instead of the latest; read-only.
     pub checkpoint: Option<checkpoints::Checkpoint>,
+    /// The key of an encrypted volume (required to open one; unused for a plain one).
+    pub key: Option<Arc<crate::sealing::VolumeKey>>,
 }
 
 impl VolumeConfig {
@@ -175,6 +177,7 @@ impl VolumeConfig {
             prefetch_gets: 16,
             holder: format!("pid {}", std::process::id()),
             checkpoint: None,
+            key: None,
         }
     }
 }
@@ -295,6 +298,30 @@ impl ObjectVolume {
         size: u64,
         block_size: u32,
     ) -> io::Result<VolumeMetadata> {
+        Self::create_with(store, prefix, name, size, block_size, None).await
+    }
+
+    /// [`Self::create`] of a volume whose blocks are sealed with `key` (see `sealing`).
+    pub async fn create_encrypted(
+        store: &dyn ObjectStore,
+        prefix: &Path,
+        name: &str,
+        size: u64,
+        block_size: u32,
+        key: &crate::sealing::VolumeKey,
+    ) -> io::Result<VolumeMetadata> {
+        let encryption = crate::sealing::Encryption::new(key).map_err(io::Error::other)?;
+        Self::create_with(store, prefix, name, size, block_size, Some(encryption)).await
+    }
+
+    async fn create_with(
+        store: &dyn ObjectStore,
+        prefix: &Path,
+        name: &str,
+        size: u64,
+        block_size: u32,
+        encryption: Option<crate::sealing::Encryption>,
+    ) -> io::Result<VolumeMetadata> {
         crate::file_volume::validate_volume_name(name)?;
         catalog::validate_geometry(size, block_size)?;
         let meta = VolumeMetadata {
@@ -305,6 +332,7 @@ impl ObjectVolume {
             uuid: crate::metadata::random_id()?,
             parent: None,
             inherits: Vec::new(),
+            encryption,
         };
         catalog::create(store, prefix, &meta).await?;
         Ok(meta)

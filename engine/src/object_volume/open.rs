@@ -20,6 +20,7 @@ use crate::chunk_store::ChunkStore;
 use crate::journal::{Journal, Record};
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
+use crate::sealing::{BlockSealer, VolumeKey};
 use crate::shared_cache::CacheHandle;
 use blockmap::RestoreTarget;
 use blockmap::lease;
@@ -120,6 +121,8 @@ async fn open_with(
         hint,
         lease_epoch,
     } = located;
+    // A wrong or missing key is told now, before anything is read or written.
+    let sealer = sealer_for(&meta, config.key.as_deref())?;
     phase("volume.json read, block map listed");
     let dir = config.local_dir.clone();
     let uuid = meta.uuid.clone();
@@ -151,8 +154,10 @@ async fn open_with(
     };
     let at_txid = config.checkpoint.as_ref().map(|c| c.txid);
     let runtime = tokio::runtime::Handle::current();
-    let (first_located, early_fetch) =
-        early_first_reads(chunk_store(&store, prefix, &meta), cache_for_early);
+    let (first_located, early_fetch) = early_first_reads(
+        chunk_store(&store, prefix, &meta, sealer.clone()),
+        cache_for_early,
+    );
     let map = async {
         if config.read_only {
             // Nothing stored yet (or a checkpoint of a volume that had nothing).
@@ -287,7 +292,7 @@ async fn open_with(
     let size = resized.unwrap_or(meta.size);
     let total_blocks = size.div_ceil(u64::from(block_size));
     let shared = Arc::new(Shared {
-        chunks: chunk_store(&store, prefix, &meta),
+        chunks: chunk_store(&store, prefix, &meta, sealer),
         store: Arc::clone(&store),
         prefix: prefix.clone(),
         size: AtomicU64::new(size),
@@ -545,11 +550,30 @@ fn early_first_reads(
     (tell, task)
 }
 
+/// The sealer of an encrypted volume's blocks (`None` for a plain one); an error if `key` is
+/// not the volume's. A key given for a plain volume is not used.
+pub(super) fn sealer_for(
+    meta: &VolumeMetadata,
+    key: Option<&VolumeKey>,
+) -> io::Result<Option<Arc<BlockSealer>>> {
+    let Some(encryption) = &meta.encryption else {
+        if key.is_some() {
+            tracing::debug!(volume = %meta.name, "the volume is not encrypted: its key is not used");
+        }
+        return Ok(None);
+    };
+    let sealer = encryption
+        .sealer(&meta.name, key)
+        .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+    Ok(Some(Arc::new(sealer)))
+}
+
 /// The volume's chunks; a clone's inherited ones read from its ancestors (see `clone`).
 pub(super) fn chunk_store(
     store: &Arc<dyn ObjectStore>,
     prefix: &Path,
     meta: &VolumeMetadata,
+    sealer: Option<Arc<BlockSealer>>,
 ) -> ChunkStore {
     let root = catalog::volume_root(prefix, &meta.name);
     ChunkStore::new(Arc::clone(store), &root, meta.block_size)
@@ -564,6 +588,7 @@ pub(super) fn chunk_store(
                 })
                 .collect(),
         )
+        .sealed_by(sealer)
 }
 
 /// Opens the lookup connection and, for a writer, the update connection.

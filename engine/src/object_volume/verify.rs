@@ -34,12 +34,14 @@ const DEEP_READS: usize = 16;
 const LISTED: usize = 10_000;
 
 /// What to check.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct VerifyOptions {
-    /// Read every referenced block and check its CRC.
+    /// Read every referenced block and check its CRC (and, for an encrypted volume, open it).
     pub deep: bool,
     /// Check every checkpoint's state too.
     pub checkpoints: bool,
+    /// An encrypted volume's key: needed by `deep`, checked whenever given.
+    pub key: Option<Arc<crate::sealing::VolumeKey>>,
 }
 
 /// A block that cannot be read back as the map says.
@@ -133,7 +135,12 @@ pub async fn verify(
     );
     let meta = catalog::require(meta?, name)?;
     let (line, pinned, holder) = (line?, pinned?, holder?);
-    let chunks = super::open::chunk_store(&store, prefix, &meta);
+    // A shallow check reads no block: it needs no key, but a key given must be the volume's.
+    let sealer = match (options.deep, &options.key) {
+        (false, None) => None,
+        _ => super::open::sealer_for(&meta, options.key.as_deref())?,
+    };
+    let chunks = super::open::chunk_store(&store, prefix, &meta, sealer);
     let (readable, own) = tokio::join!(chunks.readable_objects(), chunks.own_objects());
     let (readable, own) = (readable?, own?);
 

@@ -42,6 +42,34 @@ impl Fixture {
         }
     }
 
+    /// A fixture whose volume `disk` is encrypted with `key` (see `engine::sealing`).
+    pub async fn encrypted(
+        size: u64,
+        block_size: u32,
+        key: &engine::sealing::VolumeKey,
+    ) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
+        ObjectVolume::create_encrypted(
+            store.as_ref(),
+            &Path::from(""),
+            "disk",
+            size,
+            block_size,
+            key,
+        )
+        .await
+        .expect("create");
+        Fixture {
+            dir,
+            store,
+            layout: Layout::File,
+            _moto: None,
+        }
+    }
+
     /// The same, on a real S3-protocol server (moto).
     pub async fn on_s3(size: u64, block_size: u32) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -1,0 +1,347 @@
+//! Encrypted volumes against a real local-directory store: nothing written through the volume
+//! reaches the store in clear, a wrong or missing key is an error at open, a damaged or moved
+//! sealed block is an error (never data), and garbage collection, checkpoints, restore, clones
+//! and verify work on them as on plain volumes.
+
+use engine::object_volume::{
+    ObjectVolume, RestoreRequest, VerifyOptions, VolumeConfig, clone_volume, verify,
+};
+use engine::sealing::VolumeKey;
+use engine::{BlockDevice, DeviceError};
+use object_store::path::Path;
+use std::io::ErrorKind;
+use std::sync::Arc;
+
+mod common;
+use common::{Fixture, MIB, chunk_files, try_read};
+
+const BLOCK: u32 = 65536;
+const MARKER: &[u8] = b"BUCKETDISK-PLAINTEXT-MARKER-";
+
+fn key(byte: u8) -> Arc<VolumeKey> {
+    Arc::new(VolumeKey::parse(&[byte; 32]).expect("key"))
+}
+
+/// A block holding the marker many times: for even `n` between runs of random bytes (so the block
+/// is stored raw), or all in a row (so it is compressed, the marker kept once in LZ4's
+/// literals).
+fn marked_block(n: u64) -> Vec<u8> {
+    let mut x = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::with_capacity(BLOCK as usize);
+    while out.len() < BLOCK as usize {
+        out.extend_from_slice(MARKER);
+        if n % 2 == 0 {
+            for _ in 0..512 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                out.push(x as u8);
+            }
+        }
+    }
+    out.truncate(BLOCK as usize);
+    out
+}
+
+fn config(f: &Fixture, local: &str, key: Option<Arc<VolumeKey>>) -> VolumeConfig {
+    let mut c = f.config(local);
+    c.key = key;
+    c
+}
+
+async fn try_open(f: &Fixture, name: &str, c: VolumeConfig) -> std::io::Result<ObjectVolume> {
+    ObjectVolume::open(Arc::clone(&f.store), &Path::from(""), f.layout, name, c).await
+}
+
+async fn write_marked(v: &ObjectVolume, blocks: u64) {
+    for b in 0..blocks {
+        v.write(u64::from(BLOCK) * b, marked_block(b).into(), false)
+            .await
+            .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+}
+
+/// Every file the store holds, with its bytes.
+fn stored_files(f: &Fixture) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, Vec<u8>)>) {
+        for entry in std::fs::read_dir(dir).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push((path.clone(), std::fs::read(&path).expect("read")));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&f.dir.path().join("store"), &mut out);
+    out
+}
+
+fn files_with_marker(f: &Fixture) -> Vec<std::path::PathBuf> {
+    stored_files(f)
+        .into_iter()
+        .filter(|(_, bytes)| bytes.windows(MARKER.len()).any(|w| w == MARKER))
+        .map(|(path, _)| path)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_written_reaches_the_store_in_clear() {
+    // The check can fail: a plain volume written the same way stores the marker.
+    let plain = Fixture::new(16 * MIB, BLOCK).await;
+    let v = plain.open(plain.config("a")).await;
+    write_marked(&v, 8).await;
+    v.close().await.expect("close");
+    assert!(
+        !files_with_marker(&plain).is_empty(),
+        "a plain volume stores plaintext"
+    );
+
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    write_marked(&v, 8).await;
+    // Overwrites and collection rewrite chunks: those are sealed too.
+    for round in 0..3 {
+        for b in (0..8).step_by(2 + round) {
+            v.write(u64::from(BLOCK) * b, marked_block(b + 100).into(), false)
+                .await
+                .expect("write");
+        }
+        v.sync_to_store().await.expect("upload");
+        v.maintain_now().await.expect("maintenance");
+    }
+    v.close().await.expect("close");
+    assert_eq!(files_with_marker(&f), Vec::<std::path::PathBuf>::new());
+
+    // Read back on another host (a cold cache): every block from its sealed chunk.
+    let v = try_open(&f, "disk", config(&f, "b", Some(key(1))))
+        .await
+        .expect("open");
+    for b in 0..8u64 {
+        // Round r rewrote every (2 + r)th block from 0.
+        let rewritten = (0..3).any(|r| b % (2 + r) == 0);
+        let want = marked_block(if rewritten { b + 100 } else { b });
+        let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
+            .await
+            .expect("read");
+        assert!(got == want, "block {b} reads back as last written");
+    }
+    v.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_key_is_an_error_at_open() {
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let missing = try_open(&f, "disk", config(&f, "a", None))
+        .await
+        .err()
+        .expect("no key: refused");
+    assert_eq!(missing.kind(), ErrorKind::PermissionDenied);
+    assert!(
+        missing
+            .to_string()
+            .contains("volume disk is encrypted: give its key"),
+        "{missing}"
+    );
+    let wrong = try_open(&f, "disk", config(&f, "a", Some(key(2))))
+        .await
+        .err()
+        .expect("wrong key: refused");
+    assert!(wrong.to_string().contains("another key"), "{wrong}");
+    // Refused before anything was taken: the right key opens it at once.
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    v.close().await.expect("close");
+}
+
+/// The volume's only chunk file.
+fn only_chunk(f: &Fixture) -> std::path::PathBuf {
+    let chunks = chunk_files(f);
+    assert_eq!(chunks.len(), 1, "{chunks:?}");
+    f.dir.path().join("store/disk/chunks").join(&chunks[0])
+}
+
+/// Where block `block`'s sealed bytes lie in the chunk, from the chunk's own index.
+fn payload_range(chunk: &[u8], block: u64) -> std::ops::Range<usize> {
+    let entries = engine::chunk::read_index(chunk).expect("index");
+    let e = entries.iter().find(|e| e.block == block).expect("entry");
+    e.offset as usize..(e.offset + u64::from(e.length)) as usize
+}
+
+/// Opens the volume on a fresh host (a cold cache) and reads block `b`.
+async fn read_cold(f: &Fixture, local: &str, b: u64) -> engine::DeviceResult<Vec<u8>> {
+    let v = try_open(f, "disk", config(f, local, Some(key(1))))
+        .await
+        .expect("open");
+    let got = try_read(&v, u64::from(BLOCK) * b, BLOCK).await;
+    v.close().await.expect("close");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_or_swapped_sealed_block_is_an_error_never_data() {
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    // Blocks 0 and 2 are stored raw: their sealed bytes have the same length.
+    write_marked(&v, 3).await;
+    v.close().await.expect("close");
+    let path = only_chunk(&f);
+    let original = std::fs::read(&path).expect("read chunk");
+    let (zero, two) = (payload_range(&original, 0), payload_range(&original, 2));
+    assert_eq!(zero.len(), BLOCK as usize + engine::sealing::SEAL_OVERHEAD);
+    assert_eq!(zero.len(), two.len());
+
+    // A flipped ciphertext byte in block 0: that block is corrupt (EIO), the others read.
+    let mut damaged = original.clone();
+    damaged[zero.start + zero.len() / 2] ^= 0x01;
+    std::fs::write(&path, &damaged).expect("write chunk");
+    let err = read_cold(&f, "b", 0).await.expect_err("flipped byte");
+    assert!(matches!(err, DeviceError::Corrupt(_)), "{err:?}");
+    assert_eq!(read_cold(&f, "c", 1).await.expect("read"), marked_block(1));
+
+    // Blocks 0 and 2 swapped in the chunk: each is an error, never the other's data.
+    let mut swapped = original.clone();
+    swapped[zero.clone()].copy_from_slice(&original[two.clone()]);
+    swapped[two].copy_from_slice(&original[zero]);
+    std::fs::write(&path, &swapped).expect("write chunk");
+    for (b, local) in [(0, "d"), (2, "e")] {
+        let err = read_cold(&f, local, b).await.expect_err("swapped block");
+        assert!(matches!(err, DeviceError::Corrupt(_)), "block {b}: {err:?}");
+    }
+    assert_eq!(read_cold(&f, "f", 1).await.expect("read"), marked_block(1));
+
+    // Restored: verify --deep finds nothing wrong, and needs the key.
+    std::fs::write(&path, &original).expect("write chunk");
+    let deep = |key: Option<Arc<VolumeKey>>| VerifyOptions {
+        deep: true,
+        checkpoints: false,
+        key,
+    };
+    let report = verify(
+        Arc::clone(&f.store),
+        &Path::from(""),
+        f.layout,
+        "disk",
+        deep(Some(key(1))),
+        |_, _| {},
+    )
+    .await
+    .expect("verify");
+    assert!(!report.is_damaged(), "{report:?}");
+    assert_eq!(report.states[0].blocks_read, 3);
+    let refused = verify(
+        Arc::clone(&f.store),
+        &Path::from(""),
+        f.layout,
+        "disk",
+        deep(None),
+        |_, _| {},
+    )
+    .await
+    .expect_err("a deep verify opens blocks: it needs the key");
+    assert!(refused.to_string().contains("encrypted"), "{refused}");
+    std::fs::write(&path, &damaged).expect("write chunk");
+    let report = verify(
+        Arc::clone(&f.store),
+        &Path::from(""),
+        f.layout,
+        "disk",
+        deep(Some(key(1))),
+        |_, _| {},
+    )
+    .await
+    .expect("verify");
+    assert_eq!(report.states[0].damaged_total, 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_restore_and_clones_of_an_encrypted_volume() {
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let prefix = Path::from("");
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    write_marked(&v, 4).await;
+    v.create_checkpoint(Some("base")).await.expect("checkpoint");
+    for b in 0..4 {
+        v.write(u64::from(BLOCK) * b, marked_block(b + 50).into(), false)
+            .await
+            .expect("write");
+    }
+    v.sync_to_store().await.expect("upload");
+    v.close().await.expect("close");
+
+    // A clone reads its source's sealed chunks with the same key, and only with it.
+    clone_volume(f.store.as_ref(), &prefix, "disk", "base", "twin")
+        .await
+        .expect("clone");
+    let refused = try_open(&f, "twin", config(&f, "t0", None))
+        .await
+        .err()
+        .expect("a clone of an encrypted volume is encrypted");
+    assert!(
+        refused.to_string().contains("volume twin is encrypted"),
+        "{refused}"
+    );
+    let twin = try_open(&f, "twin", config(&f, "t", Some(key(1))))
+        .await
+        .expect("open clone");
+    for b in 0..4 {
+        let got = try_read(&twin, u64::from(BLOCK) * b, BLOCK)
+            .await
+            .expect("read");
+        assert!(got == marked_block(b), "clone block {b}");
+    }
+    // Its own writes are sealed for its own chunks, and read back.
+    twin.write(0, marked_block(7).into(), false)
+        .await
+        .expect("write");
+    twin.sync_to_store().await.expect("upload");
+    twin.close().await.expect("close");
+    let twin = try_open(&f, "twin", config(&f, "t2", Some(key(1))))
+        .await
+        .expect("open clone");
+    assert!(try_read(&twin, 0, BLOCK).await.expect("read") == marked_block(7));
+    assert!(
+        try_read(&twin, u64::from(BLOCK), BLOCK)
+            .await
+            .expect("read")
+            == marked_block(1)
+    );
+    twin.close().await.expect("close");
+
+    // Restore: the checkpoint's state, sealed blocks and all.
+    let request = RestoreRequest {
+        volume: "disk",
+        checkpoint: "base",
+        keep_current: false,
+    };
+    engine::object_volume::restore(
+        Arc::clone(&f.store),
+        &prefix,
+        f.layout,
+        request,
+        config(&f, "r", Some(key(1))),
+        |_| Ok(()),
+    )
+    .await
+    .expect("restore");
+    let v = try_open(&f, "disk", config(&f, "r2", Some(key(1))))
+        .await
+        .expect("open restored");
+    for b in 0..4 {
+        let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
+            .await
+            .expect("read");
+        assert!(got == marked_block(b), "restored block {b}");
+    }
+    v.close().await.expect("close");
+    assert_eq!(files_with_marker(&f), Vec::<std::path::PathBuf>::new());
+}
