@@ -55,11 +55,13 @@ enum CheckpointCommand {
 /// Carries `request` out through the volume's server or on the volume itself.
 fn run(access: &VolumeAccess, request: Request) -> Result<serde_json::Value> {
     let location = access.object_store("checkpoints")?;
+    let key = access.key.key()?;
     new_runtime()?.block_on(control::run(
         &location,
         &access.cache_dir(),
         request,
         access.force,
+        key,
     ))
 }
 
@@ -181,6 +183,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
     let location = args.access.object_store("restore")?;
     let cache_dir = args.access.cache_dir();
     let name = args.volume.as_str();
+    let key = args.access.key.key()?;
     let report = new_runtime()?.block_on(async {
         // A served volume: its server closes it, restores it and serves it again.
         let served = control::Request::Restore {
@@ -192,7 +195,7 @@ pub(crate) fn restore(args: RestoreArgs) -> Result<()> {
         if let Some(result) = control::ask_server(&cache_dir, &served).await? {
             return serde_json::from_value(result).context("reading the server's answer");
         }
-        let mut config = crate::store_args::volume_config(&cache_dir, name);
+        let mut config = crate::store_args::volume_config(&cache_dir, name, key);
         config.holder = control::holder_name("restore");
         let request = engine::object_volume::RestoreRequest {
             volume: name,

@@ -7,6 +7,7 @@ use crate::store_args::on_own_thread;
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use engine::object_volume::{ObjectVolume, checkpoints};
+use engine::sealing::VolumeKey;
 use nbd_server::exports::{Export, ExportSource};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,8 +19,10 @@ pub(crate) async fn open(
     volume: &str,
     checkpoint: &str,
     cache_dir: &Path,
+    key: Option<Arc<VolumeKey>>,
 ) -> Result<ObjectVolume> {
-    let config = crate::store_args::volume_config(cache_dir, &format!("{volume}@{checkpoint}"));
+    let local = format!("{volume}@{checkpoint}");
+    let config = crate::store_args::volume_config(cache_dir, &local, key);
     ObjectVolume::open_checkpoint(
         Arc::clone(&location.store),
         &location.prefix,
@@ -37,14 +40,22 @@ pub(crate) struct CheckpointExports {
     location: StoreLocation,
     cache_dir: PathBuf,
     volumes: Vec<String>,
+    /// The key of encrypted volumes (their checkpoints are encrypted too).
+    key: Option<Arc<VolumeKey>>,
 }
 
 impl CheckpointExports {
-    pub(crate) fn new(location: StoreLocation, cache_dir: PathBuf, volumes: Vec<String>) -> Self {
+    pub(crate) fn new(
+        location: StoreLocation,
+        cache_dir: PathBuf,
+        volumes: Vec<String>,
+        key: Option<Arc<VolumeKey>>,
+    ) -> Self {
         CheckpointExports {
             location,
             cache_dir,
             volumes,
+            key,
         }
     }
 }
@@ -80,9 +91,16 @@ impl ExportSource for CheckpointExports {
         }
         // A handshake task needs `Send`, which the volume's open cannot prove.
         let (location, cache_dir) = (self.location.clone(), self.cache_dir.clone());
+        let key = self.key.clone();
         let (volume_name, checkpoint_name) = (volume.to_string(), checkpoint.to_string());
         let opened = on_own_thread(move |runtime| {
-            runtime.block_on(open(&location, &volume_name, &checkpoint_name, &cache_dir))
+            runtime.block_on(open(
+                &location,
+                &volume_name,
+                &checkpoint_name,
+                &cache_dir,
+                key,
+            ))
         })
         .await
         .unwrap_or_else(|e| Err(anyhow::anyhow!("the open task failed: {e}")));

@@ -9,6 +9,7 @@ use crate::served::ServedVolume;
 use crate::store_args::on_own_thread;
 use anyhow::{Context, Result, bail};
 use engine::object_volume::{Holder, ObjectVolume};
+use engine::sealing::VolumeKey;
 use nbd_server::exports::Exports;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -385,6 +386,7 @@ pub(crate) async fn run(
     cache_dir: &Path,
     request: Request,
     force: bool,
+    key: Option<Arc<VolumeKey>>,
 ) -> Result<serde_json::Value> {
     match ask(cache_dir, &request).await? {
         Some(Response::Done { result }) => return Ok(result),
@@ -393,7 +395,7 @@ pub(crate) async fn run(
     }
     let name = request.volume();
     check_not_held_elsewhere(location, name, force).await?;
-    let mut config = crate::store_args::volume_config(cache_dir, name);
+    let mut config = crate::store_args::volume_config(cache_dir, name, key);
     config.holder = holder_name(verb(&request));
     let volume = ObjectVolume::open(
         Arc::clone(&location.store),

@@ -1,10 +1,12 @@
 //! `bucketdisk create`: a new volume in the store.
 
+use crate::key_args::KeyArgs;
 use crate::store_args::{StoreArgs, block_size, file_engine, new_runtime, object_store, store_dir};
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bucketdisk::units::{format_size, parse_size};
 use clap::Args;
 use engine::object_volume::ObjectVolume;
+use engine::sealing::KEY_ENV;
 use engine::{BlockDevice, FileVolume};
 
 #[derive(Args)]
@@ -17,9 +19,28 @@ pub(crate) struct CreateArgs {
     pub(crate) block_size: u64,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    /// Encrypt the volume at rest: every block it stores is sealed (AES-256-GCM) with the key
+    /// of --key-file or BUCKETDISK_KEY, which every later open needs. Object engine only.
+    #[arg(long)]
+    pub(crate) encrypt: bool,
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
 }
 
 pub(crate) fn create(args: CreateArgs) -> Result<()> {
+    let key = match (args.encrypt, args.key.key()?) {
+        (true, None) => {
+            bail!("--encrypt needs a key: --key-file FILE or {KEY_ENV} (openssl rand -hex 32)")
+        }
+        (true, Some(_)) if file_engine(&args.store) => {
+            bail!("--encrypt needs the object engine (--engine object)")
+        }
+        (true, key) => key,
+        (false, Some(_)) => {
+            bail!("a key was given without --encrypt: say --encrypt to make an encrypted volume")
+        }
+        (false, None) => None,
+    };
     if file_engine(&args.store) {
         let store = store_dir(&args.store)?;
         let volume =
@@ -36,17 +57,18 @@ pub(crate) fn create(args: CreateArgs) -> Result<()> {
     let location = object_store(&args.store)?;
     let block_size = block_size(args.block_size)?;
     new_runtime()?.block_on(async {
-        ObjectVolume::create(
-            location.store.as_ref(),
-            &location.prefix,
-            &args.name,
-            args.size,
-            block_size,
-        )
-        .await
+        let (store, prefix, name) = (location.store.as_ref(), &location.prefix, &args.name);
+        match &key {
+            None => ObjectVolume::create(store, prefix, name, args.size, block_size).await,
+            Some(key) => {
+                ObjectVolume::create_encrypted(store, prefix, name, args.size, block_size, key)
+                    .await
+            }
+        }
         .with_context(|| format!("creating volume {}", args.name))?;
         println!(
-            "created volume {} ({}, {} blocks) in {}",
+            "created {}volume {} ({}, {} blocks) in {}",
+            if key.is_some() { "encrypted " } else { "" },
             args.name,
             format_size(args.size),
             format_size(u64::from(block_size)),

@@ -92,6 +92,7 @@ fn object_info(args: InfoArgs) -> Result<()> {
             "local_cache_capacity": local.cache_capacity,
             "local_cache_shared": local.cache_shared,
             "format": meta.format,
+            "encryption": meta.encryption.as_ref().map(|e| e.cipher.clone()),
             "store": location.description,
         });
         println!("{value}");
@@ -136,6 +137,12 @@ fn object_info(args: InfoArgs) -> Result<()> {
                 ),
             ),
             ("format", meta.format.clone()),
+            (
+                "encryption",
+                meta.encryption.as_ref().map_or("none".to_string(), |e| {
+                    format!("{} (blocks in the store)", e.cipher)
+                }),
+            ),
             ("store", location.description.clone()),
         ]);
     }

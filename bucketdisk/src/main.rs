@@ -7,6 +7,7 @@ mod checkpoint_exports;
 mod control;
 mod create;
 mod info;
+mod key_args;
 mod progress;
 mod serve;
 mod served;

@@ -2,6 +2,7 @@
 
 use crate::checkpoint_exports;
 use crate::control;
+use crate::key_args::KeyArgs;
 use crate::served::ServedVolume;
 use crate::store_args::{
     DEFAULT_DATA_DIR, DEFAULT_VOLUME, StoreArgs, block_size, file_engine, new_runtime,
@@ -11,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use bucketdisk::units::{format_size, parse_chunk_size, parse_duration, parse_size};
 use clap::Args;
 use engine::object_volume::{ObjectVolume, VolumeConfig, catalog};
+use engine::sealing::VolumeKey;
 use engine::{BlockDevice, Durability, FileVolume};
 use nbd_server::exports::{Export, Exports};
 use nbd_server::server::{self, Listener};
@@ -25,6 +27,9 @@ use tokio::sync::watch;
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    /// (A volume created on first start with a key is encrypted with it.)
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
     /// Local directory for the journal, cache and hydrated block map.
     /// [default: ./bucketdisk-data/cache]
     #[arg(long)]
@@ -147,6 +152,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     }
     // Before any volume opens: a TLS or metrics setup that cannot work is one line, at once.
     let tls = args.tls.load()?;
+    let key = args.key.key()?;
     let metrics_token = args
         .metrics_token_file
         .as_deref()
@@ -198,12 +204,25 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 Some(location) => match name.split_once('@') {
                     // A checkpoint: read-only, as it was taken.
                     Some((volume, checkpoint)) => Arc::new(
-                        checkpoint_exports::open(location, volume, checkpoint, &cache_dir).await?,
+                        checkpoint_exports::open(
+                            location,
+                            volume,
+                            checkpoint,
+                            &cache_dir,
+                            key.clone(),
+                        )
+                        .await?,
                     ),
                     None => {
-                        let (volume, config) =
-                            open_object_volume(location, name, &args, &cache_dir, block_size)
-                                .await?;
+                        let (volume, config) = open_object_volume(
+                            location,
+                            name,
+                            &args,
+                            &cache_dir,
+                            block_size,
+                            key.clone(),
+                        )
+                        .await?;
                         let served = Arc::new(ServedVolume::new(
                             name.clone(),
                             location.clone(),
@@ -239,6 +258,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
                 location.clone(),
                 cache_dir.clone(),
                 served,
+                key.clone(),
             )));
         }
         let exports = Arc::new(exports);
@@ -369,8 +389,9 @@ async fn open_object_volume(
     args: &ServeArgs,
     cache_dir: &Path,
     block_size: u32,
+    key: Option<Arc<VolumeKey>>,
 ) -> Result<(ObjectVolume, VolumeConfig)> {
-    let mut config = crate::store_args::volume_config(cache_dir, name);
+    let mut config = crate::store_args::volume_config(cache_dir, name, key.clone());
     if let Some(bytes) = args.cache_size {
         config.cache_bytes = bytes;
     }
@@ -431,16 +452,20 @@ async fn open_object_volume(
     if args.read_only {
         bail!("volume {name} does not exist in {}", location.description);
     }
-    ObjectVolume::create(
-        location.store.as_ref(),
-        &location.prefix,
-        name,
-        args.size,
-        block_size,
-    )
-    .await
+    let (store, prefix) = (location.store.as_ref(), &location.prefix);
+    match &key {
+        None => ObjectVolume::create(store, prefix, name, args.size, block_size).await,
+        Some(key) => {
+            ObjectVolume::create_encrypted(store, prefix, name, args.size, block_size, key).await
+        }
+    }
     .with_context(|| format!("creating volume {name}"))?;
-    tracing::info!(volume = name, size = %format_size(args.size), "created volume");
+    tracing::info!(
+        volume = name,
+        size = %format_size(args.size),
+        encrypted = key.is_some(),
+        "created volume"
+    );
     let volume = open(config.clone())
         .await
         .with_context(|| format!("opening volume {name} in {}", location.description))?;

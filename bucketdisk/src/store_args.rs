@@ -1,9 +1,12 @@
 //! The options every subcommand takes to find its volumes (`--store`, `--engine`), and the
 //! helpers that turn them into a store, a directory or a runtime.
 
+use crate::key_args::KeyArgs;
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use engine::sealing::VolumeKey;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use stores::url::{StoreLocation, open_store};
 
 pub(crate) const DEFAULT_DATA_DIR: &str = "bucketdisk-data";
@@ -95,9 +98,14 @@ pub(crate) fn shared_cache_dir(cache_dir: &Path) -> PathBuf {
 
 /// The engine's configuration for the volume whose local folder is `<cache_dir>/<local>`, with
 /// the cache directory's shared block cache.
-pub(crate) fn volume_config(cache_dir: &Path, local: &str) -> engine::VolumeConfig {
+pub(crate) fn volume_config(
+    cache_dir: &Path,
+    local: &str,
+    key: Option<Arc<VolumeKey>>,
+) -> engine::VolumeConfig {
     let mut config = engine::VolumeConfig::new(cache_dir.join(local));
     config.shared_cache_dir = Some(shared_cache_dir(cache_dir));
+    config.key = key;
     config
 }
 
@@ -114,6 +122,8 @@ pub(crate) struct VolumeAccess {
     /// may still hold it (that server, if it runs, stops accepting writes).
     #[arg(long)]
     pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
 }
 
 impl VolumeAccess {

@@ -43,6 +43,9 @@ pub(crate) struct TlsArgs {
     /// qemu, nbdkit and libnbd read), readable by its owner alone.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "tls_dir", "tls_verify_peer"])]
     pub(crate) tls_psk: Option<PathBuf>,
+    /// Tests: how long a client has to finish its TLS handshake (default 30s).
+    #[arg(long, hide = true, value_parser = bucketdisk::units::parse_duration)]
+    pub(crate) tls_handshake_timeout: Option<std::time::Duration>,
 }
 
 impl TlsArgs {
@@ -75,7 +78,11 @@ impl TlsArgs {
                 self.tls
             );
         };
-        Ok(Some(Arc::new(Tls::new(mode, credentials)?)))
+        let mut tls = Tls::new(mode, credentials)?;
+        if let Some(timeout) = self.tls_handshake_timeout {
+            tls = tls.with_handshake_timeout(timeout);
+        }
+        Ok(Some(Arc::new(tls)))
     }
 
     fn credentials_given(&self) -> bool {

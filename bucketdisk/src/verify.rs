@@ -1,5 +1,6 @@
 //! `bucketdisk verify`: checks a volume against the store and says what is damaged.
 
+use crate::key_args::KeyArgs;
 use crate::store_args::{StoreArgs, file_engine, new_runtime, object_store};
 use anyhow::{Context, Result, bail};
 use bucketdisk::units::format_size;
@@ -15,6 +16,9 @@ pub(crate) struct VerifyArgs {
     pub(crate) volume: String,
     #[command(flatten)]
     pub(crate) store: StoreArgs,
+    /// (Needed by --deep on an encrypted volume, which opens every block.)
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
     /// Check every checkpoint's state too, not only the latest.
     #[arg(long)]
     pub(crate) checkpoints: bool,
@@ -36,6 +40,7 @@ pub(crate) fn verify(args: VerifyArgs) -> Result<()> {
     let options = VerifyOptions {
         deep: args.deep,
         checkpoints: args.checkpoints,
+        key: args.key.key()?,
     };
     let bar = crate::progress::bar(if args.deep {
         "reading chunks"

@@ -213,12 +213,14 @@ pub(crate) fn resize(args: ResizeArgs) -> Result<()> {
         size: args.size,
         force: args.access.force,
     };
+    let key = args.access.key.key()?;
     let result = new_runtime()?
         .block_on(control::run(
             &location,
             &args.access.cache_dir(),
             request,
             args.access.force,
+            key,
         ))
         .with_context(|| format!("resizing volume {}", args.volume))?;
     if args.json {
