@@ -5,153 +5,12 @@
 //! each fail that connection alone while the server goes on serving.
 
 mod common;
+use common::pki::{Pki, set_mode};
 use common::{Server, ServerOptions, assert_fails_with, bucketdisk_bin, require_tool, run_output};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-/// Certificates for one test, made with the `openssl` command.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = run_output(Command::new("openssl").args(args).current_dir(dir));
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-}
-
-impl Pki {
-    fn new() -> Pki {
-        require_tool("openssl");
-        let pki = Pki {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let d = pki.dir.path();
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN={ca}"),
-                    "-keyout",
-                    &format!("{ca}-key.pem"),
-                    "-out",
-                    &format!("{ca}-cert.pem"),
-                ],
-            );
-        }
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("ext");
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
-        pki.issue("server", "ca", "localhost", "server.ext");
-        pki.issue("client", "ca", "client", "client.ext");
-        pki.issue("foreign-client", "other-ca", "intruder", "client.ext");
-        // The directory layouts qemu, nbdkit and libnbd read.
-        pki.layout(
-            "server-dir",
-            &[
-                ("ca-cert.pem", "ca-cert.pem"),
-                ("server-cert.pem", "server-cert.pem"),
-                ("server-key.pem", "server-key.pem"),
-            ],
-        );
-        pki.layout(
-            "client-dir",
-            &[
-                ("ca-cert.pem", "ca-cert.pem"),
-                ("client-cert.pem", "client-cert.pem"),
-                ("client-key.pem", "client-key.pem"),
-            ],
-        );
-        pki.layout("ca-only", &[("ca-cert.pem", "ca-cert.pem")]);
-        pki.layout("wrong-ca", &[("ca-cert.pem", "other-ca-cert.pem")]);
-        pki.layout(
-            "foreign-client-dir",
-            &[
-                ("ca-cert.pem", "ca-cert.pem"),
-                ("client-cert.pem", "foreign-client-cert.pem"),
-                ("client-key.pem", "foreign-client-key.pem"),
-            ],
-        );
-        pki
-    }
-
-    fn issue(&self, name: &str, ca: &str, cn: &str, ext: &str) {
-        let d = self.dir.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                &format!("{ca}-cert.pem"),
-                "-CAkey",
-                &format!("{ca}-key.pem"),
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-                "-out",
-                &format!("{name}-cert.pem"),
-            ],
-        );
-    }
-
-    fn layout(&self, dir: &str, files: &[(&str, &str)]) {
-        let target = self.path(dir);
-        std::fs::create_dir_all(&target).expect("mkdir");
-        for (name, from) in files {
-            std::fs::copy(self.path(from), target.join(name)).expect("copy");
-            set_mode(&target.join(name), 0o600);
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// A psktool file of `lines`, owner-only.
-    fn psk_file(&self, name: &str, lines: &str) -> PathBuf {
-        let path = self.path(name);
-        std::fs::write(&path, lines).expect("psk file");
-        set_mode(&path, 0o600);
-        path
-    }
-}
-
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
 
 fn port(server: &Server) -> u16 {
     match server.endpoint {
@@ -337,6 +196,7 @@ const OPT_LIST: u32 = 3;
 const OPT_STARTTLS: u32 = 5;
 const OPT_GO: u32 = 7;
 const REP_ACK: u32 = 1;
+const REP_INFO: u32 = 3;
 const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
 
 /// Greeted, with fixed newstyle and no zeroes.
@@ -355,13 +215,22 @@ fn greeted(port: u16) -> TcpStream {
 }
 
 /// Sends option `option` with `data`; the reply's type (its data skipped).
-fn option(s: &mut TcpStream, option: u32, data: &[u8]) -> u32 {
+fn option(s: &mut (impl Read + Write), option: u32, data: &[u8]) -> u32 {
+    send_option(s, option, data);
+    reply(s, option)
+}
+
+fn send_option(s: &mut impl Write, option: u32, data: &[u8]) {
     let mut request = Vec::new();
     request.extend_from_slice(&IHAVEOPT.to_be_bytes());
     request.extend_from_slice(&option.to_be_bytes());
     request.extend_from_slice(&(data.len() as u32).to_be_bytes());
     request.extend_from_slice(data);
     s.write_all(&request).expect("option");
+}
+
+/// One option reply to `option`: its type (its data skipped).
+fn reply(s: &mut impl Read, option: u32) -> u32 {
     let mut head = [0u8; 20];
     s.read_exact(&mut head).expect("reply");
     assert_eq!(
@@ -467,25 +336,7 @@ fn sighup_reads_the_credentials_again_and_a_bad_reload_keeps_them() {
             pki.path(ca_dir).display()
         )
     };
-    let hangup = |expect: &str| {
-        let pid = server.child.as_ref().expect("running").id();
-        let before = server.log_text().matches(expect).count();
-        assert!(
-            Command::new("kill")
-                .args(["-HUP", &pid.to_string()])
-                .status()
-                .expect("kill")
-                .success()
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while server.log_text().matches(expect).count() == before {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no {expect:?} in the log"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    };
+    let hangup = |expect: &str| hangup(&server, expect);
     assert_ok(&nbdinfo(&uri("ca-only")), "the first certificate");
 
     // A key others can read: refused, the credentials in use kept.
@@ -503,4 +354,299 @@ fn sighup_reads_the_credentials_again_and_a_bad_reload_keeps_them() {
         &nbdinfo(&uri("wrong-ca")),
         "the other CA signs the new certificate",
     );
+}
+
+/// Sends SIGHUP to the server and waits for `expect` to appear once more in its log.
+fn hangup(server: &Server, expect: &str) {
+    let pid = server.child.as_ref().expect("running").id();
+    let before = server.log_text().matches(expect).count();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    wait_for_log(server, expect, before);
+}
+
+/// Waits until `expect` appears in the server's log more than `before` times.
+fn wait_for_log(server: &Server, expect: &str, before: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.log_text().matches(expect).count() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {expect:?} in the log:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn x509_server(pki: &Pki, cert: &str, extra: &[&str]) -> Server {
+    let mut args: Vec<String> = vec![
+        "--tls".into(),
+        "require".into(),
+        "--tls-cert".into(),
+        pki.path(&format!("{cert}-cert.pem")).display().to_string(),
+        "--tls-key".into(),
+        pki.path(&format!("{cert}-key.pem")).display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    tls_server(&args)
+}
+
+#[test]
+fn expired_and_not_yet_valid_certificates_fail_that_handshake_alone() {
+    let pki = Pki::new();
+    let (past, past_end) = ("20200101000000Z", "20200102000000Z");
+    let (future, future_end) = ("20990101000000Z", "20990102000000Z");
+    pki.issue_dated(
+        "expired-server",
+        "ca",
+        "localhost",
+        "server.ext",
+        past,
+        past_end,
+    );
+    pki.issue_dated(
+        "expired-client",
+        "ca",
+        "client",
+        "client.ext",
+        past,
+        past_end,
+    );
+    pki.issue_dated(
+        "future-client",
+        "ca",
+        "client",
+        "client.ext",
+        future,
+        future_end,
+    );
+
+    // A server whose certificate expired: clients refuse it; the server goes on.
+    let server = x509_server(&pki, "expired-server", &[]);
+    let p = port(&server);
+    let ca_only = pki.path("ca-only");
+    let uri = format!(
+        "nbds://localhost:{p}/?tls-certificates={}",
+        ca_only.display()
+    );
+    assert_refused(&nbdinfo(&uri), "an expired server certificate");
+    let mut plain = greeted(p);
+    assert_eq!(option(&mut plain, OPT_LIST, &[]), REP_ERR_TLS_REQD);
+    drop(server);
+
+    // Client certificates outside their validity, with --tls-verify-peer: refused, and the log
+    // names the check that failed; a valid one is served in between.
+    let ca = pki.path("ca-cert.pem").display().to_string();
+    let server = x509_server(&pki, "server", &["--tls-ca", &ca, "--tls-verify-peer"]);
+    let p = port(&server);
+    for (cert, reason) in [
+        ("expired-client", "certificate has expired"),
+        ("future-client", "certificate is not yet valid"),
+    ] {
+        let dir = format!("{cert}-dir");
+        pki.layout(
+            &dir,
+            &[
+                ("ca-cert.pem", "ca-cert.pem"),
+                ("client-cert.pem", &format!("{cert}-cert.pem")),
+                ("client-key.pem", &format!("{cert}-key.pem")),
+            ],
+        );
+        let before = server.log_text().matches(reason).count();
+        let uri = |d: &str| {
+            format!(
+                "nbds://localhost:{p}/?tls-certificates={}",
+                pki.path(d).display()
+            )
+        };
+        assert_refused(&nbdinfo(&uri(&dir)), cert);
+        wait_for_log(&server, reason, before);
+        assert_ok(&nbdinfo(&uri("client-dir")), "a valid client certificate");
+    }
+}
+
+#[test]
+fn a_client_that_stalls_mid_handshake_is_dropped_at_the_limit() {
+    let pki = Pki::new();
+    let server = x509_server(&pki, "server", &["--tls-handshake-timeout", "2s"]);
+    let p = port(&server);
+    let mut stalled = greeted(p);
+    assert_eq!(option(&mut stalled, OPT_STARTTLS, &[]), REP_ACK);
+    // The header of a ClientHello record announcing 200 bytes, and nothing more.
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8])
+        .expect("half a hello");
+    let started = std::time::Instant::now();
+    // Others are served meanwhile.
+    let uri = format!(
+        "nbds://localhost:{p}/?tls-certificates={}",
+        pki.path("ca-only").display()
+    );
+    assert_ok(&nbdinfo(&uri), "a client beside the stalled one");
+    let mut rest = Vec::new();
+    let closed = stalled.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok(),
+        "the server closes the connection: {closed:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(1500)
+            && waited < std::time::Duration::from_secs(8),
+        "closed after {waited:?}"
+    );
+    wait_for_log(&server, "TLS handshake not finished within 2s", 0);
+}
+
+unsafe extern "C" {
+    /// libssl's (the openssl crate has no binding): starts a renegotiation on the next I/O.
+    fn SSL_renegotiate(ssl: *mut openssl_sys::SSL) -> std::os::raw::c_int;
+}
+
+/// A TLS 1.2 session on the default export spoken by hand (what no packaged client does:
+/// renegotiate, or hold a session open across a reload).
+fn tls12_session(port: u16, ca: &Path) -> openssl::ssl::SslStream<TcpStream> {
+    use openssl::ssl::{SslConnector, SslMethod, SslVersion};
+    let mut plain = greeted(port);
+    assert_eq!(option(&mut plain, OPT_STARTTLS, &[]), REP_ACK);
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).expect("connector");
+    builder.set_ca_file(ca).expect("CA");
+    builder
+        .set_max_proto_version(Some(SslVersion::TLS1_2))
+        .expect("TLS 1.2");
+    let mut tls = builder
+        .build()
+        .connect("localhost", plain)
+        .expect("TLS handshake");
+    let mut go = Vec::new();
+    go.extend_from_slice(&0u32.to_be_bytes());
+    go.extend_from_slice(&0u16.to_be_bytes());
+    send_option(&mut tls, OPT_GO, &go);
+    loop {
+        match reply(&mut tls, OPT_GO) {
+            REP_ACK => break,
+            REP_INFO => continue,
+            other => panic!("OPT_GO answered {other:#x}"),
+        }
+    }
+    tls
+}
+
+/// NBD_CMD_READ of 4 KiB at 0 (simple reply): its bytes.
+fn read_4k(s: &mut (impl Read + Write), handle: u64) -> std::io::Result<Vec<u8>> {
+    let mut request = Vec::new();
+    request.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    request.extend_from_slice(&0u16.to_be_bytes()); // flags
+    request.extend_from_slice(&0u16.to_be_bytes()); // READ
+    request.extend_from_slice(&handle.to_be_bytes());
+    request.extend_from_slice(&0u64.to_be_bytes());
+    request.extend_from_slice(&4096u32.to_be_bytes());
+    s.write_all(&request)?;
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head)?;
+    assert_eq!(
+        u32::from_be_bytes(head[..4].try_into().unwrap()),
+        0x6744_6698
+    );
+    assert_eq!(
+        u32::from_be_bytes(head[4..8].try_into().unwrap()),
+        0,
+        "error"
+    );
+    assert_eq!(u64::from_be_bytes(head[8..].try_into().unwrap()), handle);
+    let mut data = vec![0u8; 4096];
+    s.read_exact(&mut data)?;
+    Ok(data)
+}
+
+#[test]
+fn sessions_outlive_a_reload_and_renegotiation_is_refused() {
+    use foreign_types::ForeignTypeRef;
+    let pki = Pki::new();
+    let dir = pki.path("server-dir");
+    let server = tls_server(&[
+        "--tls".into(),
+        "require".into(),
+        "--tls-dir".into(),
+        dir.display().to_string(),
+    ]);
+    let p = port(&server);
+    let ca = pki.path("ca-cert.pem");
+    let mut session = tls12_session(p, &ca);
+    assert_eq!(session.ssl().version_str(), "TLSv1.2");
+    read_4k(&mut session, 1).expect("read before the reload");
+    // SIGHUP: connected clients keep their sessions.
+    hangup(&server, "read again");
+    read_4k(&mut session, 2).expect("read on the same session after the reload");
+
+    // A renegotiation the client asks for: refused, that connection ends, the log says so.
+    let local = session.get_ref().local_addr().expect("address").to_string();
+    // SAFETY: the pointer is the live session's; SSL_renegotiate only sets a flag on it.
+    let asked = unsafe { SSL_renegotiate(session.ssl().as_ptr()) };
+    assert_eq!(asked, 1, "the client side can ask");
+    let renegotiated = session.do_handshake();
+    assert!(renegotiated.is_err(), "the server refuses to renegotiate");
+    assert!(read_4k(&mut session, 3).is_err(), "that session is over");
+    drop(session);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !server
+        .log_text()
+        .lines()
+        .any(|l| l.contains(&local) && l.contains("connection closed"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line about {local}:\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Everyone else is served.
+    let mut other = tls12_session(p, &ca);
+    read_4k(&mut other, 4).expect("another client");
+}
+
+#[test]
+fn fio_over_nbds_verifies_what_it_wrote() {
+    require_tool("fio");
+    let pki = Pki::new();
+    let server = x509_server(&pki, "server", &[]);
+    // libnbd reads a client's CA from $HOME/.pki/libnbd when the URI names none (fio's nbd
+    // engine passes the URI as it is).
+    let home = tempfile::tempdir().expect("home");
+    let pki_dir = home.path().join(".pki/libnbd");
+    std::fs::create_dir_all(&pki_dir).expect("pki dir");
+    std::fs::copy(pki.path("ca-cert.pem"), pki_dir.join("ca-cert.pem")).expect("ca");
+    let out = run_output(
+        Command::new("fio")
+            .args([
+                "--name=tls",
+                "--ioengine=nbd",
+                &format!("--uri=nbds://localhost:{}/", port(&server)),
+                "--rw=randwrite",
+                "--bs=64k",
+                "--iodepth=8",
+                "--size=32M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--output-format=json",
+                "--verify_state_save=0",
+            ])
+            .env("HOME", home.path())
+            .current_dir(home.path()),
+    );
+    assert_ok(&out, "fio over TLS");
+    let json: serde_json::Value = serde_json::from_slice(
+        &out.stdout[out.stdout.iter().position(|&b| b == b'{').unwrap_or(0)..],
+    )
+    .expect("fio JSON");
+    let job = &json["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    assert_eq!(job["write"]["io_bytes"], 32 << 20, "{job}");
+    assert_eq!(job["read"]["io_bytes"], 32 << 20, "verified: {job}");
 }

@@ -121,8 +121,8 @@ pub enum TlsError {
     },
     #[error("TLS handshake failed: {0}")]
     Handshake(String),
-    #[error("TLS handshake not finished within {HANDSHAKE_TIMEOUT:?}")]
-    HandshakeTimeout,
+    #[error("TLS handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 fn openssl_error(what: impl fmt::Display) -> impl FnOnce(openssl::error::ErrorStack) -> TlsError {
@@ -135,6 +135,8 @@ pub struct Tls {
     mode: TlsMode,
     credentials: Credentials,
     context: RwLock<SslContext>,
+    /// How long a client has to finish its handshake ([`HANDSHAKE_TIMEOUT`] by default).
+    handshake_timeout: Duration,
 }
 
 impl fmt::Debug for Tls {
@@ -156,7 +158,14 @@ impl Tls {
             mode,
             credentials,
             context: RwLock::new(context),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
         })
+    }
+
+    /// The same, giving clients `timeout` to finish their handshake.
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Tls {
+        self.handshake_timeout = timeout;
+        self
     }
 
     pub fn mode(&self) -> TlsMode {
@@ -187,9 +196,20 @@ impl Tls {
         let ssl = Ssl::new(&context).map_err(openssl_error("starting a TLS session"))?;
         let mut stream =
             SslStream::new(ssl, stream).map_err(openssl_error("starting a TLS session"))?;
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, Pin::new(&mut stream).accept()).await {
-            Err(_) => Err(TlsError::HandshakeTimeout),
-            Ok(Err(e)) => Err(TlsError::Handshake(describe_handshake_error(&e))),
+        let timeout = self.handshake_timeout;
+        match tokio::time::timeout(timeout, Pin::new(&mut stream).accept()).await {
+            Err(_) => Err(TlsError::HandshakeTimeout(timeout)),
+            Ok(Err(e)) => {
+                let mut why = describe_handshake_error(&e);
+                // OpenSSL's reason for a refused client certificate is only "certificate
+                // verify failed"; the check that failed (expired, not yet valid, unknown CA)
+                // is the verify result.
+                let verified = stream.ssl().verify_result();
+                if verified != openssl::x509::X509VerifyResult::OK {
+                    why = format!("{why} (client certificate: {})", verified.error_string());
+                }
+                Err(TlsError::Handshake(why))
+            }
             Ok(Ok(())) => Ok(stream),
         }
     }

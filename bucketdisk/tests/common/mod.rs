@@ -7,6 +7,7 @@
 #[path = "../../../blockmap/tests/common/moto.rs"]
 mod moto;
 pub mod nbd_client;
+pub mod pki;
 pub use moto::{Moto, create_bucket, start_moto};
 
 use std::net::TcpListener;
