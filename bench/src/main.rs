@@ -92,6 +92,9 @@ enum Suite {
     /// `bucketdisk verify` on moto: peak memory and time on a 100 GiB map, and `--deep`'s
     /// read rate against the store's GET ceiling measured in the same run.
     Verify(suites::verify::Args),
+    /// Encrypted volumes against plain ones (object engine, local-directory store and moto):
+    /// 1M writes until sealed and stored, and 1M reads with a cold cache.
+    Encryption(suites::encryption::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -115,6 +118,7 @@ fn main() -> std::process::ExitCode {
         Suite::Faults(args) => suites::faults::run(args, command),
         Suite::CrashSoak(args) => suites::crash_soak::run(args, command),
         Suite::Verify(args) => suites::verify::run(args, command),
+        Suite::Encryption(args) => suites::encryption::run(args, command),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

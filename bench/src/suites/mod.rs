@@ -6,6 +6,7 @@ pub mod cold;
 pub mod compare;
 pub mod compare_clocks;
 pub mod crash_soak;
+pub mod encryption;
 pub mod engine;
 pub mod faults;
 pub mod lifecycle;
