@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes every target for SECONDS each (default 600), two at a time (one per core):
-#   fuzz/           nbd_session nbd_frames journal_segment cache_index stored_json
+#   fuzz/           nbd_session nbd_tls_options nbd_frames journal_segment cache_index stored_json
 #   ltx/fuzz/       decode (seeded with the Litestream files in testdata/ltx)
 # Each run starts from the committed seeds (fuzz/corpus/<target>/) and keeps what it finds in
 # fuzz/corpus-run/<target>/ (not committed). A crash stops that target and leaves its input in
@@ -15,7 +15,7 @@ root="$(pwd)"
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 
-targets=(nbd_session nbd_frames journal_segment cache_index stored_json)
+targets=(nbd_session nbd_tls_options nbd_frames journal_segment cache_index stored_json)
 (cd fuzz && cargo fuzz build -O)
 (cd ltx/fuzz && cargo fuzz build -O decode)
 

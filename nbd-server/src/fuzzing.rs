@@ -2,7 +2,7 @@
 //! client sends, the server answers or closes the connection, and never panics or hangs.
 
 use crate::exports::{Export, Exports};
-use crate::handshake::negotiate;
+use crate::handshake::{Negotiated, TlsPhase, greet, negotiate, options};
 use crate::proto::{ReplyMode, chunk_header, decode_request};
 use std::io::Cursor;
 use std::sync::{Arc, OnceLock};
@@ -51,6 +51,58 @@ fn replies_to(input: &[u8]) -> usize {
         let budget = crate::limits::Budget::new(crate::limits::DEFAULT_MEMORY);
         let _ = crate::transmission::serve(reader, replies, session, budget, shutdown).await;
         drained.await.ok().and_then(Result::ok).unwrap_or(0) as usize
+    })
+}
+
+/// The option phase of a server that offers or requires TLS, or of a connection already
+/// encrypted: `input`'s first byte picks which, the rest is what the client sends. Besides
+/// never panicking: under `--tls require` no export is ever reached in clear, and once
+/// encrypted `STARTTLS` is never taken again.
+pub fn nbd_tls_options(input: &[u8]) {
+    match tls_option_phase(input) {
+        Some((TlsPhase::Required, Outcome::Session(export))) => {
+            panic!("export {export} reached in clear under --tls require")
+        }
+        Some((TlsPhase::Active, Outcome::StartTls)) => {
+            panic!("STARTTLS taken on a connection already encrypted")
+        }
+        _ => {}
+    }
+}
+
+/// How an option phase ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// On to transmission, with this export.
+    Session(String),
+    StartTls,
+    /// Ended, or failed.
+    Other,
+}
+
+/// Runs the option phase [`nbd_tls_options`] describes; `None` if the greeting failed.
+fn tls_option_phase(input: &[u8]) -> Option<(TlsPhase, Outcome)> {
+    let (&selector, client) = input.split_first()?;
+    let phase = match selector % 3 {
+        0 => TlsPhase::Offered,
+        1 => TlsPhase::Required,
+        _ => TlsPhase::Active,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = client.to_vec();
+    runtime.block_on(async move {
+        let mut reader = Cursor::new(client);
+        let mut writer = tokio::io::sink();
+        let flags = greet(&mut reader, &mut writer).await.ok()??;
+        let outcome = match options(&mut reader, &mut writer, exports(), flags, phase).await {
+            Ok(Negotiated::Session(s)) => Outcome::Session(s.export.name.clone()),
+            Ok(Negotiated::StartTls) => Outcome::StartTls,
+            _ => Outcome::Other,
+        };
+        Some((phase, outcome))
     })
 }
 
@@ -189,6 +241,25 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     option(&mut b, OPT_ABORT, &[]);
     seeds.push(("nbd_session", "starttls-unknown-abort".to_string(), b));
 
+    // The TLS option phase: [phase selector] then what follows the greeting.
+    for (selector, phase) in [(0u8, "offered"), (1, "required"), (2, "active")] {
+        let mut b = vec![selector];
+        b.extend_from_slice(&flags);
+        option(&mut b, OPT_LIST, &[]);
+        option(&mut b, OPT_GO, &go("disk"));
+        seeds.push(("nbd_tls_options", format!("{phase}-list-go"), b));
+        let mut b = vec![selector];
+        b.extend_from_slice(&flags);
+        option(&mut b, OPT_EXPORT_NAME, b"disk");
+        seeds.push(("nbd_tls_options", format!("{phase}-export-name"), b));
+        let mut b = vec![selector];
+        b.extend_from_slice(&flags);
+        option(&mut b, OPT_STARTTLS, &[]);
+        option(&mut b, OPT_STARTTLS, b"data");
+        option(&mut b, OPT_INFO, &go(""));
+        seeds.push(("nbd_tls_options", format!("{phase}-starttls-twice"), b));
+    }
+
     let mut b = Vec::new();
     request(&mut b, true, CMD_READ, 1 << 40, 1 << 20);
     b.extend_from_slice(&[0x55; 30]);
@@ -210,6 +281,27 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests {
+    use super::{Outcome, TlsPhase, tls_option_phase};
+
+    /// The properties `nbd_tls_options` asserts can fail: the same options reach an export
+    /// when TLS is only offered, and STARTTLS is taken when the connection is not encrypted.
+    #[test]
+    fn the_tls_seeds_reach_an_export_only_where_allowed() {
+        for (target, name, input) in super::seeds() {
+            if target != "nbd_tls_options" {
+                continue;
+            }
+            let (phase, outcome) = tls_option_phase(&input).expect("greeted");
+            let expected = match (phase, name.rsplit_once('-').map(|(_, last)| last)) {
+                (TlsPhase::Offered | TlsPhase::Required, Some("twice")) => Outcome::StartTls,
+                (TlsPhase::Required, _) => Outcome::Other,
+                (_, Some("go") | Some("name")) => Outcome::Session("disk".into()),
+                (_, _) => Outcome::Other,
+            };
+            assert_eq!(outcome, expected, "{name}");
+        }
+    }
+
     #[test]
     fn the_session_seeds_reach_the_transmission_phase() {
         for (target, name, input) in super::seeds() {

@@ -7,7 +7,7 @@
 use engine::fuzzing::{replay_committed, write_seeds};
 use std::path::PathBuf;
 
-const TARGETS: &[&str] = &["nbd_session", "nbd_frames"];
+const TARGETS: &[&str] = &["nbd_session", "nbd_frames", "nbd_tls_options"];
 
 fn fuzz_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
@@ -17,6 +17,7 @@ fn run(target: &str, input: &[u8]) {
     match target {
         "nbd_session" => nbd_server::fuzzing::nbd_session(input),
         "nbd_frames" => nbd_server::fuzzing::nbd_frames(input),
+        "nbd_tls_options" => nbd_server::fuzzing::nbd_tls_options(input),
         other => panic!("unknown target {other}"),
     }
 }
