@@ -28,17 +28,18 @@ pub(crate) struct CreateArgs {
 }
 
 pub(crate) fn create(args: CreateArgs) -> Result<()> {
+    if args.encrypt && file_engine(&args.store) {
+        bail!("--encrypt needs the object engine (--engine object)");
+    }
     let key = match (args.encrypt, args.key.key()?) {
         (true, None) => {
             bail!("--encrypt needs a key: --key-file FILE or {KEY_ENV} (openssl rand -hex 32)")
         }
-        (true, Some(_)) if file_engine(&args.store) => {
-            bail!("--encrypt needs the object engine (--engine object)")
-        }
         (true, key) => key,
-        (false, Some(_)) => {
-            bail!("a key was given without --encrypt: say --encrypt to make an encrypted volume")
-        }
+        (false, Some(_)) => bail!(
+            "a key was given (--key-file, BUCKETDISK_KEY_FILE or {KEY_ENV}) without --encrypt: \
+             say --encrypt to make an encrypted volume"
+        ),
         (false, None) => None,
     };
     if file_engine(&args.store) {

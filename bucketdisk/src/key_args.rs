@@ -20,9 +20,10 @@ impl KeyArgs {
     /// The key given, if any: the file's, else `BUCKETDISK_KEY`'s.
     pub(crate) fn key(&self) -> Result<Option<Arc<VolumeKey>>> {
         if let Some(path) = &self.key_file {
-            let bytes = nbd_server::secret::read_secret(path).context("--key-file")?;
-            let key = VolumeKey::parse(&bytes)
-                .with_context(|| format!("--key-file {}", path.display()))?;
+            let mut bytes = nbd_server::secret::read_secret(path).context("--key-file")?;
+            let key = VolumeKey::parse(&bytes);
+            bytes.fill(0);
+            let key = key.with_context(|| format!("--key-file {}", path.display()))?;
             return Ok(Some(Arc::new(key)));
         }
         match std::env::var(KEY_ENV) {

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! sealed block: nonce (12 random bytes) · ciphertext of the payload · tag (16 bytes)
+//! key: HMAC-SHA256(block key, "bucketdisk chunk key v1" · volume tag u64 · chunk id u64)
 //! associated data: "bucketdisk block v1" · volume tag u64 · chunk id u64 · offset u64 (LE)
 //! ```
 //!
@@ -12,9 +13,11 @@
 //! user holds never reaches the store; the volume records a random salt and a check value made
 //! from it, so a wrong key is told apart at open instead of as a stream of I/O errors.
 //!
-//! One data key (derived from the user's key) seals every volume sharing that key, so a clone
-//! reads its parent's chunks; nonces are random, which bounds a key's use to about 2³² blocks
-//! written (NIST SP 800-38D's limit for random 96-bit nonces: 256 TiB of 64 KiB blocks).
+//! One block key (derived from the user's key) serves every volume sharing that key, so a clone
+//! reads its parent's chunks. Each chunk's blocks are sealed under a key of their own derived
+//! from it, the volume and the chunk id (never reused): a random 96-bit nonce is then drawn at
+//! most a few thousand times per key, far inside NIST SP 800-38D's bound of 2³² per key, however
+//! much is written.
 
 use openssl::hash::MessageDigest;
 use openssl::pkey::PKey;
@@ -88,6 +91,13 @@ impl VolumeKey {
         let raw: [u8; KEY_BYTES] = bytes
             .try_into()
             .map_err(|_| KeyError::Malformed(format!("{} bytes", bytes.len())))?;
+        // 32 random bytes are all printable once in 10¹⁴: this is a passphrase, which the
+        // check value in the bucket would let anyone guess at offline.
+        if raw.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            return Err(KeyError::Malformed(
+                "32 printable characters (a passphrase)".into(),
+            ));
+        }
         Ok(VolumeKey(raw))
     }
 
@@ -110,10 +120,13 @@ impl VolumeKey {
 
     /// A pseudo-random key for `purpose` (HKDF-SHA256 with one output block).
     fn derive(&self, purpose: &[u8]) -> Result<[u8; KEY_BYTES], KeyError> {
-        let prk = hmac(b"bucketdisk v1", &self.0).map_err(key_crypto)?;
+        let mut prk = hmac(b"bucketdisk v1", &self.0).map_err(key_crypto)?;
         let mut info = purpose.to_vec();
         info.push(1);
-        hmac(&prk, &info).map_err(key_crypto)
+        let key = hmac(&prk, &info).map_err(key_crypto);
+        prk.fill(0);
+        std::hint::black_box(&prk);
+        key
     }
 }
 
@@ -225,6 +238,15 @@ impl Drop for BlockSealer {
 }
 
 impl BlockSealer {
+    /// The key the blocks of `place`'s chunk are sealed under (zero it after use).
+    fn chunk_key(&self, place: BlockPlace) -> Result<[u8; KEY_BYTES], SealError> {
+        let mut info = [0u8; 39];
+        info[..23].copy_from_slice(b"bucketdisk chunk key v1");
+        info[23..31].copy_from_slice(&place.volume.to_le_bytes());
+        info[31..39].copy_from_slice(&place.chunk.to_le_bytes());
+        hmac(&self.key, &info).map_err(crypto)
+    }
+
     /// Appends `payload` sealed for `place` to `out`.
     pub fn seal_into(
         &self,
@@ -235,8 +257,10 @@ impl BlockSealer {
         let mut nonce = [0u8; NONCE_BYTES];
         openssl::rand::rand_bytes(&mut nonce).map_err(crypto)?;
         let cipher = Cipher::aes_256_gcm();
-        let mut crypter =
-            Crypter::new(cipher, Mode::Encrypt, &self.key, Some(&nonce)).map_err(crypto)?;
+        let mut key = self.chunk_key(place)?;
+        let crypter = Crypter::new(cipher, Mode::Encrypt, &key, Some(&nonce));
+        key.fill(0);
+        let mut crypter = crypter.map_err(crypto)?;
         crypter
             .aad_update(&place.associated_data())
             .map_err(crypto)?;
@@ -269,8 +293,10 @@ impl BlockSealer {
         let (nonce, rest) = sealed.split_at(NONCE_BYTES);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_BYTES);
         let cipher = Cipher::aes_256_gcm();
-        let mut crypter =
-            Crypter::new(cipher, Mode::Decrypt, &self.key, Some(nonce)).map_err(crypto)?;
+        let mut key = self.chunk_key(place)?;
+        let crypter = Crypter::new(cipher, Mode::Decrypt, &key, Some(nonce));
+        key.fill(0);
+        let mut crypter = crypter.map_err(crypto)?;
         crypter
             .aad_update(&place.associated_data())
             .map_err(crypto)?;
@@ -278,9 +304,14 @@ impl BlockSealer {
         out.clear();
         out.resize(ciphertext.len() + cipher.block_size(), 0);
         let mut written = crypter.update(ciphertext, out).map_err(crypto)?;
-        written += crypter
-            .finalize(&mut out[written..])
-            .map_err(|_| SealError::NotAuthentic)?;
+        match crypter.finalize(&mut out[written..]) {
+            Ok(last) => written += last,
+            Err(_) => {
+                // What was decrypted did not authenticate: none of it may be used.
+                out.clear();
+                return Err(SealError::NotAuthentic);
+            }
+        }
         out.truncate(written);
         Ok(())
     }
@@ -384,5 +415,9 @@ mod tests {
         assert!(VolumeKey::parse(b"short").is_err());
         assert!(VolumeKey::from_hex(&"zz".repeat(32)).is_err());
         assert!(VolumeKey::parse(&[0u8; 33]).is_err());
+        assert!(
+            VolumeKey::parse(b"correct horse battery staple 123").is_err(),
+            "a passphrase is not a key"
+        );
     }
 }

@@ -104,7 +104,8 @@ async fn nothing_written_reaches_the_store_in_clear() {
         .await
         .expect("open");
     write_marked(&v, 8).await;
-    // Overwrites and collection rewrite chunks: those are sealed too.
+    // Overwrites and collection rewrite chunks (their live blocks opened and sealed again
+    // for their new place): those are sealed too.
     for round in 0..3 {
         for b in (0..8).step_by(2 + round) {
             v.write(u64::from(BLOCK) * b, marked_block(b + 100).into(), false)
@@ -114,6 +115,8 @@ async fn nothing_written_reaches_the_store_in_clear() {
         v.sync_to_store().await.expect("upload");
         v.maintain_now().await.expect("maintenance");
     }
+    let rewritten = common::metric(&v, "bucketdisk_chunks_rewritten_total").await;
+    assert!(rewritten > 0.0, "garbage collection rewrote a sealed chunk");
     v.close().await.expect("close");
     assert_eq!(files_with_marker(&f), Vec::<std::path::PathBuf>::new());
 
@@ -157,6 +160,20 @@ async fn a_wrong_or_missing_key_is_an_error_at_open() {
         .await
         .expect("open");
     v.close().await.expect("close");
+
+    // Its format names it sealed: an engine that cannot seal refuses it, and a volume.json
+    // whose encryption record was removed is refused as altered, never opened in clear.
+    let path = f.dir.path().join("store/disk/volume.json");
+    let text = std::fs::read_to_string(&path).expect("volume.json");
+    let mut meta: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(meta["format"], "object-v1-sealed");
+    meta.as_object_mut().expect("object").remove("encryption");
+    std::fs::write(&path, meta.to_string()).expect("write");
+    let altered = try_open(&f, "disk", config(&f, "a", None))
+        .await
+        .err()
+        .expect("altered: refused");
+    assert!(altered.to_string().contains("was altered"), "{altered}");
 }
 
 /// The volume's only chunk file.

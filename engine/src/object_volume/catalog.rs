@@ -9,6 +9,14 @@ use stores::retry::{get_whole, with_retries};
 
 /// Format name of volumes kept as chunks and a block map in object storage.
 pub const FORMAT: &str = "object-v1";
+/// The same, with every block sealed (see `sealing`): a name of its own, so an engine that
+/// cannot open sealed blocks refuses the volume instead of writing plaintext into it.
+pub const SEALED_FORMAT: &str = "object-v1-sealed";
+
+/// The format of a new volume, encrypted or not.
+pub fn format_for(encrypted: bool) -> &'static str {
+    if encrypted { SEALED_FORMAT } else { FORMAT }
+}
 
 /// Where everything of volume `name` lives under the store prefix.
 pub fn volume_root(prefix: &Path, name: &str) -> Path {
@@ -51,12 +59,28 @@ pub async fn load(
     };
     let meta: VolumeMetadata = serde_json::from_slice(&bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{path}: {e}")))?;
-    if meta.format != FORMAT {
+    if meta.format != FORMAT && meta.format != SEALED_FORMAT {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{path}: volume format {:?}; this engine reads {FORMAT:?}",
+                "{path}: volume format {:?}; this engine reads {FORMAT:?} and {SEALED_FORMAT:?}",
                 meta.format
+            ),
+        ));
+    }
+    // A sealed volume whose record of its encryption went missing (or a plain one that grew
+    // one) was altered: opening it would write plaintext beside sealed blocks, or the reverse.
+    if (meta.format == SEALED_FORMAT) != meta.encryption.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{path}: format {:?} {} an encryption record: the file was altered",
+                meta.format,
+                if meta.encryption.is_some() {
+                    "with"
+                } else {
+                    "without"
+                }
             ),
         ));
     }

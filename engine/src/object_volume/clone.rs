@@ -68,7 +68,7 @@ pub async fn clone_volume(
         name: clone.to_string(),
         size: found.size,
         block_size: source_meta.block_size,
-        format: catalog::FORMAT.to_string(),
+        format: catalog::format_for(source_meta.encryption.is_some()).to_string(),
         uuid: random_id()?,
         parent: Some(Parent {
             volume: source.to_string(),

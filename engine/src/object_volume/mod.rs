@@ -328,7 +328,7 @@ impl ObjectVolume {
             name: name.to_string(),
             size,
             block_size,
-            format: catalog::FORMAT.to_string(),
+            format: catalog::format_for(encryption.is_some()).to_string(),
             uuid: crate::metadata::random_id()?,
             parent: None,
             inherits: Vec::new(),

@@ -558,7 +558,11 @@ pub(super) fn sealer_for(
 ) -> io::Result<Option<Arc<BlockSealer>>> {
     let Some(encryption) = &meta.encryption else {
         if key.is_some() {
-            tracing::debug!(volume = %meta.name, "the volume is not encrypted: its key is not used");
+            tracing::warn!(
+                volume = %meta.name,
+                "the volume is not encrypted: the key given is not used, its blocks are stored \
+                 in clear (create --encrypt makes an encrypted volume)"
+            );
         }
         return Ok(None);
     };
