@@ -66,23 +66,42 @@ enum Command {
     Verify(VerifyArgs),
 }
 
-/// glibc gives every thread that allocates an arena of its own, and memory freed there stays
-/// cached in it: with the blocking pool's threads passing chunk-sized buffers around, that cost
-/// ~80 MiB of resident memory during sustained writes (peak RSS 200 → 121 MiB for a 4 GiB
-/// sequential write, measured). Two arenas are plenty for this workload. Unless the user chose.
-fn limit_malloc_arenas() {
+/// glibc's allocator, tuned for a server that moves MiB-sized buffers (unless the user chose,
+/// through glibc's own environment variables):
+///
+/// - Every thread that allocates gets an arena of its own, and memory freed there stays cached
+///   in it: with the blocking pool's threads passing chunk-sized buffers around, that cost
+///   ~80 MiB of resident memory during sustained writes (peak RSS 200 → 121 MiB for a 4 GiB
+///   sequential write, measured). Two arenas are plenty.
+/// - A buffer of 1 MiB (an NBD payload or reply) is above glibc's starting mmap threshold, and
+///   buffers freed by another thread than the one that took them do not raise it: every request
+///   was a fresh mmap, its pages faulted in one by one, then an munmap — 5–10 % of the server's
+///   CPU in profiles of 1 MiB reads. Buffers up to 4 MiB now come from the heap and are reused
+///   (and the heap is trimmed only past 64 MiB free): 1 MiB reads and writes went 12–40 %
+///   faster in clear and over TLS, the server's CPU per GiB down by a quarter, and the peak RSS
+///   of a 3 GiB write and read-back unchanged (~135–150 MiB).
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+    {
+        let unset = |name: &str| std::env::var_os(name).is_none();
         // SAFETY: called first thing in main, before any other thread exists; mallopt only
         // adjusts the allocator's tuning and reports (ignored) failure through its result.
         unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+            if unset("MALLOC_ARENA_MAX") {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+            if unset("MALLOC_MMAP_THRESHOLD_") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            }
+            if unset("MALLOC_TRIM_THRESHOLD_") {
+                libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+            }
         }
     }
 }
 
 fn main() -> std::process::ExitCode {
-    limit_malloc_arenas();
+    tune_malloc();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
