@@ -92,6 +92,40 @@ fn x509_with_libnbd_and_qemu_and_client_certificates() {
         &qemu_io(&server, &x509, "read -P 0x5a 1M 2M"),
         "qemu-io read over TLS",
     );
+    // qemu-img over TLS: the export's size, and a copy of it.
+    require_tool("qemu-img");
+    let image = format!("driver=nbd,host=localhost,port={p},export=disk,tls-creds=tls0");
+    let info = run_output(Command::new("qemu-img").args([
+        "info",
+        "--object",
+        &x509,
+        "--image-opts",
+        &image,
+    ]));
+    assert_ok(&info, "qemu-img info over TLS");
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("1 GiB"),
+        "{info:?}"
+    );
+    let converted = pki.path("converted.raw");
+    assert_ok(
+        &run_output(
+            Command::new("qemu-img")
+                .args([
+                    "convert",
+                    "--object",
+                    &x509,
+                    "--image-opts",
+                    &image,
+                    "-O",
+                    "raw",
+                ])
+                .arg(&converted),
+        ),
+        "qemu-img convert over TLS",
+    );
+    let bytes = std::fs::read(&converted).expect("converted");
+    assert!(bytes[1 << 20..3 << 20].iter().all(|b| *b == 0x5a));
     require_tool("nbdcopy");
     let copy = pki.path("copy.raw");
     assert_ok(
