@@ -285,6 +285,22 @@ struct TestFile {
     keep: bool,
 }
 
+/// Writes the [`test_files`] under `originals` and copies them onto the filesystem at `mnt`,
+/// then syncs it.
+fn write_test_files(mnt: &Path, originals: &Path) -> Vec<(TestFile, usize)> {
+    let files = test_files();
+    for (seed, (file, len)) in files.iter().enumerate() {
+        let original = originals.join(&file.rel);
+        std::fs::create_dir_all(original.parent().expect("parent")).expect("mkdir originals");
+        write_pattern_file(&original, *len, seed as u64 + 1);
+        let target = mnt.join(&file.rel);
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir on ext4");
+        std::fs::copy(&original, &target).expect("copy onto ext4");
+    }
+    run(Command::new("sync").arg("-f").arg(mnt));
+    files
+}
+
 fn test_files() -> Vec<(TestFile, usize)> {
     let mut files = Vec::new();
     for i in 0..4 {
@@ -487,16 +503,7 @@ fn ext4_on_100g_volume_survives_trim_and_restart() {
     );
 
     stack.mount();
-    let files = test_files();
-    for (seed, (file, len)) in files.iter().enumerate() {
-        let original = originals.join(&file.rel);
-        std::fs::create_dir_all(original.parent().expect("parent")).expect("mkdir originals");
-        write_pattern_file(&original, *len, seed as u64 + 1);
-        let target = stack.mnt.join(&file.rel);
-        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir on ext4");
-        std::fs::copy(&original, &target).expect("copy onto ext4");
-    }
-    run(Command::new("sync").arg("-f").arg(&stack.mnt));
+    let files = write_test_files(&stack.mnt, &originals);
     verify_files(&stack.mnt, &originals, &files, false);
 
     let written: u64 = files.iter().map(|(_, len)| *len as u64).sum();
@@ -858,16 +865,7 @@ fn ext4_over_tls_on_an_encrypted_volume() {
     let dev = stack.dev().to_string();
     run(Command::new("mkfs.ext4").arg("-F").arg("-q").arg(&dev));
     stack.mount();
-    let files = test_files();
-    for (seed, (file, len)) in files.iter().enumerate() {
-        let original = originals.join(&file.rel);
-        std::fs::create_dir_all(original.parent().expect("parent")).expect("mkdir originals");
-        write_pattern_file(&original, *len, seed as u64 + 1);
-        let target = stack.mnt.join(&file.rel);
-        std::fs::create_dir_all(target.parent().expect("parent")).expect("mkdir on ext4");
-        std::fs::copy(&original, &target).expect("copy onto ext4");
-    }
-    run(Command::new("sync").arg("-f").arg(&stack.mnt));
+    let files = write_test_files(&stack.mnt, &originals);
     verify_files(&stack.mnt, &originals, &files, false);
     stack.umount();
     e2fsck_clean(&dev);

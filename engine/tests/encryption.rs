@@ -200,6 +200,27 @@ async fn read_cold(f: &Fixture, local: &str, b: u64) -> engine::DeviceResult<Vec
     got
 }
 
+/// `verify --deep` of the fixture's volume with `key`.
+async fn deep_verify(
+    f: &Fixture,
+    key: Option<Arc<VolumeKey>>,
+) -> std::io::Result<engine::object_volume::VerifyReport> {
+    let options = VerifyOptions {
+        deep: true,
+        checkpoints: false,
+        key,
+    };
+    verify(
+        Arc::clone(&f.store),
+        &Path::from(""),
+        f.layout,
+        "disk",
+        options,
+        |_, _| {},
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_or_swapped_sealed_block_is_an_error_never_data() {
     let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
@@ -236,45 +257,15 @@ async fn a_flipped_or_swapped_sealed_block_is_an_error_never_data() {
 
     // Restored: verify --deep finds nothing wrong, and needs the key.
     std::fs::write(&path, &original).expect("write chunk");
-    let deep = |key: Option<Arc<VolumeKey>>| VerifyOptions {
-        deep: true,
-        checkpoints: false,
-        key,
-    };
-    let report = verify(
-        Arc::clone(&f.store),
-        &Path::from(""),
-        f.layout,
-        "disk",
-        deep(Some(key(1))),
-        |_, _| {},
-    )
-    .await
-    .expect("verify");
+    let report = deep_verify(&f, Some(key(1))).await.expect("verify");
     assert!(!report.is_damaged(), "{report:?}");
     assert_eq!(report.states[0].blocks_read, 3);
-    let refused = verify(
-        Arc::clone(&f.store),
-        &Path::from(""),
-        f.layout,
-        "disk",
-        deep(None),
-        |_, _| {},
-    )
-    .await
-    .expect_err("a deep verify opens blocks: it needs the key");
+    let refused = deep_verify(&f, None)
+        .await
+        .expect_err("a deep verify opens blocks: it needs the key");
     assert!(refused.to_string().contains("encrypted"), "{refused}");
     std::fs::write(&path, &damaged).expect("write chunk");
-    let report = verify(
-        Arc::clone(&f.store),
-        &Path::from(""),
-        f.layout,
-        "disk",
-        deep(Some(key(1))),
-        |_, _| {},
-    )
-    .await
-    .expect("verify");
+    let report = deep_verify(&f, Some(key(1))).await.expect("verify");
     assert_eq!(report.states[0].damaged_total, 1, "{report:?}");
 }
 

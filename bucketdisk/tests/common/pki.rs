@@ -82,10 +82,10 @@ impl Pki {
         pki
     }
 
-    pub fn issue(&self, name: &str, ca: &str, cn: &str, ext: &str) {
-        let d = self.dir.path();
+    /// A new key `<name>-key.pem` and its signing request `<name>.csr` for `cn`.
+    fn request(&self, name: &str, cn: &str) {
         openssl(
-            d,
+            self.dir.path(),
             &[
                 "req",
                 "-newkey",
@@ -99,6 +99,11 @@ impl Pki {
                 &format!("{name}.csr"),
             ],
         );
+    }
+
+    pub fn issue(&self, name: &str, ca: &str, cn: &str, ext: &str) {
+        let d = self.dir.path();
+        self.request(name, cn);
         openssl(
             d,
             &[
@@ -135,21 +140,7 @@ impl Pki {
              policy = any\n[any]\ncommonName = supplied\n"
         );
         std::fs::write(d.join(format!("{name}.cnf")), config).expect("ca config");
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-subj",
-                &format!("/CN={cn}"),
-                "-keyout",
-                &format!("{name}-key.pem"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-        );
+        self.request(name, cn);
         openssl(
             d,
             &[

@@ -27,19 +27,7 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn new(size: u64, block_size: u32) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
-        ObjectVolume::create(store.as_ref(), &Path::from(""), "disk", size, block_size)
-            .await
-            .expect("create");
-        Fixture {
-            dir,
-            store,
-            layout: Layout::File,
-            _moto: None,
-        }
+        Self::on_directory(size, block_size, None).await
     }
 
     /// A fixture whose volume `disk` is encrypted with `key` (see `engine::sealing`).
@@ -48,19 +36,26 @@ impl Fixture {
         block_size: u32,
         key: &engine::sealing::VolumeKey,
     ) -> Fixture {
+        Self::on_directory(size, block_size, Some(key)).await
+    }
+
+    /// Volume `disk` on a local-directory store, encrypted with `key` if one is given.
+    async fn on_directory(
+        size: u64,
+        block_size: u32,
+        key: Option<&engine::sealing::VolumeKey>,
+    ) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
-        ObjectVolume::create_encrypted(
-            store.as_ref(),
-            &Path::from(""),
-            "disk",
-            size,
-            block_size,
-            key,
-        )
-        .await
+        let (s, root) = (store.as_ref(), Path::from(""));
+        match key {
+            None => ObjectVolume::create(s, &root, "disk", size, block_size).await,
+            Some(key) => {
+                ObjectVolume::create_encrypted(s, &root, "disk", size, block_size, key).await
+            }
+        }
         .expect("create");
         Fixture {
             dir,
