@@ -21,6 +21,8 @@ use stores::retry::{Created, create_only, get_whole, with_retries};
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
+/// Listings made again when a plan has a hole (see [`Replica::plan`]): 40 + 80 + 160 ms.
+const PLAN_RELISTS: u32 = 3;
 /// Bytes read from the end of an LTX file at open, in the same request as its header: the
 /// trailer, the index size and, almost always, the index itself (about 8 bytes per page), so
 /// opening a file is one round trip instead of two.
@@ -199,9 +201,24 @@ impl Replica {
     }
 
     /// The files that rebuild the database at `target`, oldest first (see `ltx::plan_restore`).
+    ///
+    /// A listing that raced with a writer folding files can miss a stretch of TXIDs: the fold
+    /// writes its file, then deletes its sources, and a listing is not atomic (a directory
+    /// store walks its levels one by one, an S3 LIST pages). A plan with a hole is therefore
+    /// listed again, a few times, before it is reported.
     pub async fn plan(&self, target: RestoreTarget) -> ReplicaResult<Vec<ReplicaFile>> {
-        let listing = self.list().await?;
-        Self::plan_listing(&listing, target)
+        let mut relisted = 0;
+        loop {
+            let listing = self.list().await?;
+            match Self::plan_listing(&listing, target) {
+                Err(e) if relisted < PLAN_RELISTS => {
+                    relisted += 1;
+                    tracing::debug!("listing the replica again: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << relisted)).await;
+                }
+                planned => return planned,
+            }
+        }
     }
 
     /// [`Replica::plan`] over a listing already made (saves a round of LIST requests).
