@@ -23,7 +23,7 @@ echo "$(date +%T) 1 GiB written with verify headers"
 fio --name=last --ioengine=nbd --uri=nbd://localhost:18811/ --rw=write --bs=64k --iodepth=8 --size=1G --verify=crc32c --do_verify=0 --verify_state_save=0 --output-format=json --output=$W/last.json > /dev/null
 curl -s 127.0.0.1:18812/metrics | grep -E "^bucketdisk_(allocated_bytes|stored_bytes|chunk_bytes|chunks_rewritten_total|dirty_bytes)" | head -8 || true
 kill $pid; wait $pid; echo "clean stop: $?"
-$BIN info disk --store s3://soak/v --key-file $W/key --cache-dir $W/cache1 | grep -E "allocated|stored|chunks|encryption" || true
+$BIN info disk --store s3://soak/v --cache-dir $W/cache1 | grep -E "allocated|stored|chunks|encryption" || true
 echo "$(date +%T) cold read-back, verify-only"
 serve cache2
 fio --name=last --ioengine=nbd --uri=nbd://localhost:18811/ --rw=write --bs=64k --iodepth=8 --size=1G --verify=crc32c --verify_only --verify_state_save=0 --output-format=json --output=$W/check.json > /dev/null && echo "verify-only: ok"
