@@ -372,7 +372,15 @@ impl MapWriter {
         if listing.is_empty() {
             return Ok((DatabaseState::new(None, PAGE_SIZE)?, None, Vec::new(), None));
         }
-        let files = Replica::plan_listing(&listing, RestoreTarget::Latest)?;
+        let files = match Replica::plan_listing(&listing, RestoreTarget::Latest) {
+            Ok(files) => files,
+            // A listing made while another writer folded files can miss a stretch of TXIDs
+            // (see `Replica::plan`): listed again, at the cost of a round trip, only then.
+            Err(e) => {
+                tracing::debug!("map open: {e}; listing the replica again");
+                replica.plan(RestoreTarget::Latest).await?
+            }
+        };
         let planned = files.len();
         let paths = files.iter().map(|f| f.path.clone()).collect();
         let source =
