@@ -20,6 +20,7 @@ mod fast_hash;
 mod file_volume;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hex;
 mod journal;
 mod metadata;
 pub mod object_volume;

@@ -104,17 +104,14 @@ impl VolumeKey {
     /// A key as 64 hex digits.
     pub fn from_hex(hex: &str) -> Result<Self, KeyError> {
         let hex = hex.trim();
-        let digit = |c: u8| (c as char).to_digit(16);
         if hex.len() != 2 * KEY_BYTES {
             return Err(KeyError::Malformed(format!("{} characters", hex.len())));
         }
+        let mut bytes = crate::hex::decode(hex.as_bytes())
+            .ok_or_else(|| KeyError::Malformed("a non-hex digit".into()))?;
         let mut key = [0u8; KEY_BYTES];
-        for (i, pair) in hex.as_bytes().chunks_exact(2).enumerate() {
-            let (Some(hi), Some(lo)) = (digit(pair[0]), digit(pair[1])) else {
-                return Err(KeyError::Malformed("a non-hex digit".into()));
-            };
-            key[i] = (hi * 16 + lo) as u8;
-        }
+        key.copy_from_slice(&bytes);
+        wipe(&mut bytes);
         Ok(VolumeKey(key))
     }
 
@@ -124,16 +121,14 @@ impl VolumeKey {
         let mut info = purpose.to_vec();
         info.push(1);
         let key = hmac(&prk, &info).map_err(key_crypto);
-        prk.fill(0);
-        std::hint::black_box(&prk);
+        wipe(&mut prk);
         key
     }
 }
 
 impl Drop for VolumeKey {
     fn drop(&mut self) {
-        self.0.fill(0);
-        std::hint::black_box(&self.0);
+        wipe(&mut self.0);
     }
 }
 
@@ -146,8 +141,10 @@ fn hmac(key: &[u8], data: &[u8]) -> Result<[u8; 32], openssl::error::ErrorStack>
     Ok(out)
 }
 
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Overwrites key material before its memory is let go (not optimised away).
+fn wipe(bytes: &mut [u8]) {
+    bytes.fill(0);
+    std::hint::black_box(bytes);
 }
 
 /// What `volume.json` records of an encrypted volume: never the key, only what tells a right
@@ -177,7 +174,7 @@ impl Encryption {
     fn check_value(key: &VolumeKey, salt: &str) -> Result<String, KeyError> {
         let check_key = key.derive(b"key check")?;
         let mac = hmac(&check_key, salt.as_bytes()).map_err(key_crypto)?;
-        Ok(to_hex(&mac[..16]))
+        Ok(crate::hex::encode(&mac[..16]))
     }
 
     /// The sealer of volume `volume`'s blocks, if `key` is the key this record was made with.
@@ -232,8 +229,7 @@ pub struct BlockSealer {
 
 impl Drop for BlockSealer {
     fn drop(&mut self) {
-        self.key.fill(0);
-        std::hint::black_box(&self.key);
+        wipe(&mut self.key);
     }
 }
 
@@ -259,7 +255,7 @@ impl BlockSealer {
         let cipher = Cipher::aes_256_gcm();
         let mut key = self.chunk_key(place)?;
         let crypter = Crypter::new(cipher, Mode::Encrypt, &key, Some(&nonce));
-        key.fill(0);
+        wipe(&mut key);
         let mut crypter = crypter.map_err(crypto)?;
         crypter
             .aad_update(&place.associated_data())
@@ -295,7 +291,7 @@ impl BlockSealer {
         let cipher = Cipher::aes_256_gcm();
         let mut key = self.chunk_key(place)?;
         let crypter = Crypter::new(cipher, Mode::Decrypt, &key, Some(nonce));
-        key.fill(0);
+        wipe(&mut key);
         let mut crypter = crypter.map_err(crypto)?;
         crypter
             .aad_update(&place.associated_data())

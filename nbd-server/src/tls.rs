@@ -330,7 +330,8 @@ fn read_psk_file(path: &Path) -> Result<HashMap<Vec<u8>, Vec<u8>>, TlsError> {
         if identity.is_empty() {
             return Err(bad(n + 1, "empty identity"));
         }
-        let key = decode_hex(hex).ok_or_else(|| bad(n + 1, "the key is not hexadecimal"))?;
+        let key =
+            engine::hex::decode(hex).ok_or_else(|| bad(n + 1, "the key is not hexadecimal"))?;
         if key.is_empty() || key.len() > 256 {
             return Err(bad(n + 1, "a key is 1 to 256 bytes"));
         }
@@ -342,18 +343,6 @@ fn read_psk_file(path: &Path) -> Result<HashMap<Vec<u8>, Vec<u8>>, TlsError> {
         });
     }
     Ok(keys)
-}
-
-fn decode_hex(hex: &[u8]) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    hex.chunks(2)
-        .map(|pair| {
-            let digit = |c: u8| (c as char).to_digit(16);
-            Some((digit(pair[0])? * 16 + digit(pair[1])?) as u8)
-        })
-        .collect()
 }
 
 #[cfg(test)]
