@@ -17,9 +17,8 @@
 //! bytes, which says nothing about the content; the seal's tag authenticates the content.
 
 use crate::checksum::crc32c;
-use crate::sealing::{BlockPlace, BlockSealer, SealError};
+use crate::sealing::{ChunkSeal, SealError};
 use bytes::{BufMut, Bytes, BytesMut};
-use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
 const ENTRY_LEN: usize = 24;
@@ -74,9 +73,8 @@ pub struct AddedBlock {
 
 /// What seals an encrypted volume's blocks in one chunk.
 struct Sealing {
-    sealer: Arc<BlockSealer>,
-    volume: u64,
-    chunk: u64,
+    seal: ChunkSeal,
+    /// The block being sealed (reused from block to block).
     sealed: Vec<u8>,
 }
 
@@ -102,13 +100,11 @@ impl ChunkBuilder {
         }
     }
 
-    /// A builder for chunk `chunk` of the volume tagged `volume`, sealing every block.
-    pub fn sealed(block_size: u32, sealer: Arc<BlockSealer>, volume: u64, chunk: u64) -> Self {
+    /// A builder for the chunk `seal` belongs to, sealing every block.
+    pub fn sealed(block_size: u32, seal: ChunkSeal) -> Self {
         ChunkBuilder {
             sealing: Some(Sealing {
-                sealer,
-                volume,
-                chunk,
+                seal,
                 sealed: Vec::new(),
             }),
             ..Self::new(block_size)
@@ -144,31 +140,21 @@ impl ChunkBuilder {
         };
         let content_checksum = block_checksum(data);
         let offset = self.body.len() as u64;
-        let sealed = self.sealing.is_some();
-        let stored = match &mut self.sealing {
-            None => payload,
+        let (stored, checksum) = match &mut self.sealing {
+            None => (payload, content_checksum),
             Some(sealing) => {
-                let place = BlockPlace {
-                    volume: sealing.volume,
-                    chunk: sealing.chunk,
-                    offset,
-                };
                 sealing.sealed.clear();
                 sealing
-                    .sealer
-                    .seal_into(place, payload, &mut sealing.sealed)?;
-                &sealing.sealed
+                    .seal
+                    .seal_into(offset, payload, &mut sealing.sealed)?;
+                (&sealing.sealed[..], block_checksum(&sealing.sealed))
             }
         };
         let entry = ChunkEntry {
             block,
             offset,
             length: stored.len() as u32,
-            checksum: if sealed {
-                block_checksum(stored)
-            } else {
-                content_checksum
-            },
+            checksum,
         };
         self.body.put_slice(stored);
         self.entries.push(entry);
@@ -238,22 +224,27 @@ pub fn decode_block_bytes(
     block_size: u32,
     checksum: u32,
 ) -> Result<Bytes, ChunkError> {
-    let data = if payload.len() == block_size as usize {
-        payload
-    } else {
-        let mut out = vec![0u8; block_size as usize];
-        decompress_block(&payload, &mut out)?;
-        Bytes::from(out)
-    };
+    let data = expand(payload, block_size)?;
     matches_checksum(&data, checksum)?;
     Ok(data)
 }
 
-/// Where a sealed block was written and what opens it.
+/// A block's content from its payload: the payload itself when stored raw (its length is the
+/// block size), else decompressed.
+fn expand(payload: Bytes, block_size: u32) -> Result<Bytes, ChunkError> {
+    if payload.len() == block_size as usize {
+        return Ok(payload);
+    }
+    let mut out = vec![0u8; block_size as usize];
+    decompress_block(&payload, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// What opens a sealed block: its chunk's seal and its offset in the chunk.
 #[derive(Clone, Copy)]
 pub struct Opening<'a> {
-    pub sealer: &'a BlockSealer,
-    pub place: BlockPlace,
+    pub seal: &'a ChunkSeal,
+    pub offset: u64,
 }
 
 /// [`decode_block_bytes`] of a sealed block: its stored bytes are checked against `checksum`
@@ -268,14 +259,9 @@ pub fn decode_sealed_block(
     matches_checksum(payload, checksum)?;
     let mut opened = Vec::with_capacity(payload.len());
     opening
-        .sealer
-        .open_into(opening.place, payload, &mut opened)?;
-    if opened.len() == block_size as usize {
-        return Ok(Bytes::from(opened));
-    }
-    let mut out = vec![0u8; block_size as usize];
-    decompress_block(&opened, &mut out)?;
-    Ok(Bytes::from(out))
+        .seal
+        .open_into(opening.offset, payload, &mut opened)?;
+    expand(Bytes::from(opened), block_size)
 }
 
 /// Buffers [`check_block`] reuses from block to block.
@@ -294,28 +280,26 @@ pub fn check_block(
     opening: Option<Opening<'_>>,
     scratch: &mut CheckScratch,
 ) -> Result<(), ChunkError> {
-    let content = match opening {
-        None => payload,
-        Some(opening) => {
-            matches_checksum(payload, checksum)?;
-            opening
-                .sealer
-                .open_into(opening.place, payload, &mut scratch.opened)?;
-            &scratch.opened
+    let Some(opening) = opening else {
+        // Plain: the content's checksum is the map's.
+        if payload.len() == block_size as usize {
+            return matches_checksum(payload, checksum);
         }
+        scratch.decompressed.resize(block_size as usize, 0);
+        decompress_block(payload, &mut scratch.decompressed)?;
+        return matches_checksum(&scratch.decompressed, checksum);
     };
-    if content.len() == block_size as usize {
-        return match opening {
-            None => matches_checksum(content, checksum),
-            Some(_) => Ok(()), // authenticated
-        };
+    // Sealed: the map's checksum is of the stored bytes; opening authenticates the content,
+    // which only has to decompress.
+    matches_checksum(payload, checksum)?;
+    opening
+        .seal
+        .open_into(opening.offset, payload, &mut scratch.opened)?;
+    if scratch.opened.len() != block_size as usize {
+        scratch.decompressed.resize(block_size as usize, 0);
+        decompress_block(&scratch.opened, &mut scratch.decompressed)?;
     }
-    scratch.decompressed.resize(block_size as usize, 0);
-    decompress_block(content, &mut scratch.decompressed)?;
-    match opening {
-        None => matches_checksum(&scratch.decompressed, checksum),
-        Some(_) => Ok(()),
-    }
+    Ok(())
 }
 
 /// Decompresses a stored block into `out`, which must come out exactly full.

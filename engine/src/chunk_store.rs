@@ -5,7 +5,7 @@
 use crate::cache::CacheKey;
 use crate::chunk::{CheckScratch, Opening, check_block, decode_block_bytes, decode_sealed_block};
 use crate::device::DeviceError;
-use crate::sealing::{BlockPlace, BlockSealer};
+use crate::sealing::{BlockSealer, ChunkSeal};
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -97,21 +97,14 @@ impl ChunkStore {
         self
     }
 
-    /// The sealer of an encrypted volume's blocks.
-    pub fn sealer(&self) -> Option<&Arc<BlockSealer>> {
-        self.sealer.as_ref()
-    }
-
-    /// What opens the sealed block at `location` (`None` for a plain volume).
-    fn opening(&self, location: &BlockLocation) -> Option<Opening<'_>> {
-        self.sealer.as_deref().map(|sealer| Opening {
-            sealer,
-            place: BlockPlace {
-                volume: self.owner_of(location.chunk),
-                chunk: location.chunk,
-                offset: location.offset,
-            },
-        })
+    /// The seal of chunk `chunk`'s blocks (`None` for a plain volume): derived once for a run
+    /// of blocks, which lies in one chunk.
+    pub fn chunk_seal(&self, chunk: u64) -> io::Result<Option<ChunkSeal>> {
+        self.sealer
+            .as_deref()
+            .map(|sealer| sealer.for_chunk(self.owner_of(chunk), chunk))
+            .transpose()
+            .map_err(io::Error::other)
     }
 
     /// The tag of the volume whose chunks these are, for cache keys (by default its root's).
@@ -243,8 +236,9 @@ impl ChunkStore {
         let Some((path, range)) = self.span_of(run)? else {
             return Ok(Vec::new());
         };
+        let seal = self.chunk_seal(run[0].chunk)?;
         with_retries("check blocks", || {
-            self.check_run_once(&path, range.clone(), run)
+            self.check_run_once(&path, range.clone(), run, seal.as_ref())
         })
         .await
         .map_err(|e| read_error(&format!("read {path} {range:?}"), e))
@@ -255,6 +249,7 @@ impl ChunkStore {
         path: &Path,
         range: Range<u64>,
         run: &[BlockLocation],
+        seal: Option<&ChunkSeal>,
     ) -> object_store::Result<Vec<Option<String>>> {
         let options = GetOptions {
             range: Some(range.clone().into()),
@@ -310,7 +305,10 @@ impl ChunkStore {
                     payload,
                     self.block_size,
                     location.checksum,
-                    self.opening(location),
+                    seal.map(|seal| Opening {
+                        seal,
+                        offset: location.offset,
+                    }),
                     &mut scratch,
                 )
                 .err()
@@ -331,6 +329,16 @@ impl ChunkStore {
     /// and verified on its own: a damaged block is an error for that block only.
     pub fn decode_run(&self, run: &[BlockLocation], span: &Bytes) -> Vec<io::Result<Bytes>> {
         let base = run.first().map_or(0, |l| l.offset);
+        let seal = match run.first().map(|l| self.chunk_seal(l.chunk)).transpose() {
+            Ok(seal) => seal.flatten(),
+            Err(e) => {
+                let why = e.to_string();
+                return run
+                    .iter()
+                    .map(|_| Err(io::Error::other(why.clone())))
+                    .collect();
+            }
+        };
         run.iter()
             .map(|location| {
                 let path = self.path(location.chunk);
@@ -342,9 +350,13 @@ impl ChunkStore {
                         io::Error::other(format!("{path} at {}: outside the read", location.offset))
                     })?;
                 // Whatever does not decode (checksum, framing, compression) is corrupt.
-                let decoded = match self.opening(location) {
+                let decoded = match &seal {
                     None => decode_block_bytes(payload, self.block_size, location.checksum),
-                    Some(opening) => {
+                    Some(seal) => {
+                        let opening = Opening {
+                            seal,
+                            offset: location.offset,
+                        };
                         decode_sealed_block(&payload, self.block_size, location.checksum, opening)
                     }
                 };
@@ -492,7 +504,8 @@ mod tests {
         );
         let chunks = ChunkStore::new(local as _, &Path::from("disk"), 4096)
             .sealed_by(Some(Arc::clone(&sealer)));
-        let mut builder = ChunkBuilder::sealed(4096, sealer, chunks.owner_of(1), 1);
+        let seal = sealer.for_chunk(chunks.owner_of(1), 1).expect("chunk seal");
+        let mut builder = ChunkBuilder::sealed(4096, seal);
         let noise = |seed: u64| -> Vec<u8> {
             let mut x = seed | 1;
             (0..4096)

@@ -201,27 +201,6 @@ impl Encryption {
     }
 }
 
-/// Where a sealed block lives: what its associated data binds it to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlockPlace {
-    /// The tag of the volume that wrote the chunk (see `ChunkStore::owner_of`).
-    pub volume: u64,
-    pub chunk: u64,
-    /// The block's offset in its chunk.
-    pub offset: u64,
-}
-
-impl BlockPlace {
-    fn associated_data(&self) -> [u8; 43] {
-        let mut ad = [0u8; 43];
-        ad[..19].copy_from_slice(b"bucketdisk block v1");
-        ad[19..27].copy_from_slice(&self.volume.to_le_bytes());
-        ad[27..35].copy_from_slice(&self.chunk.to_le_bytes());
-        ad[35..43].copy_from_slice(&self.offset.to_le_bytes());
-        ad
-    }
-}
-
 /// Seals and opens the blocks of the volumes sharing one user key. Its key is zeroed on drop.
 pub struct BlockSealer {
     key: [u8; KEY_BYTES],
@@ -234,31 +213,60 @@ impl Drop for BlockSealer {
 }
 
 impl BlockSealer {
-    /// The key the blocks of `place`'s chunk are sealed under (zero it after use).
-    fn chunk_key(&self, place: BlockPlace) -> Result<[u8; KEY_BYTES], SealError> {
+    /// The seal of chunk `chunk`, written by the volume tagged `volume` (see
+    /// `ChunkStore::owner_of`): its key derived once for all the chunk's blocks.
+    pub fn for_chunk(&self, volume: u64, chunk: u64) -> Result<ChunkSeal, SealError> {
         let mut info = [0u8; 39];
         info[..23].copy_from_slice(b"bucketdisk chunk key v1");
-        info[23..31].copy_from_slice(&place.volume.to_le_bytes());
-        info[31..39].copy_from_slice(&place.chunk.to_le_bytes());
-        hmac(&self.key, &info).map_err(crypto)
+        info[23..31].copy_from_slice(&volume.to_le_bytes());
+        info[31..39].copy_from_slice(&chunk.to_le_bytes());
+        Ok(ChunkSeal {
+            key: hmac(&self.key, &info).map_err(crypto)?,
+            volume,
+            chunk,
+        })
+    }
+}
+
+/// Seals and opens the blocks of one chunk: its key, and the place its blocks' associated data
+/// binds them to. Its key is zeroed on drop.
+pub struct ChunkSeal {
+    key: [u8; KEY_BYTES],
+    volume: u64,
+    chunk: u64,
+}
+
+impl Drop for ChunkSeal {
+    fn drop(&mut self) {
+        wipe(&mut self.key);
+    }
+}
+
+impl ChunkSeal {
+    /// What binds a block to its place: this chunk (of its volume) and `offset` in it.
+    fn associated_data(&self, offset: u64) -> [u8; 43] {
+        let mut ad = [0u8; 43];
+        ad[..19].copy_from_slice(b"bucketdisk block v1");
+        ad[19..27].copy_from_slice(&self.volume.to_le_bytes());
+        ad[27..35].copy_from_slice(&self.chunk.to_le_bytes());
+        ad[35..43].copy_from_slice(&offset.to_le_bytes());
+        ad
     }
 
-    /// Appends `payload` sealed for `place` to `out`.
+    /// Appends `payload`, sealed for `offset` in this chunk, to `out`.
     pub fn seal_into(
         &self,
-        place: BlockPlace,
+        offset: u64,
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
         let mut nonce = [0u8; NONCE_BYTES];
         openssl::rand::rand_bytes(&mut nonce).map_err(crypto)?;
         let cipher = Cipher::aes_256_gcm();
-        let mut key = self.chunk_key(place)?;
-        let crypter = Crypter::new(cipher, Mode::Encrypt, &key, Some(&nonce));
-        wipe(&mut key);
-        let mut crypter = crypter.map_err(crypto)?;
+        let mut crypter =
+            Crypter::new(cipher, Mode::Encrypt, &self.key, Some(&nonce)).map_err(crypto)?;
         crypter
-            .aad_update(&place.associated_data())
+            .aad_update(&self.associated_data(offset))
             .map_err(crypto)?;
         out.extend_from_slice(&nonce);
         let start = out.len();
@@ -275,11 +283,11 @@ impl BlockSealer {
         Ok(())
     }
 
-    /// The payload of a block sealed for `place`, written into `out` (cleared first); an error
-    /// if it does not authenticate.
+    /// The payload of a block sealed for `offset` in this chunk, written into `out` (cleared
+    /// first); an error if it does not authenticate.
     pub fn open_into(
         &self,
-        place: BlockPlace,
+        offset: u64,
         sealed: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
@@ -289,12 +297,10 @@ impl BlockSealer {
         let (nonce, rest) = sealed.split_at(NONCE_BYTES);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_BYTES);
         let cipher = Cipher::aes_256_gcm();
-        let mut key = self.chunk_key(place)?;
-        let crypter = Crypter::new(cipher, Mode::Decrypt, &key, Some(nonce));
-        wipe(&mut key);
-        let mut crypter = crypter.map_err(crypto)?;
+        let mut crypter =
+            Crypter::new(cipher, Mode::Decrypt, &self.key, Some(nonce)).map_err(crypto)?;
         crypter
-            .aad_update(&place.associated_data())
+            .aad_update(&self.associated_data(offset))
             .map_err(crypto)?;
         crypter.set_tag(tag).map_err(crypto)?;
         out.clear();
@@ -321,41 +327,26 @@ mod tests {
         VolumeKey([byte; KEY_BYTES])
     }
 
-    fn place(offset: u64) -> BlockPlace {
-        BlockPlace {
-            volume: 1,
-            chunk: 2,
-            offset,
-        }
-    }
-
     #[test]
     fn a_block_opens_only_where_and_with_the_key_it_was_sealed() {
         let record = Encryption::new(&key(7)).expect("record");
         let sealer = record.sealer("v", Some(&key(7))).expect("sealer");
+        let chunk = sealer.for_chunk(1, 2).expect("chunk seal");
         let mut sealed = Vec::new();
-        sealer
-            .seal_into(place(8), b"secret block", &mut sealed)
+        chunk
+            .seal_into(8, b"secret block", &mut sealed)
             .expect("seal");
         assert_eq!(sealed.len(), 12 + SEAL_OVERHEAD);
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         let mut out = Vec::new();
-        sealer.open_into(place(8), &sealed, &mut out).expect("open");
+        chunk.open_into(8, &sealed, &mut out).expect("open");
         assert_eq!(out, b"secret block");
         // Moved: another offset, chunk or volume.
-        for moved in [
-            place(9),
-            BlockPlace {
-                chunk: 3,
-                ..place(8)
-            },
-            BlockPlace {
-                volume: 5,
-                ..place(8)
-            },
-        ] {
+        let other_chunk = sealer.for_chunk(1, 3).expect("chunk seal");
+        let other_volume = sealer.for_chunk(5, 2).expect("chunk seal");
+        for (seal, offset) in [(&chunk, 9), (&other_chunk, 8), (&other_volume, 8)] {
             assert_eq!(
-                sealer.open_into(moved, &sealed, &mut out),
+                seal.open_into(offset, &sealed, &mut out),
                 Err(SealError::NotAuthentic)
             );
         }
@@ -364,18 +355,18 @@ mod tests {
             let mut bad = sealed.clone();
             bad[at] ^= 0x20;
             assert_eq!(
-                sealer.open_into(place(8), &bad, &mut out),
+                chunk.open_into(8, &bad, &mut out),
                 Err(SealError::NotAuthentic)
             );
         }
         assert_eq!(
-            sealer.open_into(place(8), &sealed[..20], &mut out),
+            chunk.open_into(8, &sealed[..20], &mut out),
             Err(SealError::TooShort(20))
         );
         // The same plaintext twice seals differently (a fresh nonce each time).
         let mut again = Vec::new();
-        sealer
-            .seal_into(place(8), b"secret block", &mut again)
+        chunk
+            .seal_into(8, b"secret block", &mut again)
             .expect("seal");
         assert_ne!(again, sealed);
     }

@@ -66,12 +66,12 @@ pub(super) struct Written {
 type Contents = Vec<(u64, Option<Vec<u8>>)>;
 
 impl ChunkWriter {
-    pub fn new(shared: &Shared) -> Self {
-        ChunkWriter {
-            packer: Some(Packer::new(shared)),
+    pub fn new(shared: &Shared) -> io::Result<Self> {
+        Ok(ChunkWriter {
+            packer: Some(Packer::new(shared)?),
             puts: JoinSet::new(),
             written: Written::default(),
-        }
+        })
     }
 
     /// Runs `produce` and packs what it returns on the uploader's low-priority thread (building
@@ -183,15 +183,15 @@ struct Packer {
 }
 
 impl Packer {
-    fn new(shared: &Shared) -> Self {
+    fn new(shared: &Shared) -> io::Result<Self> {
         let chunk_id = shared.chunk_ids.next();
-        Packer {
-            builder: builder_for(shared, chunk_id),
+        Ok(Packer {
+            builder: builder_for(shared, chunk_id)?,
             chunk_id,
             sealed: Vec::new(),
             holes: Vec::new(),
             retired: Vec::new(),
-        }
+        })
     }
 
     /// Packs one block; what to write into the cache for it (`None`: all zeros, a hole).
@@ -237,7 +237,7 @@ impl Packer {
         };
         if self.builder.len() >= shared.config.chunk_bytes {
             let next = shared.chunk_ids.next();
-            let full = std::mem::replace(&mut self.builder, builder_for(shared, next));
+            let full = std::mem::replace(&mut self.builder, builder_for(shared, next)?);
             let id = std::mem::replace(&mut self.chunk_id, next);
             self.sealed.push((id, full));
         }
@@ -246,15 +246,10 @@ impl Packer {
 }
 
 /// A builder for chunk `chunk`: an encrypted volume's seals every block for its place.
-fn builder_for(shared: &Shared, chunk: u64) -> ChunkBuilder {
+fn builder_for(shared: &Shared, chunk: u64) -> io::Result<ChunkBuilder> {
     let block_size = shared.meta.block_size;
-    match shared.chunks.sealer() {
+    Ok(match shared.chunks.chunk_seal(chunk)? {
         None => ChunkBuilder::new(block_size),
-        Some(sealer) => ChunkBuilder::sealed(
-            block_size,
-            Arc::clone(sealer),
-            shared.chunks.owner_of(chunk),
-            chunk,
-        ),
-    }
+        Some(seal) => ChunkBuilder::sealed(block_size, seal),
+    })
 }

@@ -244,7 +244,7 @@ async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
         .iter()
         .flat_map(|(_, blocks)| blocks.iter().copied())
         .collect();
-    let mut writer = ChunkWriter::new(shared);
+    let mut writer = ChunkWriter::new(shared)?;
     for batch in moving.chunks(REWRITE_BATCH) {
         // Neighbours in a victim come in one ranged GET each (see `fetch`).
         let locations: Vec<BlockLocation> = batch.iter().map(|&(_, loc)| loc).collect();

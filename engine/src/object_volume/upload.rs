@@ -304,7 +304,7 @@ async fn upload_step(shared: &Arc<Shared>, end: u64) -> io::Result<Vec<u64>> {
             count: end - first,
         })
         .collect();
-    let mut writer = ChunkWriter::new(shared);
+    let mut writer = ChunkWriter::new(shared)?;
     // Blocks materialised at a time: bounded memory whatever the step and chunk size.
     let batch = ((MATERIALIZE_BYTES / shared.block_size()).max(1)) as usize;
     for blocks in work.blocks.chunks(batch) {
