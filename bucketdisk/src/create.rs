@@ -13,8 +13,12 @@ use engine::{BlockDevice, FileVolume};
 pub(crate) struct CreateArgs {
     /// Volume name: 1-128 of [A-Za-z0-9._-].
     pub(crate) name: String,
+    /// Size of the virtual disk, e.g. 100G (K/M/G/T suffixes, powers of 1024). Thin: only
+    /// blocks written take space in the store.
     #[arg(long, value_parser = parse_size)]
     pub(crate) size: u64,
+    /// Block size: the unit of storage, caching and compression (a power of two, 4K-4M). Larger
+    /// blocks suit sequential work; fixed for the volume's life.
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub(crate) block_size: u64,
     #[command(flatten)]
