@@ -631,7 +631,7 @@ fn sessions_outlive_a_reload_and_renegotiation_is_refused() {
     while !server
         .log_text()
         .lines()
-        .any(|l| l.contains(&local) && l.contains("connection closed"))
+        .any(|l| l.contains(&local) && l.contains("asked to renegotiate TLS: refused"))
     {
         assert!(
             std::time::Instant::now() < deadline,

@@ -352,7 +352,7 @@ impl Connection<'_> {
             reader.into_inner().unsplit(writer),
         );
         let secured = tokio::select! {
-            s = tls.accept(stream) => s,
+            s = tls.accept(stream, self.peer) => s,
             _ = self.shutdown.wait_for(|&s| s) => return,
         };
         let secured = match secured {

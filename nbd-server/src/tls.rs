@@ -13,16 +13,20 @@
 //! the old context and says why.
 
 use crate::secret::{SecretError, read_secret};
+use foreign_types::ForeignTypeRef;
+use openssl::ex_data::Index;
 use openssl::pkey::PKey;
 use openssl::ssl::{
-    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode,
-    SslVersion,
+    Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslSessionCacheMode,
+    SslVerifyMode, SslVersion,
 };
 use openssl::x509::X509Name;
 use std::collections::HashMap;
 use std::fmt;
+use std::os::raw::c_int;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::sync::RwLock;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -183,8 +187,9 @@ impl Tls {
         Ok(())
     }
 
-    /// The server side of one connection's TLS handshake, time-limited.
-    pub async fn accept<S>(&self, stream: S) -> Result<SslStream<S>, TlsError>
+    /// The server side of one connection's TLS handshake with `peer` (named in the log),
+    /// time-limited.
+    pub async fn accept<S>(&self, stream: S, peer: &str) -> Result<SslStream<S>, TlsError>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -193,7 +198,10 @@ impl Tls {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let ssl = Ssl::new(&context).map_err(openssl_error("starting a TLS session"))?;
+        let mut ssl = Ssl::new(&context).map_err(openssl_error("starting a TLS session"))?;
+        if let Some(index) = peer_index() {
+            ssl.set_ex_data(index, peer.to_string());
+        }
         let mut stream =
             SslStream::new(ssl, stream).map_err(openssl_error("starting a TLS session"))?;
         let timeout = self.handshake_timeout;
@@ -237,9 +245,50 @@ fn describe_handshake_error(e: &openssl::ssl::Error) -> String {
     }
 }
 
+unsafe extern "C" {
+    /// libssl's (the openssl crate binds no info callback): `callback` hears of a session's
+    /// state changes and of every alert sent or received.
+    fn SSL_CTX_set_info_callback(
+        context: *mut openssl_sys::SSL_CTX,
+        callback: Option<unsafe extern "C" fn(*const openssl_sys::SSL, c_int, c_int)>,
+    );
+}
+
+/// `SSL_CB_ALERT | SSL_CB_WRITE`: an alert this end sent; the value is level << 8 | description.
+const SENT_ALERT: c_int = 0x4000 | 0x08;
+/// The TLS 1.2 alert OpenSSL answers a client's renegotiation with (`SSL_OP_NO_RENEGOTIATION`).
+const NO_RENEGOTIATION_ALERT: c_int = 100;
+
+/// Where a session keeps its peer's address, for the log lines its callbacks write.
+fn peer_index() -> Option<Index<Ssl, String>> {
+    static INDEX: OnceLock<Option<Index<Ssl, String>>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().ok())
+}
+
+/// Says in the log that a client asked to renegotiate: OpenSSL refuses it with a warning
+/// alert, and the error the connection then ends with is only the client's answer to that
+/// ("alert handshake failure").
+unsafe extern "C" fn on_tls_event(ssl: *const openssl_sys::SSL, event: c_int, value: c_int) {
+    if event != SENT_ALERT || value & 0xff != NO_RENEGOTIATION_ALERT || ssl.is_null() {
+        return;
+    }
+    // SAFETY: OpenSSL passes the live session the event is about, for the callback's length.
+    let ssl = unsafe { SslRef::from_ptr(ssl.cast_mut()) };
+    let peer = peer_index()
+        .and_then(|index| ssl.ex_data(index))
+        .map_or("unknown", String::as_str);
+    tracing::info!(
+        peer,
+        "the client asked to renegotiate TLS: refused (this server never renegotiates)"
+    );
+}
+
 fn build_context(credentials: &Credentials) -> Result<SslContext, TlsError> {
     let mut b = SslContextBuilder::new(SslMethod::tls_server())
         .map_err(openssl_error("creating the TLS context"))?;
+    // SAFETY: the context is live; the callback is a plain function that only reads the
+    // session it is given.
+    unsafe { SSL_CTX_set_info_callback(b.as_ptr(), Some(on_tls_event)) };
     b.set_min_proto_version(Some(SslVersion::TLS1_2))
         .map_err(openssl_error("setting the lowest TLS version"))?;
     b.set_ciphersuites(TLS13_SUITES)
