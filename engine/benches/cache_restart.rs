@@ -34,6 +34,7 @@ fn key(i: u64) -> CacheKey {
         owner: 1,
         chunk: i / 384,
         offset: (i % 384) * u64::from(BLOCK),
+        block: i,
     }
 }
 

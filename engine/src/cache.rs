@@ -1,6 +1,6 @@
 //! The local block cache: a sparse file of fixed-size slots holding blocks fetched from object
-//! storage, keyed by (chunk, offset) — chunks are immutable, so a key never goes stale and the
-//! cache stays valid across restarts (its index is saved on clean close).
+//! storage, keyed by (chunk, offset, block of the disk) — chunks are immutable, so a key never
+//! goes stale and the cache stays valid across restarts (its index is saved on clean close).
 //!
 //! Eviction is S3-FIFO, which resists scans: new blocks enter a small FIFO and are promoted to
 //! the main FIFO only if they are read again; a block evicted from the small queue leaves a
@@ -22,15 +22,19 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-/// Identity of a cached block: where its bytes live in object storage. Chunk ids are unique
-/// within the volume that wrote them, so the key names that volume too (`owner`, a tag of its
-/// identity, see `ChunkStore::cache_key`): a cache shared by several volumes, a clone reading
-/// its parent's chunks among them, finds a block under the same key whoever reads it.
+/// Identity of a cached block: where its bytes live in object storage, and which block of the
+/// disk they were read as. Chunk ids are unique within the volume that wrote them, so the key
+/// names that volume too (`owner`, a tag of its identity, see `ChunkStore::cache_key`): a cache
+/// shared by several volumes, a clone reading its parent's chunks among them, finds a block
+/// under the same key whoever reads it. The block number matters for an encrypted volume,
+/// whose stored blocks authenticate as one block of the disk only: a map that points another
+/// block at the same bytes must not be answered from the cache with them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     pub owner: u64,
     pub chunk: u64,
     pub offset: u64,
+    pub block: u64,
 }
 
 struct Entry {
@@ -230,15 +234,8 @@ impl BlockCache {
             for line in lines.filter(|_| ours) {
                 let line = line?;
                 let fields: Vec<u64> = line.split(' ').filter_map(|f| f.parse().ok()).collect();
-                let (slot, owner, chunk, offset, checksum, content) = match fields[..] {
-                    [slot, owner, chunk, offset, checksum, content] => {
-                        (slot, owner, chunk, offset, checksum, content)
-                    }
-                    // An index from before sealed blocks: the two were the same.
-                    [slot, owner, chunk, offset, checksum] => {
-                        (slot, owner, chunk, offset, checksum, checksum)
-                    }
-                    _ => continue,
+                let [slot, owner, chunk, offset, block, checksum, content] = fields[..] else {
+                    continue;
                 };
                 let slot = slot as u32;
                 if slot >= self.slots || used[slot as usize] {
@@ -249,6 +246,7 @@ impl BlockCache {
                     owner,
                     chunk,
                     offset,
+                    block,
                 };
                 state.entries.insert(
                     key,
@@ -305,8 +303,8 @@ impl BlockCache {
                 }
                 writeln!(
                     out,
-                    "{} {} {} {} {} {}",
-                    e.slot, key.owner, key.chunk, key.offset, e.checksum, e.content
+                    "{} {} {} {} {} {} {}",
+                    e.slot, key.owner, key.chunk, key.offset, key.block, e.checksum, e.content
                 )?;
             }
         }
@@ -316,7 +314,7 @@ impl BlockCache {
     /// The index's first line: the geometry its slot numbers mean.
     fn index_header(&self) -> String {
         format!(
-            "bucketdisk block cache v2: {} slots of {} bytes",
+            "bucketdisk block cache v3: {} slots of {} bytes",
             self.slots, self.block_size
         )
     }
@@ -639,6 +637,7 @@ mod tests {
             owner: 7,
             chunk: n / 100,
             offset: n % 100 * 8192,
+            block: n + 1000,
         }
     }
 
@@ -751,10 +750,10 @@ mod tests {
             "a rotted slot is a miss, not data"
         );
         drop(c);
-        // An index in an older format: nothing of it is kept.
+        // An index in an older format (no block numbers): nothing of it is kept.
         let (k, sum) = (key(1), block_checksum(&block(1)));
         let old = format!(
-            "bucketdisk block cache: 10 slots of {BS} bytes\n0 7 {} {} {sum} 1\n",
+            "bucketdisk block cache v2: 10 slots of {BS} bytes\n0 7 {} {} {sum} {sum}\n",
             k.chunk, k.offset
         );
         std::fs::write(dir.path().join("blocks.index"), old).expect("write index");
@@ -785,29 +784,9 @@ mod tests {
             "verified against its content after a restart"
         );
         assert_eq!(buf[..], block(1)[8..24]);
-        drop(c);
-        // An index line of five fields (written before sealed blocks): both checksums equal.
-        let (k, sum) = (key(2), block_checksum(&block(2)));
-        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
-        c.insert(k, &block(2)).expect("insert");
-        c.save_index().expect("save");
-        drop(c);
-        let index = std::fs::read_to_string(dir.path().join("blocks.index")).expect("index");
-        let five_fields: String = index
-            .lines()
-            .map(|l| {
-                let fields: Vec<&str> = l.split(' ').collect();
-                if fields.len() == 6 && fields[3] == k.offset.to_string() {
-                    fields[..5].join(" ")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
-        std::fs::write(dir.path().join("blocks.index"), five_fields + "\n").expect("write");
-        let c = BlockCache::open(dir.path(), BS, 10 * u64::from(BS)).expect("reopen");
-        assert_eq!(c.get(k, sum).expect("get"), Some(block(2)));
+        // The same bytes taken for another block of the disk (a map pointing it there): a miss.
+        let elsewhere = CacheKey { block: 5, ..key(1) };
+        assert_eq!(c.get(elsewhere, map_checksum).expect("get"), None);
     }
 
     #[test]

@@ -17,7 +17,7 @@
 //! bytes, which says nothing about the content; the seal's tag authenticates the content.
 
 use crate::checksum::crc32c;
-use crate::sealing::{ChunkSeal, SealError};
+use crate::sealing::{ChunkSeal, Place, SealError};
 use bytes::{BufMut, Bytes, BytesMut};
 
 const MAGIC: &[u8; 8] = b"BDCHUNK1";
@@ -146,7 +146,7 @@ impl ChunkBuilder {
                 sealing.sealed.clear();
                 sealing
                     .seal
-                    .seal_into(offset, payload, &mut sealing.sealed)?;
+                    .seal_into(Place { block, offset }, payload, &mut sealing.sealed)?;
                 (&sealing.sealed[..], block_checksum(&sealing.sealed))
             }
         };
@@ -240,11 +240,12 @@ fn expand(payload: Bytes, block_size: u32) -> Result<Bytes, ChunkError> {
     Ok(Bytes::from(out))
 }
 
-/// What opens a sealed block: its chunk's seal and its offset in the chunk.
+/// What opens a sealed block: its chunk's seal, and the block of the disk the map says it holds
+/// with its offset in the chunk.
 #[derive(Clone, Copy)]
 pub struct Opening<'a> {
     pub seal: &'a ChunkSeal,
-    pub offset: u64,
+    pub place: Place,
 }
 
 /// [`decode_block_bytes`] of a sealed block: its stored bytes are checked against `checksum`
@@ -260,7 +261,7 @@ pub fn decode_sealed_block(
     let mut opened = Vec::with_capacity(payload.len());
     opening
         .seal
-        .open_into(opening.offset, payload, &mut opened)?;
+        .open_into(opening.place, payload, &mut opened)?;
     expand(Bytes::from(opened), block_size)
 }
 
@@ -294,7 +295,7 @@ pub fn check_block(
     matches_checksum(payload, checksum)?;
     opening
         .seal
-        .open_into(opening.offset, payload, &mut scratch.opened)?;
+        .open_into(opening.place, payload, &mut scratch.opened)?;
     if scratch.opened.len() != block_size as usize {
         scratch.decompressed.resize(block_size as usize, 0);
         decompress_block(&scratch.opened, &mut scratch.decompressed)?;

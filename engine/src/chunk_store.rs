@@ -5,7 +5,7 @@
 use crate::cache::CacheKey;
 use crate::chunk::{CheckScratch, Opening, check_block, decode_block_bytes, decode_sealed_block};
 use crate::device::DeviceError;
-use crate::sealing::{BlockSealer, ChunkSeal};
+use crate::sealing::{BlockSealer, ChunkSeal, Place};
 use blockmap::BlockLocation;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -16,6 +16,26 @@ use std::io;
 use std::ops::Range;
 use std::sync::Arc;
 use stores::retry::{Created, create_only, get_whole, with_retries};
+
+/// A block of the disk and where the block map says its bytes are stored: what reading it from
+/// the store needs (a sealed block opens only as the block it was written for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub block: u64,
+    pub location: BlockLocation,
+}
+
+impl StoredBlock {
+    fn opening<'a>(&self, seal: &'a ChunkSeal) -> Opening<'a> {
+        Opening {
+            seal,
+            place: Place {
+                block: self.block,
+                offset: self.location.offset,
+            },
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct ChunkStore {
@@ -151,13 +171,14 @@ impl ChunkStore {
         self.ancestor(chunk).map_or(self.owner, |i| i.owner)
     }
 
-    /// The cache key of the stored block at `location`: the same in every volume that reads
-    /// that chunk (a clone and its parent), so they share cached blocks.
-    pub fn cache_key(&self, location: &BlockLocation) -> CacheKey {
+    /// The cache key of `stored`: the same in every volume that reads its chunk (a clone and
+    /// its parent), so they share cached blocks.
+    pub fn cache_key(&self, stored: &StoredBlock) -> CacheKey {
         CacheKey {
-            owner: self.owner_of(location.chunk),
-            chunk: location.chunk,
-            offset: location.offset,
+            owner: self.owner_of(stored.location.chunk),
+            chunk: stored.location.chunk,
+            offset: stored.location.offset,
+            block: stored.block,
         }
     }
 
@@ -194,7 +215,7 @@ impl ChunkStore {
     /// The bytes of one chunk from the first block of `run` to the end of its last, in one
     /// ranged GET. `run` is sorted by offset and lies in one chunk (see `fetch::runs`); the
     /// blocks between its members, if any, come along and are dropped by [`Self::decode_run`].
-    pub async fn read_span(&self, run: &[BlockLocation]) -> io::Result<Bytes> {
+    pub async fn read_span(&self, run: &[StoredBlock]) -> io::Result<Bytes> {
         let Some((path, range)) = self.span_of(run)? else {
             return Ok(Bytes::new());
         };
@@ -212,16 +233,20 @@ impl ChunkStore {
     }
 
     /// The object and byte range one ranged GET of `run` reads (none for an empty run).
-    fn span_of(&self, run: &[BlockLocation]) -> io::Result<Option<(Path, Range<u64>)>> {
+    fn span_of(&self, run: &[StoredBlock]) -> io::Result<Option<(Path, Range<u64>)>> {
         let (Some(first), Some(last)) = (run.first(), run.last()) else {
             return Ok(None);
         };
-        if run.iter().any(|l| l.chunk != first.chunk) || last.offset < first.offset {
+        let (first, last) = (first.location, last.location);
+        if run.iter().any(|s| s.location.chunk != first.chunk) || last.offset < first.offset {
             return Err(io::Error::other(
                 "internal: a ranged read spans more than one chunk or is not sorted",
             ));
         }
-        let end = run.iter().map(|l| l.offset + u64::from(l.length)).max();
+        let end = run
+            .iter()
+            .map(|s| s.location.offset + u64::from(s.location.length))
+            .max();
         Ok(Some((
             self.path(first.chunk),
             first.offset..end.unwrap_or(first.offset),
@@ -232,11 +257,11 @@ impl ChunkStore {
     /// only a verdict each (`None`: it decodes and matches its checksum). Memory stays at a
     /// block or two however long the span, and no buffer the size of the span is filled: a
     /// deep verify reads whole volumes this way. A GET that fails or ends early is retried.
-    pub async fn check_run(&self, run: &[BlockLocation]) -> io::Result<Vec<Option<String>>> {
+    pub async fn check_run(&self, run: &[StoredBlock]) -> io::Result<Vec<Option<String>>> {
         let Some((path, range)) = self.span_of(run)? else {
             return Ok(Vec::new());
         };
-        let seal = self.chunk_seal(run[0].chunk)?;
+        let seal = self.chunk_seal(run[0].location.chunk)?;
         with_retries("check blocks", || {
             self.check_run_once(&path, range.clone(), run, seal.as_ref())
         })
@@ -248,7 +273,7 @@ impl ChunkStore {
         &self,
         path: &Path,
         range: Range<u64>,
-        run: &[BlockLocation],
+        run: &[StoredBlock],
         seal: Option<&ChunkSeal>,
     ) -> object_store::Result<Vec<Option<String>>> {
         let options = GetOptions {
@@ -266,7 +291,8 @@ impl ChunkStore {
         let mut received = range.start;
         let (mut joined, mut scratch) = (Vec::new(), CheckScratch::default());
         let mut verdicts = Vec::with_capacity(run.len());
-        for location in run {
+        for stored in run {
+            let location = &stored.location;
             let (start, end) = (
                 location.offset,
                 location.offset + u64::from(location.length),
@@ -305,10 +331,7 @@ impl ChunkStore {
                     payload,
                     self.block_size,
                     location.checksum,
-                    seal.map(|seal| Opening {
-                        seal,
-                        offset: location.offset,
-                    }),
+                    seal.map(|seal| stored.opening(seal)),
                     &mut scratch,
                 )
                 .err()
@@ -327,9 +350,13 @@ impl ChunkStore {
 
     /// Each block of `run` cut from `span` (what [`Self::read_span`] returned for it), decoded
     /// and verified on its own: a damaged block is an error for that block only.
-    pub fn decode_run(&self, run: &[BlockLocation], span: &Bytes) -> Vec<io::Result<Bytes>> {
-        let base = run.first().map_or(0, |l| l.offset);
-        let seal = match run.first().map(|l| self.chunk_seal(l.chunk)).transpose() {
+    pub fn decode_run(&self, run: &[StoredBlock], span: &Bytes) -> Vec<io::Result<Bytes>> {
+        let base = run.first().map_or(0, |s| s.location.offset);
+        let seal = match run
+            .first()
+            .map(|s| self.chunk_seal(s.location.chunk))
+            .transpose()
+        {
             Ok(seal) => seal.flatten(),
             Err(e) => {
                 let why = e.to_string();
@@ -340,7 +367,8 @@ impl ChunkStore {
             }
         };
         run.iter()
-            .map(|location| {
+            .map(|stored| {
+                let location = &stored.location;
                 let path = self.path(location.chunk);
                 let start = (location.offset - base) as usize;
                 let end = start + location.length as usize;
@@ -352,13 +380,12 @@ impl ChunkStore {
                 // Whatever does not decode (checksum, framing, compression) is corrupt.
                 let decoded = match &seal {
                     None => decode_block_bytes(payload, self.block_size, location.checksum),
-                    Some(seal) => {
-                        let opening = Opening {
-                            seal,
-                            offset: location.offset,
-                        };
-                        decode_sealed_block(&payload, self.block_size, location.checksum, opening)
-                    }
+                    Some(seal) => decode_sealed_block(
+                        &payload,
+                        self.block_size,
+                        location.checksum,
+                        stored.opening(seal),
+                    ),
                 };
                 decoded.map_err(|e| {
                     DeviceError::Corrupt(format!("{path} at {}: {e}", location.offset)).into_io()
@@ -434,11 +461,22 @@ mod tests {
     use object_store::local::LocalFileSystem;
     use stores::faulty::FaultyStore;
 
-    /// One block, as `fetch` reads it: a run of one.
-    async fn read_block(chunks: &ChunkStore, location: &BlockLocation) -> io::Result<Vec<u8>> {
-        let run = std::slice::from_ref(location);
-        let span = chunks.read_span(run).await?;
-        chunks.decode_run(run, &span).remove(0).map(Vec::from)
+    /// Block `block` of the disk at `location`, as `fetch` reads it: a run of one.
+    async fn read_block(
+        chunks: &ChunkStore,
+        block: u64,
+        location: &BlockLocation,
+    ) -> io::Result<Vec<u8>> {
+        let run = [StoredBlock {
+            block,
+            location: *location,
+        }];
+        let span = chunks.read_span(&run).await?;
+        chunks.decode_run(&run, &span).remove(0).map(Vec::from)
+    }
+
+    fn stored(block: u64, location: BlockLocation) -> StoredBlock {
+        StoredBlock { block, location }
     }
 
     #[tokio::test]
@@ -471,7 +509,7 @@ mod tests {
                 length: e.length,
                 checksum: e.checksum,
             };
-            assert_eq!(&read_block(&chunks, &loc).await.expect("read"), b);
+            assert_eq!(&read_block(&chunks, e.block, &loc).await.expect("read"), b);
         }
         let e = entries[3];
         let wrong = BlockLocation {
@@ -480,7 +518,7 @@ mod tests {
             length: e.length,
             checksum: e.checksum ^ 1,
         };
-        let err = read_block(&chunks, &wrong)
+        let err = read_block(&chunks, 3, &wrong)
             .await
             .expect_err("checksum mismatch");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
@@ -540,19 +578,29 @@ mod tests {
         chunks.put(2, Bytes::from(swapped)).await.expect("put");
         chunks.put(3, bytes.clone()).await.expect("put");
         let good = location(1, ea.offset, &bytes[at(&ea)]);
-        assert_eq!(read_block(&chunks, &good).await.expect("read"), a);
-        // Swapped within a chunk, or the same bytes under another chunk id.
-        for moved in [
-            location(2, ea.offset, &bytes[at(&eb)]),
-            location(3, ea.offset, &bytes[at(&ea)]),
+        assert_eq!(read_block(&chunks, 0, &good).await.expect("read"), a);
+        // Swapped within a chunk, the same bytes under another chunk id, or block 0's bytes
+        // given to block 1 by its map row (checksum and all).
+        for (block, moved) in [
+            (0, location(2, ea.offset, &bytes[at(&eb)])),
+            (0, location(3, ea.offset, &bytes[at(&ea)])),
+            (1, good),
         ] {
-            let err = read_block(&chunks, &moved).await.expect_err("moved block");
+            let err = read_block(&chunks, block, &moved)
+                .await
+                .expect_err("moved block");
             assert_eq!(err.kind(), io::ErrorKind::InvalidData);
             assert!(err.to_string().contains("does not authenticate"), "{err}");
-            let verdicts = chunks.check_run(&[moved]).await.expect("check");
+            let verdicts = chunks
+                .check_run(&[stored(block, moved)])
+                .await
+                .expect("check");
             assert!(verdicts[0].is_some(), "a deep verify reports it too");
         }
-        assert_eq!(chunks.check_run(&[good]).await.expect("check"), vec![None]);
+        assert_eq!(
+            chunks.check_run(&[stored(0, good)]).await.expect("check"),
+            vec![None]
+        );
     }
 
     #[tokio::test]
@@ -565,24 +613,25 @@ mod tests {
         let blocks: Vec<Vec<u8>> = (0..8u8)
             .map(|i| (0..4096u32).map(|j| (j % 251) as u8 ^ i).collect())
             .collect();
-        let locations: Vec<BlockLocation> = blocks
+        let locations: Vec<StoredBlock> = blocks
             .iter()
             .enumerate()
             .map(|(i, b)| {
                 let e = builder.add(i as u64, b).expect("add");
-                BlockLocation {
+                let location = BlockLocation {
                     chunk: 7,
                     offset: e.offset,
                     length: e.length,
                     checksum: e.checksum,
-                }
+                };
+                stored(e.block, location)
             })
             .collect();
         chunks.put(7, builder.finish().0).await.expect("upload");
         // Blocks 2, 3, 5 and 6: block 4 lies in the span and is dropped; block 5's checksum is
         // wrong, which fails block 5 alone.
         let mut run = vec![locations[2], locations[3], locations[5], locations[6]];
-        run[2].checksum ^= 1;
+        run[2].location.checksum ^= 1;
         let before = counted.counts().get_requests;
         let span = chunks.read_span(&run).await.expect("one GET");
         assert_eq!(counted.counts().get_requests - before, 1);
@@ -593,7 +642,7 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert_eq!(decoded[3].as_ref().expect("block 6"), &blocks[6]);
         let mut other_chunk = run.clone();
-        other_chunk[1].chunk = 8;
+        other_chunk[1].location.chunk = 8;
         assert!(
             chunks.read_span(&other_chunk).await.is_err(),
             "one chunk per run"

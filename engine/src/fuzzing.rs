@@ -126,6 +126,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
                 owner: 3,
                 chunk: n / 2,
                 offset: n * 4096,
+                block: n,
             };
             cache.insert(key, &[n as u8; 4096]).expect("insert");
         }

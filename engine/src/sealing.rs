@@ -3,13 +3,16 @@
 //! ```text
 //! sealed block: nonce (12 random bytes) · ciphertext of the payload · tag (16 bytes)
 //! key: HMAC-SHA256(block key, "bucketdisk chunk key v1" · volume tag u64 · chunk id u64)
-//! associated data: "bucketdisk block v1" · volume tag u64 · chunk id u64 · offset u64 (LE)
+//! associated data: "bucketdisk block v1" · volume tag u64 · chunk id u64 · offset u64
+//!                  · block number u64                                          (all LE)
 //! ```
 //!
 //! The payload sealed is what a plain volume stores (the block's LZ4 encoding, or the raw block),
 //! so compression still pays. The associated data binds a sealed block to the place it was
-//! written: the same bytes at another offset, in another chunk or another volume's chunk do not
-//! authenticate, so a block moved or swapped in the store is an error, never data. The key the
+//! written and to the block of the disk it holds: the same bytes at another offset, in another
+//! chunk or another volume's chunk do not authenticate, nor does a block map row pointing one
+//! block at another's stored bytes, so a block moved or swapped in the store or in the map is an
+//! error, never data. The key the
 //! user holds never reaches the store; the volume records a random salt and a check value made
 //! from it, so a wrong key is told apart at open instead of as a stream of I/O errors.
 //!
@@ -228,6 +231,13 @@ impl BlockSealer {
     }
 }
 
+/// Where a sealed block belongs: the block of the disk it holds and its offset in its chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place {
+    pub block: u64,
+    pub offset: u64,
+}
+
 /// Seals and opens the blocks of one chunk: its key, and the place its blocks' associated data
 /// binds them to. Its key is zeroed on drop.
 pub struct ChunkSeal {
@@ -243,20 +253,22 @@ impl Drop for ChunkSeal {
 }
 
 impl ChunkSeal {
-    /// What binds a block to its place: this chunk (of its volume) and `offset` in it.
-    fn associated_data(&self, offset: u64) -> [u8; 43] {
-        let mut ad = [0u8; 43];
+    /// What binds a block to its place: this chunk (of its volume), its offset in it and the
+    /// block of the disk it holds.
+    fn associated_data(&self, place: Place) -> [u8; 51] {
+        let mut ad = [0u8; 51];
         ad[..19].copy_from_slice(b"bucketdisk block v1");
         ad[19..27].copy_from_slice(&self.volume.to_le_bytes());
         ad[27..35].copy_from_slice(&self.chunk.to_le_bytes());
-        ad[35..43].copy_from_slice(&offset.to_le_bytes());
+        ad[35..43].copy_from_slice(&place.offset.to_le_bytes());
+        ad[43..51].copy_from_slice(&place.block.to_le_bytes());
         ad
     }
 
-    /// Appends `payload`, sealed for `offset` in this chunk, to `out`.
+    /// Appends `payload`, sealed for `place` in this chunk, to `out`.
     pub fn seal_into(
         &self,
-        offset: u64,
+        place: Place,
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
@@ -266,7 +278,7 @@ impl ChunkSeal {
         let mut crypter =
             Crypter::new(cipher, Mode::Encrypt, &self.key, Some(&nonce)).map_err(crypto)?;
         crypter
-            .aad_update(&self.associated_data(offset))
+            .aad_update(&self.associated_data(place))
             .map_err(crypto)?;
         out.extend_from_slice(&nonce);
         let start = out.len();
@@ -283,11 +295,11 @@ impl ChunkSeal {
         Ok(())
     }
 
-    /// The payload of a block sealed for `offset` in this chunk, written into `out` (cleared
+    /// The payload of a block sealed for `place` in this chunk, written into `out` (cleared
     /// first); an error if it does not authenticate.
     pub fn open_into(
         &self,
-        offset: u64,
+        place: Place,
         sealed: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), SealError> {
@@ -300,7 +312,7 @@ impl ChunkSeal {
         let mut crypter =
             Crypter::new(cipher, Mode::Decrypt, &self.key, Some(nonce)).map_err(crypto)?;
         crypter
-            .aad_update(&self.associated_data(offset))
+            .aad_update(&self.associated_data(place))
             .map_err(crypto)?;
         crypter.set_tag(tag).map_err(crypto)?;
         out.clear();
@@ -332,41 +344,47 @@ mod tests {
         let record = Encryption::new(&key(7)).expect("record");
         let sealer = record.sealer("v", Some(&key(7))).expect("sealer");
         let chunk = sealer.for_chunk(1, 2).expect("chunk seal");
+        let at = |block, offset| Place { block, offset };
         let mut sealed = Vec::new();
         chunk
-            .seal_into(8, b"secret block", &mut sealed)
+            .seal_into(at(4, 8), b"secret block", &mut sealed)
             .expect("seal");
         assert_eq!(sealed.len(), 12 + SEAL_OVERHEAD);
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         let mut out = Vec::new();
-        chunk.open_into(8, &sealed, &mut out).expect("open");
+        chunk.open_into(at(4, 8), &sealed, &mut out).expect("open");
         assert_eq!(out, b"secret block");
-        // Moved: another offset, chunk or volume.
+        // Moved: another offset, chunk or volume, or taken for another block of the disk.
         let other_chunk = sealer.for_chunk(1, 3).expect("chunk seal");
         let other_volume = sealer.for_chunk(5, 2).expect("chunk seal");
-        for (seal, offset) in [(&chunk, 9), (&other_chunk, 8), (&other_volume, 8)] {
+        for (seal, place) in [
+            (&chunk, at(4, 9)),
+            (&chunk, at(5, 8)),
+            (&other_chunk, at(4, 8)),
+            (&other_volume, at(4, 8)),
+        ] {
             assert_eq!(
-                seal.open_into(offset, &sealed, &mut out),
+                seal.open_into(place, &sealed, &mut out),
                 Err(SealError::NotAuthentic)
             );
         }
         // A flipped byte anywhere: nonce, ciphertext or tag.
-        for at in [0, 14, sealed.len() - 1] {
+        for byte in [0, 14, sealed.len() - 1] {
             let mut bad = sealed.clone();
-            bad[at] ^= 0x20;
+            bad[byte] ^= 0x20;
             assert_eq!(
-                chunk.open_into(8, &bad, &mut out),
+                chunk.open_into(at(4, 8), &bad, &mut out),
                 Err(SealError::NotAuthentic)
             );
         }
         assert_eq!(
-            chunk.open_into(8, &sealed[..20], &mut out),
+            chunk.open_into(at(4, 8), &sealed[..20], &mut out),
             Err(SealError::TooShort(20))
         );
         // The same plaintext twice seals differently (a fresh nonce each time).
         let mut again = Vec::new();
         chunk
-            .seal_into(8, b"secret block", &mut again)
+            .seal_into(at(4, 8), b"secret block", &mut again)
             .expect("seal");
         assert_ne!(again, sealed);
     }

@@ -205,6 +205,7 @@ mod tests {
             owner: 1,
             chunk: n,
             offset: 0,
+            block: n,
         }
     }
 

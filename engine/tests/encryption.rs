@@ -269,6 +269,90 @@ async fn a_flipped_or_swapped_sealed_block_is_an_error_never_data() {
     assert_eq!(report.states[0].damaged_total, 1, "{report:?}");
 }
 
+/// Whoever can write the bucket can rewrite the block map: here block 2's row is pointed at
+/// block 0's sealed bytes, checksum and all. Block 0's seal binds it to block 0, so block 2
+/// reads as an error, never as block 0's data: on a host that never read it, and on one whose
+/// cache holds block 0 (cached as block 0, not as whatever points at its bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_row_pointing_at_another_blocks_sealed_bytes_is_an_error_cached_or_not() {
+    use blockmap::replica::Replica;
+    use blockmap::writer::MapWriter;
+    use blockmap::{BlockMap, MapChange};
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    write_marked(&v, 3).await;
+    v.close().await.expect("close");
+    let warm = try_open(&f, "disk", config(&f, "warm", Some(key(1))))
+        .await
+        .expect("open");
+    for b in 0..3 {
+        let got = try_read(&warm, u64::from(BLOCK) * b, BLOCK)
+            .await
+            .expect("read");
+        assert!(got == marked_block(b), "block {b}");
+    }
+    warm.close().await.expect("close");
+
+    let replica = Arc::new(Replica::new(
+        Arc::clone(&f.store),
+        Path::from("disk/blockmap"),
+        f.layout,
+    ));
+    let intruder = MapWriter::open(
+        Arc::clone(&f.store),
+        replica,
+        Path::from("disk"),
+        "intruder-map",
+        "intruder",
+        tokio::runtime::Handle::current(),
+    )
+    .await
+    .expect("take the map");
+    {
+        let mut map = BlockMap::new(intruder.connection().expect("connection")).expect("map");
+        let zero = map.get(0).expect("lookup").expect("block 0 is stored");
+        map.apply(
+            &[],
+            &[MapChange::Put {
+                block: 2,
+                location: zero,
+            }],
+        )
+        .expect("rewrite block 2's row");
+    }
+    intruder.sync().await.expect("publish");
+    intruder.close().await.expect("close");
+
+    for local in ["cold", "warm"] {
+        let v = try_open(&f, "disk", config(&f, local, Some(key(1))))
+            .await
+            .expect("open");
+        match try_read(&v, u64::from(BLOCK) * 2, BLOCK).await {
+            Err(DeviceError::Corrupt(_)) => {}
+            Err(e) => panic!("{local}: block 2 is another error: {e:?}"),
+            Ok(data) => panic!(
+                "{local}: block 2 read as {}",
+                if data == marked_block(0) {
+                    "block 0's data"
+                } else {
+                    "data"
+                }
+            ),
+        }
+        for b in 0..2 {
+            let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
+                .await
+                .expect("read");
+            assert!(got == marked_block(b), "{local}: block {b}");
+        }
+        v.close().await.expect("close");
+    }
+    let report = deep_verify(&f, Some(key(1))).await.expect("verify");
+    assert_eq!(report.states[0].damaged_total, 1, "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_restore_and_clones_of_an_encrypted_volume() {
     let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;

@@ -7,6 +7,7 @@ use super::Shared;
 use super::helpers::other;
 use crate::cache::{CacheInsert, CacheKey};
 use crate::chunk::ChunkBuilder;
+use crate::chunk_store::StoredBlock;
 use blockmap::{BlockLocation, MapChange};
 use std::io;
 use std::sync::Arc;
@@ -213,7 +214,10 @@ impl Packer {
             // a cache they share: left to eviction.
             && !shared.chunks.is_inherited(old.chunk)
         {
-            self.retired.push(shared.chunks.cache_key(&old));
+            self.retired.push(shared.chunks.cache_key(&StoredBlock {
+                block,
+                location: old,
+            }));
         }
         if crate::zeros::is_zero(data) {
             self.holes.push(block);
@@ -230,6 +234,7 @@ impl Packer {
                 owner: shared.chunks.owner_of(self.chunk_id),
                 chunk: self.chunk_id,
                 offset: added.entry.offset,
+                block,
             },
             checksum: added.entry.checksum,
             content_checksum: added.content_checksum,

@@ -8,8 +8,8 @@
 use super::Shared;
 use super::helpers::lock;
 use crate::cache::CacheKey;
+use crate::chunk_store::StoredBlock;
 use crate::device::DeviceError;
-use blockmap::BlockLocation;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared as SharedFuture};
@@ -83,15 +83,18 @@ type RunFuture<'a> = SharedFuture<BoxFuture<'a, Arc<Vec<FetchResult>>>>;
 
 /// Groups blocks into runs, each one ranged GET: sorted by chunk and offset, duplicates
 /// dropped, a run broken where the chunk changes, the gap to the next block exceeds
-/// [`MAX_RUN_GAP`] or the span would exceed [`MAX_RUN_BYTES`].
-pub(super) fn runs(mut locations: Vec<BlockLocation>) -> Vec<Vec<BlockLocation>> {
-    locations.sort_unstable_by_key(|l| (l.chunk, l.offset));
-    locations.dedup_by_key(|l| (l.chunk, l.offset));
-    let mut runs: Vec<Vec<BlockLocation>> = Vec::new();
-    for location in locations {
+/// [`MAX_RUN_GAP`] or the span would exceed [`MAX_RUN_BYTES`]. (Two blocks of the disk the map
+/// places at the same bytes are not duplicates: each is read as itself, in runs of its own.)
+pub(super) fn runs(mut blocks: Vec<StoredBlock>) -> Vec<Vec<StoredBlock>> {
+    blocks.sort_unstable_by_key(|s| (s.location.chunk, s.location.offset, s.block));
+    blocks.dedup_by_key(|s| (s.location.chunk, s.location.offset, s.block));
+    let mut runs: Vec<Vec<StoredBlock>> = Vec::new();
+    for stored in blocks {
+        let location = stored.location;
         if let Some(run) = runs.last_mut()
             && let (Some(first), Some(last)) = (run.first(), run.last())
         {
+            let (first, last) = (first.location, last.location);
             // Sorted: in the same chunk, `location` starts at or after `first`.
             let last_end = last.offset + u64::from(last.length);
             let end = location.offset + u64::from(location.length);
@@ -100,28 +103,28 @@ pub(super) fn runs(mut locations: Vec<BlockLocation>) -> Vec<Vec<BlockLocation>>
                 && location.offset - last_end <= MAX_RUN_GAP
                 && end - first.offset <= MAX_RUN_BYTES
             {
-                run.push(location);
+                run.push(stored);
                 continue;
             }
         }
-        runs.push(vec![location]);
+        runs.push(vec![stored]);
     }
     runs
 }
 
-/// The content of each block at `locations` (in that order): from the cache, or fetched from
-/// the store in as few GETs as [`runs`] allows and cached. Blocks another task is already
-/// fetching are awaited, not fetched again.
+/// The content of each of `blocks` (in that order): from the cache, or fetched from the store
+/// in as few GETs as [`runs`] allows and cached. Blocks another task is already fetching are
+/// awaited, not fetched again.
 pub(super) async fn fetch_blocks(
     shared: &Shared,
-    locations: &[BlockLocation],
+    blocks: &[StoredBlock],
 ) -> Vec<io::Result<Bytes>> {
-    let mut results: Vec<Option<io::Result<Bytes>>> = Vec::with_capacity(locations.len());
+    let mut results: Vec<Option<io::Result<Bytes>>> = Vec::with_capacity(blocks.len());
     let mut wanted = Vec::new();
-    for (i, location) in locations.iter().enumerate() {
+    for (i, stored) in blocks.iter().enumerate() {
         match shared
             .cache
-            .get(shared.chunks.cache_key(location), location.checksum)
+            .get(shared.chunks.cache_key(stored), stored.location.checksum)
         {
             Ok(Some(data)) => results.push(Some(Ok(Bytes::from(data)))),
             Ok(None) => {
@@ -139,7 +142,7 @@ pub(super) async fn fetch_blocks(
     {
         let mut fetches = lock(&shared.reads.fetches);
         for i in wanted {
-            let key = shared.chunks.cache_key(&locations[i]);
+            let key = shared.chunks.cache_key(&blocks[i]);
             let mut ours = false;
             let cell = fetches.entry(key).or_insert_with(|| {
                 ours = true;
@@ -153,20 +156,20 @@ pub(super) async fn fetch_blocks(
         cells: cells
             .iter()
             .filter(|(_, _, ours)| *ours)
-            .map(|(i, cell, _)| (shared.chunks.cache_key(&locations[*i]), Arc::clone(cell)))
+            .map(|(i, cell, _)| (shared.chunks.cache_key(&blocks[*i]), Arc::clone(cell)))
             .collect(),
     };
     let our_runs = runs(
         cells
             .iter()
             .filter(|(_, _, ours)| *ours)
-            .map(|&(i, _, _)| locations[i])
+            .map(|&(i, _, _)| blocks[i])
             .collect(),
     );
     let run_of: std::collections::HashMap<CacheKey, (RunFuture<'_>, usize)> = our_runs
         .into_iter()
         .flat_map(|run| {
-            let keys: Vec<CacheKey> = run.iter().map(|l| shared.chunks.cache_key(l)).collect();
+            let keys: Vec<CacheKey> = run.iter().map(|s| shared.chunks.cache_key(s)).collect();
             let future = fetch_run(shared, run).boxed().shared();
             keys.into_iter()
                 .enumerate()
@@ -175,8 +178,8 @@ pub(super) async fn fetch_blocks(
         .collect();
     let waits =
         cells.iter().map(|(i, cell, _)| {
-            let location = locations[*i];
-            let run = run_of.get(&shared.chunks.cache_key(&location)).cloned();
+            let stored = blocks[*i];
+            let run = run_of.get(&shared.chunks.cache_key(&stored)).cloned();
             async move {
                 let result = cell
                     .get_or_init(|| async move {
@@ -185,7 +188,7 @@ pub(super) async fn fetch_blocks(
                                 Err(FetchFailure::internal("a run lost a block"))
                             }),
                             // Its owner gave up (its reader went away) before filling it.
-                            None => fetch_run(shared, vec![location])
+                            None => fetch_run(shared, vec![stored])
                                 .await
                                 .first()
                                 .cloned()
@@ -236,7 +239,7 @@ fn settled(results: Vec<Option<io::Result<Bytes>>>) -> Vec<io::Result<Bytes>> {
 /// (so nobody fetches it again once its cell is forgotten). Blocks that arrive damaged are
 /// fetched again, up to [`DAMAGED_REFETCHES`] times: damage in transit goes away with another
 /// GET; damage at rest stays and is the reader's error.
-async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchResult>> {
+async fn fetch_run(shared: &Shared, run: Vec<StoredBlock>) -> Arc<Vec<FetchResult>> {
     shared.reads.counters.fetched(run.len() as u64);
     let span = shared.chunks.read_span(&run).await;
     let mut results = settle_run(shared, &run, span).await;
@@ -253,7 +256,7 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
             damaged.len()
         );
         shared.reads.counters.refetched(damaged.len() as u64);
-        let again: Vec<BlockLocation> = damaged.iter().map(|&i| run[i]).collect();
+        let again: Vec<StoredBlock> = damaged.iter().map(|&i| run[i]).collect();
         let span = shared.chunks.read_span(&again).await;
         let settled = settle_run(shared, &again, span).await;
         for (&i, result) in damaged.iter().zip(settled) {
@@ -271,7 +274,7 @@ async fn fetch_run(shared: &Shared, run: Vec<BlockLocation>) -> Arc<Vec<FetchRes
 /// The blocks of `run` from `span`, its ranged GET's answer: each verified and cached.
 async fn settle_run(
     shared: &Shared,
-    run: &[BlockLocation],
+    run: &[StoredBlock],
     span: io::Result<Bytes>,
 ) -> Vec<FetchResult> {
     let span = match span {
@@ -296,10 +299,11 @@ async fn settle_run(
     };
     run.iter()
         .zip(decoded)
-        .map(|(location, block)| match block {
+        .map(|(stored, block)| match block {
             Ok(data) => {
-                let key = shared.chunks.cache_key(location);
-                if let Err(e) = shared.cache.insert_stored(key, location.checksum, &data) {
+                let key = shared.chunks.cache_key(stored);
+                let checksum = stored.location.checksum;
+                if let Err(e) = shared.cache.insert_stored(key, checksum, &data) {
                     tracing::warn!("cannot cache a block: {e}");
                 }
                 Ok(data)
@@ -316,21 +320,21 @@ async fn settle_run(
 /// block's fetch, so a read that wants it meanwhile awaits it instead of fetching it again.
 /// Should it fail, the block is fetched the usual way.
 pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
-    let key = shared.chunks.cache_key(&early.location);
+    let key = shared.chunks.cache_key(&early.block);
     let cell = BlockFetch::default();
     lock(&shared.reads.fetches).insert(key, Arc::clone(&cell));
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
-        let location = early.location;
+        let stored = early.block;
         cell.get_or_init(|| async {
             let span = match early.span.await {
                 Ok(span) => span,
                 Err(e) => Err(io::Error::other(format!("early fetch task failed: {e}"))),
             };
             shared.reads.counters.fetched(1);
-            let settled = match settle_run(&shared, &[location], span).await.first() {
+            let settled = match settle_run(&shared, &[stored], span).await.first() {
                 Some(Ok(data)) => return Ok(data.clone()),
-                _ => fetch_run(&shared, vec![location]).await,
+                _ => fetch_run(&shared, vec![stored]).await,
             };
             settled
                 .first()
@@ -348,20 +352,25 @@ pub(super) fn adopt_early(shared: &Arc<Shared>, early: EarlyFetch) {
 /// The ranged GET of one block, started while the volume opens (a boot's first read is block
 /// 0: its lookup is made while the map's next TXID is claimed, and its GET can run then too).
 pub(super) struct EarlyFetch {
-    pub location: BlockLocation,
+    pub block: StoredBlock,
     pub span: tokio::task::JoinHandle<io::Result<Bytes>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blockmap::BlockLocation;
 
-    fn at(chunk: u64, offset: u64, length: u32) -> BlockLocation {
-        BlockLocation {
-            chunk,
-            offset,
-            length,
-            checksum: 0,
+    /// Block `offset` of the disk (each its own block) at `offset` in `chunk`.
+    fn at(chunk: u64, offset: u64, length: u32) -> StoredBlock {
+        StoredBlock {
+            block: chunk << 32 | offset,
+            location: BlockLocation {
+                chunk,
+                offset,
+                length,
+                checksum: 0,
+            },
         }
     }
 
@@ -404,7 +413,10 @@ mod tests {
             .collect();
         let got = runs(many);
         assert!(got.iter().all(|r| {
-            let span = r.last().map_or(0, |l| l.offset + u64::from(l.length)) - r[0].offset;
+            let end = r
+                .last()
+                .map_or(0, |s| s.location.offset + u64::from(s.location.length));
+            let span = end - r[0].location.offset;
             span <= MAX_RUN_BYTES
         }));
         assert_eq!(got.iter().map(Vec::len).sum::<usize>(), 200);

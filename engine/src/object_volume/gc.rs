@@ -21,6 +21,7 @@ use super::chunk_writer::ChunkWriter;
 use super::fetch::fetch_blocks;
 use super::helpers::{blocking, lock, other};
 use super::upload::{commit, sync_map};
+use crate::chunk_store::StoredBlock;
 use blockmap::BlockLocation;
 use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
@@ -247,8 +248,11 @@ async fn rewrite_partly_dead(shared: &Arc<Shared>) -> io::Result<u64> {
     let mut writer = ChunkWriter::new(shared)?;
     for batch in moving.chunks(REWRITE_BATCH) {
         // Neighbours in a victim come in one ranged GET each (see `fetch`).
-        let locations: Vec<BlockLocation> = batch.iter().map(|&(_, loc)| loc).collect();
-        let fetched = fetch_blocks(shared, &locations).await;
+        let stored: Vec<StoredBlock> = batch
+            .iter()
+            .map(|&(block, location)| StoredBlock { block, location })
+            .collect();
+        let fetched = fetch_blocks(shared, &stored).await;
         let contents = batch
             .iter()
             .zip(fetched)

@@ -16,7 +16,7 @@ use super::{
     META_JOURNAL_OWNER, META_JOURNAL_SEQ, ObjectVolume, Shared, VolumeConfig, VolumeStats, catalog,
     fetch, gc, lines, local_state, read, upload,
 };
-use crate::chunk_store::ChunkStore;
+use crate::chunk_store::{ChunkStore, StoredBlock};
 use crate::journal::{Journal, Record};
 use crate::metadata::VolumeMetadata;
 use crate::overlay::Overlay;
@@ -504,7 +504,10 @@ fn warm_locations(shared: &Shared) -> io::Result<()> {
             .map_err(|e| other("block map", e))?;
         let cached: Vec<(u64, BlockLocation)> = rows
             .into_iter()
-            .filter(|(_, loc)| shared.cache.contains(shared.chunks.cache_key(loc)))
+            .filter(|&(block, location)| {
+                let stored = StoredBlock { block, location };
+                shared.cache.contains(shared.chunks.cache_key(&stored))
+            })
             .collect();
         if !shared.map.locations.fill_rows(generation, &cached) {
             break;
@@ -536,16 +539,17 @@ fn early_first_reads(
     let task = tokio::spawn(async move {
         let found = located.await.ok()?;
         let location = found.into_iter().find(|(block, _)| *block == 0)?.1?;
+        let block = StoredBlock { block: 0, location };
         // Not when the block is cached already (a restart, or a clone on its source's host).
         // The cache is open by now unless its index is large, and then block 0 is likely in
         // it: waiting for it beats a GET that may be wasted (measured: no cost on a boot).
         if let Ok(cache) = cache.await
-            && cache.contains(chunks.cache_key(&location))
+            && cache.contains(chunks.cache_key(&block))
         {
             return None;
         }
-        let span = tokio::spawn(async move { chunks.read_span(&[location]).await });
-        Some(fetch::EarlyFetch { location, span })
+        let span = tokio::spawn(async move { chunks.read_span(&[block]).await });
+        Some(fetch::EarlyFetch { block, span })
     });
     (tell, task)
 }

@@ -9,6 +9,7 @@ use super::fetch::{fetch_blocks, runs};
 use super::helpers::{blocking, map_error};
 use super::readahead::{Prefetch, Readahead, Ticket};
 use crate::cache::CacheKey;
+use crate::chunk_store::StoredBlock;
 use crate::device::{Extent, ExtentKind, ReadSegment};
 use crate::zeros::is_zero;
 use blockmap::BlockLocation;
@@ -193,7 +194,10 @@ fn plan(shared: &Shared, offset: u64, length: u32, inline: bool) -> io::Result<O
             (_, None) => Part::Zero,
             (_, Some(loc)) => {
                 let buffer = cached.get_or_insert_with(|| BytesMut::zeroed(length as usize));
-                let key = shared.chunks.cache_key(&loc);
+                let key = shared.chunks.cache_key(&StoredBlock {
+                    block: piece.block,
+                    location: loc,
+                });
                 let into = &mut buffer[start..start + piece.len];
                 if shared.cache.read_at(key, loc.checksum, piece.at, into)? {
                     shared
@@ -268,19 +272,25 @@ pub(super) async fn read(
                     .ok_or_else(|| io::Error::other("internal: a read plan was not made"))?
             }
         };
-        let wanted: Vec<(usize, BlockLocation)> = pieces
+        let wanted: Vec<(usize, StoredBlock)> = pieces
             .iter()
             .enumerate()
             .filter_map(|(i, p)| match p.part {
-                Part::Fetch(loc) | Part::Merge(Some(loc)) => Some((i, loc)),
+                Part::Fetch(location) | Part::Merge(Some(location)) => Some((
+                    i,
+                    StoredBlock {
+                        block: p.block,
+                        location,
+                    },
+                )),
                 _ => None,
             })
             .collect();
-        let locations: Vec<BlockLocation> = wanted.iter().map(|&(_, loc)| loc).collect();
+        let stored: Vec<StoredBlock> = wanted.iter().map(|&(_, s)| s).collect();
         let fetched = wanted
             .iter()
             .map(|&(i, _)| i)
-            .zip(fetch_blocks(shared, &locations).await);
+            .zip(fetch_blocks(shared, &stored).await);
         let mut bases: HashMap<usize, Bytes> = HashMap::new();
         let mut retry = false;
         for (i, result) in fetched {
@@ -416,7 +426,7 @@ pub(super) async fn prefetch(shared: &Arc<Shared>, offset: u64, length: u64) -> 
 }
 
 /// Stored, uncached blocks of `first..first+count` that the overlay does not hide.
-fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<BlockLocation>> {
+fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<StoredBlock>> {
     let rows: Vec<(u64, BlockLocation)> = match shared.map.locations.get_range(first, count) {
         Some(known) => (first..)
             .zip(known)
@@ -427,10 +437,11 @@ fn missing_blocks(shared: &Shared, first: u64, count: u64) -> io::Result<Vec<Blo
     let overlay = shared.log.overlay();
     Ok(rows
         .into_iter()
-        .filter(|(block, loc)| {
-            !overlay.touches(*block) && !shared.cache.contains(shared.chunks.cache_key(loc))
+        .map(|(block, location)| StoredBlock { block, location })
+        .filter(|stored| {
+            !overlay.touches(stored.block)
+                && !shared.cache.contains(shared.chunks.cache_key(stored))
         })
-        .map(|(_, loc)| loc)
         .collect())
 }
 
@@ -478,7 +489,7 @@ async fn prefetch_blocks(shared: Arc<Shared>, prefetch: Prefetch) {
 /// failure is only reported (the blocks are fetched again when someone reads them).
 fn fetch_in_background(
     shared: &Arc<Shared>,
-    run: Vec<BlockLocation>,
+    run: Vec<StoredBlock>,
     permit: tokio::sync::OwnedSemaphorePermit,
     report: fn(&io::Error),
 ) {
@@ -552,26 +563,25 @@ pub(super) async fn stored_blocks(
         return Ok(HashMap::new());
     }
     let s = Arc::clone(shared);
-    let locations: Vec<(u64, BlockLocation)> = blocking(move || {
+    let wanted: Vec<StoredBlock> = blocking(move || {
         let map = s.map.lookups();
         let mut found = Vec::new();
         for block in blocks {
-            if let Some(loc) = map
+            if let Some(location) = map
                 .get(block)
                 .map_err(|e| map_error("block map lookup", e))?
             {
-                found.push((block, loc));
+                found.push(StoredBlock { block, location });
             }
         }
         Ok(found)
     })
     .await?;
-    let wanted: Vec<BlockLocation> = locations.iter().map(|&(_, loc)| loc).collect();
     let fetched = fetch_blocks(shared, &wanted).await;
-    locations
+    wanted
         .into_iter()
         .zip(fetched)
-        .map(|((block, _), data)| data.map(|d| (block, d)))
+        .map(|(stored, data)| data.map(|d| (stored.block, d)))
         .collect()
 }
 

@@ -12,7 +12,7 @@ use super::checkpoints::{self, Checkpoint};
 use super::helpers::{blocking, other};
 use super::inspect::{self, Holder, MapView, Reading};
 use super::{catalog, lines};
-use crate::chunk_store::ChunkStore;
+use crate::chunk_store::{ChunkStore, StoredBlock};
 use crate::metadata::VolumeMetadata;
 use blockmap::replica::{Layout, Replica};
 use blockmap::{BlockLocation, RestoreTarget};
@@ -22,11 +22,6 @@ use object_store::path::Path;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::{Arc, Mutex};
-
-/// A stored block's identity within its chunk.
-fn key(location: &BlockLocation) -> (u64, u32, u32) {
-    (location.offset, location.length, location.checksum)
-}
 
 /// Chunks read at once by a deep check (each one ranged GET of up to a chunk's size).
 const DEEP_READS: usize = 16;
@@ -355,25 +350,28 @@ async fn check_chunk(
     if !deep || rows.is_empty() {
         return found;
     }
-    // Each distinct stored block is checked once, as the chunk's bytes stream in, and only its
-    // verdict is kept: rows that share a block (a map that points many blocks at one) cost
-    // nothing more, and memory stays at a block or two whatever the chunk's size.
-    rows.sort_by_key(|(_, l)| key(l));
-    let mut distinct: Vec<BlockLocation> = rows.iter().map(|(_, location)| *location).collect();
-    distinct.dedup();
-    match chunks.check_run(&distinct).await {
+    // Each block is checked as the chunk's bytes stream in, and only its verdict is kept:
+    // memory stays at a block or two whatever the chunk's size. Each is checked as the block
+    // the map says it is (a sealed block opens as that block only), so rows pointing many
+    // blocks at the same bytes are each checked, for the price of the CPU only.
+    rows.sort_by_key(|&(block, location)| (location.offset, block));
+    let stored: Vec<StoredBlock> = rows
+        .iter()
+        .map(|&(block, location)| StoredBlock { block, location })
+        .collect();
+    match chunks.check_run(&stored).await {
         Ok(verdicts) => {
-            let mut damaged: HashMap<(u64, u32, u32), String> = HashMap::new();
-            for (location, verdict) in distinct.iter().zip(verdicts) {
+            let mut damaged: HashMap<u64, String> = HashMap::new();
+            for (checked, verdict) in stored.iter().zip(verdicts) {
                 if let Some(problem) = verdict {
-                    damaged.insert(key(location), problem);
+                    damaged.insert(checked.block, problem);
                 }
             }
-            confirm_damage(&chunks, &distinct, &mut damaged).await;
-            for (block, location) in &rows {
+            confirm_damage(&chunks, &stored, &mut damaged).await;
+            for checked in &stored {
                 found.blocks_read += 1;
-                if let Some(problem) = damaged.get(&key(location)) {
-                    found.damaged.push((*block, problem.clone()));
+                if let Some(problem) = damaged.get(&checked.block) {
+                    found.damaged.push((checked.block, problem.clone()));
                 }
             }
         }
@@ -391,26 +389,26 @@ async fn check_chunk(
 /// them as such.
 async fn confirm_damage(
     chunks: &ChunkStore,
-    distinct: &[BlockLocation],
-    damaged: &mut HashMap<(u64, u32, u32), String>,
+    checked: &[StoredBlock],
+    damaged: &mut HashMap<u64, String>,
 ) {
-    let suspects: Vec<BlockLocation> = distinct
+    let suspects: Vec<StoredBlock> = checked
         .iter()
-        .filter(|l| damaged.contains_key(&key(l)))
+        .filter(|s| damaged.contains_key(&s.block))
         .copied()
         .collect();
     let Ok(again) = chunks.check_run(&suspects).await else {
         return;
     };
-    for (location, verdict) in suspects.iter().zip(again) {
+    for (suspect, verdict) in suspects.iter().zip(again) {
         if verdict.is_none() {
             tracing::warn!(
                 "chunk {:016x} at {}: damaged when first read, whole when read again (damage \
                  on the way, not in the store)",
-                location.chunk,
-                location.offset
+                suspect.location.chunk,
+                suspect.location.offset
             );
-            damaged.remove(&key(location));
+            damaged.remove(&suspect.block);
         }
     }
 }
