@@ -2,9 +2,12 @@
 # What TLS costs, in CPU seconds per GiB on each side: bench/scripts/tls-cpu.sh ROUNDS BUCKETDISK [BUCKETDISK2 ...] [nbdkit]
 # Each server (bucketdisk's local-file engine, or nbdkit file) serves one 2 GiB file in clear and
 # over TLS (X.509, certificates made here); fio's nbd engine reads and writes it in 1 MiB requests
-# at QD8 for 8 s each. Printed per job: MiB/s, the server's CPU seconds per GiB (/proc/PID/stat)
-# and fio's (its usr+sys), and each server's peak RSS. Subjects interleave within a round.
+# at QD8 for 8 s each. Printed per job: MiB/s, IOPS, the server's CPU seconds per GiB and
+# microseconds per request (/proc/PID/stat), fio's CPU seconds per GiB (its usr+sys), and each
+# server's peak RSS. Subjects interleave within a round.
+# Other requests: BS=4k QD=32 JOBS="randread randwrite" bench/scripts/tls-cpu.sh ...
 set -e
+BS=${BS:-1M}; QD=${QD:-8}; JOBS=${JOBS:-"read write"}
 rounds=$1; shift
 W=${TMPDIR:-/tmp}/bucketdisk-tls-cpu; rm -rf $W; mkdir -p $W/pki/server $W/home/.pki/libnbd
 cd $W/pki
@@ -29,8 +32,8 @@ start() { # bin tls
 }
 cpu() { awk '{print $14+$15}' /proc/$pid/stat; }
 job() { # rw scheme
-  HOME=$W/home fio --name=t --ioengine=nbd --uri=$2://localhost:$port/bench --rw=$1 --bs=1M --iodepth=8 --size=2G --time_based --runtime=8 --output-format=json --output=$W/fio.json >/dev/null 2>&1
-  python3 -c "import json;j=json.load(open('$W/fio.json'))['jobs'][0];k='read' if '$1'=='read' else 'write';print(round(j[k]['bw_bytes']/1048576), j[k]['io_bytes'], round((j['usr_cpu']+j['sys_cpu'])/100*j['job_runtime']/1000/(j[k]['io_bytes']/2**30),2))"
+  HOME=$W/home fio --name=t --ioengine=nbd --uri=$2://localhost:$port/bench --rw=$1 --bs=$BS --iodepth=$QD --size=2G --norandommap --time_based --runtime=8 --output-format=json --output=$W/fio.json >/dev/null 2>&1
+  python3 -c "import json;j=json.load(open('$W/fio.json'))['jobs'][0];k='read' if 'read' in '$1' else 'write';print(round(j[k]['bw_bytes']/1048576), j[k]['io_bytes'], round((j['usr_cpu']+j['sys_cpu'])/100*j['job_runtime']/1000/(j[k]['io_bytes']/2**30),2), j[k]['total_ios'], round(j[k]['iops']))"
 }
 start "$1" plain; HOME=$W/home fio --name=fill --ioengine=nbd --uri=nbd://localhost:$port/bench --rw=write --bs=1M --iodepth=8 --size=2G >/dev/null 2>&1; kill $pid; wait $pid || true
 for r in $(seq $rounds); do
@@ -38,10 +41,10 @@ for r in $(seq $rounds); do
    for mode in plain tls; do
     start "$bin" $mode
     scheme=nbd; [ $mode = tls ] && scheme=nbds
-    for rw in read write; do
+    for rw in $JOBS; do
       c0=$(cpu); out=$(job $rw $scheme); c1=$(cpu)
-      read mib bytes client <<< "$out"
-      echo "round $r $(basename $bin) $mode $rw MiB/s=$mib server_cpu_s_per_GiB=$(python3 -c "print(round(($c1-$c0)/100/($bytes/2**30),2))") fio_cpu_s_per_GiB=$client"
+      read mib bytes client ios iops <<< "$out"
+      echo "round $r $(basename $bin) $mode $rw MiB/s=$mib IOPS=$iops server_cpu_s_per_GiB=$(python3 -c "print(round(($c1-$c0)/100/($bytes/2**30),2))") server_cpu_us_per_request=$(python3 -c "print(round(($c1-$c0)/100/$ios*1e6,2))") fio_cpu_s_per_GiB=$client"
     done
     echo "  $(basename $bin) $mode peak RSS $(grep VmHWM /proc/$pid/status)"
     kill $pid; wait $pid || true

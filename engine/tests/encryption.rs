@@ -176,6 +176,18 @@ async fn a_wrong_or_missing_key_is_an_error_at_open() {
     assert!(altered.to_string().contains("was altered"), "{altered}");
 }
 
+/// An encrypted volume on a fresh store whose first `blocks` blocks hold [`marked_block`]s,
+/// written through local directory "a" and closed.
+async fn written_encrypted(blocks: u64) -> Fixture {
+    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
+    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
+        .await
+        .expect("open");
+    write_marked(&v, blocks).await;
+    v.close().await.expect("close");
+    f
+}
+
 /// The volume's only chunk file.
 fn only_chunk(f: &Fixture) -> std::path::PathBuf {
     let chunks = chunk_files(f);
@@ -223,13 +235,8 @@ async fn deep_verify(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_or_swapped_sealed_block_is_an_error_never_data() {
-    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
-    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
-        .await
-        .expect("open");
     // Blocks 0 and 2 are stored raw: their sealed bytes have the same length.
-    write_marked(&v, 3).await;
-    v.close().await.expect("close");
+    let f = written_encrypted(3).await;
     let path = only_chunk(&f);
     let original = std::fs::read(&path).expect("read chunk");
     let (zero, two) = (payload_range(&original, 0), payload_range(&original, 2));
@@ -278,12 +285,7 @@ async fn a_map_row_pointing_at_another_blocks_sealed_bytes_is_an_error_cached_or
     use blockmap::replica::Replica;
     use blockmap::writer::MapWriter;
     use blockmap::{BlockMap, MapChange};
-    let f = Fixture::encrypted(16 * MIB, BLOCK, &key(1)).await;
-    let v = try_open(&f, "disk", config(&f, "a", Some(key(1))))
-        .await
-        .expect("open");
-    write_marked(&v, 3).await;
-    v.close().await.expect("close");
+    let f = written_encrypted(3).await;
     let warm = try_open(&f, "disk", config(&f, "warm", Some(key(1))))
         .await
         .expect("open");
