@@ -21,7 +21,8 @@ use stores::retry::{Created, create_only, get_whole, with_retries};
 
 /// How many index fetches run at once when opening a replica.
 const OPEN_PARALLELISM: usize = 32;
-/// Listings made again when a plan has a hole (see [`Replica::plan`]): 40 + 80 + 160 ms.
+/// Listings made again when a plan has a hole (see [`Replica::plan_or_relist`]): after 40, 80
+/// and 160 ms.
 const PLAN_RELISTS: u32 = 3;
 /// Bytes read from the end of an LTX file at open, in the same request as its header: the
 /// trailer, the index size and, almost always, the index itself (about 8 bytes per page), so
@@ -47,6 +48,19 @@ pub enum ReplicaError {
     MissingPage(u32),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl ReplicaError {
+    /// A restore plan with a hole in the history (see [`Replica::plan_or_relist`]).
+    fn is_history_gap(&self) -> bool {
+        matches!(
+            self,
+            ReplicaError::Ltx {
+                source: ltx::Error::HistoryGap(_),
+                ..
+            }
+        )
+    }
 }
 
 pub type ReplicaResult<T> = std::result::Result<T, ReplicaError>;
@@ -201,24 +215,33 @@ impl Replica {
     }
 
     /// The files that rebuild the database at `target`, oldest first (see `ltx::plan_restore`).
-    ///
-    /// A listing that raced with a writer folding files can miss a stretch of TXIDs: the fold
-    /// writes its file, then deletes its sources, and a listing is not atomic (a directory
-    /// store walks its levels one by one, an S3 LIST pages). A plan with a hole is therefore
-    /// listed again, a few times, before it is reported.
     pub async fn plan(&self, target: RestoreTarget) -> ReplicaResult<Vec<ReplicaFile>> {
-        let mut relisted = 0;
-        loop {
-            let listing = self.list().await?;
-            match Self::plan_listing(&listing, target) {
-                Err(e) if relisted < PLAN_RELISTS => {
-                    relisted += 1;
+        let listing = self.list().await?;
+        self.plan_or_relist(&listing, target).await
+    }
+
+    /// [`Replica::plan_listing`] over `listing`, listing the replica again while the plan has a
+    /// hole. A listing that raced with a writer folding files can miss a stretch of TXIDs: the
+    /// fold writes its file, then deletes its sources, and a listing is not atomic (a directory
+    /// store walks its levels one by one, an S3 LIST pages). Only a hole is listed again, a few
+    /// times, before it is reported; any other failure to plan is reported at once.
+    pub async fn plan_or_relist(
+        &self,
+        listing: &[ReplicaFile],
+        target: RestoreTarget,
+    ) -> ReplicaResult<Vec<ReplicaFile>> {
+        let mut planned = Self::plan_listing(listing, target);
+        for relist in 1..=PLAN_RELISTS {
+            match &planned {
+                Err(e) if e.is_history_gap() => {
                     tracing::debug!("listing the replica again: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(20 << relisted)).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(20 << relist)).await;
+                    planned = Self::plan_listing(&self.list().await?, target);
                 }
-                planned => return planned,
+                _ => break,
             }
         }
+        planned
     }
 
     /// [`Replica::plan`] over a listing already made (saves a round of LIST requests).

@@ -372,15 +372,11 @@ impl MapWriter {
         if listing.is_empty() {
             return Ok((DatabaseState::new(None, PAGE_SIZE)?, None, Vec::new(), None));
         }
-        let files = match Replica::plan_listing(&listing, RestoreTarget::Latest) {
-            Ok(files) => files,
-            // A listing made while another writer folded files can miss a stretch of TXIDs
-            // (see `Replica::plan`): listed again, at the cost of a round trip, only then.
-            Err(e) => {
-                tracing::debug!("map open: {e}; listing the replica again");
-                replica.plan(RestoreTarget::Latest).await?
-            }
-        };
+        // A listing made while another writer folded files can miss a stretch of TXIDs: then
+        // (only then) the replica is listed again.
+        let files = replica
+            .plan_or_relist(&listing, RestoreTarget::Latest)
+            .await?;
         let planned = files.len();
         let paths = files.iter().map(|f| f.path.clone()).collect();
         let source =

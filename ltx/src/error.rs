@@ -32,6 +32,10 @@ pub enum Error {
     Compaction(String),
     #[error("cannot plan restore: {0}")]
     Restore(String),
+    /// A plan found TXIDs no file covers with files after them: a hole in the history (or in
+    /// a listing made while files were being folded together, which listing again mends).
+    #[error("cannot plan restore: {0}")]
+    HistoryGap(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -96,8 +96,13 @@ pub fn plan_restore(files: &[LtxFile], target: RestoreTarget) -> Result<Vec<LtxF
         .filter(|f| f.level < SNAPSHOT_LEVEL && target.admits(f) && f.min_txid > reached + 1)
         .map(|f| f.min_txid)
         .min();
+    // With files beyond the point the plan reached, the history has a hole.
+    let unreachable = |message: String| match first_gap {
+        Some(_) => Error::HistoryGap(message),
+        None => Error::Restore(message),
+    };
     if plan.is_empty() {
-        return Err(Error::Restore(match first_gap {
+        return Err(unreachable(match first_gap {
             Some(min) => format!(
                 "no snapshot and no file starting at TXID 1 (the oldest file starts at {min:016x})"
             ),
@@ -105,13 +110,13 @@ pub fn plan_restore(files: &[LtxFile], target: RestoreTarget) -> Result<Vec<LtxF
         }));
     }
     match target {
-        RestoreTarget::Txid(t) if reached < t => Err(Error::Restore(format!(
+        RestoreTarget::Txid(t) if reached < t => Err(unreachable(format!(
             "TXID {t:016x} is not available: the history reaches {reached:016x}{}",
             first_gap
                 .map(|g| format!(", then a gap until {g:016x}"))
                 .unwrap_or_default()
         ))),
-        RestoreTarget::Latest if first_gap.is_some() => Err(Error::Restore(format!(
+        RestoreTarget::Latest if first_gap.is_some() => Err(unreachable(format!(
             "gap in the history: files reach {reached:016x}, the next starts at {:016x}",
             first_gap.unwrap_or_default()
         ))),
@@ -187,5 +192,26 @@ mod tests {
         assert!(plan_restore(&files, RestoreTarget::Txid(3)).is_ok());
         assert!(plan_restore(&[f(0, 2, 3)], RestoreTarget::Latest).is_err());
         assert!(plan_restore(&[], RestoreTarget::Latest).is_err());
+    }
+
+    /// A hole (files beyond it) is told apart from a history that just ends, which a reader
+    /// that listed while files were being folded lists again for.
+    #[test]
+    fn holes_are_told_apart_from_an_end() {
+        let files = vec![f(9, 1, 2), f(0, 3, 3), f(0, 5, 5)];
+        for target in [RestoreTarget::Latest, RestoreTarget::Txid(5)] {
+            let err = plan_restore(&files, target).expect_err("hole");
+            assert!(matches!(err, Error::HistoryGap(_)), "{err:?}");
+        }
+        let gap_before_all = plan_restore(&[f(0, 2, 3)], RestoreTarget::Latest);
+        assert!(matches!(gap_before_all, Err(Error::HistoryGap(_))));
+        for (files, target) in [
+            (vec![f(9, 1, 2)], RestoreTarget::Txid(7)),
+            (vec![], RestoreTarget::Latest),
+            (files.clone(), RestoreTarget::Txid(0)),
+        ] {
+            let err = plan_restore(&files, target).expect_err("no plan");
+            assert!(matches!(err, Error::Restore(_)), "{err:?}");
+        }
     }
 }
