@@ -63,14 +63,9 @@ pub(crate) fn create(args: CreateArgs) -> Result<()> {
     let block_size = block_size(args.block_size)?;
     new_runtime()?.block_on(async {
         let (store, prefix, name) = (location.store.as_ref(), &location.prefix, &args.name);
-        match &key {
-            None => ObjectVolume::create(store, prefix, name, args.size, block_size).await,
-            Some(key) => {
-                ObjectVolume::create_encrypted(store, prefix, name, args.size, block_size, key)
-                    .await
-            }
-        }
-        .with_context(|| format!("creating volume {}", args.name))?;
+        ObjectVolume::create_with_key(store, prefix, name, args.size, block_size, key.as_deref())
+            .await
+            .with_context(|| format!("creating volume {}", args.name))?;
         println!(
             "created {}volume {} ({}, {} blocks) in {}",
             if key.is_some() { "encrypted " } else { "" },

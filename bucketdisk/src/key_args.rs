@@ -6,7 +6,7 @@ use engine::sealing::{KEY_ENV, VolumeKey};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-#[derive(Args, Clone, Default)]
+#[derive(Args)]
 pub(crate) struct KeyArgs {
     /// Key of encrypted volumes: a file of 64 hex digits or 32 raw bytes (`openssl rand -hex
     /// 32 > FILE; chmod 600 FILE`), readable by its owner only. The key may instead be given as
@@ -20,10 +20,9 @@ impl KeyArgs {
     /// The key given, if any: the file's, else `BUCKETDISK_KEY`'s.
     pub(crate) fn key(&self) -> Result<Option<Arc<VolumeKey>>> {
         if let Some(path) = &self.key_file {
-            let mut bytes = nbd_server::secret::read_secret(path).context("--key-file")?;
-            let key = VolumeKey::parse(&bytes);
-            bytes.fill(0);
-            let key = key.with_context(|| format!("--key-file {}", path.display()))?;
+            let bytes = nbd_server::secret::read_secret(path).context("--key-file")?;
+            let key = VolumeKey::from_file_bytes(bytes)
+                .with_context(|| format!("--key-file {}", path.display()))?;
             return Ok(Some(Arc::new(key)));
         }
         match std::env::var(KEY_ENV) {

@@ -168,7 +168,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         let mut object_volumes = std::collections::HashMap::new();
         let mut injected = None;
         let location = if file_engine(&args.store) {
-            warn_engine_only_flags(&args, &cache_dir);
+            warn_engine_only_flags(&args, &cache_dir, key.is_some());
             None
         } else {
             let mut location = object_store(&args.store)?;
@@ -453,13 +453,10 @@ async fn open_object_volume(
         bail!("volume {name} does not exist in {}", location.description);
     }
     let (store, prefix) = (location.store.as_ref(), &location.prefix);
-    match &key {
-        None => ObjectVolume::create(store, prefix, name, args.size, block_size).await,
-        Some(key) => {
-            ObjectVolume::create_encrypted(store, prefix, name, args.size, block_size, key).await
-        }
-    }
-    .with_context(|| format!("creating volume {name}"))?;
+    let key = config.key.as_deref();
+    ObjectVolume::create_with_key(store, prefix, name, args.size, block_size, key)
+        .await
+        .with_context(|| format!("creating volume {name}"))?;
     tracing::info!(
         volume = name,
         size = %format_size(args.size),
@@ -485,8 +482,9 @@ fn open_file_volume(
         .with_context(|| format!("opening volume {name} in {}", store.display()))
 }
 
-fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path) {
+fn warn_engine_only_flags(args: &ServeArgs, cache_dir: &Path, key_given: bool) {
     let ignored: Vec<&str> = [
+        (key_given, "--key-file (or BUCKETDISK_KEY)"),
         (args.cache_dir.is_some(), "--cache-dir"),
         (args.cache_size.is_some(), "--cache-size"),
         (args.sync_interval.is_some(), "--sync-interval"),

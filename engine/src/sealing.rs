@@ -104,6 +104,13 @@ impl VolumeKey {
         Ok(VolumeKey(raw))
     }
 
+    /// [`Self::parse`] of a key file's bytes, which are wiped once read.
+    pub fn from_file_bytes(mut bytes: Vec<u8>) -> Result<Self, KeyError> {
+        let key = Self::parse(&bytes);
+        wipe(&mut bytes);
+        key
+    }
+
     /// A key as 64 hex digits.
     pub fn from_hex(hex: &str) -> Result<Self, KeyError> {
         let hex = hex.trim();

@@ -301,17 +301,21 @@ impl ObjectVolume {
         Self::create_with(store, prefix, name, size, block_size, None).await
     }
 
-    /// [`Self::create`] of a volume whose blocks are sealed with `key` (see `sealing`).
-    pub async fn create_encrypted(
+    /// [`Self::create`], of a volume whose blocks are sealed with `key` when one is given (see
+    /// `sealing`).
+    pub async fn create_with_key(
         store: &dyn ObjectStore,
         prefix: &Path,
         name: &str,
         size: u64,
         block_size: u32,
-        key: &crate::sealing::VolumeKey,
+        key: Option<&crate::sealing::VolumeKey>,
     ) -> io::Result<VolumeMetadata> {
-        let encryption = crate::sealing::Encryption::new(key).map_err(io::Error::other)?;
-        Self::create_with(store, prefix, name, size, block_size, Some(encryption)).await
+        let encryption = key
+            .map(crate::sealing::Encryption::new)
+            .transpose()
+            .map_err(io::Error::other)?;
+        Self::create_with(store, prefix, name, size, block_size, encryption).await
     }
 
     async fn create_with(

@@ -50,13 +50,9 @@ impl Fixture {
         let store: Arc<dyn ObjectStore> =
             Arc::new(LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("store"));
         let (s, root) = (store.as_ref(), Path::from(""));
-        match key {
-            None => ObjectVolume::create(s, &root, "disk", size, block_size).await,
-            Some(key) => {
-                ObjectVolume::create_encrypted(s, &root, "disk", size, block_size, key).await
-            }
-        }
-        .expect("create");
+        ObjectVolume::create_with_key(s, &root, "disk", size, block_size, key)
+            .await
+            .expect("create");
         Fixture {
             dir,
             store,
