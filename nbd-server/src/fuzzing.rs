@@ -29,14 +29,19 @@ pub fn nbd_session(input: &[u8]) {
     replies_to(input);
 }
 
-/// Runs [`nbd_session`]; the bytes the server sent in the transmission phase.
-fn replies_to(input: &[u8]) -> usize {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// Runs `future` to its end on a runtime of its own (one fuzz input, one runtime).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
+        .expect("runtime")
+        .block_on(future)
+}
+
+/// Runs [`nbd_session`]; the bytes the server sent in the transmission phase.
+fn replies_to(input: &[u8]) -> usize {
     let input = input.to_vec();
-    runtime.block_on(async move {
+    block_on(async move {
         let mut reader = Cursor::new(input);
         let mut writer = tokio::io::sink();
         let Ok(Some(session)) = negotiate(&mut reader, &mut writer, exports()).await else {
@@ -88,12 +93,8 @@ fn tls_option_phase(input: &[u8]) -> Option<(TlsPhase, Outcome)> {
         1 => TlsPhase::Required,
         _ => TlsPhase::Active,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
     let client = client.to_vec();
-    runtime.block_on(async move {
+    block_on(async move {
         let mut reader = Cursor::new(client);
         let mut writer = tokio::io::sink();
         let flags = greet(&mut reader, &mut writer).await.ok()??;

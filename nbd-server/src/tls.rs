@@ -207,25 +207,32 @@ impl Tls {
         let timeout = self.handshake_timeout;
         match tokio::time::timeout(timeout, Pin::new(&mut stream).accept()).await {
             Err(_) => Err(TlsError::HandshakeTimeout(timeout)),
-            Ok(Err(e)) => {
-                let mut why = describe_handshake_error(&e);
-                // OpenSSL's reason for a refused client certificate is only "certificate
-                // verify failed"; the check that failed (expired, not yet valid, unknown CA)
-                // is the verify result.
-                let verified = stream.ssl().verify_result();
-                if verified != openssl::x509::X509VerifyResult::OK {
-                    why = format!("{why} (client certificate: {})", verified.error_string());
-                }
-                Err(TlsError::Handshake(why))
-            }
+            Ok(Err(e)) => Err(TlsError::Handshake(describe_handshake_error(
+                &e,
+                stream.ssl(),
+            ))),
             Ok(Ok(())) => Ok(stream),
         }
     }
 }
 
 /// A handshake error in one line: OpenSSL's reason (a bad certificate, an unknown PSK
-/// identity, not TLS at all) rather than its error-stack dump.
-fn describe_handshake_error(e: &openssl::ssl::Error) -> String {
+/// identity, not TLS at all) rather than its error-stack dump, and for a refused client
+/// certificate the check that failed.
+fn describe_handshake_error(e: &openssl::ssl::Error, ssl: &SslRef) -> String {
+    let why = openssl_reason(e);
+    // OpenSSL's reason for a refused client certificate is only "certificate verify failed";
+    // the check that failed (expired, not yet valid, unknown CA) is the verify result.
+    let verified = ssl.verify_result();
+    if verified == openssl::x509::X509VerifyResult::OK {
+        why
+    } else {
+        format!("{why} (client certificate: {})", verified.error_string())
+    }
+}
+
+/// OpenSSL's reasons for `e`, or what happened to the connection.
+fn openssl_reason(e: &openssl::ssl::Error) -> String {
     if let Some(stack) = e.ssl_error() {
         let reasons: Vec<String> = stack
             .errors()
