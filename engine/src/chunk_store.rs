@@ -349,24 +349,20 @@ impl ChunkStore {
     }
 
     /// Each block of `run` cut from `span` (what [`Self::read_span`] returned for it), decoded
-    /// and verified on its own: a damaged block is an error for that block only.
-    pub fn decode_run(&self, run: &[StoredBlock], span: &Bytes) -> Vec<io::Result<Bytes>> {
+    /// and verified on its own: a damaged block is an error for that block only, and the run
+    /// fails as a whole only when its chunk's seal cannot be made.
+    pub fn decode_run(
+        &self,
+        run: &[StoredBlock],
+        span: &Bytes,
+    ) -> io::Result<Vec<io::Result<Bytes>>> {
         let base = run.first().map_or(0, |s| s.location.offset);
-        let seal = match run
-            .first()
-            .map(|s| self.chunk_seal(s.location.chunk))
-            .transpose()
-        {
-            Ok(seal) => seal.flatten(),
-            Err(e) => {
-                let why = e.to_string();
-                return run
-                    .iter()
-                    .map(|_| Err(io::Error::other(why.clone())))
-                    .collect();
-            }
+        let seal = match run.first() {
+            Some(first) => self.chunk_seal(first.location.chunk)?,
+            None => None,
         };
-        run.iter()
+        Ok(run
+            .iter()
             .map(|stored| {
                 let location = &stored.location;
                 let path = self.path(location.chunk);
@@ -391,7 +387,7 @@ impl ChunkStore {
                     DeviceError::Corrupt(format!("{path} at {}: {e}", location.offset)).into_io()
                 })
             })
-            .collect()
+            .collect())
     }
 
     /// Ids of every chunk object of this volume's own in the store.
@@ -472,7 +468,7 @@ mod tests {
             location: *location,
         }];
         let span = chunks.read_span(&run).await?;
-        chunks.decode_run(&run, &span).remove(0).map(Vec::from)
+        chunks.decode_run(&run, &span)?.remove(0).map(Vec::from)
     }
 
     fn stored(block: u64, location: BlockLocation) -> StoredBlock {
@@ -635,7 +631,9 @@ mod tests {
         let before = counted.counts().get_requests;
         let span = chunks.read_span(&run).await.expect("one GET");
         assert_eq!(counted.counts().get_requests - before, 1);
-        let decoded = chunks.decode_run(&run, &span);
+        let decoded = chunks
+            .decode_run(&run, &span)
+            .expect("plain: no seal to make");
         assert_eq!(decoded[0].as_ref().expect("block 2"), &blocks[2]);
         assert_eq!(decoded[1].as_ref().expect("block 3"), &blocks[3]);
         let err = decoded[2].as_ref().expect_err("block 5 fails its checksum");

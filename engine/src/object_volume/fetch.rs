@@ -277,25 +277,16 @@ async fn settle_run(
     run: &[StoredBlock],
     span: io::Result<Bytes>,
 ) -> Vec<FetchResult> {
-    let span = match span {
-        Ok(span) => span,
+    let decoded = match span {
+        Ok(span) => decode(shared, run, span).await,
+        Err(e) => Err(e),
+    };
+    let decoded = match decoded {
+        Ok(decoded) => decoded,
         Err(e) => {
             tracing::error!(volume = %shared.meta.name, "reading blocks from the store failed: {e}");
             return vec![Err(FetchFailure::from(e)); run.len()];
         }
-    };
-    let decoded = if run.len() > INLINE_DECODE_BLOCKS {
-        let chunks = shared.chunks.clone();
-        let blocks = run.to_vec();
-        match tokio::task::spawn_blocking(move || chunks.decode_run(&blocks, &span)).await {
-            Ok(decoded) => decoded,
-            Err(e) => run
-                .iter()
-                .map(|_| Err(io::Error::other(format!("decoding blocks failed: {e}"))))
-                .collect(),
-        }
-    } else {
-        shared.chunks.decode_run(run, &span)
     };
     run.iter()
         .zip(decoded)
@@ -314,6 +305,23 @@ async fn settle_run(
             }
         })
         .collect()
+}
+
+/// Each block of `run` decoded from `span` on its own (see `ChunkStore::decode_run`), on a
+/// blocking thread when the run is long.
+async fn decode(
+    shared: &Shared,
+    run: &[StoredBlock],
+    span: Bytes,
+) -> io::Result<Vec<io::Result<Bytes>>> {
+    if run.len() <= INLINE_DECODE_BLOCKS {
+        return shared.chunks.decode_run(run, &span);
+    }
+    let chunks = shared.chunks.clone();
+    let blocks = run.to_vec();
+    tokio::task::spawn_blocking(move || chunks.decode_run(&blocks, &span))
+        .await
+        .map_err(|e| io::Error::other(format!("decoding blocks failed: {e}")))?
 }
 
 /// A block's GET started before the volume was open (see [`EarlyFetch`]): adopted as that
