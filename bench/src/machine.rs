@@ -1,4 +1,5 @@
-//! What the benchmark ran on: hardware, kernel, filesystem, load, and tool versions.
+//! What the benchmark ran on: hardware, kernel, filesystem, load, and tool versions; and the
+//! machine-wide chores between runs (the page cache written back, scratch directories removed).
 
 use crate::process::output_of;
 use anyhow::{Context, Result};
@@ -169,6 +170,23 @@ pub fn version_line(program: &str, args: &[&str]) -> String {
     crate::process::output_of(program, args)
         .map(|s| s.lines().next().unwrap_or_default().to_string())
         .unwrap_or_else(|e| format!("unknown ({e})"))
+}
+
+/// Writes back what earlier jobs left dirty in the page cache, so no job pays for another's.
+pub fn flush_page_cache() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Removes `dir` and everything in it; a directory that is not there is fine (a subject's store
+/// or cache reset before a run).
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

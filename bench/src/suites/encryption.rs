@@ -205,9 +205,8 @@ fn key_file(dir: &Path) -> Result<PathBuf> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
         .context("reading /dev/urandom")?;
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
     let path = dir.join("volume.key");
-    std::fs::write(&path, hex).context("writing the key file")?;
+    std::fs::write(&path, engine::hex::encode(&key)).context("writing the key file")?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .context("chmod 600 on the key file")?;
     Ok(path)
@@ -235,8 +234,7 @@ fn measure(
     let moto_pid = (store == Store::S3).then(|| moto.pid()).flatten();
     let mut notes = Vec::new();
 
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    machine::flush_page_cache();
     let mut session = start(store, env, extra)?;
     let line = session.command_line.clone();
     let clock = CpuClock::start(&session, moto_pid);
@@ -249,8 +247,8 @@ fn measure(
     let write_cpu = clock.stop(&session, &write, write_seconds);
     notes.extend(session.stop()?.1);
 
-    remove(&store.cache(env))?;
-    unsafe { libc::sync() };
+    machine::remove_dir(&store.cache(env))?;
+    machine::flush_page_cache();
     let mut session = start(store, env, extra)?;
     let clock = CpuClock::start(&session, moto_pid);
     let started = Instant::now();
@@ -276,20 +274,11 @@ fn measure(
     Ok((m, line, notes))
 }
 
-fn remove(dir: &Path) -> Result<()> {
-    match std::fs::remove_dir_all(dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("removing {}", dir.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Removes what a run leaves, so the next starts on an empty disk.
 fn reset(store: Store, env: &Env, probe: &StoreProbe) -> Result<()> {
-    remove(&store.cache(env))?;
+    machine::remove_dir(&store.cache(env))?;
     match store {
-        Store::Local => remove(&env.work.join("local-store")),
+        Store::Local => machine::remove_dir(&env.work.join("local-store")),
         Store::S3 => probe.delete_prefix(S3_PREFIX),
     }
 }

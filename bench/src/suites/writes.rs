@@ -29,7 +29,6 @@ use crate::workspace::{Places, bucketdisk_binary, workspace_root};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const FLOOR: f64 = 0.9;
@@ -225,7 +224,7 @@ pub fn run(args: Args, command: String) -> Result<()> {
             ));
             moto.ensure_running()?;
             reset(subject, &env, &probe)?;
-            flush_page_cache();
+            machine::flush_page_cache();
             let mut session = store_subjects::spawn(subject.kind(), &env, 0, subject.extra_args())?;
             session
                 .wait_serving()
@@ -312,14 +311,6 @@ fn measure(
 
 /// Removes what a subject keeps, so its next job starts on an empty disk.
 fn reset(subject: Subject, env: &Env, probe: &StoreProbe) -> Result<()> {
-    let remove = |dir: &Path| -> Result<()> {
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).with_context(|| format!("removing {}", dir.display()))
-            }
-            _ => Ok(()),
-        }
-    };
     match subject {
         Subject::QemuNbd | Subject::NbdkitFile => {
             let raw = env.raw_file();
@@ -329,25 +320,19 @@ fn reset(subject: Subject, env: &Env, probe: &StoreProbe) -> Result<()> {
                 .with_context(|| format!("sizing {}", raw.display()))?;
         }
         Subject::BucketdiskFile => {
-            remove(&env.work.join("file-store"))?;
-            remove(&env.work.join("file-cache"))?;
+            machine::remove_dir(&env.work.join("file-store"))?;
+            machine::remove_dir(&env.work.join("file-cache"))?;
         }
         Subject::BucketdiskLocal => {
-            remove(&env.work.join("local-store"))?;
-            remove(&env.work.join("local-cache"))?;
+            machine::remove_dir(&env.work.join("local-store"))?;
+            machine::remove_dir(&env.work.join("local-cache"))?;
         }
         Subject::BucketdiskS3 | Subject::BucketdiskS3Remote => {
-            remove(&env.warm_cache())?;
+            machine::remove_dir(&env.warm_cache())?;
             probe.delete_prefix(S3_PREFIX)?;
         }
     }
     Ok(())
-}
-
-/// Writes back what earlier jobs left dirty in the page cache, so no job pays for another's.
-fn flush_page_cache() {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
 }
 
 fn values(r: &Report, subject: Subject, f: fn(&Measurement) -> Option<f64>) -> Option<Summary> {
