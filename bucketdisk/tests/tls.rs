@@ -58,13 +58,7 @@ fn qemu_io(server: &Server, object: &str, command: &str) -> std::process::Output
 #[test]
 fn x509_with_libnbd_and_qemu_and_client_certificates() {
     let pki = Pki::new();
-    let server = tls_server(&[
-        "--tls".into(),
-        "require".into(),
-        "--tls-dir".into(),
-        pki.path("server-dir").display().to_string(),
-        "--tls-verify-peer".into(),
-    ]);
+    let server = tls_dir_server(&pki.path("server-dir"), &["--tls-verify-peer"]);
     let p = port(&server);
     let uri = |dir: &str| {
         format!(
@@ -357,12 +351,7 @@ fn sighup_reads_the_credentials_again_and_a_bad_reload_keeps_them() {
     let pki = Pki::new();
     pki.issue("server2", "other-ca", "localhost", "server.ext");
     let dir = pki.path("server-dir");
-    let server = tls_server(&[
-        "--tls".into(),
-        "require".into(),
-        "--tls-dir".into(),
-        dir.display().to_string(),
-    ]);
+    let server = tls_dir_server(&dir, &[]);
     let p = port(&server);
     let uri = |ca_dir: &str| {
         format!(
@@ -406,15 +395,32 @@ fn hangup(server: &Server, expect: &str) {
 
 /// Waits until `expect` appears in the server's log more than `before` times.
 fn wait_for_log(server: &Server, expect: &str, before: usize) {
+    wait_for_log_where(server, expect, |log| log.matches(expect).count() > before);
+}
+
+/// Waits (10 s at most) until the server's log satisfies `found`; `what` names it on failure.
+fn wait_for_log_where(server: &Server, what: &str, found: impl Fn(&str) -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while server.log_text().matches(expect).count() <= before {
+    while !found(&server.log_text()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no {expect:?} in the log:\n{}",
+            "no {what:?} in the log:\n{}",
             server.log_text()
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// A server requiring TLS with the credentials in `dir` (qemu's and nbdkit's layout).
+fn tls_dir_server(dir: &std::path::Path, extra: &[&str]) -> Server {
+    let mut args: Vec<String> = vec![
+        "--tls".into(),
+        "require".into(),
+        "--tls-dir".into(),
+        dir.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    tls_server(&args)
 }
 
 fn x509_server(pki: &Pki, cert: &str, extra: &[&str]) -> Server {
@@ -602,13 +608,7 @@ fn read_4k(s: &mut (impl Read + Write), handle: u64) -> std::io::Result<Vec<u8>>
 fn sessions_outlive_a_reload_and_renegotiation_is_refused() {
     use foreign_types::ForeignTypeRef;
     let pki = Pki::new();
-    let dir = pki.path("server-dir");
-    let server = tls_server(&[
-        "--tls".into(),
-        "require".into(),
-        "--tls-dir".into(),
-        dir.display().to_string(),
-    ]);
+    let server = tls_dir_server(&pki.path("server-dir"), &[]);
     let p = port(&server);
     let ca = pki.path("ca-cert.pem");
     let mut session = tls12_session(p, &ca);
@@ -627,19 +627,11 @@ fn sessions_outlive_a_reload_and_renegotiation_is_refused() {
     assert!(renegotiated.is_err(), "the server refuses to renegotiate");
     assert!(read_4k(&mut session, 3).is_err(), "that session is over");
     drop(session);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !server
-        .log_text()
-        .lines()
-        .any(|l| l.contains(&local) && l.contains("asked to renegotiate TLS: refused"))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no line about {local}:\n{}",
-            server.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let refused = "asked to renegotiate TLS: refused";
+    wait_for_log_where(&server, refused, |log| {
+        log.lines()
+            .any(|l| l.contains(&local) && l.contains(refused))
+    });
     // Everyone else is served.
     let mut other = tls12_session(p, &ca);
     read_4k(&mut other, 4).expect("another client");

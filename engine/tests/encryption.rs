@@ -127,11 +127,8 @@ async fn nothing_written_reaches_the_store_in_clear() {
     for b in 0..8u64 {
         // Round r rewrote every (2 + r)th block from 0.
         let rewritten = (0..3).any(|r| b % (2 + r) == 0);
-        let want = marked_block(if rewritten { b + 100 } else { b });
-        let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
-            .await
-            .expect("read");
-        assert!(got == want, "block {b} reads back as last written");
+        let want = if rewritten { b + 100 } else { b };
+        assert_block(&v, b, want, "read back as last written").await;
     }
     v.close().await.expect("close");
 }
@@ -174,6 +171,14 @@ async fn a_wrong_or_missing_key_is_an_error_at_open() {
         .err()
         .expect("altered: refused");
     assert!(altered.to_string().contains("was altered"), "{altered}");
+}
+
+/// Reads block `b` of `v`, which must hold [`marked_block`]`(want)`; `what` names it on failure.
+async fn assert_block(v: &ObjectVolume, b: u64, want: u64, what: &str) {
+    let got = try_read(v, u64::from(BLOCK) * b, BLOCK)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: block {b}: {e:?}"));
+    assert!(got == marked_block(want), "{what}: block {b}");
 }
 
 /// An encrypted volume on a fresh store whose first `blocks` blocks hold [`marked_block`]s,
@@ -290,10 +295,7 @@ async fn a_map_row_pointing_at_another_blocks_sealed_bytes_is_an_error_cached_or
         .await
         .expect("open");
     for b in 0..3 {
-        let got = try_read(&warm, u64::from(BLOCK) * b, BLOCK)
-            .await
-            .expect("read");
-        assert!(got == marked_block(b), "block {b}");
+        assert_block(&warm, b, b, "before the map is altered").await;
     }
     warm.close().await.expect("close");
 
@@ -344,10 +346,7 @@ async fn a_map_row_pointing_at_another_blocks_sealed_bytes_is_an_error_cached_or
             ),
         }
         for b in 0..2 {
-            let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
-                .await
-                .expect("read");
-            assert!(got == marked_block(b), "{local}: block {b}");
+            assert_block(&v, b, b, local).await;
         }
         v.close().await.expect("close");
     }
@@ -388,10 +387,7 @@ async fn checkpoints_restore_and_clones_of_an_encrypted_volume() {
         .await
         .expect("open clone");
     for b in 0..4 {
-        let got = try_read(&twin, u64::from(BLOCK) * b, BLOCK)
-            .await
-            .expect("read");
-        assert!(got == marked_block(b), "clone block {b}");
+        assert_block(&twin, b, b, "clone").await;
     }
     // Its own writes are sealed for its own chunks, and read back.
     twin.write(0, marked_block(7).into(), false)
@@ -402,13 +398,8 @@ async fn checkpoints_restore_and_clones_of_an_encrypted_volume() {
     let twin = try_open(&f, "twin", config(&f, "t2", Some(key(1))))
         .await
         .expect("open clone");
-    assert!(try_read(&twin, 0, BLOCK).await.expect("read") == marked_block(7));
-    assert!(
-        try_read(&twin, u64::from(BLOCK), BLOCK)
-            .await
-            .expect("read")
-            == marked_block(1)
-    );
+    assert_block(&twin, 0, 7, "the clone's own write").await;
+    assert_block(&twin, 1, 1, "the clone").await;
     twin.close().await.expect("close");
 
     // Restore: the checkpoint's state, sealed blocks and all.
@@ -431,10 +422,7 @@ async fn checkpoints_restore_and_clones_of_an_encrypted_volume() {
         .await
         .expect("open restored");
     for b in 0..4 {
-        let got = try_read(&v, u64::from(BLOCK) * b, BLOCK)
-            .await
-            .expect("read");
-        assert!(got == marked_block(b), "restored block {b}");
+        assert_block(&v, b, b, "restored").await;
     }
     v.close().await.expect("close");
     assert_eq!(files_with_marker(&f), Vec::<std::path::PathBuf>::new());
